@@ -1,0 +1,114 @@
+"""Post-training calibration: run data through the model and fix activation ranges."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from quantaware._batch import check_finite, model_device, split_batch, to_device
+from quantaware.config import QuantConfig
+from quantaware.observers import CalibrationError
+
+__all__ = ["CalibrationError", "calibrate", "quantize"]
+
+log = logging.getLogger(__name__)
+
+
+def _calibratable(model: nn.Module):
+    from quantaware.prepare import quantizers
+
+    return [(n, q) for n, q in quantizers(model) if q.observer is not None]
+
+
+def calibrate(model: nn.Module, data: Iterable[Any], num_batches: int | None = None) -> nn.Module:
+    """Observe activation ranges on ``data`` and freeze them (PTQ). Returns ``model``.
+
+    Statistics are collected in float (fake quantization off) with the model in
+    eval mode; then every quantizer's scale and zero point are fixed and fake
+    quantization is switched on. Calling it again recalibrates from scratch.
+
+    Args:
+        model: a model returned by :func:`quantaware.prepare`.
+        data: an iterable of batches: tensors, ``(inputs, ...)`` tuples/lists, or
+            dicts of keyword inputs.
+        num_batches: stop after this many batches (default: all).
+
+    Example:
+        >>> import torch
+        >>> from quantaware import prepare, presets
+        >>> m = prepare(torch.nn.Sequential(torch.nn.Linear(4, 2)), presets.INT8,
+        ...             torch.randn(1, 4))
+        >>> m = calibrate(m, [torch.randn(8, 4) for _ in range(4)])
+        >>> bool(m.get_submodule("0").input_quantizer.calibrated)
+        True
+    """
+    if num_batches is not None and (not isinstance(num_batches, int) or num_batches < 1):
+        raise ValueError(f"num_batches must be a positive int or None, got {num_batches!r}")
+    targets = _calibratable(model)
+    if not targets:
+        log.info("nothing to calibrate: the model has no static activation quantizers")
+        return model
+    for _, q in targets:
+        q.observer.reset()
+        q.observe_only()
+    was_training = model.training
+    model.eval()
+    device = model_device(model)
+    seen = 0
+    try:
+        with torch.no_grad():
+            for batch in data:
+                if num_batches is not None and seen >= num_batches:
+                    break
+                args, kwargs = split_batch(batch)
+                check_finite(args, kwargs, f"calibration batch {seen}")
+                args, kwargs = to_device(args, kwargs, device)
+                try:
+                    model(*args, **kwargs)
+                except CalibrationError as exc:
+                    raise CalibrationError(f"calibration batch {seen}: {exc}") from exc
+                seen += 1
+    finally:
+        model.train(was_training)
+    if seen == 0:
+        raise CalibrationError(
+            "calibration data is empty: pass an iterable with at least one batch "
+            "(a few hundred representative samples is typical)"
+        )
+    unused = [name for name, q in targets if not q.observer.observed]
+    if unused:
+        raise CalibrationError(
+            f"quantizer(s) {unused[:5]} saw no data during calibration; the calibration "
+            "batches must exercise every quantized layer"
+        )
+    for _, q in targets:
+        q.freeze()
+    log.info("calibrated %d quantizers on %d batches", len(targets), seen)
+    return model
+
+
+def quantize(
+    model: nn.Module,
+    config: QuantConfig,
+    calib_data: Iterable[Any],
+    example_inputs: torch.Tensor | tuple,
+    num_batches: int | None = None,
+) -> nn.Module:
+    """One-call PTQ: :func:`quantaware.prepare` then :func:`calibrate`.
+
+    Example:
+        >>> import torch
+        >>> from quantaware import presets
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> q = quantize(net, presets.INT8, [torch.randn(16, 4)], torch.randn(1, 4))
+        >>> q(torch.randn(2, 4)).shape
+        torch.Size([2, 2])
+    """
+    from quantaware.prepare import prepare
+
+    prepared = prepare(model, config, example_inputs)
+    return calibrate(prepared, calib_data, num_batches=num_batches)

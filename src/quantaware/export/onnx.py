@@ -1,0 +1,170 @@
+"""Export a prepared (or float) model to ONNX with QuantizeLinear/DequantizeLinear.
+
+The exported graph follows ONNX Runtime's QDQ format
+(https://onnxruntime.ai/docs/performance/model-optimizations/quantization.html):
+weights are int8 (or narrower) initializers behind ``DequantizeLinear``, biases are
+int32 with scale ``input_scale * weight_scale``, and every activation quantizer is a
+``QuantizeLinear -> DequantizeLinear`` pair. ONNX Runtime fuses these into integer
+kernels (QLinearConv, QGemm, QLinearAdd, QLinearConcat, ...).
+
+The scales written are the model's own (calibrated or learned): nothing is
+recalibrated, so the ONNX model computes what the torch model computes, up to
+integer-vs-float accumulation (checked by :func:`quantaware.verify`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import logging
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+from quantaware.fake_quant import FakeQuantizer
+from quantaware.nn.weighted import WeightQuantMixin
+
+__all__ = ["ExportError", "export_onnx"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 21
+
+
+class ExportError(RuntimeError):
+    """The model could not be exported; the message says why and what to change."""
+
+
+@contextlib.contextmanager
+def _quiet_logger(name: str):
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _export_copy(model: nn.Module) -> nn.Module:
+    model = copy.deepcopy(model).eval()
+    for name, module in model.named_modules():
+        if isinstance(module, FakeQuantizer):
+            if not module.from_tensor and bool(module.fake_quant_enabled) and not bool(
+                module.calibrated
+            ):
+                raise ExportError(
+                    f"quantizer {name!r} has no calibrated range; run quantaware.calibrate "
+                    "(PTQ) or train with observers on (QAT) before exporting"
+                )
+            module.exporting = bool(module.fake_quant_enabled)
+    for module in model.modules():
+        if isinstance(module, WeightQuantMixin):
+            module.freeze_for_export()
+    return model
+
+
+# Node metadata the exporter writes (stack traces with local paths, FX dumps) can
+# outweigh an int8 model's weights; only the module path is kept.
+_KEPT_NODE_METADATA = ("namespace",)
+
+
+def _strip_node_metadata(proto: onnx.ModelProto) -> None:
+    for node in proto.graph.node:
+        kept = [(p.key, p.value) for p in node.metadata_props if p.key in _KEPT_NODE_METADATA]
+        del node.metadata_props[:]
+        for key, value in kept:
+            entry = node.metadata_props.add()
+            entry.key, entry.value = key, value
+
+
+def _dynamic_shapes(example_inputs: tuple) -> tuple:
+    dim = torch.export.Dim.AUTO
+    return tuple({0: dim} if isinstance(x, torch.Tensor) and x.dim() > 0 else None
+                 for x in example_inputs)
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | os.PathLike,
+    example_inputs: torch.Tensor | tuple,
+    *,
+    dynamic_batch: bool = True,
+    opset: int = DEFAULT_OPSET,
+) -> Path:
+    """Write ``model`` as ONNX to ``path`` (atomically) and return the path.
+
+    A prepared model is exported with Q/DQ nodes and integer weights; a float
+    model is exported as float.
+
+    Args:
+        model: a model from :func:`quantaware.prepare` (calibrated or trained), or float.
+        path: the ``.onnx`` file to write; its folder is created if needed.
+        example_inputs: a tensor or tuple of positional inputs.
+        dynamic_batch: make the first dimension of every input dynamic.
+        opset: ONNX opset (21 or newer).
+
+    Example:
+        >>> import torch, tempfile, os
+        >>> from quantaware import presets, quantize
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> x = torch.randn(16, 4)
+        >>> q = quantize(net, presets.INT8, [x], x[:1])
+        >>> out = export_onnx(q, os.path.join(tempfile.mkdtemp(), "m.onnx"), x[:1])
+        >>> out.suffix
+        '.onnx'
+    """
+    from quantaware.export import ops
+
+    if opset < DEFAULT_OPSET:
+        raise ValueError(f"opset must be >= {DEFAULT_OPSET} (int16/int4 Q/DQ), got {opset}")
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    example_inputs = tuple(example_inputs)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    export_model = _export_copy(model)
+    kwargs = {
+        "dynamo": True,
+        "opset_version": opset,
+        "custom_translation_table": ops.TRANSLATION_TABLE,
+        "verbose": False,
+    }
+    if dynamic_batch:
+        kwargs["dynamic_shapes"] = _dynamic_shapes(example_inputs)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                _quiet_logger("torch.onnx"):
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(export_model, example_inputs, **kwargs)
+    except Exception as exc:
+        raise ExportError(
+            f"torch.onnx.export failed for {type(model).__name__}: {type(exc).__name__}: "
+            f"{str(exc)[:2000]}"
+        ) from exc
+    proto = program.model_proto
+    _strip_node_metadata(proto)
+    proto.producer_name = "quantaware"
+    config = getattr(model, "quantaware_config", None)
+    meta = {"quantaware.config": config.name if config is not None else "float"}
+    for key, value in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.checker.check_model(proto)
+    fd, tmp = tempfile.mkstemp(suffix=".onnx.tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        onnx.save(proto, tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    log.info("exported %s to %s (%d bytes)", type(model).__name__, path, path.stat().st_size)
+    return path

@@ -1,0 +1,118 @@
+"""Torch custom ops that stand for Q/DQ during export, and their ONNX translations.
+
+During ``export_onnx`` the quantizers call these ops instead of their float
+fake-quantization; ``torch.onnx.export`` (dynamo) keeps them opaque and the
+translation table below turns each into ONNX ``QuantizeLinear``/``DequantizeLinear``
+(opset 21). Their torch implementations compute exactly what the ONNX ops do, so
+the exported program and the float fake-quant model agree.
+
+This module is the only place that emits Q/DQ.
+"""
+
+from __future__ import annotations
+
+import onnx
+import torch
+from onnxscript import opset21 as op
+
+from quantaware.primitives import dequantize, quantize, storage_dtype
+
+# Axis argument used for per-tensor (0-d) qparams; ONNX ignores it then.
+AXIS_NONE = 0
+
+_ONNX_TYPES = {
+    torch.int8: onnx.TensorProto.INT8,
+    torch.uint8: onnx.TensorProto.UINT8,
+    torch.int16: onnx.TensorProto.INT16,
+    torch.uint16: onnx.TensorProto.UINT16,
+    torch.int32: onnx.TensorProto.INT32,
+}
+
+
+def _axis(scale: torch.Tensor, axis: int) -> int | None:
+    return axis if scale.dim() == 1 else None
+
+
+@torch.library.custom_op("quantaware::quantize_dequantize", mutates_args=())
+def quantize_dequantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                        axis: int, qmin: int, qmax: int) -> torch.Tensor:
+    """QuantizeLinear followed by DequantizeLinear on a float tensor."""
+    ax = _axis(scale, axis)
+    return dequantize(quantize(x, scale, zero_point, qmin, qmax, ax), scale, zero_point, ax)
+
+
+@quantize_dequantize.register_fake
+def _(x, scale, zero_point, axis, qmin, qmax):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("quantaware::dequantize", mutates_args=())
+def dequantize_op(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                  axis: int) -> torch.Tensor:
+    """DequantizeLinear of an integer constant (weights and biases)."""
+    return dequantize(q, scale, zero_point, _axis(scale, axis))
+
+
+@dequantize_op.register_fake
+def _(q, scale, zero_point, axis):
+    return torch.empty(q.shape, dtype=torch.float32, device=q.device)
+
+
+@torch.library.custom_op("quantaware::dynamic_quantize_dequantize", mutates_args=())
+def dynamic_quantize_dequantize(x: torch.Tensor) -> torch.Tensor:
+    """ONNX DynamicQuantizeLinear (uint8, per tensor) followed by DequantizeLinear."""
+    from quantaware.primitives import choose_qparams
+
+    lo, hi = torch.aminmax(x)
+    scale, zp = choose_qparams(lo, hi, 0, 255, symmetric=False)
+    return dequantize(quantize(x, scale, zp, 0, 255), scale, zp)
+
+
+@dynamic_quantize_dequantize.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("quantaware::cast_float", mutates_args=())
+def cast_float(x: torch.Tensor) -> torch.Tensor:
+    """Cast a reduced-precision constant (float16 weights) to float32."""
+    return x.to(torch.float32)
+
+
+@cast_float.register_fake
+def _(x):
+    return torch.empty(x.shape, dtype=torch.float32, device=x.device)
+
+
+# -- ONNX translations (onnxscript) ---------------------------------------------
+
+def _qdq_onnx(x, scale, zero_point, axis: int, qmin: int, qmax: int):
+    dtype = _ONNX_TYPES[storage_dtype(qmin, qmax)]
+    zp = op.Cast(zero_point, to=dtype)
+    q = op.QuantizeLinear(x, scale, zp, axis=axis)
+    info = torch.iinfo(storage_dtype(qmin, qmax))
+    if (qmin, qmax) != (info.min, info.max):
+        # Formats narrower than their storage (4-bit, narrow range) saturate here.
+        q = op.Clip(q, op.Cast(qmin, to=dtype), op.Cast(qmax, to=dtype))
+    return op.DequantizeLinear(q, scale, zp, axis=axis)
+
+
+def _dq_onnx(q, scale, zero_point, axis: int):
+    return op.DequantizeLinear(q, scale, zero_point, axis=axis)
+
+
+def _dynamic_qdq_onnx(x):
+    q, scale, zp = op.DynamicQuantizeLinear(x)
+    return op.DequantizeLinear(q, scale, zp)
+
+
+def _cast_float_onnx(x):
+    return op.Cast(x, to=onnx.TensorProto.FLOAT)
+
+
+TRANSLATION_TABLE = {
+    torch.ops.quantaware.quantize_dequantize.default: _qdq_onnx,
+    torch.ops.quantaware.dequantize.default: _dq_onnx,
+    torch.ops.quantaware.dynamic_quantize_dequantize.default: _dynamic_qdq_onnx,
+    torch.ops.quantaware.cast_float.default: _cast_float_onnx,
+}

@@ -1,0 +1,21 @@
+"""Quantized modules and the float-to-quantized registry."""
+
+from quantaware.nn.conv import QuantConv1d, QuantConv2d
+from quantaware.nn.functional import QuantAdd, QuantCat, QuantMatmul
+from quantaware.nn.linear import QuantLinear
+from quantaware.nn.pool import QuantAdaptiveAvgPool2d, QuantAvgPool2d
+from quantaware.nn.registry import quantized_type, register, supported_types
+
+__all__ = [
+    "QuantAdaptiveAvgPool2d",
+    "QuantAdd",
+    "QuantAvgPool2d",
+    "QuantCat",
+    "QuantConv1d",
+    "QuantConv2d",
+    "QuantLinear",
+    "QuantMatmul",
+    "quantized_type",
+    "register",
+    "supported_types",
+]

@@ -1,0 +1,68 @@
+"""Shared behaviour of quantized modules: quantizer slots, fused activation, export.
+
+A quantized module holds up to three kinds of quantizers, named so they can be
+found with ``grep``/``named_modules``:
+
+- ``weight_quantizer``: the module's weight (qparams follow the current weight);
+- ``input_quantizer`` (``input_quantizers`` for several inputs): quantizes an input
+  that is not already quantized by the module that produced it;
+- ``output_quantizer``: quantizes the output, after the fused activation
+  (ReLU/ReLU6), so ONNX Runtime fuses the activation into its integer kernel.
+
+Which slots are filled is decided by :func:`quantaware.prepare`, which looks at
+the whole graph so that every tensor is quantized exactly once.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from quantaware.fake_quant import FakeQuantizer
+
+FUSABLE_ACTIVATIONS = (nn.ReLU, nn.ReLU6)
+
+
+class QuantMixin:
+    """Helpers for modules with ``input_quantizer``/``output_quantizer``/``activation``."""
+
+    input_quantizer: nn.Module | None
+    output_quantizer: nn.Module | None
+    activation: nn.Module | None
+
+    def _init_activation_slots(self) -> None:
+        self.input_quantizer = None
+        self.output_quantizer = None
+        self.activation = None
+        # The quantizer that quantized this module's input when another module
+        # owns it (kept out of the module tree: it is registered where it lives).
+        self.__dict__["_input_source"] = None
+
+    def set_input_source(self, quantizer: nn.Module | None) -> None:
+        """Record the producer's quantizer that already quantizes this module's input."""
+        self.__dict__["_input_source"] = quantizer
+
+    @property
+    def input_source(self) -> nn.Module | None:
+        """The quantizer whose qparams this module's input carries, if any."""
+        return self.input_quantizer or self.__dict__.get("_input_source")
+
+    def _quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.input_quantizer is None else self.input_quantizer(x)
+
+    def _finish(self, y: torch.Tensor) -> torch.Tensor:
+        if self.activation is not None:
+            y = self.activation(y)
+        return y if self.output_quantizer is None else self.output_quantizer(y)
+
+
+def static_scale(quantizer: nn.Module | None) -> torch.Tensor | None:
+    """The fixed input scale of a calibrated static quantizer, else ``None``."""
+    if (
+        isinstance(quantizer, FakeQuantizer)
+        and not quantizer.from_tensor
+        and bool(quantizer.fake_quant_enabled)
+        and bool(quantizer.calibrated)
+    ):
+        return quantizer.scale
+    return None

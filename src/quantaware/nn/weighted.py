@@ -1,0 +1,125 @@
+"""Weight and bias handling shared by quantized Linear and Conv modules.
+
+Biases are quantized to int32 with scale ``input_scale * weight_scale`` (zero
+point 0), as ONNX Runtime's integer kernels consume them, so the fake-quant model
+adds the same bias the deployed model adds. Where a large bias over a tiny weight
+range would overflow the int32 range, the weight scale is widened for that
+channel (ONNX Runtime's quantizer does the same).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from quantaware.config import FloatSpec, QuantSpec
+from quantaware.fake_quant import FakeQuantizer, Float16Quantizer, make_quantizer
+from quantaware.nn.base import QuantMixin, static_scale
+from quantaware.primitives import fake_quantize, quantize
+
+# Bias integers stay within +-2**30: exactly representable in float32 arithmetic
+# and far inside int32.
+BIAS_QMAX = 2**30
+BIAS_QMIN = -(2**30)
+
+
+class WeightQuantMixin(QuantMixin):
+    """Adds ``weight_quantizer``, int32 bias quantization and export freezing."""
+
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+    weight_quantizer: nn.Module | None
+
+    def _init_quant(self, weight_spec: QuantSpec | FloatSpec | None,
+                    activation_spec: QuantSpec | None) -> None:
+        self._init_activation_slots()
+        self.weight_quantizer = None
+        if weight_spec is not None:
+            self.weight_quantizer = make_quantizer(
+                weight_spec, channels=self.weight.shape[0], from_tensor=True
+            )
+            axis = getattr(getattr(weight_spec, "granularity", None), "axis", 0)
+            if axis not in (0, -self.weight.dim()):
+                raise ValueError(
+                    f"{type(self).__name__} weights are quantized per output channel "
+                    f"(axis 0); got axis {axis}"
+                )
+        if activation_spec is not None:
+            self.input_quantizer = make_quantizer(activation_spec)
+            if not activation_spec.dynamic:
+                self.output_quantizer = make_quantizer(activation_spec)
+        self.exporting = False
+
+    # -- qparams ---------------------------------------------------------------
+    def weight_qparams(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(weight_scale, weight_zero_point, bias_scale or None)`` as deployed."""
+        wq = self.weight_quantizer
+        assert isinstance(wq, FakeQuantizer)
+        w_scale, w_zp = wq.qparams(self.weight)
+        in_scale = static_scale(self.input_source)
+        if self.bias is None or in_scale is None:
+            return w_scale, w_zp, None
+        # Widen the weight scale where the bias would not fit in the int32 range.
+        needed = self.bias.detach().abs() / (in_scale * BIAS_QMAX)
+        w_scale = torch.maximum(w_scale, needed)
+        return w_scale, w_zp, in_scale * w_scale
+
+    def quantized_params(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The (fake-quantized) weight and bias the forward pass uses."""
+        if self.exporting:
+            return self._export_params()
+        wq = self.weight_quantizer
+        if not isinstance(wq, FakeQuantizer) or not bool(wq.fake_quant_enabled):
+            weight = self.weight if wq is None or isinstance(wq, FakeQuantizer) else wq(self.weight)
+            return weight, self.bias
+        w_scale, w_zp, b_scale = self.weight_qparams()
+        weight = fake_quantize(self.weight, w_scale, w_zp, wq.qmin, wq.qmax, 0)
+        bias = self.bias
+        if b_scale is not None:
+            zeros = torch.zeros_like(b_scale, dtype=torch.int32)
+            bias = fake_quantize(bias, b_scale, zeros, BIAS_QMIN, BIAS_QMAX, 0)
+        return weight, bias
+
+    # -- export ----------------------------------------------------------------
+    def freeze_for_export(self) -> None:
+        """Replace float parameters by integer (or float16) constants for export.
+
+        Only call on a copy of the model: the float weights are removed.
+        """
+        wq = self.weight_quantizer
+        with torch.no_grad():
+            if isinstance(wq, FakeQuantizer) and bool(wq.fake_quant_enabled):
+                w_scale, w_zp, b_scale = self.weight_qparams()
+                self.register_buffer(
+                    "_qweight", quantize(self.weight, w_scale, w_zp, wq.qmin, wq.qmax, 0)
+                )
+                self.register_buffer("_wscale", w_scale.clone())
+                self.register_buffer("_wzp", w_zp.to(self._qweight.dtype))
+                del self._parameters["weight"]
+                if b_scale is not None:
+                    self.register_buffer(
+                        "_qbias",
+                        quantize(self.bias, b_scale, torch.zeros_like(b_scale, dtype=torch.int32),
+                                 BIAS_QMIN, BIAS_QMAX, 0, dtype=torch.int32),
+                    )
+                    self.register_buffer("_bscale", b_scale.clone())
+                    del self._parameters["bias"]
+                    self.bias = None
+            elif isinstance(wq, Float16Quantizer):
+                self.register_buffer("_w16", self.weight.detach().to(torch.float16))
+                del self._parameters["weight"]
+        self.exporting = True
+
+    def _export_params(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        ops = torch.ops.quantaware
+        if hasattr(self, "_qweight"):
+            weight = ops.dequantize(self._qweight, self._wscale, self._wzp, 0)
+        elif hasattr(self, "_w16"):
+            weight = ops.cast_float(self._w16)
+        else:
+            weight = self.weight
+        bias = self.bias
+        if hasattr(self, "_qbias"):
+            bias = ops.dequantize(self._qbias, self._bscale,
+                                  torch.zeros_like(self._qbias), 0)
+        return weight, bias

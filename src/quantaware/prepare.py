@@ -1,0 +1,374 @@
+"""``prepare``: turn a float model into a fake-quantized, trainable, calibratable copy.
+
+The model is traced with ``torch.fx`` so that quantizers can be placed per
+*tensor*, not per module, which is what an integer runtime needs:
+
+1. BatchNorm after conv/linear is folded (``config.fold_bn``).
+2. Supported modules are swapped for quantized ones (:mod:`quantaware.nn`).
+3. Tensor-tensor ``+``, ``torch.cat`` and ``@`` become :class:`QuantAdd`,
+   :class:`QuantCat` and :class:`QuantMatmul`, so residual adds and concats stay
+   integer in the deployed graph.
+4. A ReLU/ReLU6 directly after a quantized op is fused into it (quantized after
+   the activation, as ONNX Runtime's QLinearConv computes it).
+5. Every tensor is quantized once: an op's output quantizer serves all its
+   consumers, and value-preserving ops (max pool, flatten, reshape, dropout,
+   ReLU) pass their input's quantization through.
+
+Models that ``torch.fx`` cannot trace fall back to swapping modules only, with a
+warning (functional adds/concats then stay float).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import logging
+import operator
+import warnings
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from quantaware.config import ConfigError, FloatSpec, PerChannel, QuantConfig, QuantSpec
+from quantaware.fake_quant import FakeQuantizer
+from quantaware.fusion import can_fold, fold_bn
+from quantaware.nn.base import QuantMixin
+from quantaware.nn.functional import QuantAdd, QuantCat, QuantMatmul, _MultiInputQuant
+from quantaware.nn.registry import quantized_type, supported_types
+
+__all__ = ["UnsupportedLayerError", "prepare", "quantizers"]
+
+log = logging.getLogger(__name__)
+
+_RELU_FUNCS = {F.relu, torch.relu}
+_RELU6_FUNCS = {F.relu6}
+_PASSTHROUGH_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.Flatten, nn.Dropout, nn.Identity,
+                        nn.ReLU, nn.Unflatten)
+_PASSTHROUGH_FUNCS = {F.max_pool1d, F.max_pool2d, torch.flatten, F.dropout, F.relu, torch.relu,
+                      torch.reshape, torch.permute, torch.transpose, torch.squeeze,
+                      torch.unsqueeze}
+_PASSTHROUGH_METHODS = {"view", "reshape", "flatten", "permute", "transpose", "contiguous",
+                        "squeeze", "unsqueeze", "relu"}
+_ADD_FUNCS = {operator.add, torch.add, operator.iadd}
+_MATMUL_FUNCS = {operator.matmul, torch.matmul, torch.bmm}
+
+
+class UnsupportedLayerError(ConfigError):
+    """A configuration asks to quantize a layer quantaware has no quantized form for."""
+
+
+def quantizers(model: nn.Module) -> list[tuple[str, FakeQuantizer]]:
+    """All ``(name, FakeQuantizer)`` pairs of a prepared model.
+
+    Example:
+        >>> import torch
+        >>> from quantaware import presets
+        >>> m = prepare(torch.nn.Sequential(torch.nn.Linear(4, 2)), presets.INT8,
+        ...             (torch.randn(1, 4),))
+        >>> [name for name, _ in quantizers(m)]
+        ['0.weight_quantizer', '0.input_quantizer', '0.output_quantizer']
+    """
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, FakeQuantizer)]
+
+
+class _Tracer(fx.Tracer):
+    """Treat quantizable and standard torch modules as leaves."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return quantized_type(type(m)) is not None or super().is_leaf_module(m, qualname)
+
+
+def _as_tuple(example_inputs: Any) -> tuple:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, list):
+        return tuple(example_inputs)
+    if not isinstance(example_inputs, tuple):
+        raise TypeError(
+            "example_inputs must be a tensor or a tuple of the model's positional inputs, "
+            f"got {type(example_inputs).__name__}"
+        )
+    return example_inputs
+
+
+def _check_overrides(model: nn.Module, config: QuantConfig) -> None:
+    modules = dict(model.named_modules())
+    for rule in config.overrides:
+        matched = [n for n in modules if n and rule.matches(n)]
+        if rule.skip or not matched:
+            continue
+        leaves = [n for n in matched if not any(True for _ in modules[n].children())]
+        if leaves and not any(quantized_type(type(modules[n])) for n in leaves):
+            kinds = sorted({type(modules[n]).__name__ for n in leaves})
+            raise UnsupportedLayerError(
+                f"override {rule.pattern!r} asks to quantize {leaves[:3]} ({', '.join(kinds)}), "
+                f"which quantaware cannot quantize; supported layers: {supported_types()}. "
+                "Remove the override or set skip=True to keep those layers in float"
+            )
+
+
+def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    return gm.get_submodule(node.target) if node.op == "call_module" else None
+
+
+def _is_tensor(node: Any) -> bool:
+    return isinstance(node, fx.Node) and "tensor_meta" in node.meta
+
+
+def _fold_batchnorms(gm: fx.GraphModule) -> None:
+    for node in list(gm.graph.nodes):
+        bn = _module(gm, node)
+        if bn is None or not node.args or not isinstance(node.args[0], fx.Node):
+            continue
+        prev = node.args[0]
+        layer = _module(gm, prev)
+        if layer is None or len(prev.users) != 1 or not can_fold(layer, bn):
+            continue
+        gm.add_submodule(prev.target, fold_bn(layer, bn))
+        node.replace_all_uses_with(prev)
+        gm.graph.erase_node(node)
+
+
+def _swap_modules(gm: fx.GraphModule, config: QuantConfig) -> None:
+    done: set[str] = set()
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or node.target in done:
+            continue
+        module = gm.get_submodule(node.target)
+        qtype = quantized_type(type(module))
+        specs = config.resolve(node.target)
+        if qtype is None or specs is None:
+            continue
+        weight_spec, act_spec = specs
+        if isinstance(act_spec, QuantSpec) and isinstance(act_spec.granularity, PerChannel):
+            raise ConfigError(
+                f"per-channel activation quantization (layer {node.target!r}) is not "
+                "supported; use PerTensor() for activations"
+            )
+        if not hasattr(module, "weight") and (act_spec is None or act_spec.dynamic):
+            continue  # pooling only makes sense with static activations
+        gm.add_submodule(node.target, qtype.from_float(module, weight_spec, act_spec))
+        done.add(node.target)
+
+
+def _unique_name(gm: fx.GraphModule, base: str) -> str:
+    name, i = base, 1
+    while hasattr(gm, name):
+        name, i = f"{base}_{i}", i + 1
+    return name
+
+
+def _make_cat(spec: QuantSpec, num_inputs: int, dim: int) -> QuantCat:
+    return QuantCat(spec, num_inputs, dim)
+
+
+def _rewrite_functional(gm: fx.GraphModule, config: QuantConfig) -> None:
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target in _ADD_FUNCS and len(node.args) == 2 and not node.kwargs:
+            args, make = node.args, QuantAdd
+        elif node.target in _MATMUL_FUNCS and len(node.args) == 2 and not node.kwargs:
+            args, make = node.args, QuantMatmul
+        elif node.target is torch.cat and node.args and isinstance(node.args[0], list | tuple):
+            args = tuple(node.args[0])
+            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+            make = functools.partial(_make_cat, num_inputs=len(args), dim=dim)
+        else:
+            continue
+        if not all(_is_tensor(a) for a in args) or not _is_tensor(node):
+            continue
+        if not node.meta["tensor_meta"].dtype.is_floating_point:
+            continue
+        specs = config.resolve(node.name)
+        act_spec = specs[1] if specs else None
+        if not isinstance(act_spec, QuantSpec) or act_spec.dynamic:
+            continue
+        name = _unique_name(gm, node.name)
+        gm.add_submodule(name, make(act_spec))
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_module(name, args=tuple(args))
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+
+
+def _activation_of(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    module = _module(gm, node)
+    if isinstance(module, nn.ReLU) or (node.op == "call_method" and node.target == "relu"):
+        return nn.ReLU()
+    if isinstance(module, nn.ReLU6) or (node.op == "call_function" and node.target in _RELU6_FUNCS):
+        return nn.ReLU6()
+    if node.op == "call_function" and node.target in _RELU_FUNCS:
+        return nn.ReLU()
+    if (isinstance(module, nn.Hardtanh) and module.min_val == 0.0 and module.max_val == 6.0):
+        return nn.ReLU6()
+    return None
+
+
+def _fuse_activations(gm: fx.GraphModule) -> None:
+    for node in list(gm.graph.nodes):
+        module = _module(gm, node)
+        if not isinstance(module, QuantMixin) or module.output_quantizer is None:
+            continue
+        if len(node.users) != 1 or module.activation is not None:
+            continue
+        user = next(iter(node.users))
+        act = _activation_of(gm, user)
+        if act is None or user.args[0] is not node:
+            continue
+        module.activation = act
+        user.replace_all_uses_with(node)
+        gm.graph.erase_node(user)
+
+
+def _is_passthrough(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), _PASSTHROUGH_MODULES)
+    if node.op == "call_function":
+        return node.target in _PASSTHROUGH_FUNCS
+    return node.op == "call_method" and node.target in _PASSTHROUGH_METHODS
+
+
+def _place_quantizers(gm: fx.GraphModule) -> None:
+    """Quantize every tensor once: drop input quantizers of already-quantized inputs."""
+    source: dict[fx.Node, nn.Module | None] = {}
+    for node in gm.graph.nodes:
+        module = _module(gm, node)
+        if isinstance(module, _MultiInputQuant):
+            for i, arg in enumerate(node.args):
+                src = source.get(arg)
+                if src is not None and src.spec == module.input_quantizers[i].spec:
+                    module.drop_input_quantizer(i)
+            source[node] = module.output_quantizer
+        elif isinstance(module, QuantMixin):
+            src = source.get(node.args[0]) if node.args else None
+            own = module.input_quantizer
+            if src is not None and isinstance(own, FakeQuantizer) and src.spec == own.spec:
+                module.input_quantizer = None
+                module.set_input_source(src)
+            source[node] = module.output_quantizer
+        elif _is_passthrough(gm, node) and node.args:
+            source[node] = source.get(node.args[0])
+        else:
+            source[node] = None
+
+
+def _set_quantizer_state(model: nn.Module, state: dict[str, torch.Tensor] | None = None):
+    """Save (``state is None``) or restore the quantizers' enable flags."""
+    saved = {}
+    for name, q in quantizers(model):
+        if state is None:
+            saved[name] = (q.observer_enabled.clone(), q.fake_quant_enabled.clone())
+            q.disable()
+        else:
+            q.observer_enabled.copy_(state[name][0])
+            q.fake_quant_enabled.copy_(state[name][1])
+    return saved
+
+
+def _trace(model: nn.Module, example_inputs: tuple) -> fx.GraphModule | None:
+    try:
+        tracer = _Tracer()
+        graph = tracer.trace(model)
+        gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+        ShapeProp(gm).propagate(*example_inputs)
+        return gm
+    except Exception as exc:  # torch.fx raises many exception types
+        warnings.warn(
+            f"torch.fx could not trace {type(model).__name__} ({type(exc).__name__}: {exc}); "
+            "quantizing its modules only, so functional adds/concats stay float. Make "
+            "forward() free of data-dependent control flow for full integer deployment.",
+            stacklevel=3,
+        )
+        return None
+
+
+def _prepare_eager(model: nn.Module, config: QuantConfig) -> nn.Module:
+    for name, module in list(model.named_modules()):
+        qtype = quantized_type(type(module))
+        specs = config.resolve(name)
+        if qtype is None or specs is None or not name or not hasattr(module, "weight"):
+            continue
+        qmod = qtype.from_float(module, *specs)
+        qmod.output_quantizer = None  # each consumer quantizes its own input
+        model.set_submodule(name, qmod)
+    return model
+
+
+def prepare(
+    model: nn.Module,
+    config: QuantConfig,
+    example_inputs: torch.Tensor | tuple | list,
+) -> nn.Module:
+    """A copy of ``model`` with quantizers inserted, ready to calibrate or train.
+
+    The copy runs fake quantization in the forward pass with straight-through
+    gradients and float master weights, so it can be trained in your own loop
+    (QAT) or calibrated with :func:`quantaware.calibrate` (PTQ). Until it is
+    calibrated, activation quantizers observe and quantize each batch with the
+    ranges seen so far.
+
+    Args:
+        model: the float model (left unchanged).
+        config: a :class:`~quantaware.config.QuantConfig`, e.g. ``presets.INT8``.
+        example_inputs: a tensor or tuple of positional inputs of the right shape.
+
+    Example:
+        >>> import torch
+        >>> from quantaware import presets
+        >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU())
+        >>> qmodel = prepare(model, presets.INT8, torch.randn(1, 3, 16, 16))
+        >>> type(qmodel.get_submodule("0")).__name__
+        'QuantConv2d'
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(config, QuantConfig):
+        raise TypeError(
+            f"config must be a QuantConfig (e.g. quantaware.presets.INT8), got "
+            f"{type(config).__name__}"
+        )
+    example_inputs = _as_tuple(example_inputs)
+    _check_overrides(model, config)
+    model = copy.deepcopy(model)
+    training = model.training
+    model.eval()
+    gm = _trace(model, example_inputs)
+    if gm is None:
+        prepared = _prepare_eager(model, config)
+    else:
+        if config.fold_bn:
+            _fold_batchnorms(gm)
+        _swap_modules(gm, config)
+        if isinstance(config.activation, QuantSpec) or any(
+            isinstance(r.activation, QuantSpec) for r in config.overrides
+        ):
+            _rewrite_functional(gm, config)
+        _fuse_activations(gm)
+        _place_quantizers(gm)
+        gm.graph.lint()
+        gm.recompile()
+        gm.delete_all_unused_submodules()
+        prepared = gm
+    for _, q in quantizers(prepared):
+        q.observe_and_quantize()
+    saved = _set_quantizer_state(prepared)
+    with torch.no_grad():
+        prepared(*example_inputs)  # fails early, with the float path, if the rewrite broke
+    _set_quantizer_state(prepared, saved)
+    prepared.train(training)
+    prepared.quantaware_config = config
+    if not quantizers(prepared) and not isinstance(config.weight, FloatSpec):
+        log.warning("no layer of %s was quantized; check the config's overrides",
+                    type(model).__name__)
+    return prepared
+
+
+def iter_quant_modules(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
+    """``(name, module)`` of every quantized module (weights or activations)."""
+    return ((n, m) for n, m in model.named_modules() if isinstance(m, QuantMixin))

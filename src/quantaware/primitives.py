@@ -1,0 +1,209 @@
+"""Pure quantization maths: ranges, qparams, quantize, dequantize, fake-quantize.
+
+The arithmetic follows ONNX ``QuantizeLinear``/``DequantizeLinear`` (opset 21,
+https://onnx.ai/onnx/operators/onnx__QuantizeLinear.html) so that what runs in
+torch is what ONNX Runtime computes after export:
+
+    q = saturate(round_half_to_even(x / scale) + zero_point)
+    x' = (q - zero_point) * scale
+
+Note the division: ``x * (1 / scale)`` differs in the last bit for some inputs
+and would move values that sit on a rounding tie.
+
+Fake quantization uses the straight-through estimator (Bengio et al. 2013;
+Jacob et al. 2018): the gradient is passed unchanged where ``x`` falls inside the
+representable range and is zero where it is clamped.
+
+Example:
+    >>> import torch
+    >>> x = torch.tensor([-1.0, 0.0, 0.26, 2.0])
+    >>> scale, zp = choose_qparams(x.min(), x.max(), -128, 127, symmetric=False)
+    >>> q = quantize(x, scale, zp, -128, 127)
+    >>> torch.allclose(dequantize(q, scale, zp), x, atol=float(scale) / 2)
+    True
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "choose_qparams",
+    "dequantize",
+    "fake_quantize",
+    "quant_range",
+    "quantize",
+    "storage_dtype",
+]
+
+# Smallest scale ever produced: keeps scales finite and non-zero for constant or
+# all-zero tensors (float32 eps, as torch.ao and ONNX Runtime's quantizer do).
+SCALE_EPS = float(torch.finfo(torch.float32).eps)
+
+
+def quant_range(bits: int, signed: bool, narrow_range: bool = False) -> tuple[int, int]:
+    """Integer range of a ``bits``-wide format.
+
+    Example:
+        >>> quant_range(8, True), quant_range(8, False), quant_range(8, True, True)
+        ((-128, 127), (0, 255), (-127, 127))
+    """
+    if not 2 <= bits <= 16:
+        raise ValueError(f"bits must be from 2 to 16, got {bits}")
+    if signed:
+        qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    else:
+        qmin, qmax = 0, 2**bits - 1
+    if narrow_range:
+        qmin += 1
+    return qmin, qmax
+
+
+def storage_dtype(qmin: int, qmax: int) -> torch.dtype:
+    """The smallest torch integer dtype that holds [qmin, qmax] (int8/uint8/int16/uint16/int32).
+
+    Example:
+        >>> storage_dtype(-128, 127), storage_dtype(0, 255), storage_dtype(0, 65535)
+        (torch.int8, torch.uint8, torch.uint16)
+    """
+    if qmin >= 0:
+        for dtype in (torch.uint8, torch.uint16):
+            if qmax <= torch.iinfo(dtype).max:
+                return dtype
+    for dtype in (torch.int8, torch.int16, torch.int32):
+        info = torch.iinfo(dtype)
+        if info.min <= qmin and qmax <= info.max:
+            return dtype
+    raise ValueError(f"no integer storage for range [{qmin}, {qmax}]")
+
+
+def _broadcast(t: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:
+    """Reshape a per-channel vector so it broadcasts along ``axis`` of ``x``."""
+    if axis is None or t.dim() == 0:
+        return t
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    return t.reshape(shape)
+
+
+def choose_qparams(
+    min_val: torch.Tensor,
+    max_val: torch.Tensor,
+    qmin: int,
+    qmax: int,
+    symmetric: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point mapping [min_val, max_val] onto [qmin, qmax].
+
+    The range is widened to include 0 (so zero padding and ReLU are exact).
+    Works elementwise, so per-channel ranges give per-channel qparams. Scales
+    are never zero, NaN or Inf; non-finite ranges raise.
+
+    Returns:
+        ``(scale float32, zero_point int32)`` with the shape of ``min_val``.
+
+    Example:
+        >>> s, z = choose_qparams(torch.tensor(0.0), torch.tensor(2.55), 0, 255, False)
+        >>> round(float(s), 6), int(z)
+        (0.01, 0)
+    """
+    min_val = torch.as_tensor(min_val, dtype=torch.float32)
+    max_val = torch.as_tensor(max_val, dtype=torch.float32)
+    if not (torch.isfinite(min_val).all() and torch.isfinite(max_val).all()):
+        raise ValueError(
+            "cannot choose qparams from a non-finite range (NaN/Inf seen, or never "
+            "observed); check the calibration data for NaN/Inf values"
+        )
+    min_neg = torch.clamp(min_val, max=0.0)
+    max_pos = torch.clamp(max_val, min=0.0)
+    if symmetric:
+        amax = torch.maximum(-min_neg, max_pos)
+        scale = amax / ((qmax - qmin) / 2)
+        scale = torch.clamp(scale, min=SCALE_EPS)
+        zero_point = torch.full_like(scale, (qmin + qmax + 1) // 2, dtype=torch.int32)
+    else:
+        scale = torch.clamp((max_pos - min_neg) / float(qmax - qmin), min=SCALE_EPS)
+        zero_point = qmin - torch.round(min_neg / scale)
+        zero_point = torch.clamp(zero_point, qmin, qmax).to(torch.int32)
+    return scale.to(torch.float32), zero_point
+
+
+def quantize(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    qmin: int,
+    qmax: int,
+    axis: int | None = None,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """ONNX ``QuantizeLinear``: ``saturate(round_half_even(x / scale) + zero_point)``.
+
+    Args:
+        axis: the channel axis of ``x`` for per-channel ``scale``/``zero_point``.
+        dtype: integer storage dtype; defaults to :func:`storage_dtype`.
+
+    Example:
+        >>> quantize(torch.tensor([0.5, 1.5, 2.5]), torch.tensor(1.0), torch.tensor(0), -8, 7)
+        tensor([0, 2, 2], dtype=torch.int8)
+    """
+    s = _broadcast(scale.to(torch.float32), x, axis)
+    z = _broadcast(zero_point, x, axis).to(torch.float32)
+    q = torch.clamp(torch.round(x.to(torch.float32) / s) + z, qmin, qmax)
+    return q.to(dtype or storage_dtype(qmin, qmax))
+
+
+def dequantize(
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    axis: int | None = None,
+) -> torch.Tensor:
+    """ONNX ``DequantizeLinear``: ``(q - zero_point) * scale`` in float32.
+
+    Example:
+        >>> dequantize(torch.tensor([0, 2], dtype=torch.int8), torch.tensor(0.5), torch.tensor(0))
+        tensor([0., 1.])
+    """
+    s = _broadcast(scale.to(torch.float32), q, axis)
+    z = _broadcast(zero_point, q, axis).to(torch.float32)
+    return (q.to(torch.float32) - z) * s
+
+
+class _FakeQuantizeSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, qmin, qmax, axis):  # type: ignore[override]
+        s = _broadcast(scale, x, axis)
+        z = _broadcast(zero_point, x, axis).to(x.dtype)
+        q = torch.round(x / s) + z
+        mask = (q >= qmin) & (q <= qmax)
+        ctx.save_for_backward(mask)
+        return (torch.clamp(q, qmin, qmax) - z) * s
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        (mask,) = ctx.saved_tensors
+        return grad * mask, None, None, None, None, None
+
+
+def fake_quantize(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    qmin: int,
+    qmax: int,
+    axis: int | None = None,
+) -> torch.Tensor:
+    """``dequantize(quantize(x))`` in float, with a straight-through gradient.
+
+    The gradient w.r.t. ``x`` is 1 where ``round(x / scale) + zero_point`` lies in
+    ``[qmin, qmax]`` and 0 where it is clamped. ``scale`` and ``zero_point`` get no
+    gradient here (see the learned-step-size quantizer for that).
+
+    Example:
+        >>> x = torch.tensor([0.2, 0.9, 5.0], requires_grad=True)
+        >>> y = fake_quantize(x, torch.tensor(0.5), torch.tensor(0), -2, 1)
+        >>> y.sum().backward(); y.detach(), x.grad
+        (tensor([0.0000, 0.5000, 0.5000]), tensor([1., 1., 0.]))
+    """
+    return _FakeQuantizeSTE.apply(x, scale.to(x.dtype), zero_point, qmin, qmax, axis)
