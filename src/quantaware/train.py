@@ -1,0 +1,270 @@
+"""Training and evaluation helpers for float and quantization-aware models.
+
+Batches follow quantaware's batch convention, with labels where needed:
+
+* a tensor ``x`` (inputs only, no labels),
+* a tuple or list ``(x, y, ...)``: the model input first, the labels second
+  (``(x,)`` has no labels; further elements are ignored), or
+* a dict of keyword inputs, ``model(**inputs)``; its label entry, one of
+  ``"label"``, ``"labels"``, ``"target"``, ``"targets"`` or ``"y"``, is taken out.
+
+NumPy arrays are accepted wherever tensors are.
+
+Example:
+    >>> import torch
+    >>> from torch.utils.data import DataLoader, TensorDataset
+    >>> from quantaware.train import evaluate_accuracy, fit
+    >>> _ = torch.manual_seed(0)
+    >>> x = torch.randn(64, 4)
+    >>> y = (x[:, 0] > 0).long()
+    >>> loader = DataLoader(TensorDataset(x, y), batch_size=16)
+    >>> model = torch.nn.Linear(4, 2)
+    >>> losses = fit(model, loader, epochs=20, lr=0.05)
+    >>> losses[-1] < losses[0]
+    True
+    >>> evaluate_accuracy(model, loader) > 90.0
+    True
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = ["LABEL_KEYS", "evaluate_accuracy", "fit", "predict_logits", "unpack_batch"]
+
+logger = logging.getLogger(__name__)
+
+#: Dict keys recognised as the label entry of a dict batch.
+LABEL_KEYS = ("label", "labels", "target", "targets", "y")
+
+Inputs = torch.Tensor | dict[str, torch.Tensor]
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def unpack_batch(batch: Any) -> tuple[Inputs, torch.Tensor | None]:
+    """Split a batch into ``(inputs, labels)``; ``labels`` is None when absent.
+
+    ``inputs`` is a tensor, or a dict of keyword arguments for the model.
+
+    Example:
+        >>> import torch
+        >>> x, y = torch.zeros(2, 3), torch.tensor([0, 1])
+        >>> unpack_batch((x, y))[1].tolist()
+        [0, 1]
+        >>> inputs, labels = unpack_batch({"x": x, "label": y})
+        >>> sorted(inputs), labels.tolist()
+        (['x'], [0, 1])
+    """
+    if isinstance(batch, torch.Tensor | np.ndarray):
+        return _as_tensor(batch), None
+    if isinstance(batch, tuple | list) and batch:
+        labels = _as_tensor(batch[1]) if len(batch) > 1 else None
+        return _as_tensor(batch[0]), labels
+    if isinstance(batch, Mapping):
+        label_keys = [k for k in LABEL_KEYS if k in batch]
+        if len(label_keys) > 1:
+            raise ValueError(
+                f"dict batch has several label entries {label_keys}; keep exactly one of "
+                f"{list(LABEL_KEYS)}"
+            )
+        inputs = {k: _as_tensor(v) for k, v in batch.items() if k not in label_keys}
+        if not inputs:
+            raise ValueError(
+                f"dict batch has no input entries (keys: {sorted(batch)}); add the model's "
+                "keyword arguments next to the label"
+            )
+        return inputs, (_as_tensor(batch[label_keys[0]]) if label_keys else None)
+    raise TypeError(
+        f"unsupported batch {type(batch).__name__}"
+        + (" (empty)" if isinstance(batch, tuple | list) else "")
+        + "; yield a tensor x, a tuple (x, y), or a dict of model kwargs plus one of "
+        f"{list(LABEL_KEYS)}"
+    )
+
+
+def _as_tensor(value: Any) -> Any:
+    return torch.from_numpy(value) if isinstance(value, np.ndarray) else value
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    tensor = next(model.parameters(), None)
+    if tensor is None:
+        tensor = next(model.buffers(), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+def _forward(model: nn.Module, inputs: Inputs, device: torch.device) -> torch.Tensor:
+    if isinstance(inputs, dict):
+        return model(**{k: v.to(device) for k, v in inputs.items()})
+    return model(inputs.to(device))
+
+
+def _require_labels(labels: torch.Tensor | None, what: str) -> torch.Tensor:
+    if labels is None:
+        raise ValueError(
+            f"{what} needs labelled batches, but the loader yielded inputs only; yield "
+            f"(x, y) tuples or dicts with one of {list(LABEL_KEYS)}"
+        )
+    return labels
+
+
+def fit(
+    model: nn.Module,
+    loader: Iterable[Any],
+    epochs: int,
+    lr: float = 3e-3,
+    weight_decay: float = 1e-4,
+    loss_fn: LossFn | None = None,
+    progress: Callable[[int, float], None] | None = None,
+    seed: int | None = None,
+    optimizer: Literal["adamw", "sgd"] = "adamw",
+) -> list[float]:
+    """Train ``model`` in place with a cosine learning-rate schedule.
+
+    The learning rate decays from ``lr`` towards zero over all steps
+    (``epochs * len(loader)``; per epoch when the loader has no length).
+    The model's train/eval mode is restored afterwards.
+
+    Args:
+        model: The module to train (float or fake-quantized).
+        loader: Labelled batches, see the module docstring.
+        epochs: Number of passes over ``loader``.
+        lr: Peak learning rate.
+        weight_decay: Decoupled weight decay (AdamW) or L2 penalty (SGD).
+        loss_fn: ``loss_fn(logits, labels)``; defaults to cross-entropy.
+        progress: Called as ``progress(epoch, mean_loss)`` after each epoch
+            (``epoch`` counts from 1), e.g. to drive a progress bar.
+        seed: If given, seeds torch's global RNG first (dropout, unseeded shuffling).
+        optimizer: ``"adamw"`` or ``"sgd"`` (Nesterov momentum 0.9).
+
+    Returns:
+        The sample-weighted mean training loss of each epoch.
+
+    Example:
+        >>> import torch
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> data = TensorDataset(torch.randn(8, 3), torch.tensor([0, 1] * 4))
+        >>> len(fit(torch.nn.Linear(3, 2), DataLoader(data, batch_size=4), epochs=2))
+        2
+    """
+    if epochs < 1:
+        raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
+    if lr <= 0:
+        raise ValueError(f"lr must be positive, got {lr!r}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("model has no trainable parameters (all have requires_grad=False)")
+    if seed is not None:
+        torch.manual_seed(seed)
+    if optimizer == "adamw":
+        opt: torch.optim.Optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    elif optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
+    else:
+        raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}")
+    try:
+        steps_per_epoch = len(loader)  # type: ignore[arg-type]
+        per_step = steps_per_epoch > 0
+    except TypeError:
+        steps_per_epoch, per_step = 1, False
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
+    loss_fn = loss_fn if loss_fn is not None else nn.functional.cross_entropy
+    device = _model_device(model)
+    was_training = model.training
+    model.train()
+    history: list[float] = []
+    try:
+        for epoch in range(1, epochs + 1):
+            total = torch.zeros((), dtype=torch.float64)
+            count = 0
+            for batch in loader:
+                inputs, labels = unpack_batch(batch)
+                labels = _require_labels(labels, "fit").to(device)
+                loss = loss_fn(_forward(model, inputs, device), labels)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if per_step:
+                    schedule.step()
+                total += loss.detach().double().cpu() * labels.shape[0]
+                count += labels.shape[0]
+            if count == 0:
+                raise ValueError("loader yielded no batches; check the dataset is not empty")
+            if not per_step:
+                schedule.step()
+            mean_loss = float(total) / count
+            if not math.isfinite(mean_loss):
+                raise FloatingPointError(
+                    f"training loss became {mean_loss} in epoch {epoch}; lower lr "
+                    f"(currently {lr}) or check the inputs for NaN/inf"
+                )
+            history.append(mean_loss)
+            logger.debug("epoch %d/%d: mean loss %.4f", epoch, epochs, mean_loss)
+            if progress is not None:
+                progress(epoch, mean_loss)
+    finally:
+        model.train(was_training)
+    return history
+
+
+@torch.no_grad()
+def predict_logits(
+    model: nn.Module, loader: Iterable[Any]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run ``model`` in eval mode over ``loader``; return ``(logits, labels)`` on CPU.
+
+    ``labels`` is None when the batches carry no labels. The model's train/eval
+    mode is restored afterwards.
+
+    Example:
+        >>> import torch
+        >>> logits, labels = predict_logits(torch.nn.Linear(3, 2), [torch.zeros(5, 3)])
+        >>> tuple(logits.shape), labels
+        ((5, 2), None)
+    """
+    device = _model_device(model)
+    was_training = model.training
+    model.eval()
+    outputs: list[torch.Tensor] = []
+    targets: list[torch.Tensor] = []
+    try:
+        for batch in loader:
+            inputs, labels = unpack_batch(batch)
+            outputs.append(_forward(model, inputs, device).detach().cpu())
+            if labels is not None:
+                targets.append(torch.as_tensor(labels).cpu())
+    finally:
+        model.train(was_training)
+    if not outputs:
+        raise ValueError("loader yielded no batches; check the dataset is not empty")
+    if targets and len(targets) != len(outputs):
+        raise ValueError("some batches carry labels and some do not; make them consistent")
+    return torch.cat(outputs), (torch.cat(targets) if targets else None)
+
+
+def evaluate_accuracy(model: nn.Module, loader: Iterable[Any]) -> float:
+    """Top-1 accuracy of ``model`` on the labelled ``loader``, in percent.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(2, 2, bias=False)
+        >>> _ = model.weight.data.copy_(torch.eye(2))
+        >>> evaluate_accuracy(model, [(torch.eye(2), torch.tensor([0, 1]))])
+        100.0
+    """
+    logits, labels = predict_logits(model, loader)
+    labels = _require_labels(labels, "evaluate_accuracy")
+    if logits.ndim != 2 or logits.shape[0] != labels.shape[0]:
+        raise ValueError(
+            f"expected (N, num_classes) logits matching {labels.shape[0]} labels, got "
+            f"shape {tuple(logits.shape)}; the model must return one logit row per sample"
+        )
+    correct = (logits.argmax(dim=1) == labels.reshape(-1)).sum().item()
+    return 100.0 * correct / labels.shape[0]

@@ -1,0 +1,98 @@
+"""Tests for the training and evaluation helpers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Subset, TensorDataset
+
+from quantaware.data import load_digits_split
+from quantaware.models import DigitsCNN
+from quantaware.train import evaluate_accuracy, fit, predict_logits, unpack_batch
+
+
+@pytest.fixture(scope="module")
+def tiny_loader() -> DataLoader:
+    train, _ = load_digits_split()
+    return DataLoader(Subset(train, range(128)), batch_size=32, shuffle=False)
+
+
+def test_fit_reduces_loss_and_reports_progress(tiny_loader: DataLoader) -> None:
+    torch.manual_seed(0)
+    model = DigitsCNN()
+    seen: list[tuple[int, float]] = []
+    losses = fit(model, tiny_loader, epochs=4, progress=lambda e, loss: seen.append((e, loss)))
+    assert len(losses) == 4
+    assert losses[-1] < losses[0]
+    assert seen == list(enumerate(losses, start=1))
+    assert model.training  # mode restored
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_fit_optimizers_and_seed_reproducible(tiny_loader: DataLoader, optimizer: str) -> None:
+    def run() -> list[float]:
+        torch.manual_seed(1)
+        model = DigitsCNN()
+        return fit(model, tiny_loader, epochs=2, lr=0.01, seed=3, optimizer=optimizer)
+
+    assert run() == run()
+
+
+def test_fit_rejects_bad_arguments(tiny_loader: DataLoader) -> None:
+    model = nn.Linear(64, 10)
+    with pytest.raises(ValueError, match="epochs"):
+        fit(model, tiny_loader, epochs=0)
+    with pytest.raises(ValueError, match="optimizer"):
+        fit(model, tiny_loader, epochs=1, optimizer="adam")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="labelled batches"):
+        fit(model, [torch.zeros(4, 64)], epochs=1)
+    with pytest.raises(ValueError, match="no batches"):
+        fit(model, [], epochs=1)
+
+
+def test_unpack_batch_conventions() -> None:
+    x, y = torch.zeros(2, 3), torch.tensor([1, 0])
+    assert unpack_batch(x) == (x, None)
+    assert unpack_batch([x, y]) == (x, y)
+    assert unpack_batch((x,)) == (x, None)
+    inputs, labels = unpack_batch({"x": x, "target": y})
+    assert inputs == {"x": x} and labels is y
+    with pytest.raises(ValueError, match="several label entries"):
+        unpack_batch({"x": x, "y": y, "label": y})
+    with pytest.raises(ValueError, match="no input entries"):
+        unpack_batch({"label": y})
+    assert unpack_batch((x, y, "extra")) == (x, y)
+    arr_x, arr_y = unpack_batch((np.ones((2, 3), np.float32), np.array([0, 1])))
+    assert isinstance(arr_x, torch.Tensor) and arr_y.tolist() == [0, 1]
+    with pytest.raises(TypeError, match="unsupported batch"):
+        unpack_batch(())
+    with pytest.raises(TypeError, match="unsupported batch"):
+        unpack_batch("x")
+
+
+class _KwargModel(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def test_evaluate_accuracy_and_predict_logits() -> None:
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 1.0], [0.0, 5.0]])
+    labels = torch.tensor([0, 1, 1, 1])
+    model = nn.Identity()
+    assert evaluate_accuracy(model, [(logits[:2], labels[:2]), (logits[2:], labels[2:])]) == 75.0
+    assert evaluate_accuracy(_KwargModel(), [{"x": logits, "labels": labels}]) == 75.0
+    out, got = predict_logits(model, [logits])
+    assert torch.equal(out, logits) and got is None
+    with pytest.raises(ValueError, match="labelled batches"):
+        evaluate_accuracy(model, [logits])
+
+
+def test_evaluation_uses_eval_mode_and_restores_it() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    model.train()
+    before = model[1].running_mean.clone()
+    predict_logits(model, [TensorDataset(torch.randn(8, 4)).tensors])
+    assert torch.equal(model[1].running_mean, before)
+    assert model.training
