@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from quantaware.fake_quant import FakeQuantizer
+from quantaware.nn.base import QuantMixin
 from quantaware.nn.weighted import WeightQuantMixin
 
 __all__ = ["ExportError", "export_onnx"]
@@ -67,21 +68,20 @@ def _export_copy(model: nn.Module) -> nn.Module:
     for module in model.modules():
         if isinstance(module, WeightQuantMixin):
             module.freeze_for_export()
+        elif isinstance(module, QuantMixin):
+            module.exporting = True
     return model
 
 
-# Node metadata the exporter writes (stack traces with local paths, FX dumps) can
-# outweigh an int8 model's weights; only the module path is kept.
-_KEPT_NODE_METADATA = ("namespace",)
-
-
-def _strip_node_metadata(proto: onnx.ModelProto) -> None:
+def _strip_debug_info(proto: onnx.ModelProto) -> None:
+    """Drop what the exporter adds for debugging: node metadata (stack traces with
+    local paths, FX dumps) and intermediate shape annotations. For an int8 model
+    they can weigh as much as a fifth of the weights; ONNX Runtime infers shapes."""
     for node in proto.graph.node:
-        kept = [(p.key, p.value) for p in node.metadata_props if p.key in _KEPT_NODE_METADATA]
         del node.metadata_props[:]
-        for key, value in kept:
-            entry = node.metadata_props.add()
-            entry.key, entry.value = key, value
+        node.doc_string = ""
+    del proto.graph.value_info[:]
+    del proto.graph.metadata_props[:]
 
 
 def _dynamic_shapes(example_inputs: tuple) -> tuple:
@@ -149,7 +149,7 @@ def export_onnx(
             f"{str(exc)[:2000]}"
         ) from exc
     proto = program.model_proto
-    _strip_node_metadata(proto)
+    _strip_debug_info(proto)
     proto.producer_name = "quantaware"
     config = getattr(model, "quantaware_config", None)
     meta = {"quantaware.config": config.name if config is not None else "float"}

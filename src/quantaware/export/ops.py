@@ -58,6 +58,17 @@ def _(q, scale, zero_point, axis):
     return torch.empty(q.shape, dtype=torch.float32, device=q.device)
 
 
+@torch.library.custom_op("quantaware::dequantize_symmetric", mutates_args=())
+def dequantize_symmetric(q: torch.Tensor, scale: torch.Tensor, axis: int) -> torch.Tensor:
+    """DequantizeLinear of an integer constant with zero point 0 (omitted in ONNX)."""
+    return dequantize(q, scale, torch.zeros((), dtype=torch.int32), _axis(scale, axis))
+
+
+@dequantize_symmetric.register_fake
+def _(q, scale, axis):
+    return torch.empty(q.shape, dtype=torch.float32, device=q.device)
+
+
 @torch.library.custom_op("quantaware::dynamic_quantize_dequantize", mutates_args=())
 def dynamic_quantize_dequantize(x: torch.Tensor) -> torch.Tensor:
     """ONNX DynamicQuantizeLinear (uint8, per tensor) followed by DequantizeLinear."""
@@ -71,6 +82,17 @@ def dynamic_quantize_dequantize(x: torch.Tensor) -> torch.Tensor:
 @dynamic_quantize_dequantize.register_fake
 def _(x):
     return torch.empty_like(x)
+
+
+@torch.library.custom_op("quantaware::global_average_pool", mutates_args=())
+def global_average_pool(x: torch.Tensor) -> torch.Tensor:
+    """Mean over all spatial dimensions, keeping them as size 1 (ONNX GlobalAveragePool)."""
+    return x.mean(dim=tuple(range(2, x.dim())), keepdim=True)
+
+
+@global_average_pool.register_fake
+def _(x):
+    return x.new_empty((*x.shape[:2], *([1] * (x.dim() - 2))))
 
 
 @torch.library.custom_op("quantaware::cast_float", mutates_args=())
@@ -101,9 +123,17 @@ def _dq_onnx(q, scale, zero_point, axis: int):
     return op.DequantizeLinear(q, scale, zero_point, axis=axis)
 
 
+def _dq_symmetric_onnx(q, scale, axis: int):
+    return op.DequantizeLinear(q, scale, axis=axis)
+
+
 def _dynamic_qdq_onnx(x):
     q, scale, zp = op.DynamicQuantizeLinear(x)
     return op.DequantizeLinear(q, scale, zp)
+
+
+def _global_average_pool_onnx(x):
+    return op.GlobalAveragePool(x)
 
 
 def _cast_float_onnx(x):
@@ -113,6 +143,8 @@ def _cast_float_onnx(x):
 TRANSLATION_TABLE = {
     torch.ops.quantaware.quantize_dequantize.default: _qdq_onnx,
     torch.ops.quantaware.dequantize.default: _dq_onnx,
+    torch.ops.quantaware.dequantize_symmetric.default: _dq_symmetric_onnx,
     torch.ops.quantaware.dynamic_quantize_dequantize.default: _dynamic_qdq_onnx,
     torch.ops.quantaware.cast_float.default: _cast_float_onnx,
+    torch.ops.quantaware.global_average_pool.default: _global_average_pool_onnx,
 }

@@ -40,6 +40,14 @@ class QuantAdaptiveAvgPool2d(_QuantPool, nn.AdaptiveAvgPool2d):
 
     _ARGS = ("output_size",)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if getattr(self, "exporting", False) and self.output_size in (1, (1, 1)):
+            # GlobalAveragePool, which ONNX Runtime runs as QLinearGlobalAveragePool
+            # (the exporter would write ReduceMean, which stays float).
+            x = torch.ops.quantaware.global_average_pool(self._quantize_input(x))
+            return self._finish(x)
+        return super().forward(x)
+
 
 @register(nn.AvgPool2d)
 class QuantAvgPool2d(_QuantPool, nn.AvgPool2d):

@@ -120,6 +120,5 @@ class WeightQuantMixin(QuantMixin):
             weight = self.weight
         bias = self.bias
         if hasattr(self, "_qbias"):
-            bias = ops.dequantize(self._qbias, self._bscale,
-                                  torch.zeros_like(self._qbias), 0)
+            bias = ops.dequantize_symmetric(self._qbias, self._bscale, 0)
         return weight, bias

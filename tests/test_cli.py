@@ -1,0 +1,84 @@
+"""The command-line interface."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from quantaware import presets
+from quantaware.cli import main
+
+
+def test_help_explains_itself(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    assert "demo" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["demo", "presets"])
+def test_subcommand_help(command, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    assert "usage: quantaware " + command in capsys.readouterr().out
+
+
+def test_no_command_is_a_usage_error(capsys):
+    assert main([]) == 2
+
+
+def test_unknown_option_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--no-such-option"])
+    assert exc.value.code == 2
+
+
+def test_presets_prints_loadable_json(capsys):
+    assert main(["presets", "int8"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert presets.INT8.to_dict() == payload["INT8"]
+
+
+def test_unknown_preset_is_a_usage_error(capsys):
+    assert main(["presets", "int3"]) == 2
+    assert "unknown preset" in capsys.readouterr().err
+
+
+def test_console_script_runs():
+    out = subprocess.run([sys.executable, "-m", "quantaware.cli", "presets", "FP16"],
+                         capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout)["FP16"]["weight"]["dtype"] == "float16"
+
+
+def test_demo_command_prints_table(tmp_path, capsys, monkeypatch):
+    """The CLI layer: arguments reach run_demo, its rows become the table.
+
+    run_demo itself runs for real in tests/test_demo.py; here it is replaced by a
+    double that records its arguments, so the suite does not train twice.
+    """
+    import quantaware.demo as demo
+
+    calls = {}
+
+    def fake_run_demo(out_dir, *, fast=False, on_step=None):
+        calls.update(out_dir=out_dir, fast=fast)
+        on_step("training the float baseline")
+        rows = [{"variant": v, "accuracy": 99.0, "accuracy_onnxruntime": 99.0,
+                 "size_bytes": 1000 // (i + 1), "latency_ms": 2.0 / (i + 1),
+                 "verify_top1_agreement": 1.0}
+                for i, v in enumerate(demo.VARIANTS)]
+        demo.write_json_atomic(tmp_path / "results.json", rows)
+        demo.write_json_atomic(tmp_path / "run.json", {"latency_batch": 64})
+        return rows
+
+    monkeypatch.setattr(demo, "run_demo", fake_run_demo)
+    assert main(["demo", "--fast", "--out", str(tmp_path)]) == 0
+    assert calls == {"out_dir": str(tmp_path), "fast": True}
+    out = capsys.readouterr().out
+    for variant in demo.VARIANTS:
+        assert variant in out
+    assert "5.00x" in out  # qat-int8: 2.0 ms / 0.4 ms speed-up column
