@@ -1,0 +1,66 @@
+"""Command-line interface: a thin layer over the Python API.
+
+One module per command (``quantaware.cli.demo``, ...); each defines
+``register(subparsers)`` that adds its parser and sets ``func``. Exit codes:
+0 success, 1 failure, 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+__all__ = ["COMMANDS", "build_parser", "main"]
+
+# Command modules, in the order `quantaware --help` lists them.
+COMMANDS = ("demo", "presets")
+
+DESCRIPTION = """\
+quantaware: quantize PyTorch models (PTQ, QAT) and deploy INT8 ONNX that
+provably computes what you trained.
+
+Start with `quantaware demo`: it trains a CNN on scikit-learn's bundled digits,
+quantizes it five ways, exports each to ONNX and compares accuracy, size and
+ONNX Runtime latency in one table."""
+
+
+class UsageError(Exception):
+    """Bad command-line input (exit code 2)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``quantaware`` argument parser with every command registered."""
+    parser = argparse.ArgumentParser(
+        prog="quantaware", description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"quantaware.cli.{name}").register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``quantaware`` command."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 1
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
