@@ -66,9 +66,9 @@ def test_unpack_batch_conventions() -> None:
     assert unpack_batch((x, y, "extra")) == (x, y)
     arr_x, arr_y = unpack_batch((np.ones((2, 3), np.float32), np.array([0, 1])))
     assert isinstance(arr_x, torch.Tensor) and arr_y.tolist() == [0, 1]
-    with pytest.raises(TypeError, match="unsupported batch"):
+    with pytest.raises(TypeError, match="cannot use a batch"):
         unpack_batch(())
-    with pytest.raises(TypeError, match="unsupported batch"):
+    with pytest.raises(TypeError, match="cannot use a batch"):
         unpack_batch("x")
 
 

@@ -18,8 +18,54 @@ def _as_tensor(x: Any) -> Any:
     return torch.from_numpy(x) if isinstance(x, np.ndarray) else x
 
 
+#: Dict keys recognised as the label entry of a dict batch.
+LABEL_KEYS = ("label", "labels", "target", "targets", "y")
+
+
+def unpack_batch(batch: Any) -> tuple[Any, torch.Tensor | None]:
+    """Split a batch into ``(inputs, labels)``; ``labels`` is None when absent.
+
+    ``inputs`` is a tensor, or a dict of keyword arguments for the model (the
+    label entry, one of :data:`LABEL_KEYS`, is taken out of dict batches).
+
+    Example:
+        >>> import torch
+        >>> x, y = torch.zeros(2, 3), torch.tensor([0, 1])
+        >>> unpack_batch((x, y))[1].tolist()
+        [0, 1]
+        >>> inputs, labels = unpack_batch({"x": x, "label": y})
+        >>> sorted(inputs), labels.tolist()
+        (['x'], [0, 1])
+    """
+    if isinstance(batch, torch.Tensor | np.ndarray):
+        return _as_tensor(batch), None
+    if isinstance(batch, tuple | list) and batch:
+        labels = _as_tensor(batch[1]) if len(batch) > 1 else None
+        return _as_tensor(batch[0]), labels
+    if isinstance(batch, Mapping):
+        label_keys = [k for k in LABEL_KEYS if k in batch]
+        if len(label_keys) > 1:
+            raise ValueError(
+                f"dict batch has several label entries {label_keys}; keep exactly one of "
+                f"{list(LABEL_KEYS)}"
+            )
+        inputs = {k: _as_tensor(v) for k, v in batch.items() if k not in label_keys}
+        if not inputs:
+            raise ValueError(
+                f"dict batch has no input entries (keys: {sorted(batch)}); add the model's "
+                "keyword arguments next to the label"
+            )
+        return inputs, (_as_tensor(batch[label_keys[0]]) if label_keys else None)
+    raise TypeError(
+        f"cannot use a batch of type {type(batch).__name__}"
+        + (" (empty)" if isinstance(batch, tuple | list) else "")
+        + ": give a tensor, a tuple/list whose first element is the model input, or a "
+        f"dict of keyword inputs (labels under one of {list(LABEL_KEYS)})"
+    )
+
+
 def split_batch(batch: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """``(args, kwargs)`` to call the model with for one batch.
+    """``(args, kwargs)`` to call the model with for one batch (labels dropped).
 
     Example:
         >>> import torch
@@ -27,18 +73,8 @@ def split_batch(batch: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
         >>> args[0].shape, kwargs
         (torch.Size([2, 3]), {})
     """
-    if isinstance(batch, torch.Tensor | np.ndarray):
-        return (_as_tensor(batch),), {}
-    if isinstance(batch, tuple | list):
-        if not batch:
-            raise ValueError("got an empty tuple/list as a batch; expected (inputs, ...) ")
-        return (_as_tensor(batch[0]),), {}
-    if isinstance(batch, Mapping):
-        return (), {k: _as_tensor(v) for k, v in batch.items()}
-    raise TypeError(
-        f"cannot use a batch of type {type(batch).__name__}: give a tensor, a tuple/list "
-        "whose first element is the model input, or a dict of keyword inputs"
-    )
+    inputs, _ = unpack_batch(batch)
+    return ((), inputs) if isinstance(inputs, dict) else ((inputs,), {})
 
 
 def to_device(args: tuple, kwargs: dict, device: torch.device) -> tuple[tuple, dict]:

@@ -30,67 +30,20 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from torch import nn
+
+from quantaware._batch import LABEL_KEYS, unpack_batch
 
 __all__ = ["LABEL_KEYS", "evaluate_accuracy", "fit", "predict_logits", "unpack_batch"]
 
 logger = logging.getLogger(__name__)
 
-#: Dict keys recognised as the label entry of a dict batch.
-LABEL_KEYS = ("label", "labels", "target", "targets", "y")
-
 Inputs = torch.Tensor | dict[str, torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def unpack_batch(batch: Any) -> tuple[Inputs, torch.Tensor | None]:
-    """Split a batch into ``(inputs, labels)``; ``labels`` is None when absent.
-
-    ``inputs`` is a tensor, or a dict of keyword arguments for the model.
-
-    Example:
-        >>> import torch
-        >>> x, y = torch.zeros(2, 3), torch.tensor([0, 1])
-        >>> unpack_batch((x, y))[1].tolist()
-        [0, 1]
-        >>> inputs, labels = unpack_batch({"x": x, "label": y})
-        >>> sorted(inputs), labels.tolist()
-        (['x'], [0, 1])
-    """
-    if isinstance(batch, torch.Tensor | np.ndarray):
-        return _as_tensor(batch), None
-    if isinstance(batch, tuple | list) and batch:
-        labels = _as_tensor(batch[1]) if len(batch) > 1 else None
-        return _as_tensor(batch[0]), labels
-    if isinstance(batch, Mapping):
-        label_keys = [k for k in LABEL_KEYS if k in batch]
-        if len(label_keys) > 1:
-            raise ValueError(
-                f"dict batch has several label entries {label_keys}; keep exactly one of "
-                f"{list(LABEL_KEYS)}"
-            )
-        inputs = {k: _as_tensor(v) for k, v in batch.items() if k not in label_keys}
-        if not inputs:
-            raise ValueError(
-                f"dict batch has no input entries (keys: {sorted(batch)}); add the model's "
-                "keyword arguments next to the label"
-            )
-        return inputs, (_as_tensor(batch[label_keys[0]]) if label_keys else None)
-    raise TypeError(
-        f"unsupported batch {type(batch).__name__}"
-        + (" (empty)" if isinstance(batch, tuple | list) else "")
-        + "; yield a tensor x, a tuple (x, y), or a dict of model kwargs plus one of "
-        f"{list(LABEL_KEYS)}"
-    )
-
-
-def _as_tensor(value: Any) -> Any:
-    return torch.from_numpy(value) if isinstance(value, np.ndarray) else value
 
 
 def _model_device(model: nn.Module) -> torch.device:
