@@ -1,0 +1,423 @@
+"""quantaware.primitives: bit-exactness against ONNX Runtime and torch, STE, qparams."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper
+
+from quantaware.primitives import (
+    SCALE_EPS,
+    choose_qparams,
+    dequantize,
+    fake_quantize,
+    quant_range,
+    quantize,
+    storage_dtype,
+)
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+SETTINGS = settings(max_examples=60, deadline=None, database=None)
+
+INT_FORMATS = {
+    "int8": (TensorProto.INT8, np.int8, -128, 127),
+    "uint8": (TensorProto.UINT8, np.uint8, 0, 255),
+}
+
+
+# -- ONNX Runtime reference ---------------------------------------------------------
+
+
+@functools.cache
+def _qdq_session(fmt: str, axis: int | None) -> ort.InferenceSession:
+    """QuantizeLinear and DequantizeLinear (opset 21) on runtime inputs x, scale, zp, q."""
+    qtype = INT_FORMATS[fmt][0]
+    qparam_shape = [None] if axis is not None else []
+    kw = {} if axis is None else {"axis": axis}
+    inputs = [
+        helper.make_tensor_value_info("x", TensorProto.FLOAT, None),
+        helper.make_tensor_value_info("scale", TensorProto.FLOAT, qparam_shape),
+        helper.make_tensor_value_info("zp", qtype, qparam_shape),
+        helper.make_tensor_value_info("q_in", qtype, None),
+    ]
+    outputs = [
+        helper.make_tensor_value_info("q", qtype, None),
+        helper.make_tensor_value_info("x_out", TensorProto.FLOAT, None),
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "scale", "zp"], ["q"], **kw),
+        helper.make_node("DequantizeLinear", ["q_in", "scale", "zp"], ["x_out"], **kw),
+    ]
+    graph = helper.make_graph(nodes, "qdq", inputs, outputs)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    return ort.InferenceSession(model.SerializeToString(), options,
+                                providers=["CPUExecutionProvider"])
+
+
+def _random_case(seed: int, fmt: str, rank: int, per_channel: bool, tie_fraction: float):
+    """Random x, scale, zero point (numpy) and an axis; some x sit exactly on .5 ties."""
+    rng = np.random.default_rng(seed)
+    _, np_dtype, qmin, qmax = INT_FORMATS[fmt]
+    shape = tuple(int(d) for d in rng.integers(1, 6, size=rank))
+    axis = int(rng.integers(-rank, rank)) if per_channel else None
+    nch = shape[axis] if per_channel else None
+    qshape = (nch,) if per_channel else ()
+    scale = np.asarray(np.exp(rng.uniform(np.log(1e-4), np.log(2.0), size=qshape)), np.float32)
+    zp = np.asarray(rng.integers(qmin, qmax + 1, size=qshape), np_dtype)
+    bshape = [1] * rank
+    if per_channel:
+        bshape[axis] = nch
+    s_b = scale.reshape(bshape)
+    # Values spread beyond the representable range so that saturation is exercised.
+    k = rng.integers(-300, 300, size=shape)
+    x = (rng.normal(size=shape) * 150.0 * s_b).astype(np.float32)
+    ties = ((k + 0.5) * s_b).astype(np.float32)
+    mask = rng.random(shape) < tie_fraction
+    x = np.where(mask, ties, x).astype(np.float32)
+    return x, scale, zp, axis, qmin, qmax
+
+
+@SETTINGS
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    fmt=st.sampled_from(sorted(INT_FORMATS)),
+    rank=st.integers(1, 4),
+    per_channel=st.booleans(),
+    tie_fraction=st.sampled_from([0.0, 0.5, 1.0]),
+)
+def test_quantize_dequantize_bit_exact_vs_onnxruntime(seed, fmt, rank, per_channel, tie_fraction):
+    x, scale, zp, axis, qmin, qmax = _random_case(seed, fmt, rank, per_channel, tie_fraction)
+    sess = _qdq_session(fmt, axis)
+    rng = np.random.default_rng(seed + 1)
+    q_in = rng.integers(qmin, qmax + 1, size=x.shape).astype(INT_FORMATS[fmt][1])
+    ref_q, ref_x = sess.run(None, {"x": x, "scale": scale, "zp": zp, "q_in": q_in})
+
+    t_scale = torch.from_numpy(scale)
+    t_zp = torch.from_numpy(zp.astype(np.int32))
+    q = quantize(torch.from_numpy(x), t_scale, t_zp, qmin, qmax, axis=axis)
+    assert q.dtype == (torch.int8 if fmt == "int8" else torch.uint8)
+    np.testing.assert_array_equal(q.numpy(), ref_q)
+
+    deq = dequantize(torch.from_numpy(q_in), t_scale, t_zp, axis=axis)
+    assert deq.dtype == torch.float32
+    np.testing.assert_array_equal(deq.numpy(), ref_x)
+
+
+def test_onnxruntime_reference_sees_real_ties():
+    """The tie construction really produces x / scale == k + 0.5 for most elements."""
+    x, scale, *_ = _random_case(7, "int8", 3, False, 1.0)
+    ratio = x.astype(np.float32) / scale
+    exact_ties = np.abs(ratio - np.floor(ratio)) == 0.5
+    assert exact_ties.mean() > 0.5
+
+
+def test_ties_round_half_to_even():
+    x = torch.tensor([-2.5, -1.5, -0.5, 0.5, 1.5, 2.5, 3.5])
+    q = quantize(x, torch.tensor(1.0), torch.tensor(0), -128, 127)
+    assert q.tolist() == [-2, -2, 0, 0, 2, 2, 4]
+
+
+def test_quantize_saturates():
+    x = torch.tensor([-1000.0, 1000.0])
+    assert quantize(x, torch.tensor(1.0), torch.tensor(0), -128, 127).tolist() == [-128, 127]
+    assert quantize(x, torch.tensor(1.0), torch.tensor(3), -7, 7).tolist() == [-7, 7]
+
+
+# -- torch fake-quantize reference ---------------------------------------------------
+
+
+def _float32_round_mismatch(x, scale):
+    """Elements where round(x / scale) != round(x * (1 / scale)) in float32."""
+    return torch.round(x / scale) != torch.round(x * (1.0 / scale))
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2**32 - 1), exp=st.integers(-10, 2),
+       fmt=st.sampled_from(sorted(INT_FORMATS)))
+def test_fake_quantize_per_tensor_matches_torch_on_power_of_two_ties(seed, exp, fmt):
+    _, _, qmin, qmax = INT_FORMATS[fmt]
+    gen = torch.Generator().manual_seed(seed)
+    scale = 2.0**exp
+    zp = int(torch.randint(qmin, qmax + 1, (), generator=gen))
+    k = torch.randint(-300, 300, (512,), generator=gen).float()
+    x = torch.cat([(k + 0.5) * scale, torch.randn(512, generator=gen) * 100 * scale])
+    ours = fake_quantize(x, torch.tensor(scale), torch.tensor(zp), qmin, qmax)
+    ref = torch.fake_quantize_per_tensor_affine(x, scale, zp, qmin, qmax)
+    assert torch.equal(ours, ref)
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2**32 - 1), rank=st.integers(1, 4),
+       fmt=st.sampled_from(sorted(INT_FORMATS)))
+def test_fake_quantize_per_channel_matches_torch_on_power_of_two_ties(seed, rank, fmt):
+    _, _, qmin, qmax = INT_FORMATS[fmt]
+    gen = torch.Generator().manual_seed(seed)
+    shape = tuple(int(d) for d in torch.randint(1, 6, (rank,), generator=gen))
+    axis = int(torch.randint(0, rank, (), generator=gen))
+    nch = shape[axis]
+    scale = 2.0 ** torch.randint(-10, 3, (nch,), generator=gen).float()
+    zp = torch.randint(qmin, qmax + 1, (nch,), generator=gen, dtype=torch.int32)
+    bshape = [1] * rank
+    bshape[axis] = nch
+    k = torch.randint(-300, 300, shape, generator=gen).float()
+    x = (k + 0.5) * scale.reshape(bshape)
+    ours = fake_quantize(x, scale, zp, qmin, qmax, axis=axis)
+    ref = torch.fake_quantize_per_channel_affine(x, scale, zp, axis, qmin, qmax)
+    assert torch.equal(ours, ref)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_fake_quantize_matches_torch_for_random_scales_except_reciprocal_rounding(seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(64, 16, 8, generator=gen) * 4
+    qmin, qmax = -128, 127
+    # per channel on axis 1
+    scale = (torch.rand(16, generator=gen) * 0.1 + 1e-3).float()
+    zp = torch.randint(-20, 20, (16,), generator=gen, dtype=torch.int32)
+    ours = fake_quantize(x, scale, zp, qmin, qmax, axis=1)
+    ref = torch.fake_quantize_per_channel_affine(x, scale, zp, 1, qmin, qmax)
+    allowed = _float32_round_mismatch(x, scale.reshape(1, -1, 1))
+    differs = ours != ref
+    assert not (differs & ~allowed).any()
+    assert allowed.float().mean() < 1e-3
+    # per tensor
+    s = float(torch.rand((), generator=gen) * 0.1 + 1e-3)
+    s32 = torch.tensor(s, dtype=torch.float32)
+    ours = fake_quantize(x, s32, torch.tensor(5), 0, 255)
+    ref = torch.fake_quantize_per_tensor_affine(x, float(s32), 5, 0, 255)
+    allowed = _float32_round_mismatch(x, s32)
+    assert not ((ours != ref) & ~allowed).any()
+    assert allowed.float().mean() < 1e-3
+
+
+def test_division_not_reciprocal_multiplication():
+    """quantize computes x / scale (as ONNX), which differs from x * (1 / scale) on ties."""
+    k = torch.arange(-120, 120).float()
+    checked = 0
+    for s in (0.045238714665174484, 0.2491282969713211, 0.38511088490486145):
+        scale = torch.tensor(s, dtype=torch.float32)
+        x = (k + 0.5) * scale
+        mismatch = _float32_round_mismatch(x, scale)
+        assert mismatch.any()
+        q = quantize(x, scale, torch.tensor(0), -128, 127).float()
+        assert torch.equal(q, torch.clamp(torch.round(x / scale), -128, 127))
+        reciprocal = torch.clamp(torch.round(x * (1.0 / scale)), -128, 127)
+        assert not torch.equal(q[mismatch], reciprocal[mismatch])
+        checked += int(mismatch.sum())
+    assert checked > 0
+
+
+# -- straight-through gradient ---------------------------------------------------------
+
+
+def test_ste_gradient_per_tensor():
+    gen = torch.Generator().manual_seed(0)
+    scale, zp, qmin, qmax = torch.tensor(0.05), torch.tensor(10), 0, 255
+    x = (torch.randn(1000, generator=gen) * 8).requires_grad_()
+    upstream = torch.randn(1000, generator=gen)
+    fake_quantize(x, scale, zp, qmin, qmax).backward(upstream)
+    q = torch.round(x.detach() / scale) + zp
+    inside = (q >= qmin) & (q <= qmax)
+    assert inside.any() and (~inside).any()
+    assert torch.equal(x.grad[inside], upstream[inside])
+    assert torch.all(x.grad[~inside] == 0)
+
+
+def test_ste_gradient_per_channel():
+    gen = torch.Generator().manual_seed(1)
+    scale = torch.tensor([0.01, 0.1, 1.0])
+    zp = torch.tensor([0, -5, 3], dtype=torch.int32)
+    x = (torch.randn(3, 200, generator=gen) * torch.tensor([[3.0], [20.0], [300.0]]))
+    x.requires_grad_()
+    fake_quantize(x, scale, zp, -128, 127, axis=0).sum().backward()
+    q = torch.round(x.detach() / scale[:, None]) + zp[:, None]
+    inside = (q >= -128) & (q <= 127)
+    assert (~inside).sum(1).gt(0).all() and inside.sum(1).gt(0).all()
+    assert torch.equal(x.grad, inside.float())
+    # torch's own fake quantize uses the same straight-through mask
+    x2 = x.detach().clone().requires_grad_()
+    torch.fake_quantize_per_channel_affine(x2, scale, zp, 0, -128, 127).sum().backward()
+    assert torch.equal(x.grad, x2.grad)
+
+
+def test_ste_gradient_at_range_boundaries():
+    x = torch.tensor([-128.0, 127.0, -128.6, 127.6, 127.4], requires_grad=True)
+    fake_quantize(x, torch.tensor(1.0), torch.tensor(0), -128, 127).sum().backward()
+    assert x.grad.tolist() == [1.0, 1.0, 0.0, 0.0, 1.0]
+
+
+def test_fake_quantize_equals_dequantize_of_quantize():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 6, 5, generator=gen) * 3
+    scale = torch.rand(6, generator=gen) * 0.05 + 0.005
+    zp = torch.randint(0, 256, (6,), generator=gen, dtype=torch.int32)
+    expected = dequantize(quantize(x, scale, zp, 0, 255, axis=1), scale, zp, axis=1)
+    assert torch.equal(fake_quantize(x, scale, zp, 0, 255, axis=1), expected)
+
+
+# -- choose_qparams -------------------------------------------------------------------
+
+
+def _half_step(scale: torch.Tensor, value: float) -> float:
+    """Half a quantization step plus float32 rounding of the dequantized value.
+
+    (Symmetric ranges map the range end onto qmax + 0.5, which saturates: exactly
+    half a step of error there.)
+    """
+    return float(scale) / 2 + 4 * float(np.spacing(np.float32(abs(value)))) + 1e-30
+
+
+def _check_valid(scale: torch.Tensor, zp: torch.Tensor, qmin: int, qmax: int) -> None:
+    assert scale.dtype == torch.float32 and zp.dtype == torch.int32
+    assert torch.isfinite(scale).all() and (scale > 0).all()
+    assert ((zp >= qmin) & (zp <= qmax)).all()
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("value", [0.0, 3.5, -2.25, 1e-30])
+@pytest.mark.parametrize(("qmin", "qmax"), [(-128, 127), (0, 255), (-127, 127), (-8, 7)])
+def test_choose_qparams_constant_inputs(symmetric, value, qmin, qmax):
+    v = torch.tensor(value)
+    scale, zp = choose_qparams(v, v, qmin, qmax, symmetric)
+    _check_valid(scale, zp, qmin, qmax)
+    assert float(scale) >= SCALE_EPS
+    zero = dequantize(quantize(torch.zeros(()), scale, zp, qmin, qmax), scale, zp)
+    assert float(zero) == 0.0
+    # the constant itself is represented to within half a step
+    back = dequantize(quantize(v, scale, zp, qmin, qmax), scale, zp)
+    assert abs(float(back) - value) <= _half_step(scale, value)
+
+
+def test_choose_qparams_per_channel_with_constant_and_zero_channels():
+    min_val = torch.tensor([-1.0, 0.0, 2.0, -3.0, 5.0])
+    max_val = torch.tensor([1.0, 0.0, 2.0, -3.0, 9.0])
+    for symmetric in (True, False):
+        scale, zp = choose_qparams(min_val, max_val, -128, 127, symmetric)
+        assert scale.shape == zp.shape == (5,)
+        _check_valid(scale, zp, -128, 127)
+        zeros = dequantize(quantize(torch.zeros(5), scale, zp, -128, 127, axis=0), scale, zp, 0)
+        assert torch.equal(zeros, torch.zeros(5))
+
+
+@SETTINGS
+@given(
+    lo=st.floats(-1e4, 1e4, allow_nan=False, width=32),
+    hi=st.floats(-1e4, 1e4, allow_nan=False, width=32),
+    symmetric=st.booleans(),
+    fmt=st.sampled_from([(8, True, False), (8, False, False), (8, True, True), (4, True, False),
+                         (16, True, False), (2, False, False)]),
+)
+def test_choose_qparams_properties(lo, hi, symmetric, fmt):
+    lo, hi = min(lo, hi), max(lo, hi)
+    qmin, qmax = quant_range(*fmt)
+    scale, zp = choose_qparams(torch.tensor(lo), torch.tensor(hi), qmin, qmax, symmetric)
+    _check_valid(scale, zp, qmin, qmax)
+    # zero is exactly representable
+    zero = dequantize(quantize(torch.zeros(()), scale, zp, qmin, qmax), scale, zp)
+    assert float(zero) == 0.0
+    # the observed range (widened to include 0) is covered to within half a step
+    for v in (min(lo, 0.0), max(hi, 0.0)):
+        back = dequantize(quantize(torch.tensor(v), scale, zp, qmin, qmax), scale, zp)
+        assert abs(float(back) - v) <= _half_step(scale, v)
+
+
+@pytest.mark.parametrize("narrow", [False, True])
+@pytest.mark.parametrize("bits", [2, 4, 8, 16])
+def test_choose_qparams_symmetric_signed_zero_point_is_zero(bits, narrow):
+    qmin, qmax = quant_range(bits, True, narrow)
+    gen = torch.Generator().manual_seed(bits)
+    lo = -torch.rand(6, generator=gen) * 5
+    hi = torch.rand(6, generator=gen) * 5
+    scale, zp = choose_qparams(lo, hi, qmin, qmax, symmetric=True)
+    assert torch.equal(zp, torch.zeros(6, dtype=torch.int32))
+    amax = torch.maximum(-lo, hi)
+    torch.testing.assert_close(scale, amax / ((qmax - qmin) / 2))
+
+
+def test_choose_qparams_asymmetric_uint8_reference_values():
+    scale, zp = choose_qparams(torch.tensor(-1.0), torch.tensor(3.0), 0, 255, symmetric=False)
+    assert float(scale) == pytest.approx(4.0 / 255)
+    assert int(zp) == round(1.0 / (4.0 / 255))  # 64
+    # all-positive range: zero point at qmin
+    scale, zp = choose_qparams(torch.tensor(1.0), torch.tensor(2.55), 0, 255, symmetric=False)
+    assert float(scale) == pytest.approx(0.01) and int(zp) == 0
+    # all-negative range: zero point at qmax
+    scale, zp = choose_qparams(torch.tensor(-2.55), torch.tensor(-1.0), 0, 255, symmetric=False)
+    assert float(scale) == pytest.approx(0.01) and int(zp) == 255
+
+
+@pytest.mark.parametrize(
+    ("lo", "hi"),
+    [(float("nan"), 1.0), (0.0, float("nan")), (float("-inf"), 1.0), (0.0, float("inf")),
+     (float("inf"), float("-inf"))],
+)
+def test_choose_qparams_rejects_non_finite_ranges(lo, hi):
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        choose_qparams(torch.tensor(lo), torch.tensor(hi), -128, 127, symmetric=False)
+
+
+def test_choose_qparams_rejects_one_non_finite_channel():
+    lo = torch.tensor([0.0, -1.0, float("nan")])
+    hi = torch.tensor([1.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match="non-finite"):
+        choose_qparams(lo, hi, -128, 127, symmetric=True)
+
+
+# -- quant_range / storage_dtype -------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", range(2, 17))
+def test_quant_range_all_widths(bits):
+    assert quant_range(bits, True) == (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+    assert quant_range(bits, False) == (0, 2**bits - 1)
+    assert quant_range(bits, True, narrow_range=True) == (-(2 ** (bits - 1)) + 1,
+                                                          2 ** (bits - 1) - 1)
+    assert quant_range(bits, False, narrow_range=True) == (1, 2**bits - 1)
+    # the number of levels
+    qmin, qmax = quant_range(bits, True)
+    assert qmax - qmin + 1 == 2**bits
+
+
+@pytest.mark.parametrize("bits", [0, 1, 17, 32])
+def test_quant_range_rejects_bad_widths(bits):
+    with pytest.raises(ValueError, match="bits"):
+        quant_range(bits, True)
+
+
+@pytest.mark.parametrize(
+    ("bits", "signed", "narrow", "dtype"),
+    [
+        (8, True, False, torch.int8), (8, True, True, torch.int8), (8, False, False, torch.uint8),
+        (4, True, True, torch.int8), (2, False, False, torch.uint8), (9, True, False, torch.int16),
+        (16, True, False, torch.int16), (16, False, False, torch.uint16),
+        (12, False, False, torch.uint16),
+    ],
+)
+def test_storage_dtype(bits, signed, narrow, dtype):
+    qmin, qmax = quant_range(bits, signed, narrow)
+    assert storage_dtype(qmin, qmax) == dtype
+
+
+def test_storage_dtype_wide_ranges():
+    assert storage_dtype(-(2**30), 2**30) == torch.int32
+    assert storage_dtype(0, 2**17) == torch.int32
+    with pytest.raises(ValueError, match="no integer storage"):
+        storage_dtype(-(2**40), 2**40)
+
+
+def test_quantize_uses_storage_dtype_and_respects_explicit_dtype():
+    x = torch.tensor([1.0, -3.0, 70000.0])
+    q = quantize(x, torch.tensor(1.0), torch.tensor(0), -(2**15), 2**15 - 1)
+    assert q.dtype == torch.int16 and q.tolist() == [1, -3, 32767]
+    q32 = quantize(x, torch.tensor(1.0), torch.tensor(0), -(2**30), 2**30, dtype=torch.int32)
+    assert q32.dtype == torch.int32 and q32.tolist() == [1, -3, 70000]
