@@ -1,0 +1,334 @@
+"""quantaware.prepare: module swaps, quantizer placement, fusion, overrides, fallback."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import quantaware
+from quantaware import presets
+from quantaware.config import ConfigError, LayerOverride, PerChannel, QuantSpec
+from quantaware.fake_quant import FakeQuantizer, Float16Quantizer
+from quantaware.nn import (
+    QuantAdaptiveAvgPool2d,
+    QuantAdd,
+    QuantCat,
+    QuantConv2d,
+    QuantLinear,
+    QuantMatmul,
+)
+from quantaware.prepare import UnsupportedLayerError, quantizers
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+X1 = torch.zeros(1, 3, 8, 8)
+
+
+def _activation_quantizers(model: nn.Module) -> list[tuple[str, FakeQuantizer]]:
+    return [(n, q) for n, q in quantizers(model) if not n.endswith("weight_quantizer")]
+
+
+@pytest.fixture
+def prepared(residual_cnn):
+    return quantaware.prepare(residual_cnn, presets.INT8, X1)
+
+
+def test_modules_are_swapped(prepared):
+    expected = {
+        "stem": QuantConv2d, "dw": QuantConv2d, "pw": QuantConv2d, "branch": QuantConv2d,
+        "head": QuantConv2d, "fc1": QuantLinear, "fc2": QuantLinear,
+        "gap": QuantAdaptiveAvgPool2d, "pool": nn.MaxPool2d, "flatten": nn.Flatten,
+    }
+    for name, cls in expected.items():
+        assert type(prepared.get_submodule(name)) is cls, name
+    adds = [m for m in prepared.modules() if isinstance(m, QuantAdd)]
+    cats = [m for m in prepared.modules() if isinstance(m, QuantCat)]
+    assert len(adds) == 1 and len(cats) == 1
+    assert cats[0].dim == 1
+    assert prepared.get_submodule("dw").groups == 32
+    # the functional add and cat are gone from the graph
+    targets = {n.target for n in prepared.graph.nodes if n.op == "call_function"}
+    assert torch.cat not in targets
+    assert not any(getattr(t, "__name__", "") == "add" for t in targets)
+    assert prepared.quantaware_config is presets.INT8
+
+
+def test_relu_and_relu6_are_fused(prepared):
+    acts = {name: type(prepared.get_submodule(name).activation)
+            for name in ("stem", "dw", "pw", "branch", "head", "fc1", "fc2")}
+    assert acts == {"stem": nn.ReLU, "dw": nn.ReLU6, "pw": type(None), "branch": nn.ReLU,
+                    "head": nn.ReLU, "fc1": nn.ReLU, "fc2": type(None)}
+    add = next(m for m in prepared.modules() if isinstance(m, QuantAdd))
+    assert isinstance(add.activation, nn.ReLU)  # torch.relu(x + y)
+    # no standalone activation remains in the graph
+    for node in prepared.graph.nodes:
+        if node.op == "call_module":
+            assert not isinstance(prepared.get_submodule(node.target), nn.ReLU | nn.ReLU6)
+        assert node.target not in (F.relu, torch.relu, F.relu6)
+
+
+def test_every_tensor_is_quantized_exactly_once(prepared):
+    stem = prepared.get_submodule("stem")
+    assert isinstance(stem.input_quantizer, FakeQuantizer)  # the model input
+    for name in ("dw", "pw", "branch", "head", "gap", "fc1", "fc2"):
+        module = prepared.get_submodule(name)
+        assert module.input_quantizer is None, name
+        # ... because the producer's output quantizer already quantized it
+        assert isinstance(module.input_source, FakeQuantizer), name
+    for module in prepared.modules():
+        if isinstance(module, QuantAdd | QuantCat):
+            assert all(isinstance(q, nn.Identity) for q in module.input_quantizers)
+    names = sorted(n for n, _ in _activation_quantizers(prepared))
+    assert names == sorted([
+        "stem.input_quantizer", "stem.output_quantizer", "dw.output_quantizer",
+        "pw.output_quantizer", "add.output_quantizer", "branch.output_quantizer",
+        "cat.output_quantizer", "head.output_quantizer", "gap.output_quantizer",
+        "fc1.output_quantizer", "fc2.output_quantizer",
+    ])
+    # each activation quantizer runs exactly once per forward pass
+    calls = {n: 0 for n, _ in _activation_quantizers(prepared)}
+    handles = [q.register_forward_hook(lambda *_, n=n: calls.__setitem__(n, calls[n] + 1))
+               for n, q in _activation_quantizers(prepared)]
+    prepared(torch.randn(2, 3, 8, 8))
+    for h in handles:
+        h.remove()
+    assert set(calls.values()) == {1}
+
+
+def test_producer_quantizer_is_the_consumers_input_source(prepared):
+    assert prepared.get_submodule("dw").input_source is prepared.stem.output_quantizer
+    assert prepared.get_submodule("gap").input_source is prepared.head.output_quantizer
+    assert prepared.get_submodule("fc1").input_source is prepared.gap.output_quantizer
+
+
+def test_unquantized_producer_keeps_consumer_input_quantizer(residual_cnn):
+    cfg = presets.INT8.with_overrides(LayerOverride("head", skip=True))
+    prepared = quantaware.prepare(residual_cnn, cfg, X1)
+    assert type(prepared.get_submodule("head")) is nn.Conv2d
+    # the float head's output must be quantized by its consumer
+    assert isinstance(prepared.get_submodule("gap").input_quantizer, FakeQuantizer)
+
+
+def test_skip_override_keeps_layers_float(residual_cnn):
+    cfg = presets.INT8.with_overrides(LayerOverride("fc2", skip=True),
+                                      LayerOverride("stem", skip=True))
+    prepared = quantaware.prepare(residual_cnn, cfg, X1)
+    assert type(prepared.get_submodule("fc2")) is nn.Linear
+    assert type(prepared.get_submodule("stem")) is nn.Conv2d
+    assert type(prepared.get_submodule("fc1")) is QuantLinear
+    assert not any(n.startswith(("fc2.", "stem.")) for n, _ in quantizers(prepared))
+    # the skipped stem's output feeds dw, which must now quantize its own input
+    assert isinstance(prepared.get_submodule("dw").input_quantizer, FakeQuantizer)
+
+
+def test_weight_override_changes_the_spec(residual_cnn):
+    w4 = QuantSpec(bits=4, narrow_range=True, granularity=PerChannel(0))
+    cfg = presets.INT8.with_overrides(LayerOverride("fc*", weight=w4))
+    prepared = quantaware.prepare(residual_cnn, cfg, X1)
+    assert prepared.get_submodule("fc1").weight_quantizer.qmax == 7
+    assert prepared.get_submodule("head").weight_quantizer.qmax == 127
+
+
+def test_original_model_is_untouched(residual_cnn):
+    before = copy.deepcopy(residual_cnn.state_dict())
+    types = [type(m) for m in residual_cnn.modules()]
+    x = torch.randn(2, 3, 8, 8)
+    out_before = residual_cnn(x)
+    prepared = quantaware.prepare(residual_cnn, presets.INT8, X1)
+    quantaware.calibrate(prepared, [torch.randn(4, 3, 8, 8)])
+    with torch.no_grad():
+        for p in prepared.parameters():
+            p.add_(1.0)
+    assert [type(m) for m in residual_cnn.modules()] == types
+    after = residual_cnn.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert torch.equal(residual_cnn(x), out_before)
+    assert not residual_cnn.training  # mode untouched too
+
+
+def test_prepared_model_keeps_the_training_mode(residual_cnn):
+    residual_cnn.train()
+    prepared = quantaware.prepare(residual_cnn, presets.INT8, X1)
+    assert prepared.training and residual_cnn.training
+    residual_cnn.eval()
+    assert not quantaware.prepare(residual_cnn, presets.INT8, X1).training
+
+
+def test_prepared_model_trains(prepared):
+    prepared.train()
+    weights = {n: m.weight for n, m in prepared.named_modules()
+               if isinstance(m, QuantConv2d | QuantLinear)}
+    assert len(weights) == 7
+    params = dict(prepared.named_parameters())
+    for name, w in weights.items():
+        assert isinstance(w, nn.Parameter) and w.requires_grad
+        assert any(p is w for p in params.values()), name
+        assert w.dtype == torch.float32
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 3, 8, 8, generator=gen)
+    y = torch.randint(0, 10, (16,), generator=gen)
+    opt = torch.optim.SGD(prepared.parameters(), lr=0.1)
+    snapshot = {n: w.detach().clone() for n, w in weights.items()}
+    loss = F.cross_entropy(prepared(x), y)
+    loss.backward()
+    for name, w in weights.items():
+        assert w.grad is not None and torch.isfinite(w.grad).all(), name
+        assert w.grad.abs().sum() > 0, name
+    opt.step()
+    for name, w in weights.items():
+        assert not torch.equal(w.detach(), snapshot[name]), name
+
+
+def test_qat_loss_decreases():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(8 * 6 * 6, 10))
+    prepared = quantaware.prepare(model, presets.INT8, X1)
+    prepared.train()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(32, 3, 8, 8, generator=gen)
+    y = torch.randint(0, 10, (32,), generator=gen)
+    opt = torch.optim.Adam(prepared.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(30):
+        opt.zero_grad()
+        loss = F.cross_entropy(prepared(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_prepared_output_is_quantized_on_its_grid(prepared):
+    quantaware.calibrate(prepared, [torch.randn(8, 3, 8, 8) for _ in range(3)])
+    out = prepared(torch.randn(5, 3, 8, 8)).detach()
+    q = prepared.fc2.output_quantizer
+    steps = out / q.scale + q.zero_point
+    torch.testing.assert_close(steps, steps.round(), atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["INT8_DYNAMIC", "FP16", "W8", "W4A8"])
+def test_other_presets_prepare_and_run(residual_cnn, name):
+    cfg = presets.PRESETS[name]
+    prepared = quantaware.prepare(residual_cnn, cfg, X1)
+    assert type(prepared.get_submodule("head")) is QuantConv2d
+    wq = prepared.get_submodule("head").weight_quantizer
+    if name == "FP16":
+        assert isinstance(wq, Float16Quantizer)
+        assert not any(isinstance(m, QuantAdd) for m in prepared.modules())
+    else:
+        assert isinstance(wq, FakeQuantizer)
+    if name in ("INT8_DYNAMIC", "W8", "FP16"):  # no static activation quantizers
+        assert all(q.from_tensor for _, q in quantizers(prepared))
+        assert type(prepared.get_submodule("gap")) is nn.AdaptiveAvgPool2d
+    quantaware.calibrate(prepared, [torch.randn(4, 3, 8, 8)])
+    out = prepared(torch.randn(3, 3, 8, 8))
+    assert out.shape == (3, 10) and torch.isfinite(out).all()
+
+
+def test_matmul_between_activations_becomes_quant_matmul():
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q = nn.Linear(8, 8)
+            self.k = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.q(x) @ self.k(x).transpose(-1, -2)
+
+    prepared = quantaware.prepare(Attn(), presets.INT8, torch.randn(1, 4, 8))
+    mm = [m for m in prepared.modules() if isinstance(m, QuantMatmul)]
+    assert len(mm) == 1
+    # q's output is quantized by q; k's output passes through transpose, also quantized
+    assert all(isinstance(q, nn.Identity) for q in mm[0].input_quantizers)
+
+
+# -- fallback and bad input ------------------------------------------------------------
+
+
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4 * 6 * 6, 5)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if x.sum() > 0:
+            y = y * 2
+        return self.fc(y.flatten(1)) + 1.0
+
+
+def test_untraceable_model_falls_back_with_a_warning():
+    torch.manual_seed(0)
+    model = DataDependent()
+    with pytest.warns(UserWarning, match="could not trace DataDependent"):
+        prepared = quantaware.prepare(model, presets.INT8, X1)
+    assert type(prepared.conv) is QuantConv2d and type(prepared.fc) is QuantLinear
+    assert type(prepared) is DataDependent  # not a GraphModule
+    for m in (prepared.conv, prepared.fc):
+        assert isinstance(m.input_quantizer, FakeQuantizer)
+        assert m.output_quantizer is None
+    data = [torch.randn(4, 3, 8, 8) for _ in range(2)]
+    quantaware.calibrate(prepared, data)
+    assert all(bool(q.calibrated) for _, q in quantizers(prepared) if not q.from_tensor)
+    out = prepared(data[0])
+    assert out.shape == (4, 5)
+    with torch.no_grad():
+        assert not torch.equal(out, model(data[0]))  # really quantized
+        torch.testing.assert_close(out, model(data[0]), atol=0.1, rtol=0.1)
+
+
+def test_traceable_model_prepares_without_warning(residual_cnn):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quantaware.prepare(residual_cnn, presets.INT8, X1)
+
+
+def test_override_on_unsupported_layer_raises():
+    model = nn.Sequential()
+    model.add_module("fc", nn.Linear(4, 5))
+    model.add_module("norm", nn.LayerNorm(5))
+    cfg = presets.INT8.with_overrides(LayerOverride("norm", weight=QuantSpec()))
+    with pytest.raises(UnsupportedLayerError) as info:
+        quantaware.prepare(model, cfg, torch.randn(1, 4))
+    assert isinstance(info.value, ConfigError)
+    message = str(info.value)
+    assert "'norm'" in message and "LayerNorm" in message
+    assert "skip=True" in message and "Remove the override" in message
+    assert "Linear" in message  # lists what is supported
+    # skipping the unsupported layer is fine
+    ok = presets.INT8.with_overrides(LayerOverride("norm", skip=True))
+    assert type(quantaware.prepare(model, ok, torch.randn(1, 4)).get_submodule("fc")) \
+        is QuantLinear
+
+
+def test_unknown_config_key_raises_config_error_naming_it():
+    data = presets.INT8.to_dict()
+    data["activation"]["granularty"] = {"kind": "per_tensor"}
+    with pytest.raises(ConfigError, match="granularty"):
+        quantaware.QuantConfig.from_dict(data)
+
+
+def test_per_channel_activation_rejected():
+    cfg = presets.INT8.with_overrides(
+        LayerOverride("fc", activation=QuantSpec(granularity=PerChannel(1))))
+    model = nn.Sequential()
+    model.add_module("fc", nn.Linear(4, 5))
+    with pytest.raises(ConfigError, match="per-channel activation"):
+        quantaware.prepare(model, cfg, torch.randn(1, 4))
+
+
+def test_bad_arguments():
+    with pytest.raises(TypeError, match="QuantConfig"):
+        quantaware.prepare(nn.Linear(2, 2), "INT8", torch.randn(1, 2))
+    with pytest.raises(TypeError, match=r"nn\.Module"):
+        quantaware.prepare(lambda x: x, presets.INT8, torch.randn(1, 2))
+    with pytest.raises(TypeError, match="example_inputs"):
+        quantaware.prepare(nn.Sequential(nn.Linear(2, 2)), presets.INT8, {"x": 1})
