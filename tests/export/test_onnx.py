@@ -1,0 +1,371 @@
+"""quantaware.export_onnx: Q/DQ graph contents, integer kernels in ONNX Runtime, presets."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, numpy_helper
+from torch import nn
+
+import quantaware
+from quantaware import presets
+from quantaware.export import ExportError
+
+pytestmark = [
+    pytest.mark.usefixtures("single_thread"),
+    # torch.export warns from its own internals while exporting
+    pytest.mark.filterwarnings("ignore::FutureWarning"),
+]
+
+# Shared exports (int8_model, int8_path, float_path, preset_exports, ...) live in
+# tests/export/conftest.py.
+INPUT_SHAPE = (3, 8, 8)
+X1 = torch.zeros(1, *INPUT_SHAPE)
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+
+def _constants(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    """Initializers and Constant-node tensors by output name."""
+    tensors = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    tensors[node.output[0]] = attr.t
+    return tensors
+
+
+def _producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    return {out: node for node in model.graph.node for out in node.output}
+
+
+def _weight_sources(model: onnx.ModelProto):
+    """For every Conv/Gemm/MatMul: (node, weight tensor, bias tensor or None), following DQ."""
+    constants, producers = _constants(model), _producers(model)
+
+    def source(name):
+        node = producers.get(name)
+        if node is not None and node.op_type in ("DequantizeLinear", "Cast"):
+            return node.op_type, constants.get(node.input[0])
+        return None, constants.get(name)
+
+    for node in model.graph.node:
+        if node.op_type in ("Conv", "Gemm", "MatMul"):
+            weight = source(node.input[1])
+            bias = source(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+            yield node, weight, bias
+
+
+def _ort_session(path, **config) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3
+    for key, value in config.items():
+        setattr(options, key, value)
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+# -- INT8 ------------------------------------------------------------------------------
+
+
+def test_int8_graph_has_qdq_nodes_and_integer_weights(int8_path):
+    model = onnx.load(str(int8_path))
+    ops = Counter(n.op_type for n in model.graph.node)
+    assert ops["QuantizeLinear"] >= 10 and ops["DequantizeLinear"] >= ops["QuantizeLinear"]
+    layers = list(_weight_sources(model))
+    assert Counter(n.op_type for n, _, _ in layers) == Counter({"Conv": 5, "Gemm": 2})
+    for node, (w_kind, weight), bias in layers:
+        assert w_kind == "DequantizeLinear", node.name
+        assert weight is not None and weight.data_type == TensorProto.INT8, node.name
+        assert bias is not None
+        b_kind, b_tensor = bias
+        assert b_kind == "DequantizeLinear" and b_tensor.data_type == TensorProto.INT32
+        values = numpy_helper.to_array(weight)
+        assert values.min() >= -127 and values.max() <= 127  # narrow range
+    # no float weight tensors remain (only scales, which are small vectors)
+    for name, tensor in _constants(model).items():
+        if tensor.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE):
+            assert len(tensor.dims) <= 1, name
+    assert model.producer_name == "quantaware"
+    assert {p.key: p.value for p in model.metadata_props}["quantaware.config"] == "INT8"
+
+
+def test_int8_weights_are_the_models_quantized_weights(int8_path, int8_model):
+    model = onnx.load(str(int8_path))
+    weights = {}
+    for _, (_, weight), _ in _weight_sources(model):
+        weights[tuple(weight.dims)] = numpy_helper.to_array(weight)
+    head = int8_model.get_submodule("head")
+    w_scale, _, _ = head.weight_qparams()
+    expected = torch.clamp(torch.round(head.weight.detach() / w_scale.reshape(-1, 1, 1, 1)),
+                           -127, 127).to(torch.int8).numpy()
+    np.testing.assert_array_equal(weights[tuple(head.weight.shape)], expected)
+
+
+def test_int8_verify_on_fresh_inputs(int8_path, int8_model, fresh_data):
+    report = quantaware.verify(int8_path, int8_model, fresh_data)
+    assert report.num_samples == 200
+    assert report.top1_agreement >= 0.99
+    assert report.output_scale == pytest.approx(float(int8_model.fc2.output_quantizer.scale))
+    # one LSB: ONNX Runtime accumulates in int32, torch in float, so a value on a
+    # rounding tie may round the other way (tolerance for the float32 division only)
+    assert report.max_error_lsb is not None and report.max_error_lsb <= 1 + 1e-5
+    assert report.cosine > 0.999
+
+
+def test_onnxruntime_runs_integer_kernels(int8_path, tmp_path):
+    optimized = tmp_path / "optimized.onnx"
+    _ort_session(int8_path, optimized_model_filepath=str(optimized))
+    ops = Counter(n.op_type for n in onnx.load(str(optimized)).graph.node)
+    assert ops["QLinearConv"] == 5
+    assert ops["QLinearAdd"] == 1
+    assert ops["QLinearConcat"] == 1
+    float_kernels = {"Conv", "FusedConv", "NchwcConv", "Gemm", "FusedGemm", "MatMul", "Add",
+                     "Concat"}
+    assert not float_kernels & set(ops), ops
+    # integer from the input's QuantizeLinear to the logits' DequantizeLinear
+    assert ops["QuantizeLinear"] == 1 and ops["DequantizeLinear"] == 1, ops
+
+
+class SharedConvOutput(nn.Module):
+    """c1's output feeds a ReLU (then c2) and the residual add: the ReLU cannot be fused."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.c3 = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        y = self.c1(x)
+        return self.c3(self.c2(torch.relu(y)) + y)
+
+
+@pytest.mark.xfail(strict=True, reason="prepare treats an unfused ReLU as a pass-through of "
+                   "its input's quantization, so the consumer conv gets no input quantizer; "
+                   "the exported graph has DequantizeLinear -> Relu -> Conv and ONNX Runtime "
+                   "leaves that conv in float")
+def test_conv_after_unfused_relu_runs_as_integer_kernel(tmp_path):
+    torch.manual_seed(0)
+    data = [torch.randn(8, *INPUT_SHAPE) for _ in range(2)]
+    model = quantaware.quantize(SharedConvOutput().eval(), presets.INT8, data, X1)
+    path = quantaware.export_onnx(model, tmp_path / "shared.onnx", X1)
+    assert quantaware.verify(path, model, data).max_error_lsb <= 1 + 1e-5  # numerics are fine
+    optimized = tmp_path / "optimized.onnx"
+    _ort_session(path, optimized_model_filepath=str(optimized))
+    ops = Counter(n.op_type for n in onnx.load(str(optimized)).graph.node)
+    assert "Conv" not in ops, ops
+    assert ops["QLinearConv"] == 3, ops
+
+
+def test_int8_file_is_much_smaller_than_float(int8_path, float_path, float_model):
+    assert sum(p.numel() for p in float_model.parameters()) >= 100_000
+    int8_size, float_size = os.path.getsize(int8_path), os.path.getsize(float_path)
+    assert float_size >= 4 * 100_000
+    assert int8_size <= 0.3 * float_size, (int8_size, float_size)
+
+
+def test_float_export_is_plain_float(float_path, float_model, fresh_data):
+    model = onnx.load(str(float_path))
+    ops = {n.op_type for n in model.graph.node}
+    assert not {"QuantizeLinear", "DequantizeLinear"} & ops
+    assert {p.key: p.value for p in model.metadata_props}["quantaware.config"] == "float"
+    report = quantaware.verify(float_path, float_model, fresh_data[:2])
+    assert report.max_error_lsb is None and report.max_abs_error < 1e-4
+
+
+def test_dynamic_batch(int8_path, int8_model):
+    """Exported with batch 1, run with batch 7."""
+    model = onnx.load(str(int8_path))
+    batch_dim = model.graph.input[0].type.tensor_type.shape.dim[0]
+    assert batch_dim.dim_param and not batch_dim.HasField("dim_value")
+    sess = _ort_session(int8_path)
+    x = torch.randn(7, *INPUT_SHAPE, generator=torch.Generator().manual_seed(7))
+    (out,) = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
+    assert out.shape == (7, 10)
+    with torch.no_grad():
+        ref = int8_model(x).numpy()
+    step = float(int8_model.fc2.output_quantizer.scale)
+    assert np.abs(out - ref).max() <= step * (1 + 1e-5)
+
+
+# -- other presets ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["INT8_DYNAMIC", "FP16", "W4A8"])
+def test_preset_export_and_verify(name, preset_exports, fresh_data):
+    model, path = preset_exports[name]
+    report = quantaware.verify(path, model, fresh_data)
+    assert report.top1_agreement >= 0.99
+    assert report.cosine > 0.999
+    if name == "W4A8":
+        assert report.max_error_lsb is not None and report.max_error_lsb <= 1 + 1e-5
+    else:  # float logits (dynamic quantization or float16 weights)
+        assert report.max_error_lsb is None
+
+
+def _fp16_weight_sources(path):
+    model = onnx.load(str(path))
+    assert not {"QuantizeLinear", "DequantizeLinear"} & {n.op_type for n in model.graph.node}
+    layers = list(_weight_sources(model))
+    assert len(layers) == 7
+    return layers
+
+
+def test_fp16_large_weights_are_float16_and_file_is_half_size(preset_exports, float_path):
+    _, path = preset_exports["FP16"]
+    float16 = [weight for _, (kind, weight), _ in _fp16_weight_sources(path)
+               if kind == "Cast" and weight.data_type == TensorProto.FLOAT16]
+    shapes = {tuple(w.dims) for w in float16}
+    assert {(128, 64, 3, 3), (256, 128)} <= shapes  # head and fc1: most of the parameters
+    assert os.path.getsize(path) <= 0.6 * os.path.getsize(float_path)
+
+
+@pytest.mark.xfail(strict=True, reason="export_onnx runs torch.onnx's optimizer, which "
+                   "constant-folds Cast(float16 weight) into a float32 initializer for "
+                   "weights below its folding size limit, so small FP16 layers are stored "
+                   "as float32")
+def test_fp16_every_weight_is_a_float16_initializer(preset_exports):
+    _, path = preset_exports["FP16"]
+    for node, (kind, weight), _ in _fp16_weight_sources(path):
+        assert kind == "Cast", node.name
+        assert weight.data_type == TensorProto.FLOAT16, node.name
+
+
+def test_int8_dynamic_graph(preset_exports):
+    _, path = preset_exports["INT8_DYNAMIC"]
+    model = onnx.load(str(path))
+    ops = Counter(n.op_type for n in model.graph.node)
+    assert ops["DynamicQuantizeLinear"] >= 7  # one per conv/linear input
+    for node, (kind, weight), _ in _weight_sources(model):
+        assert kind == "DequantizeLinear" and weight.data_type == TensorProto.INT8, node.name
+
+
+def test_w4a8_weights_use_4_bit_levels(preset_exports):
+    _, path = preset_exports["W4A8"]
+    model = onnx.load(str(path))
+    layers = list(_weight_sources(model))
+    assert len(layers) == 7
+    for node, (_, weight), _ in layers:
+        values = numpy_helper.to_array(weight)
+        assert values.dtype == np.int8, node.name
+        assert values.min() >= -7 and values.max() <= 7, node.name
+
+
+# -- errors and file handling ----------------------------------------------------------
+
+
+def test_uncalibrated_static_model_raises(float_model, tmp_path):
+    prepared = quantaware.prepare(float_model, presets.INT8, X1)
+    target = tmp_path / "uncalibrated.onnx"
+    with pytest.raises(ExportError, match="calibrat"):
+        quantaware.export_onnx(prepared, target, X1)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_low_opset_rejected(int8_model, tmp_path):
+    with pytest.raises(ValueError, match="opset"):
+        quantaware.export_onnx(int8_model, tmp_path / "m.onnx", X1, opset=17)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_successful_export_leaves_no_temporary_files(int8_path, float_path, preset_exports,
+                                                      export_dir):
+    expected = {"int8.onnx", "float.onnx", "INT8_DYNAMIC.onnx", "FP16.onnx", "W4A8.onnx"}
+    assert {p.name for p in export_dir.iterdir()} == expected
+    assert oct(os.stat(int8_path).st_mode & 0o777) == oct(0o644)
+
+
+def _tiny_quantized() -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    data = [torch.randn(16, 4)]
+    return quantaware.quantize(net, presets.INT8, data, data[0][:1])
+
+
+class _FakeProgram:
+    """Stands in for torch.onnx.export's result: file handling is tested without the
+    seconds a real export takes (the real path is covered by the fixtures above)."""
+
+    def __init__(self) -> None:
+        graph = onnx.helper.make_graph(
+            [onnx.helper.make_node("Relu", ["x"], ["y"])], "g",
+            [onnx.helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+            [onnx.helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+        self.model_proto = onnx.helper.make_model(
+            graph, opset_imports=[onnx.helper.make_opsetid("", 21)])
+        self.model_proto.ir_version = 10
+
+
+@pytest.fixture
+def fake_exporter(monkeypatch):
+    calls = []
+
+    def export(model, args, **kwargs):
+        calls.append(model)
+        return _FakeProgram()
+
+    monkeypatch.setattr(torch.onnx, "export", export)
+    return calls
+
+
+def test_failed_write_keeps_the_old_file_and_leaves_no_temporary_files(
+        tmp_path, monkeypatch, fake_exporter):
+    target = tmp_path / "sub" / "model.onnx"
+    target.parent.mkdir()
+    target.write_bytes(b"previous version")
+
+    def failing_save(proto, path, *args, **kwargs):
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(onnx, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        quantaware.export_onnx(_tiny_quantized(), target, torch.zeros(1, 4))
+    assert fake_exporter  # the failure happened at the write, after the export
+    assert target.read_bytes() == b"previous version"
+    assert [p.name for p in target.parent.iterdir()] == ["model.onnx"]
+
+
+def test_export_creates_folders_and_replaces_existing_files(tmp_path, fake_exporter):
+    target = tmp_path / "a" / "b" / "tiny.onnx"
+    returned = quantaware.export_onnx(_tiny_quantized(), str(target), torch.zeros(1, 4))
+    assert returned == target
+    target.write_bytes(b"stale")
+    quantaware.export_onnx(_tiny_quantized(), target, torch.zeros(1, 4))
+    model = onnx.load(str(target))  # the stale file was replaced by a valid model
+    assert model.producer_name == "quantaware"
+    assert [p.name for p in target.parent.iterdir()] == ["tiny.onnx"]
+
+
+def test_exporter_failure_is_an_export_error(tmp_path, monkeypatch):
+    target = tmp_path / "x" / "m.onnx"
+
+    def broken_export(*args, **kwargs):
+        raise RuntimeError("unsupported operator boom")
+
+    monkeypatch.setattr(torch.onnx, "export", broken_export)
+    with pytest.raises(ExportError, match="unsupported operator boom"):
+        quantaware.export_onnx(_tiny_quantized(), target, torch.zeros(1, 4))
+    assert list(target.parent.iterdir()) == []
+
+
+def test_export_leaves_the_model_alone(int8_model, int8_snapshot, int8_path):
+    """The exporter works on a copy: parameters, buffers and outputs are unchanged."""
+    state, x, out = int8_snapshot
+    after = int8_model.state_dict()
+    assert state.keys() == after.keys()
+    assert all(torch.equal(state[k], after[k]) for k in state)
+    assert all(isinstance(p, nn.Parameter) for p in int8_model.parameters())
+    assert not any(getattr(m, "exporting", False) for m in int8_model.modules())
+    with torch.no_grad():
+        assert torch.equal(int8_model(x), out)

@@ -1,0 +1,211 @@
+"""quantaware.verify: the report, mismatch detection and bad files."""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+import pytest
+import torch
+from torch import nn
+
+import quantaware
+from quantaware import presets
+from quantaware.export import VerifyReport
+
+pytestmark = [
+    pytest.mark.usefixtures("single_thread"),
+    pytest.mark.filterwarnings("ignore::FutureWarning"),
+]
+
+
+INPUT_SHAPE = (3, 8, 8)
+
+
+def _batches(count: int, seed: int, batch: int = 25) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, *INPUT_SHAPE, generator=gen) for _ in range(count)]
+
+
+# int8_model / int8_path: the INT8 ResidualCNN export shared with test_onnx.py
+# (tests/export/conftest.py).
+
+
+@pytest.fixture(scope="module")
+def report(single_thread, int8_path, int8_model) -> VerifyReport:
+    return quantaware.verify(int8_path, int8_model, _batches(8, 1))
+
+
+def test_report_fields(report, int8_model):
+    assert report.num_samples == 8 * 25
+    assert report.top1_agreement >= 0.99
+    assert 0.999 < report.cosine <= 1.0 + 1e-9
+    assert report.min_cosine <= report.cosine + 1e-12
+    assert report.max_abs_error >= 0.0
+    step = float(int8_model.get_submodule("fc2").output_quantizer.scale)
+    assert report.output_scale == pytest.approx(step)
+    assert report.max_error_lsb == pytest.approx(report.max_abs_error / step)
+    # at most one step apart (float32 rounding of the outputs adds up to ~2e-5 LSB)
+    assert report.max_error_lsb <= 1 + 1e-5
+
+
+def test_report_serialises(report):
+    data = report.to_dict()
+    assert set(data) == {"num_samples", "top1_agreement", "cosine", "min_cosine",
+                         "max_abs_error", "max_error_lsb", "output_scale"}
+    assert json.loads(report.to_json()) == data
+    assert VerifyReport(**data) == report
+
+
+def test_report_str_is_readable(report):
+    text = str(report)
+    lines = text.splitlines()
+    assert len(lines) == 4
+    verdict = "PASS" if report.passed() else "CHECK"
+    assert lines[0] == f"verify: {verdict} on 200 samples"
+    assert "top-1 agreement" in text and f"{100 * report.top1_agreement:.2f}%" in text
+    assert "cosine" in text and "LSB" in text and "step" in text
+    assert "VerifyReport(" not in text
+
+
+def _report(**overrides) -> VerifyReport:
+    fields = {"num_samples": 10, "top1_agreement": 1.0, "cosine": 1.0, "min_cosine": 1.0,
+              "max_abs_error": 0.01, "max_error_lsb": 1.0, "output_scale": 0.01}
+    fields.update(overrides)
+    return VerifyReport(**fields)
+
+
+def test_passed_thresholds():
+    assert _report().passed()
+    assert not _report(top1_agreement=0.98).passed()
+    assert _report(top1_agreement=0.98).passed(min_agreement=0.95)
+    assert not _report(max_error_lsb=1.5).passed()
+    assert _report(max_error_lsb=1.5).passed(max_lsb=2)
+    float_output = _report(max_error_lsb=None, output_scale=None)
+    assert float_output.passed()
+    assert "n/a (float output)" in str(float_output)
+    assert str(_report(top1_agreement=0.5)).startswith("verify: CHECK")
+
+
+def test_mismatching_model_gives_low_agreement(int8_path, cnn_factory, calib_data,
+                                               example_input):
+    other = quantaware.quantize(cnn_factory(1), presets.INT8, calib_data, example_input)
+    report = quantaware.verify(int8_path, other, _batches(8, 2))
+    assert report.top1_agreement < 0.5
+    assert report.max_error_lsb > 5
+    assert report.cosine < 0.9
+    assert not report.passed()
+    assert "CHECK" in str(report)
+
+
+def test_num_batches_limits_the_comparison(int8_path, int8_model):
+    report = quantaware.verify(int8_path, int8_model, _batches(8, 3), num_batches=2)
+    assert report.num_samples == 50
+
+
+def test_tuple_batches(int8_path, int8_model):
+    data = [(x, torch.zeros(len(x))) for x in _batches(2, 4)]
+    assert quantaware.verify(int8_path, int8_model, data).num_samples == 50
+
+
+def test_empty_data_raises(int8_path, int8_model):
+    with pytest.raises(ValueError, match="no data"):
+        quantaware.verify(int8_path, int8_model, [])
+
+
+def test_model_with_other_output_shape_raises(int8_path):
+    wrong = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 3))
+    with pytest.raises(ValueError, match="output shapes differ"):
+        quantaware.verify(int8_path, wrong, _batches(1, 0))
+
+
+def test_missing_file_raises(tmp_path, int8_model):
+    with pytest.raises(FileNotFoundError, match=r"missing\.onnx"):
+        quantaware.verify(tmp_path / "missing.onnx", int8_model, _batches(1, 0))
+    with pytest.raises(FileNotFoundError):
+        quantaware.verify(tmp_path, int8_model, _batches(1, 0))  # a folder is not a model
+
+
+@pytest.mark.parametrize("content", [b"not an onnx model \x00\xff" * 40, b"\xff" * 7])
+def test_corrupt_file_raises_value_error(tmp_path, int8_model, content):
+    path = tmp_path / "corrupt.onnx"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=r"corrupt\.onnx"):
+        quantaware.verify(path, int8_model, _batches(1, 0))
+
+
+@pytest.mark.xfail(strict=True, reason="verify only catches protobuf parse errors; a zero-byte "
+                   "file parses as an empty ModelProto and ONNX Runtime then raises its own "
+                   "InvalidArgument ('No graph was found in the protobuf'), not ValueError")
+def test_empty_file_raises_value_error(tmp_path, int8_model):
+    path = tmp_path / "empty.onnx"
+    path.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"empty\.onnx"):
+        quantaware.verify(path, int8_model, _batches(1, 0))
+
+
+def test_truncated_file_raises_value_error(tmp_path, int8_path, int8_model):
+    path = tmp_path / "truncated.onnx"
+    data = int8_path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"truncated\.onnx"):
+        quantaware.verify(path, int8_model, _batches(1, 0))
+
+
+# -- exactly one LSB apart ---------------------------------------------------------------
+
+STEP = 0.0123
+
+
+@pytest.fixture(scope="module")
+def qdq_path(tmp_path_factory):
+    """An ONNX model that quantizes its input to uint8 levels and dequantizes it."""
+    helper = onnx.helper
+    graph = helper.make_graph(
+        [helper.make_node("QuantizeLinear", ["x", "scale", "zp"], ["q"]),
+         helper.make_node("DequantizeLinear", ["q", "scale", "zp"], ["y"])],
+        "qdq",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 10])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 10])],
+        initializer=[helper.make_tensor("scale", onnx.TensorProto.FLOAT, [], [STEP]),
+                     helper.make_tensor("zp", onnx.TensorProto.UINT8, [], [0])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    path = tmp_path_factory.mktemp("qdq") / "qdq.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+class OneStepLower(nn.Module):
+    """What the ONNX model computes, one quantization step lower everywhere."""
+
+    def forward(self, x):
+        step = torch.tensor(STEP, dtype=torch.float32)
+        return torch.clamp(torch.round(x / step) - 1, 0, 255) * step
+
+
+def _level_batches():
+    gen = torch.Generator().manual_seed(0)
+    # distinct high levels per row (200..255), so the arg-max is unambiguous
+    levels = torch.stack([torch.randperm(56, generator=gen)[:10] + 200 for _ in range(32)])
+    return [levels.float() * torch.tensor(STEP, dtype=torch.float32)]
+
+
+def test_one_lsb_difference_is_measured_as_one_lsb(qdq_path):
+    report = quantaware.verify(qdq_path, OneStepLower(), _level_batches())
+    assert report.output_scale == pytest.approx(STEP)
+    assert report.top1_agreement == 1.0
+    assert report.max_error_lsb == pytest.approx(1.0, abs=1e-4)
+    # the float32 outputs make it slightly more than one: the case below
+    assert report.max_error_lsb > 1 + 1e-6
+
+
+@pytest.mark.xfail(strict=True, reason="max_error_lsb is computed from float32 outputs, so a "
+                   "difference of exactly one step comes out as up to ~1 + 2e-5 LSB, while "
+                   "VerifyReport.passed() allows only 1 + 1e-6: the documented worst case "
+                   "(one LSB) is reported as CHECK")
+def test_one_lsb_difference_passes(qdq_path):
+    report = quantaware.verify(qdq_path, OneStepLower(), _level_batches())
+    assert report.passed()
+    assert str(report).startswith("verify: PASS")
