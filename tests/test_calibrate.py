@@ -74,10 +74,6 @@ def test_non_finite_calibration_data_raises(bad):
     assert "1 NaN/Inf" in str(info.value)
 
 
-@pytest.mark.xfail(strict=True, reason="NaN/Inf in a calibration batch raises a plain "
-                   "ValueError (from _batch.check_finite), while NaN/Inf produced inside the "
-                   "model and empty data raise CalibrationError; code catching "
-                   "CalibrationError misses bad calibration data")
 def test_non_finite_calibration_data_raises_calibration_error():
     data = _data(2)
     data[1] = data[1].clone()

@@ -291,9 +291,6 @@ def test_resolve_patterns_are_case_sensitive_fnmatch():
     assert not rule.matches("Layer1.conv2")
 
 
-@pytest.mark.xfail(strict=True, reason="QuantConfig.resolve returns at the first matching "
-                   "skip rule, so an earlier skip beats a later rule, contrary to "
-                   "'the last matching rule wins'")
 def test_resolve_later_rule_takes_precedence_over_earlier_skip():
     cfg = presets.INT8.with_overrides(
         LayerOverride("features.*", skip=True),

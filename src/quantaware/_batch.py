@@ -85,13 +85,14 @@ def to_device(args: tuple, kwargs: dict, device: torch.device) -> tuple[tuple, d
     return tuple(move(a) for a in args), {k: move(v) for k, v in kwargs.items()}
 
 
-def check_finite(args: tuple, kwargs: dict, where: str) -> None:
-    """Raise a clear error if a floating-point input holds NaN/Inf."""
+def check_finite(args: tuple, kwargs: dict, where: str,
+                 error: type[Exception] = ValueError) -> None:
+    """Raise ``error`` with a clear message if a floating-point input holds NaN/Inf."""
     for value in (*args, *kwargs.values()):
         if (isinstance(value, torch.Tensor) and value.is_floating_point()
                 and not torch.isfinite(value).all()):
             bad = int((~torch.isfinite(value)).sum())
-            raise ValueError(
+            raise error(
                 f"{where} contains {bad} NaN/Inf value(s) (input shape "
                 f"{tuple(value.shape)}); remove or clean those samples"
             )

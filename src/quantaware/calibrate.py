@@ -65,7 +65,7 @@ def calibrate(model: nn.Module, data: Iterable[Any], num_batches: int | None = N
                 if num_batches is not None and seen >= num_batches:
                     break
                 args, kwargs = split_batch(batch)
-                check_finite(args, kwargs, f"calibration batch {seen}")
+                check_finite(args, kwargs, f"calibration batch {seen}", CalibrationError)
                 args, kwargs = to_device(args, kwargs, device)
                 try:
                     model(*args, **kwargs)

@@ -364,16 +364,16 @@ class QuantConfig:
     def resolve(self, module_name: str) -> tuple[Spec | None, Spec | None] | None:
         """The (weight, activation) specs for a module, or ``None`` if it stays float."""
         weight, activation = self.weight, self.activation
-        for rule in self.overrides:
+        skipped = False
+        for rule in self.overrides:  # in order: a later matching rule overrides an earlier one
             if not rule.matches(module_name):
                 continue
-            if rule.skip:
-                return None
+            skipped = rule.skip
             if rule.weight is not INHERIT:
                 weight = rule.weight
             if rule.activation is not INHERIT:
                 activation = rule.activation
-        if weight is None and activation is None:
+        if skipped or (weight is None and activation is None):
             return None
         return weight, activation
 

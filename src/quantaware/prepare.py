@@ -46,13 +46,15 @@ log = logging.getLogger(__name__)
 
 _RELU_FUNCS = {F.relu, torch.relu}
 _RELU6_FUNCS = {F.relu6}
+# Value-preserving ops: their output carries their input's quantization. (An unfused
+# ReLU is not one: ONNX Runtime runs DequantizeLinear -> Relu -> Conv in float, so the
+# consumer quantizes the ReLU's output itself and Relu -> Q fuses into the Q.)
 _PASSTHROUGH_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.Flatten, nn.Dropout, nn.Identity,
-                        nn.ReLU, nn.Unflatten)
-_PASSTHROUGH_FUNCS = {F.max_pool1d, F.max_pool2d, torch.flatten, F.dropout, F.relu, torch.relu,
-                      torch.reshape, torch.permute, torch.transpose, torch.squeeze,
-                      torch.unsqueeze}
+                        nn.Unflatten)
+_PASSTHROUGH_FUNCS = {F.max_pool1d, F.max_pool2d, torch.flatten, F.dropout, torch.reshape,
+                      torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze}
 _PASSTHROUGH_METHODS = {"view", "reshape", "flatten", "permute", "transpose", "contiguous",
-                        "squeeze", "unsqueeze", "relu"}
+                        "squeeze", "unsqueeze"}
 _ADD_FUNCS = {operator.add, torch.add, operator.iadd}
 _MATMUL_FUNCS = {operator.matmul, torch.matmul, torch.bmm}
 

@@ -34,7 +34,7 @@ INT8_DYNAMIC = QuantConfig(
     activation=QuantSpec(bits=8, signed=False, symmetric=False, dynamic=True),
     name="INT8_DYNAMIC",
 )
-FP16 = QuantConfig(weight=FloatSpec("float16"), activation=None, fold_bn=False, name="FP16")
+FP16 = QuantConfig(weight=FloatSpec("float16"), activation=None, name="FP16")
 W4A8 = QuantConfig(
     weight=QuantSpec(bits=4, signed=True, symmetric=True, narrow_range=True,
                      granularity=PerChannel(0)),

@@ -149,10 +149,6 @@ class SharedConvOutput(nn.Module):
         return self.c3(self.c2(torch.relu(y)) + y)
 
 
-@pytest.mark.xfail(strict=True, reason="prepare treats an unfused ReLU as a pass-through of "
-                   "its input's quantization, so the consumer conv gets no input quantizer; "
-                   "the exported graph has DequantizeLinear -> Relu -> Conv and ONNX Runtime "
-                   "leaves that conv in float")
 def test_conv_after_unfused_relu_runs_as_integer_kernel(tmp_path):
     torch.manual_seed(0)
     data = [torch.randn(8, *INPUT_SHAPE) for _ in range(2)]
@@ -229,10 +225,6 @@ def test_fp16_large_weights_are_float16_and_file_is_half_size(preset_exports, fl
     assert os.path.getsize(path) <= 0.6 * os.path.getsize(float_path)
 
 
-@pytest.mark.xfail(strict=True, reason="export_onnx runs torch.onnx's optimizer, which "
-                   "constant-folds Cast(float16 weight) into a float32 initializer for "
-                   "weights below its folding size limit, so small FP16 layers are stored "
-                   "as float32")
 def test_fp16_every_weight_is_a_float16_initializer(preset_exports):
     _, path = preset_exports["FP16"]
     for node, (kind, weight), _ in _fp16_weight_sources(path):

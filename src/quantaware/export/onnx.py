@@ -24,6 +24,7 @@ import warnings
 from pathlib import Path
 
 import onnx
+import onnxscript.optimizer
 import torch
 from torch import nn
 
@@ -36,6 +37,7 @@ __all__ = ["ExportError", "export_onnx"]
 log = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 21
+_FOLD_INPUT_SIZE_LIMIT = 8
 
 
 class ExportError(RuntimeError):
@@ -135,6 +137,7 @@ def export_onnx(
         "opset_version": opset,
         "custom_translation_table": ops.TRANSLATION_TABLE,
         "verbose": False,
+        "optimize": False,
     }
     if dynamic_batch:
         kwargs["dynamic_shapes"] = _dynamic_shapes(example_inputs)
@@ -148,7 +151,11 @@ def export_onnx(
             f"torch.onnx.export failed for {type(model).__name__}: {type(exc).__name__}: "
             f"{str(exc)[:2000]}"
         ) from exc
-    proto = program.model_proto
+    # The default optimizer folds Cast(float16 weight) into a float32 initializer
+    # for small weights; fold only scalar constants (zero-point casts, shapes) and
+    # leave the rest to ONNX Runtime's own constant folding at load time.
+    proto = onnxscript.optimizer.optimize(program.model_proto,
+                                          input_size_limit=_FOLD_INPUT_SIZE_LIMIT)
     _strip_debug_info(proto)
     proto.producer_name = "quantaware"
     config = getattr(model, "quantaware_config", None)
