@@ -204,6 +204,6 @@ def fake_quantize(
         >>> x = torch.tensor([0.2, 0.9, 5.0], requires_grad=True)
         >>> y = fake_quantize(x, torch.tensor(0.5), torch.tensor(0), -2, 1)
         >>> y.sum().backward(); y.detach(), x.grad
-        (tensor([0.0000, 0.5000, 0.5000]), tensor([1., 1., 0.]))
+        (tensor([0.0000, 0.5000, 0.5000]), tensor([1., 0., 0.]))
     """
     return _FakeQuantizeSTE.apply(x, scale.to(x.dtype), zero_point, qmin, qmax, axis)
