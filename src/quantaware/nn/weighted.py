@@ -73,7 +73,7 @@ class WeightQuantMixin(QuantMixin):
             weight = self.weight if wq is None or isinstance(wq, FakeQuantizer) else wq(self.weight)
             return weight, self.bias
         w_scale, w_zp, b_scale = self.weight_qparams()
-        weight = fake_quantize(self.weight, w_scale, w_zp, wq.qmin, wq.qmax, 0)
+        weight = wq.fake_quantize_with(self.weight, w_scale, w_zp)
         bias = self.bias
         if b_scale is not None:
             zeros = torch.zeros_like(b_scale, dtype=torch.int32)
