@@ -115,6 +115,10 @@ class FakeQuantizer(nn.Module):
         self.calibrated.fill_(1)
 
     # -- maths -----------------------------------------------------------------
+    def effective_scale(self) -> torch.Tensor:
+        """The scale the forward pass uses (learned quantizers project theirs)."""
+        return self.scale
+
     def qparams(self, x: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The qparams used for ``x`` (needed for ``from_tensor`` quantizers)."""
         if self.from_tensor:
@@ -192,6 +196,7 @@ class LearnableFakeQuantizer(FakeQuantizer):
         >>> from quantaware.config import QuantSpec
         >>> fq = LearnableFakeQuantizer(QuantSpec(bits=4, signed=False, symmetric=False,
         ...                                       learned=True))
+        >>> fq.observe_and_quantize()  # what prepare() sets up
         >>> _ = fq(torch.linspace(0, 1.5, 64))   # first batch initialises the scale
         >>> round(float(fq.scale), 4), bool(fq.observer_enabled)
         (0.1, False)
@@ -211,8 +216,8 @@ class LearnableFakeQuantizer(FakeQuantizer):
             self.offset = nn.Parameter(self.zero_point.to(torch.float32))
         self._exporting = False
 
-    # Export reads ``scale``/``zero_point`` directly: before it does, make the
-    # integer zero point match the learned offset and check the learned scale.
+    # Export reads ``scale``/``zero_point`` directly: before it does (on the export
+    # copy), store the effective scale and the integer zero point of the offset.
     @property
     def exporting(self) -> bool:
         return self._exporting
@@ -221,12 +226,17 @@ class LearnableFakeQuantizer(FakeQuantizer):
     def exporting(self, value: bool) -> None:
         if value:
             self._sync_zero_point()
-            if not bool((self.scale > 0).all()):
-                raise CalibrationError(
-                    "a learned scale became zero or negative during training; lower the "
-                    "learning rate of the quantizer scales or the weight decay on them"
-                )
+            with torch.no_grad():
+                self.scale.copy_(self.effective_scale())
         self._exporting = value
+
+    def effective_scale(self) -> torch.Tensor:
+        """The scale used: ``|scale|`` floored at float32 eps.
+
+        An optimizer step can push a small learned scale through zero; the
+        projection (idempotent, so export stores the value used) keeps it valid.
+        """
+        return torch.clamp(torch.abs(self.scale), min=SCALE_EPS)
 
     def _sync_zero_point(self) -> None:
         if self.offset is not None:
@@ -265,10 +275,11 @@ class LearnableFakeQuantizer(FakeQuantizer):
                     "quantaware.calibrate(model, data), or train with observers on (the "
                     "default after prepare) so the first batch initialises it"
                 )
+        scale = self.effective_scale()
         if self.offset is None:
-            return self.scale, self.zero_point
+            return scale, self.zero_point
         rounded = torch.clamp(torch.round(self.offset), self.qmin, self.qmax)
-        return self.scale, self.offset + (rounded - self.offset).detach()
+        return scale, self.offset + (rounded - self.offset).detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.exporting:
