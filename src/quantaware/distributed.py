@@ -126,7 +126,7 @@ def broadcast_quantizer_state(model: nn.Module, src: int = 0) -> None:
 
 
 def _digest(t: torch.Tensor) -> str:
-    data = t.detach().cpu().contiguous()
+    data = t.detach().cpu().contiguous().reshape(-1)
     return hashlib.sha256(data.view(torch.uint8).numpy().tobytes()
                           if data.numel() else b"").hexdigest()
 
