@@ -85,6 +85,7 @@ class _QuantConvBnMixin:
         new = super().from_float(module.conv, weight_spec, activation_spec)
         new.bn = module.bn
         new.register_buffer("bn_frozen", torch.tensor(0, dtype=torch.uint8))
+        new.train(module.training)  # prepare() checks the swap with an eval-mode forward
         return new
 
     def _bn_factor(self) -> torch.Tensor:
