@@ -28,7 +28,9 @@ from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Literal
 
 __all__ = [
+    "FIRST_LAYER",
     "INHERIT",
+    "LAST_LAYER",
     "ConfigError",
     "FloatSpec",
     "LayerOverride",
@@ -40,6 +42,11 @@ __all__ = [
 
 CONFIG_VERSION = 1
 OBSERVERS = ("minmax", "moving_average", "percentile")
+#: :class:`LayerOverride` pattern standing for the first quantizable weighted layer
+#: of the traced graph (resolved by :func:`quantaware.prepare`).
+FIRST_LAYER = "<first>"
+#: :class:`LayerOverride` pattern standing for the last quantizable weighted layer.
+LAST_LAYER = "<last>"
 
 
 class ConfigError(ValueError):
@@ -113,6 +120,11 @@ class QuantSpec:
         dynamic: activations only; ranges are computed from each tensor at run time,
             no calibration needed (per-tensor, asymmetric uint8 as ONNX's
             ``DynamicQuantizeLinear``).
+        learned: the scale is a trained parameter, learned step size quantization
+            (LSQ, Esser et al. 2019), initialised from calibration (activations) or
+            from the weight itself (weights); see :mod:`quantaware.fake_quant`.
+        learned_offset: also learn the zero point (LSQ+, Bhalgat et al. 2020);
+            asymmetric activations only, rounded to an integer in every forward.
 
     Example:
         >>> QuantSpec(bits=4).quant_range
@@ -130,13 +142,16 @@ class QuantSpec:
     averaging_constant: float = 0.01
     percentile: float = 99.99
     dynamic: bool = False
+    learned: bool = False
+    learned_offset: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.bits, int) or isinstance(self.bits, bool):
             raise ConfigError(f"bits must be an int from 2 to 16, got {self.bits!r}")
         if not 2 <= self.bits <= 16:
             raise ConfigError(f"bits must be from 2 to 16, got {self.bits}")
-        for name in ("signed", "symmetric", "narrow_range", "dynamic"):
+        for name in ("signed", "symmetric", "narrow_range", "dynamic", "learned",
+                     "learned_offset"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if not isinstance(self.granularity, PerTensor | PerChannel):
@@ -165,6 +180,16 @@ class QuantSpec:
                     "dynamic activations are asymmetric uint8 (ONNX DynamicQuantizeLinear): "
                     "use QuantSpec(bits=8, signed=False, symmetric=False, dynamic=True)"
                 )
+            if self.learned:
+                raise ConfigError(
+                    "dynamic quantization computes its scale at run time, it cannot be "
+                    "learned; set learned=False or dynamic=False"
+                )
+        if self.learned_offset and not (self.learned and not self.symmetric):
+            raise ConfigError(
+                "learned_offset (LSQ+) needs learned=True and symmetric=False; a symmetric "
+                "format has a fixed zero point"
+            )
 
     @property
     def quant_range(self) -> tuple[int, int]:
@@ -185,6 +210,9 @@ class QuantSpec:
             "averaging_constant": self.averaging_constant,
             "percentile": self.percentile,
             "dynamic": self.dynamic,
+            # Written only when set, so configs without them stay readable everywhere.
+            **({"learned": True} if self.learned else {}),
+            **({"learned_offset": True} if self.learned_offset else {}),
         }
 
     @classmethod
@@ -267,7 +295,9 @@ class LayerOverride:
     """Per-layer rule, matched against module names with ``fnmatch`` patterns.
 
     Args:
-        pattern: e.g. ``"classifier"``, ``"features.0.*"``, ``"*.attention.*"``.
+        pattern: e.g. ``"classifier"``, ``"features.0.*"``, ``"*.attention.*"``, or
+            :data:`FIRST_LAYER` / :data:`LAST_LAYER` for the first / last quantizable
+            weighted layer in execution order.
         weight: spec for matching layers' weights (``None``: float weights).
         activation: spec for matching layers' activations (``None``: float).
         skip: keep matching layers entirely in float.

@@ -22,6 +22,10 @@ Example:
 
 from __future__ import annotations
 
+import os
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import torch
 from sklearn.datasets import load_digits
@@ -33,6 +37,7 @@ __all__ = [
     "DIGITS_STD",
     "NUM_CLASSES",
     "load_digits_split",
+    "load_mnist1d_split",
     "make_loaders",
     "normalize_digits",
 ]
@@ -126,3 +131,55 @@ def make_loaders(
     train_loader = DataLoader(train, batch_size=batch_size, shuffle=True, generator=generator)
     test_loader = DataLoader(test, batch_size=batch_size, shuffle=False)
     return train_loader, test_loader
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "quantaware"
+
+
+def load_mnist1d_split(seed: int = 42) -> tuple[TensorDataset, TensorDataset]:
+    """MNIST-1D (Greydanus 2020, arXiv 2011.14439): 4000 train / 1000 test sequences.
+
+    Generated offline by the ``mnist1d`` package (``make_dataset(get_dataset_args())``,
+    about ten seconds), then cached as ``~/.cache/quantaware/mnist1d-seed<seed>.npz``
+    (written atomically) so later calls load it in milliseconds.
+
+    Returns:
+        ``(train, test)`` datasets of ``(x, y)``: ``x`` float32 ``(1, 40)``, ``y`` int64.
+
+    Example:
+        >>> train, test = load_mnist1d_split()  # doctest: +SKIP
+        >>> len(train), len(test), tuple(train[0][0].shape)  # doctest: +SKIP
+        (4000, 1000, (1, 40))
+    """
+    cache = _cache_dir() / f"mnist1d-seed{seed}.npz"
+    if cache.is_file():
+        with np.load(cache) as arrays:
+            data = {k: arrays[k] for k in ("x", "y", "x_test", "y_test")}
+    else:
+        try:
+            from mnist1d.data import get_dataset_args, make_dataset
+        except ImportError as exc:
+            raise ImportError(
+                "MNIST-1D needs the mnist1d package: pip install mnist1d"
+            ) from exc
+        args = get_dataset_args()
+        args.seed = seed
+        made = make_dataset(args)
+        data = {k: np.asarray(made[k]) for k in ("x", "y", "x_test", "y_test")}
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".npz.tmp", dir=cache.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **data)
+            os.replace(tmp, cache)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def dataset(x: np.ndarray, y: np.ndarray) -> TensorDataset:
+        return TensorDataset(torch.as_tensor(x, dtype=torch.float32).reshape(len(x), 1, -1),
+                             torch.as_tensor(y, dtype=torch.int64))
+
+    return dataset(data["x"], data["y"]), dataset(data["x_test"], data["y_test"])

@@ -12,6 +12,13 @@ Three sources of qparams:
 - from the tensor itself (``from_tensor=True``): weights, whose qparams follow the
   current weight at every call (so QAT updates them), and dynamic activations
   (ONNX ``DynamicQuantizeLinear`` semantics, computed per call).
+- learned (:class:`LearnableFakeQuantizer`, ``QuantSpec(learned=True)``): the
+  scale is an ``nn.Parameter`` trained with LSQ gradients (Esser et al. 2019,
+  arXiv 1902.08153), and with ``learned_offset`` the zero point too (LSQ+,
+  Bhalgat et al. 2020, arXiv 2004.09576). Activation scales start from
+  calibration (or, in QAT from float, from the first batch seen); weight scales
+  from the weight itself, as the smaller of the min-max scale and LSQ's
+  ``2 * mean(|w|) / sqrt(Qp)``.
 
 :class:`Float16Quantizer` rounds to float16 (straight-through gradient).
 
@@ -31,9 +38,15 @@ from torch import nn
 
 from quantaware.config import FloatSpec, PerChannel, QuantSpec
 from quantaware.observers import CalibrationError, make_observer
-from quantaware.primitives import choose_qparams, fake_quantize
+from quantaware.primitives import (
+    SCALE_EPS,
+    choose_qparams,
+    fake_quantize,
+    fake_quantize_lsq,
+    lsq_grad_scale,
+)
 
-__all__ = ["FakeQuantizer", "Float16Quantizer", "make_quantizer"]
+__all__ = ["FakeQuantizer", "Float16Quantizer", "LearnableFakeQuantizer", "make_quantizer"]
 
 
 class FakeQuantizer(nn.Module):
@@ -102,6 +115,10 @@ class FakeQuantizer(nn.Module):
         self.calibrated.fill_(1)
 
     # -- maths -----------------------------------------------------------------
+    def effective_scale(self) -> torch.Tensor:
+        """The scale the forward pass uses (learned quantizers project theirs)."""
+        return self.scale
+
     def qparams(self, x: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The qparams used for ``x`` (needed for ``from_tensor`` quantizers)."""
         if self.from_tensor:
@@ -132,6 +149,11 @@ class FakeQuantizer(nn.Module):
         if not bool(self.fake_quant_enabled):
             return x
         scale, zero_point = self.qparams(x)
+        return self.fake_quantize_with(x, scale, zero_point)
+
+    def fake_quantize_with(self, x: torch.Tensor, scale: torch.Tensor,
+                           zero_point: torch.Tensor) -> torch.Tensor:
+        """Fake-quantize ``x`` with given qparams, with this quantizer's gradient rule."""
         return fake_quantize(x, scale, zero_point, self.qmin, self.qmax, self.axis)
 
     def _export_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -151,6 +173,143 @@ class FakeQuantizer(nn.Module):
         gran = "per-tensor" if self.axis is None else f"per-channel(axis={self.axis})"
         sym = "symmetric" if s.symmetric else "asymmetric"
         return f"{s.bits}-bit [{self.qmin}, {self.qmax}], {sym}, {gran}, {kind}"
+
+
+class LearnableFakeQuantizer(FakeQuantizer):
+    """A :class:`FakeQuantizer` whose scale (and optionally zero point) is learned (LSQ).
+
+    ``scale`` is an ``nn.Parameter`` (so optimizers, DDP gradient averaging and
+    ``state_dict`` treat it like a weight); with ``spec.learned_offset`` a float
+    parameter ``offset`` holds the zero point, rounded to an integer with a
+    straight-through estimator in every forward, and the ``zero_point`` buffer
+    carries its rounded value for export. Forward values equal the ONNX
+    ``QuantizeLinear -> DequantizeLinear`` of the exported model exactly.
+
+    Initialisation: activation quantizers take their first scale from calibration
+    (:func:`quantaware.calibrate`) or, when used straight after ``prepare`` (QAT
+    from float), from the first batch, after which their observer switches off
+    and the scale is learned. Weight quantizers initialise from the weight the
+    first time they are used.
+
+    Example:
+        >>> import torch
+        >>> from quantaware.config import QuantSpec
+        >>> fq = LearnableFakeQuantizer(QuantSpec(bits=4, signed=False, symmetric=False,
+        ...                                       learned=True))
+        >>> fq.observe_and_quantize()  # what prepare() sets up
+        >>> _ = fq(torch.linspace(0, 1.5, 64))   # first batch initialises the scale
+        >>> round(float(fq.scale), 4), bool(fq.observer_enabled)
+        (0.1, False)
+        >>> fq(torch.tensor([0.33])).sum().backward(); fq.scale.grad is not None
+        True
+    """
+
+    def __init__(self, spec: QuantSpec, channels: int | None = None,
+                 from_tensor: bool = False) -> None:
+        if spec.dynamic:
+            raise ValueError("a dynamic quantizer computes its scale per call; it cannot learn it")
+        super().__init__(spec, channels=channels, from_tensor=from_tensor)
+        scale = self._buffers.pop("scale")
+        self.scale = nn.Parameter(scale)
+        self.offset: nn.Parameter | None = None
+        if spec.learned_offset:
+            self.offset = nn.Parameter(self.zero_point.to(torch.float32))
+        self._exporting = False
+
+    # Export reads ``scale``/``zero_point`` directly: before it does (on the export
+    # copy), store the effective scale and the integer zero point of the offset.
+    @property
+    def exporting(self) -> bool:
+        return self._exporting
+
+    @exporting.setter
+    def exporting(self, value: bool) -> None:
+        if value:
+            self._sync_zero_point()
+            with torch.no_grad():
+                self.scale.copy_(self.effective_scale())
+        self._exporting = value
+
+    def effective_scale(self) -> torch.Tensor:
+        """The scale used: ``|scale|`` floored at float32 eps.
+
+        An optimizer step can push a small learned scale through zero; the
+        projection (idempotent, so export stores the value used) keeps it valid.
+        """
+        return torch.clamp(torch.abs(self.scale), min=SCALE_EPS)
+
+    def _sync_zero_point(self) -> None:
+        if self.offset is not None:
+            with torch.no_grad():
+                zp = torch.clamp(torch.round(self.offset), self.qmin, self.qmax)
+                self.zero_point.copy_(zp.to(torch.int32))
+
+    def load_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        """Set the starting qparams (checked to be finite and positive)."""
+        with torch.no_grad():
+            super().load_qparams(scale, zero_point)
+            if self.offset is not None:
+                self.offset.copy_(self.zero_point.to(torch.float32))
+
+    def _init_from_weight(self, w: torch.Tensor) -> None:
+        with torch.no_grad():
+            w = w.detach().to(torch.float32)
+            flat = w.reshape(1, -1) if self.axis is None else (
+                w.transpose(0, self.axis % w.dim()).reshape(w.shape[self.axis], -1))
+            lo, hi = torch.aminmax(flat, dim=1)
+            scale, zp = choose_qparams(lo, hi, self.qmin, self.qmax, self.spec.symmetric)
+            lsq = 2.0 * flat.abs().mean(dim=1) / max(self.qmax, 1) ** 0.5
+            scale = torch.minimum(scale, lsq.clamp(min=SCALE_EPS))
+            if self.axis is None:
+                scale, zp = scale[0], zp[0]
+            self.load_qparams(scale, zp)
+
+    def qparams(self, x: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The learned ``(scale, zero_point)``; weights initialise from ``x`` on first use."""
+        if not bool(self.calibrated):
+            if self.from_tensor and x is not None:
+                self._init_from_weight(x)
+            else:
+                raise CalibrationError(
+                    "learned quantizer used before its scale was initialised: run "
+                    "quantaware.calibrate(model, data), or train with observers on (the "
+                    "default after prepare) so the first batch initialises it"
+                )
+        scale = self.effective_scale()
+        if self.offset is None:
+            return scale, self.zero_point
+        rounded = torch.clamp(torch.round(self.offset), self.qmin, self.qmax)
+        return scale, self.offset + (rounded - self.offset).detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.exporting:
+            return self._export_forward(x)
+        if self.observer is not None and bool(self.observer_enabled):
+            self.observer(x)
+            if bool(self.fake_quant_enabled):
+                # QAT from float: the first batch sets the starting scale, then it is learned.
+                self.freeze()
+        if not bool(self.fake_quant_enabled):
+            return x
+        scale, zero_point = self.qparams(x)
+        if self.offset is not None and self.training:
+            self._sync_zero_point()
+        return self.fake_quantize_with(x, scale, zero_point)
+
+    def fake_quantize_with(self, x: torch.Tensor, scale: torch.Tensor,
+                           zero_point: torch.Tensor) -> torch.Tensor:
+        if self.axis is not None:
+            per_scale = x.numel() // max(x.shape[self.axis], 1)
+        elif self.from_tensor or x.dim() == 0:
+            per_scale = x.numel()
+        else:  # activations: features per sample (LSQ section 2.2)
+            per_scale = x.numel() // max(x.shape[0], 1)
+        return fake_quantize_lsq(x, scale, zero_point, self.qmin, self.qmax, self.axis,
+                                 lsq_grad_scale(per_scale, self.qmax))
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", learned scale and offset" if self.offset is not None
+                                       else ", learned scale")
 
 
 class Float16Quantizer(nn.Module):
@@ -173,4 +332,6 @@ def make_quantizer(spec: QuantSpec | FloatSpec, channels: int | None = None,
     """The quantizer module for a spec (weights use ``from_tensor=True``)."""
     if isinstance(spec, FloatSpec):
         return Float16Quantizer()
+    if spec.learned:
+        return LearnableFakeQuantizer(spec, channels=channels, from_tensor=from_tensor)
     return FakeQuantizer(spec, channels=channels, from_tensor=from_tensor)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["DigitsCNN", "count_parameters"]
+__all__ = ["MNIST1DCNN", "DigitsCNN", "count_parameters"]
 
 
 def _conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int) -> nn.Sequential:
@@ -109,6 +109,40 @@ class DigitsCNN(nn.Module):
         x = self.flatten(self.gap(x))
         x = self.fc1_relu(self.fc1(x))
         return self.fc2(x)
+
+
+class MNIST1DCNN(nn.Module):
+    """A 1D CNN for MNIST-1D sequences ``(N, 1, 40)``, after the data set's reference CNN.
+
+    Three ``Conv1d + BatchNorm1d + ReLU`` layers (the middle ones stride 2) and a
+    linear classifier; about 12k parameters (Greydanus 2020 report 94% for a CNN
+    of this size).
+
+    Example:
+        >>> import torch
+        >>> MNIST1DCNN()(torch.randn(2, 1, 40)).shape
+        torch.Size([2, 10])
+    """
+
+    def __init__(self, num_classes: int = 10, width: int = 32) -> None:
+        super().__init__()
+        if num_classes < 1 or width < 1:
+            raise ValueError(
+                f"num_classes and width must be positive integers, got {num_classes}, {width}"
+            )
+
+        def block(cin: int, cout: int, stride: int) -> nn.Sequential:
+            return nn.Sequential(nn.Conv1d(cin, cout, 5, stride, 2, bias=False),
+                                 nn.BatchNorm1d(cout), nn.ReLU())
+
+        self.features = nn.Sequential(block(1, width, 1), block(width, width, 2),
+                                      block(width, width, 2))
+        self.flatten = nn.Flatten()
+        self.classifier = nn.Linear(width * 10, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Map ``(N, 1, 40)`` sequences to ``(N, num_classes)`` logits."""
+        return self.classifier(self.flatten(self.features(x)))
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

@@ -11,6 +11,11 @@ and refuse to produce qparams before they have seen data.
 - :class:`PercentileObserver`: histogram of values; range cut at a percentile of
   the distribution at each end (clips rare outliers).
 
+Under ``torch.distributed`` an observer with ``sync_across_ranks = True`` (set by
+:func:`quantaware.distributed.sync_observers`) all-reduces every batch's min/max
+(and histogram counts) over the ranks before updating, so all ranks hold
+bit-identical statistics, as if one process had seen every rank's batch.
+
 Example:
     >>> import torch
     >>> obs = MinMaxObserver(qmin=0, qmax=255, symmetric=False)
@@ -50,6 +55,14 @@ def _check_finite(x: torch.Tensor) -> None:
         )
 
 
+def _all_reduce(t: torch.Tensor, op: str) -> torch.Tensor:
+    import torch.distributed as dist
+
+    t = t.clone()
+    dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
+    return t
+
+
 class Observer(nn.Module):
     """Base class: range buffers ``min_val``/``max_val`` and qparams from them.
 
@@ -73,6 +86,7 @@ class Observer(nn.Module):
             raise ValueError("a per-channel observer needs the number of channels")
         self.qmin, self.qmax, self.symmetric, self.axis = qmin, qmax, symmetric, axis
         shape = (channels,) if axis is not None else ()
+        self.sync_across_ranks = False
         self.register_buffer("min_val", torch.full(shape, float("inf")))
         self.register_buffer("max_val", torch.full(shape, float("-inf")))
 
@@ -82,15 +96,18 @@ class Observer(nn.Module):
         _check_finite(x)
         x = x.detach().to(torch.float32)
         if self.axis is None:
-            return torch.aminmax(x)
-        axis = self.axis % x.dim()
-        if x.shape[axis] != self.min_val.numel():
-            raise CalibrationError(
-                f"per-channel observer expects {self.min_val.numel()} channels on axis "
-                f"{self.axis}, got shape {tuple(x.shape)}"
-            )
-        flat = x.transpose(0, axis).reshape(x.shape[axis], -1)
-        return torch.aminmax(flat, dim=1)
+            lo, hi = torch.aminmax(x)
+        else:
+            axis = self.axis % x.dim()
+            if x.shape[axis] != self.min_val.numel():
+                raise CalibrationError(
+                    f"per-channel observer expects {self.min_val.numel()} channels on axis "
+                    f"{self.axis}, got shape {tuple(x.shape)}"
+                )
+            lo, hi = torch.aminmax(x.transpose(0, axis).reshape(x.shape[axis], -1), dim=1)
+        if self.sync_across_ranks:
+            lo, hi = _all_reduce(lo, "MIN"), _all_reduce(hi, "MAX")
+        return lo, hi
 
     def reset(self) -> None:
         """Forget all statistics."""
@@ -174,8 +191,10 @@ class PercentileObserver(Observer):
         self.min_val.copy_(torch.minimum(self.min_val, lo))
         self.max_val.copy_(torch.maximum(self.max_val, hi))
         counts = torch.histc(x.detach().float(), self.bins, float(self.hist_min),
-                             float(self.hist_max))
-        self.histogram.add_(counts.double())
+                             float(self.hist_max)).double()
+        if self.sync_across_ranks:  # the range is already common to all ranks
+            counts = _all_reduce(counts, "SUM")
+        self.histogram.add_(counts)
         return x
 
     def reset(self) -> None:

@@ -21,6 +21,7 @@ warning (functional adds/concats then stay float).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import logging
 import operator
@@ -33,7 +34,15 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from quantaware.config import ConfigError, FloatSpec, PerChannel, QuantConfig, QuantSpec
+from quantaware.config import (
+    FIRST_LAYER,
+    LAST_LAYER,
+    ConfigError,
+    FloatSpec,
+    PerChannel,
+    QuantConfig,
+    QuantSpec,
+)
 from quantaware.fake_quant import FakeQuantizer
 from quantaware.fusion import can_fold, fold_bn
 from quantaware.nn.base import QuantMixin
@@ -111,6 +120,39 @@ def _check_overrides(model: nn.Module, config: QuantConfig) -> None:
                 f"which quantaware cannot quantize; supported layers: {supported_types()}. "
                 "Remove the override or set skip=True to keep those layers in float"
             )
+
+
+def _resolve_edge_layers(config: QuantConfig, weighted: list[str]) -> QuantConfig:
+    """Replace the :data:`FIRST_LAYER`/:data:`LAST_LAYER` patterns by real module names.
+
+    ``weighted`` lists the quantizable weighted modules in execution order.
+    """
+    edges = {FIRST_LAYER: weighted[0] if weighted else None,
+             LAST_LAYER: weighted[-1] if weighted else None}
+    if not any(rule.pattern in edges for rule in config.overrides):
+        return config
+    rules = tuple(
+        dataclasses.replace(rule, pattern=_glob_escape(edges[rule.pattern]))
+        if rule.pattern in edges else rule
+        for rule in config.overrides
+        if rule.pattern not in edges or edges[rule.pattern] is not None
+    )
+    return dataclasses.replace(config, overrides=rules)
+
+
+def _glob_escape(name: str) -> str:
+    """An ``fnmatch`` pattern matching exactly ``name``."""
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
+def _weighted_order(gm: fx.GraphModule) -> list[str]:
+    names: list[str] = []
+    for node in gm.graph.nodes:
+        module = _module(gm, node)
+        if (module is not None and quantized_type(type(module)) is not None
+                and hasattr(module, "weight") and node.target not in names):
+            names.append(node.target)
+    return names
 
 
 def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
@@ -340,10 +382,16 @@ def prepare(
     model = copy.deepcopy(model)
     training = model.training
     model.eval()
+    user_config = config
     gm = _trace(model, example_inputs)
     if gm is None:
+        config = _resolve_edge_layers(config, [
+            n for n, m in model.named_modules()
+            if n and quantized_type(type(m)) is not None and hasattr(m, "weight")
+        ])
         prepared = _prepare_eager(model, config)
     else:
+        config = _resolve_edge_layers(config, _weighted_order(gm))
         if config.fold_bn:
             _fold_batchnorms(gm)
         _swap_modules(gm, config)
@@ -364,7 +412,7 @@ def prepare(
         prepared(*example_inputs)  # fails early, with the float path, if the rewrite broke
     _set_quantizer_state(prepared, saved)
     prepared.train(training)
-    prepared.quantaware_config = config
+    prepared.quantaware_config = user_config
     if not quantizers(prepared) and not isinstance(config.weight, FloatSpec):
         log.warning("no layer of %s was quantized; check the config's overrides",
                     type(model).__name__)

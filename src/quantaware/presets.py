@@ -10,6 +10,11 @@ Each preset is a :class:`~quantaware.config.QuantConfig`; derive variants with
 - ``FP16``: float16 weights, float activations (half the size, no calibration).
 - ``W4A8``: 4-bit weights (per-channel, symmetric), uint8 activations.
 - ``W8``: int8 weight-only (activations stay float).
+- ``W4A4``, ``W2A2``: low-bit QAT presets with learned step sizes (LSQ) for
+  weights (per-channel, symmetric) and activations (uint, per-tensor); the first
+  and last weighted layers stay at 8 bits (weights and activations), as in the
+  LSQ paper. Change that with overrides for ``FIRST_LAYER``/``LAST_LAYER``, e.g.
+  ``dataclasses.replace(W4A4, overrides=())`` quantizes them at 4 bits too.
 
 Example:
     >>> from quantaware import presets
@@ -21,9 +26,18 @@ Example:
 
 from __future__ import annotations
 
-from quantaware.config import FloatSpec, PerChannel, PerTensor, QuantConfig, QuantSpec
+from quantaware.config import (
+    FIRST_LAYER,
+    LAST_LAYER,
+    FloatSpec,
+    LayerOverride,
+    PerChannel,
+    PerTensor,
+    QuantConfig,
+    QuantSpec,
+)
 
-__all__ = ["FP16", "INT8", "INT8_DYNAMIC", "PRESETS", "W4A8", "W8", "get"]
+__all__ = ["FP16", "INT8", "INT8_DYNAMIC", "PRESETS", "W2A2", "W4A4", "W4A8", "W8", "get"]
 
 _W8 = QuantSpec(bits=8, signed=True, symmetric=True, narrow_range=True, granularity=PerChannel(0))
 _A8 = QuantSpec(bits=8, signed=False, symmetric=False, granularity=PerTensor())
@@ -43,8 +57,25 @@ W4A8 = QuantConfig(
 )
 W8 = QuantConfig(weight=_W8, activation=None, name="W8")
 
+
+def _learned_low_bit(bits: int, name: str) -> QuantConfig:
+    weight = QuantSpec(bits=bits, signed=True, symmetric=True, narrow_range=True,
+                       granularity=PerChannel(0), learned=True)
+    activation = QuantSpec(bits=bits, signed=False, symmetric=False, learned=True)
+    edge_weight = QuantSpec(bits=8, signed=True, symmetric=True, narrow_range=True,
+                            granularity=PerChannel(0), learned=True)
+    edge_activation = QuantSpec(bits=8, signed=False, symmetric=False, learned=True)
+    edges = tuple(LayerOverride(p, weight=edge_weight, activation=edge_activation)
+                  for p in (FIRST_LAYER, LAST_LAYER))
+    return QuantConfig(weight=weight, activation=activation, overrides=edges, name=name)
+
+
+W4A4 = _learned_low_bit(4, "W4A4")
+W2A2 = _learned_low_bit(2, "W2A2")
+
 PRESETS: dict[str, QuantConfig] = {
     "INT8": INT8, "INT8_DYNAMIC": INT8_DYNAMIC, "FP16": FP16, "W4A8": W4A8, "W8": W8,
+    "W4A4": W4A4, "W2A2": W2A2,
 }
 
 

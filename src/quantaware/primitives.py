@@ -14,6 +14,12 @@ Fake quantization uses the straight-through estimator (Bengio et al. 2013;
 Jacob et al. 2018): the gradient is passed unchanged where ``x`` falls inside the
 representable range and is zero where it is clamped.
 
+Learned step size quantization (LSQ: Esser et al. 2019, "Learned Step Size
+Quantization", arXiv 1902.08153, eq. 3 and section 2.2) also gives the scale a
+gradient, scaled by ``g = 1 / sqrt(N * Qp)``; LSQ+ (Bhalgat et al. 2020, arXiv
+2004.09576) adds a learned offset, here an integer zero point rounded with a
+straight-through estimator so the exported ``QuantizeLinear`` computes the same.
+
 Example:
     >>> import torch
     >>> x = torch.tensor([-1.0, 0.0, 0.26, 2.0])
@@ -31,6 +37,8 @@ __all__ = [
     "choose_qparams",
     "dequantize",
     "fake_quantize",
+    "fake_quantize_lsq",
+    "lsq_grad_scale",
     "quant_range",
     "quantize",
     "storage_dtype",
@@ -207,3 +215,92 @@ def fake_quantize(
         (tensor([0.0000, 0.5000, 0.5000]), tensor([1., 0., 0.]))
     """
     return _FakeQuantizeSTE.apply(x, scale.to(x.dtype), zero_point, qmin, qmax, axis)
+
+
+def _reduce_to(t: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:
+    """Sum ``t`` (shaped like ``x``) down to the per-tensor or per-channel qparam shape."""
+    if axis is None:
+        return t.sum()
+    axis = axis % x.dim()
+    return t.sum(dim=[d for d in range(x.dim()) if d != axis])
+
+
+class _FakeQuantizeLSQ(torch.autograd.Function):
+    """Fake quantization with LSQ gradients for ``x``, ``scale`` and (optionally) offset.
+
+    Only ``x``, ``scale`` and ``zero_point`` are kept for backward; the rounding is
+    recomputed there (cheaper than storing masks and residuals on CPU).
+    """
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, qmin, qmax, axis, grad_scale):  # type: ignore[override]
+        s = _broadcast(scale, x, axis)
+        z = _broadcast(zero_point, x, axis)
+        q = torch.clamp(torch.round(x / s) + z, qmin, qmax)
+        ctx.save_for_backward(x, scale, zero_point)
+        ctx.meta = (qmin, qmax, axis, grad_scale)
+        return (q - z) * s
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        x, scale, zero_point = ctx.saved_tensors
+        qmin, qmax, axis, grad_scale = ctx.meta
+        s = _broadcast(scale, x, axis)
+        z = _broadcast(zero_point, x, axis)
+        v = x / s
+        r = torch.round(v)
+        q = r + z
+        below, above = q < qmin, q > qmax
+        inside = ~(below | above)
+        grad_x = grad * inside if ctx.needs_input_grad[0] else None
+        grad_s = grad_z = None
+        if ctx.needs_input_grad[1]:
+            # d x_hat / d s: round(v) - v inside the range, (qmin|qmax) - z where clamped.
+            ds = torch.where(inside, r - v, torch.where(below, qmin - z, qmax - z))
+            grad_s = _reduce_to(grad * ds, x, axis).reshape(scale.shape) * grad_scale
+        if ctx.needs_input_grad[2]:
+            # d x_hat / d z: 0 inside the range (z cancels), -s where clamped.
+            grad_z = _reduce_to(grad * ~inside, x, axis).reshape(zero_point.shape)
+            grad_z = grad_z * (-scale) * grad_scale
+        return grad_x, grad_s, grad_z, None, None, None, None
+
+
+def fake_quantize_lsq(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    qmin: int,
+    qmax: int,
+    axis: int | None = None,
+    grad_scale: float = 1.0,
+) -> torch.Tensor:
+    """Fake quantization whose scale (and float zero point) receive LSQ gradients.
+
+    The forward pass equals :func:`fake_quantize` (ONNX arithmetic). Backward:
+
+    - ``x``: 1 inside the representable range, 0 where clamped (straight through);
+    - ``scale``: ``round(x/s) - x/s`` inside, ``qmin - z`` / ``qmax - z`` where
+      clamped, summed per qparam and multiplied by ``grad_scale`` (LSQ uses
+      ``1 / sqrt(N * Qp)``, see :func:`lsq_grad_scale`);
+    - ``zero_point`` (a float tensor holding integers, when it requires grad):
+      0 inside, ``-scale`` where clamped, times ``grad_scale``.
+
+    Example:
+        >>> x = torch.tensor([0.2, 0.9, 5.0])
+        >>> s = torch.tensor(0.5, requires_grad=True)
+        >>> y = fake_quantize_lsq(x, s, torch.tensor(0.0), -2, 1)
+        >>> y.sum().backward(); y.detach(), s.grad
+        (tensor([0.0000, 0.5000, 0.5000]), tensor(1.6000))
+    """
+    return _FakeQuantizeLSQ.apply(x, scale, zero_point.to(x.dtype), qmin, qmax, axis,
+                                  float(grad_scale))
+
+
+def lsq_grad_scale(numel_per_scale: int, qmax: int) -> float:
+    """LSQ's gradient scale ``1 / sqrt(N * Qp)`` (Esser et al. 2019, section 2.2).
+
+    Example:
+        >>> lsq_grad_scale(100, 1)
+        0.1
+    """
+    return 1.0 / max(float(numel_per_scale) * max(qmax, 1), 1.0) ** 0.5

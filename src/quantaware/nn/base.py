@@ -64,5 +64,5 @@ def static_scale(quantizer: nn.Module | None) -> torch.Tensor | None:
         and bool(quantizer.fake_quant_enabled)
         and bool(quantizer.calibrated)
     ):
-        return quantizer.scale
+        return quantizer.effective_scale()
     return None

@@ -51,16 +51,22 @@ class WeightQuantMixin(QuantMixin):
         self.exporting = False
 
     # -- qparams ---------------------------------------------------------------
+    def float_params(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The float weight and bias that get quantized (modules that fold a
+        batch norm during training override this)."""
+        return self.weight, self.bias
+
     def weight_qparams(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``(weight_scale, weight_zero_point, bias_scale or None)`` as deployed."""
         wq = self.weight_quantizer
         assert isinstance(wq, FakeQuantizer)
-        w_scale, w_zp = wq.qparams(self.weight)
+        weight, bias = self.float_params()
+        w_scale, w_zp = wq.qparams(weight)
         in_scale = static_scale(self.input_source)
-        if self.bias is None or in_scale is None:
+        if bias is None or in_scale is None:
             return w_scale, w_zp, None
         # Widen the weight scale where the bias would not fit in the int32 range.
-        needed = self.bias.detach().abs() / (in_scale * BIAS_QMAX)
+        needed = bias.detach().abs() / (in_scale * BIAS_QMAX)
         w_scale = torch.maximum(w_scale, needed)
         return w_scale, w_zp, in_scale * w_scale
 
@@ -69,12 +75,12 @@ class WeightQuantMixin(QuantMixin):
         if self.exporting:
             return self._export_params()
         wq = self.weight_quantizer
+        weight, bias = self.float_params()
         if not isinstance(wq, FakeQuantizer) or not bool(wq.fake_quant_enabled):
-            weight = self.weight if wq is None or isinstance(wq, FakeQuantizer) else wq(self.weight)
-            return weight, self.bias
+            weight = weight if wq is None or isinstance(wq, FakeQuantizer) else wq(weight)
+            return weight, bias
         w_scale, w_zp, b_scale = self.weight_qparams()
-        weight = fake_quantize(self.weight, w_scale, w_zp, wq.qmin, wq.qmax, 0)
-        bias = self.bias
+        weight = wq.fake_quantize_with(weight, w_scale, w_zp)
         if b_scale is not None:
             zeros = torch.zeros_like(b_scale, dtype=torch.int32)
             bias = fake_quantize(bias, b_scale, zeros, BIAS_QMIN, BIAS_QMAX, 0)

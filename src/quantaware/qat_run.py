@@ -1,0 +1,335 @@
+"""A complete, resumable QAT run: what ``quantaware qat`` executes.
+
+Steps: load data and the float model (built-in data sets train their own float
+model first), :func:`quantaware.qat.prepare_qat`, calibrate (initial scales),
+train with optional distillation from the float model, evaluate every epoch,
+write ``OUT/checkpoints/epoch_NNN.pt`` atomically after each epoch, and at the
+end ``OUT/model.onnx`` and ``OUT/results.json``.
+
+A run killed at any point and restarted with ``resume=True`` continues from the
+newest checkpoint and ends with bit-identical weights: the checkpoint holds the
+model (quantizer state included), optimizer, learning-rate schedule, freeze
+schedule and RNG state, and each epoch's data order depends only on the seed
+and the epoch number.
+
+Under ``torchrun`` the run joins the process group from the environment, shards
+data with ``DistributedSampler``, synchronises observers and wraps the model in
+DistributedDataParallel; only rank 0 writes files.
+
+Example:
+    >>> import tempfile
+    >>> settings = QATRunSettings(data="digits", preset="INT8", epochs=1, float_epochs=1,
+    ...                           out=tempfile.mkdtemp(), export=False)
+    >>> run_qat(settings)["qat_accuracy"] > 50.0  # doctest: +SKIP
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from quantaware import distributed as qdist
+from quantaware import presets
+from quantaware.calibrate import calibrate
+from quantaware.checkpoint import load_checkpoint, save_checkpoint
+from quantaware.fake_quant import FakeQuantizer
+from quantaware.qat import QATSchedule, distillation_loss, prepare_qat
+from quantaware.train import evaluate_accuracy, fit
+
+__all__ = ["BUILTIN_DATA", "QATRunSettings", "load_spec", "run_qat"]
+
+log = logging.getLogger(__name__)
+
+BUILTIN_DATA = ("digits", "mnist1d")
+CHECKPOINT_FORMAT = "quantaware-qat-checkpoint-v1"
+
+
+@dataclass(frozen=True)
+class QATRunSettings:
+    """Everything a QAT run depends on (saved in every checkpoint).
+
+    Args:
+        data: ``"digits"``, ``"mnist1d"`` or ``"module:function"`` returning
+            ``(train_dataset, test_dataset)`` of ``(x, y)`` samples.
+        model: ``"module:function"`` returning the trained float model; ``None``
+            with a built-in data set trains the built-in model first.
+        preset: a preset name (:mod:`quantaware.presets`).
+        epochs: QAT epochs.
+        out: output folder.
+        resume: continue from the newest checkpoint in ``out``.
+        distill: add distillation from the float model (temperature, weight below).
+        lr: peak learning rate (AdamW, cosine decay); quantizer scales get
+            ``lr * scale_lr_factor`` and no weight decay.
+        float_epochs, float_lr: training of the built-in float model.
+        freeze_bn_epoch: freeze batch-norm statistics after this many QAT epochs.
+        export: write ``model.onnx`` at the end.
+    """
+
+    data: str = "digits"
+    model: str | None = None
+    preset: str = "W4A4"
+    epochs: int = 10
+    out: str = "quantaware-qat"
+    resume: bool = False
+    distill: bool = False
+    temperature: float = 4.0
+    distill_weight: float = 0.5
+    lr: float = 1e-3
+    scale_lr_factor: float = 0.1
+    weight_decay: float = 1e-4
+    batch_size: int = 64
+    seed: int = 0
+    float_epochs: int = 20
+    float_lr: float = 3e-3
+    calib_batches: int = 8
+    freeze_bn_epoch: int | None = None
+    export: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "float_epochs", "calib_batches"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.lr <= 0 or self.float_lr <= 0:
+            raise ValueError("learning rates must be positive")
+        if self.data not in BUILTIN_DATA and ":" not in self.data:
+            raise ValueError(
+                f"--data must be one of {BUILTIN_DATA} or a 'module:function' spec, got "
+                f"{self.data!r}"
+            )
+        if self.data not in BUILTIN_DATA and self.model is None:
+            raise ValueError(
+                "a custom --data needs --model module:function returning the float model"
+            )
+
+
+def load_spec(spec: str) -> Callable[..., Any]:
+    """Import ``"package.module:function"`` and return the function.
+
+    Example:
+        >>> load_spec("quantaware.models:DigitsCNN").__name__
+        'DigitsCNN'
+    """
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"expected 'module:function', got {spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"cannot import module {module_name!r} from {spec!r}: {exc}") from exc
+    try:
+        fn = getattr(module, attr)
+    except AttributeError as exc:
+        raise ValueError(f"module {module_name!r} has no attribute {attr!r}") from exc
+    if not callable(fn):
+        raise ValueError(f"{spec!r} is not callable")
+    return fn
+
+
+def _datasets(data: str) -> tuple[Dataset, Dataset]:
+    from quantaware.data import load_digits_split, load_mnist1d_split
+
+    if data == "digits":
+        return load_digits_split()
+    if data == "mnist1d":
+        return load_mnist1d_split()
+    result = load_spec(data)()
+    if not (isinstance(result, tuple | list) and len(result) == 2
+            and all(isinstance(d, Dataset) for d in result)):
+        raise ValueError(
+            f"{data!r} must return (train_dataset, test_dataset) torch Datasets of (x, y) "
+            f"samples, got {type(result).__name__}"
+        )
+    return result[0], result[1]
+
+
+def _builtin_model(data: str) -> nn.Module:
+    from quantaware.models import MNIST1DCNN, DigitsCNN
+
+    return DigitsCNN() if data == "digits" else MNIST1DCNN()
+
+
+def _float_model(s: QATRunSettings, train: Dataset, test_loader: DataLoader,
+                 out: Path) -> nn.Module:
+    if s.model is not None:
+        model = load_spec(s.model)()
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"{s.model!r} must return a torch.nn.Module, got "
+                             f"{type(model).__name__}")
+        return model.eval()
+    path = out / "float.pt"
+    model = _builtin_model(s.data)
+    if path.is_file():
+        model.load_state_dict(load_checkpoint(path)["model"])
+        return model.eval()
+    torch.manual_seed(s.seed)
+    loader = DataLoader(train, batch_size=s.batch_size, shuffle=True,
+                        generator=torch.Generator().manual_seed(s.seed))
+    fit(model, loader, epochs=s.float_epochs, lr=s.float_lr, seed=s.seed)
+    model.eval()
+    if qdist.is_main_process():
+        save_checkpoint(path, {"model": model.state_dict(),
+                               "accuracy": evaluate_accuracy(model, test_loader)})
+    return model
+
+
+def _param_groups(model: nn.Module, s: QATRunSettings) -> list[dict[str, Any]]:
+    quant_ids = {id(p) for m in model.modules() if isinstance(m, FakeQuantizer)
+                 for p in m.parameters(recurse=False)}
+    quant = [p for p in model.parameters() if id(p) in quant_ids]
+    rest = [p for p in model.parameters() if id(p) not in quant_ids]
+    groups = [{"params": rest, "weight_decay": s.weight_decay}]
+    if quant:
+        groups.append({"params": quant, "weight_decay": 0.0, "lr": s.lr * s.scale_lr_factor})
+    return groups
+
+
+def run_qat(settings: QATRunSettings,
+            on_event: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run (or resume) QAT; returns the summary also written to ``OUT/results.json``.
+
+    ``on_event`` receives ``{"kind": "start"|"step"|"epoch", ...}`` dicts (rank 0
+    only) for progress display.
+    """
+    from quantaware.demo import write_json_atomic
+
+    s = settings
+    emit = on_event if (on_event is not None and qdist.is_main_process()) else (lambda e: None)
+    distributed = qdist.init_from_env()
+    out = Path(s.out)
+    ckpt_dir = out / "checkpoints"
+    config = presets.get(s.preset)
+    torch.manual_seed(s.seed)
+
+    train_set, test_set = _datasets(s.data)
+    test_loader = DataLoader(test_set, batch_size=256)
+    float_model = _float_model(s, train_set, test_loader, out)
+    float_acc = evaluate_accuracy(float_model, test_loader)
+    example = train_set[0][0].unsqueeze(0)
+
+    model = prepare_qat(float_model, config, example)
+    qdist.sync_observers(model)
+    qdist.broadcast_quantizer_state(model)
+    ws, rk = qdist.world_size(), qdist.rank()
+    sampler = DistributedSampler(train_set, num_replicas=ws, rank=rk, shuffle=True,
+                                 seed=s.seed, drop_last=True)
+    loader = DataLoader(train_set, batch_size=s.batch_size, sampler=sampler, drop_last=True)
+    steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        raise ValueError(f"the training set is smaller than one batch per rank "
+                         f"({s.batch_size} x {ws}); lower --batch-size")
+
+    state = None
+    if s.resume:
+        from quantaware.checkpoint import latest_checkpoint
+
+        path = latest_checkpoint(ckpt_dir)
+        if path is not None:
+            state = load_checkpoint(path)
+            if state.get("format") != CHECKPOINT_FORMAT:
+                raise ValueError(f"{path} is not a quantaware QAT checkpoint")
+            log.info("resuming from %s (epoch %d)", path, state["epoch"])
+    if state is None:
+        calib_sampler = DistributedSampler(train_set, num_replicas=ws, rank=rk, shuffle=False)
+        calib = DataLoader(train_set, batch_size=s.batch_size, sampler=calib_sampler)
+        calibrate(model, calib, num_batches=s.calib_batches)
+    else:
+        model.load_state_dict(state["model"])
+    qdist.broadcast_quantizer_state(model)
+    ptq_acc = evaluate_accuracy(model, test_loader)
+
+    train_model: nn.Module = model
+    if distributed:
+        train_model = nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.AdamW(_param_groups(model, s), lr=s.lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=s.epochs * steps_per_epoch)
+    freeze_bn = None if s.freeze_bn_epoch is None else s.freeze_bn_epoch * steps_per_epoch
+    schedule = QATSchedule(model, freeze_bn_step=freeze_bn)
+    history: list[dict[str, float]] = []
+    start_epoch = 0
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["lr_schedule"])
+        schedule.load_state_dict(state["qat_schedule"])
+        schedule._apply()
+        torch.set_rng_state(state["rng"])
+        history = list(state["history"])
+        start_epoch = int(state["epoch"])
+    emit({"kind": "start", "epochs": s.epochs, "start_epoch": start_epoch,
+          "steps_per_epoch": steps_per_epoch, "float_accuracy": float_acc,
+          "ptq_accuracy": ptq_acc, "world_size": ws})
+
+    for epoch in range(start_epoch + 1, s.epochs + 1):
+        sampler.set_epoch(epoch)
+        train_model.train()
+        total = correct = 0
+        loss_sum = 0.0
+        t0 = time.perf_counter()
+        for step, (x, y) in enumerate(loader, 1):
+            logits = train_model(x)
+            if s.distill:
+                with torch.no_grad():
+                    teacher = float_model(x)
+                loss = distillation_loss(logits, teacher, y, s.temperature, s.distill_weight)
+            else:
+                loss = nn.functional.cross_entropy(logits, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            schedule.step()
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise FloatingPointError(
+                    f"QAT loss became {value} in epoch {epoch}; lower --lr (now {s.lr})"
+                )
+            loss_sum += value * len(y)
+            total += len(y)
+            correct += int((logits.detach().argmax(1) == y).sum())
+            emit({"kind": "step", "epoch": epoch, "step": step, "loss": loss_sum / total,
+                  "train_accuracy": 100.0 * correct / total})
+        acc = evaluate_accuracy(model, test_loader)
+        history.append({"epoch": epoch, "loss": loss_sum / total, "test_accuracy": acc,
+                        "seconds": time.perf_counter() - t0})
+        if qdist.is_main_process():
+            save_checkpoint(ckpt_dir / f"epoch_{epoch:03d}.pt", {
+                "format": CHECKPOINT_FORMAT, "epoch": epoch, "model": model.state_dict(),
+                "optimizer": opt.state_dict(), "lr_schedule": sched.state_dict(),
+                "qat_schedule": schedule.state_dict(), "rng": torch.get_rng_state(),
+                "history": history, "settings": dataclasses.asdict(s),
+            })
+        if distributed:
+            torch.distributed.barrier()
+        emit({"kind": "epoch", "epoch": epoch, "loss": loss_sum / total,
+              "test_accuracy": acc})
+
+    summary: dict[str, Any] = {
+        "preset": config.name, "data": s.data, "epochs": s.epochs, "world_size": ws,
+        "float_accuracy": float_acc, "ptq_accuracy": ptq_acc,
+        "qat_accuracy": evaluate_accuracy(model, test_loader), "history": history,
+    }
+    if qdist.is_main_process():
+        save_checkpoint(out / "final.pt", {"model": model.state_dict()})
+        if s.export:
+            from quantaware.export import export_onnx, verify
+
+            path = export_onnx(model.eval(), out / "model.onnx", example)
+            report = verify(path, model, test_loader)
+            summary["onnx"] = str(path)
+            summary["onnx_top1_agreement"] = report.top1_agreement
+        write_json_atomic(out / "results.json", summary)
+    if distributed:
+        torch.distributed.barrier()
+    return summary

@@ -1,0 +1,119 @@
+"""``quantaware qat``: runs, resumes after SIGKILL bit-identically, refuses bad checkpoints."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from quantaware.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from quantaware.cli import main
+
+HERE = Path(__file__).parent
+SRC = HERE.parent.parent / "src"
+TINY = ["--data", "tests.cli._tiny:data", "--model", "tests.cli._tiny:model"]
+
+
+def _cmd(out: Path, epochs: int, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "quantaware.cli", "qat", *TINY, "--preset", "W4A4",
+            "--epochs", str(epochs), "--out", str(out), "--threads", "1", "--no-export",
+            "--batch-size", "8", "--distill", *extra]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    root = str(HERE.parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join([str(SRC), root, env.get("PYTHONPATH", "")])
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def _final_state(out: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(out / "final.pt")["model"]
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
+    epochs = 6
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_cmd(killed, epochs), env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    first = killed / "checkpoints" / "epoch_001.pt"
+    deadline = time.monotonic() + 240
+    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert first.exists(), proc.stderr.read().decode()[-2000:] if proc.poll() else "timeout"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "final.pt").exists(), "the run ended before it could be killed"
+    done = sorted(p.name for p in (killed / "checkpoints").glob("epoch_*.pt"))
+    assert len(done) < epochs
+
+    resumed = subprocess.run(_cmd(killed, epochs, "--resume"), env=_env(),
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming after epoch" in resumed.stdout
+
+    straight = tmp_path / "straight"
+    full = subprocess.run(_cmd(straight, epochs), env=_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert full.returncode == 0, full.stderr[-2000:]
+    a, b = _final_state(killed), _final_state(straight)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_malicious_checkpoint_is_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    path = out / "checkpoints" / "epoch_001.pt"
+    path.parent.mkdir(parents=True)
+    torch.save({"format": "x", "payload": _Exploit()}, path)
+    with pytest.raises(CheckpointError, match="refusing to load"):
+        load_checkpoint(path)
+    code = main(["qat", *TINY, "--epochs", "2", "--out", str(out), "--resume", "--no-export",
+                 "--threads", "1"])
+    assert code == 1
+    assert "refusing to load" in capsys.readouterr().err
+
+
+def test_truncated_checkpoint_errors_and_previous_survives(tmp_path, monkeypatch):
+    folder = tmp_path / "checkpoints"
+    first = save_checkpoint(folder / "epoch_001.pt", {"epoch": 1, "w": torch.arange(1000.0)})
+    good = first.read_bytes()
+    # A crash in the middle of writing epoch 2 leaves epoch 1 untouched and no epoch 2.
+    real_save = torch.save
+
+    def dying_save(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        f.truncate(100)
+        raise KeyboardInterrupt("killed while saving")
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(folder / "epoch_002.pt", {"epoch": 2, "w": torch.zeros(1000)})
+    monkeypatch.undo()
+    assert sorted(p.name for p in folder.iterdir()) == ["epoch_001.pt"]
+    assert first.read_bytes() == good
+    # A truncated file (copied from elsewhere, disk full...) gives a clear error.
+    broken = folder / "epoch_002.pt"
+    broken.write_bytes(good[: len(good) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_checkpoint(broken)
+    assert load_checkpoint(first)["epoch"] == 1
+
+
+def test_bad_spec_is_a_usage_error(tmp_path, capsys):
+    code = main(["qat", "--data", "no_such_data", "--out", str(tmp_path)])
+    assert code == 2
+    assert "module:function" in capsys.readouterr().err

@@ -1,0 +1,184 @@
+"""LSQ gradients, learned-scale export parity, QAT conv+BN folding, distillation."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from quantaware import calibrate, prepare, presets
+from quantaware.config import ConfigError, QuantSpec
+from quantaware.fake_quant import LearnableFakeQuantizer
+from quantaware.primitives import fake_quantize, fake_quantize_lsq, lsq_grad_scale
+from quantaware.qat import (
+    DistillationLoss,
+    QATSchedule,
+    distillation_loss,
+    freeze_bn_stats,
+    prepare_qat,
+)
+
+
+def _reference_lsq(x, s, z, qmin, qmax, g):
+    """Esser et al. 2019 eq. 3-5, written element by element."""
+    gx, gs = [], 0.0
+    for v in x.tolist():
+        q = round(v / s) if abs(v / s - int(v / s)) != 0.5 else float(torch.round(
+            torch.tensor(v / s)))
+        if q + z < qmin:
+            gx.append(0.0)
+            gs += qmin - z
+        elif q + z > qmax:
+            gx.append(0.0)
+            gs += qmax - z
+        else:
+            gx.append(1.0)
+            gs += q - v / s
+    return torch.tensor(gx), gs * g
+
+
+@pytest.mark.parametrize("bits,signed", [(2, True), (4, False), (8, True)])
+def test_lsq_gradients_match_hand_derived_reference(bits, signed):
+    torch.manual_seed(bits)
+    qmin, qmax = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+    x = (torch.randn(37, dtype=torch.float64) * 3).requires_grad_()
+    s = torch.tensor(0.37, dtype=torch.float64, requires_grad=True)
+    z = torch.tensor(0.0 if signed else 1.0, dtype=torch.float64)
+    g = lsq_grad_scale(37, qmax)
+    y = fake_quantize_lsq(x, s, z, qmin, qmax, None, g)
+    y.backward(torch.ones_like(y))
+    ref_gx, ref_gs = _reference_lsq(x.detach(), 0.37, float(z), qmin, qmax, g)
+    torch.testing.assert_close(x.grad, ref_gx.double())
+    assert float(s.grad) == pytest.approx(ref_gs, rel=1e-12, abs=1e-12)
+    # forward equals the straight-through (ONNX) fake quantization
+    torch.testing.assert_close(y.detach(), fake_quantize(x.detach(), s.detach(), z.long(),
+                                                         qmin, qmax))
+
+
+def test_lsq_per_channel_gradient_and_offset():
+    x = torch.tensor([[0.1, 0.6, 9.0], [-0.4, 0.26, -9.0]], requires_grad=True)
+    s = torch.tensor([0.5, 0.25], requires_grad=True)
+    z = torch.tensor([0.0, 2.0], requires_grad=True)
+    y = fake_quantize_lsq(x, s, z, 0, 3, axis=0, grad_scale=0.5)
+    y.sum().backward()
+    # row 0: v = [0.2, 1.2, 18]; q = [0, 1, 18 -> clamp 3]; ds = [-0.2, -0.2, 3]
+    # row 1: v = [-1.6, 1.04, -36]; q+z = [0, 3, -34 -> clamp 0]; ds = [-0.4, -0.04, -2]
+    torch.testing.assert_close(s.grad, torch.tensor([2.6, -2.44]) * 0.5)
+    torch.testing.assert_close(x.grad, torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]]))
+    torch.testing.assert_close(z.grad, torch.tensor([-0.5, -0.25]) * 0.5)
+
+
+def test_learned_spec_validation_and_serialisation():
+    spec = QuantSpec(bits=4, signed=False, symmetric=False, learned=True, learned_offset=True)
+    assert QuantSpec.from_dict(spec.to_dict()) == spec
+    assert "learned" not in QuantSpec().to_dict()
+    with pytest.raises(ConfigError, match="learned_offset"):
+        QuantSpec(learned_offset=True)
+    assert presets.QuantConfig.from_dict(presets.W2A2.to_dict()) == presets.W2A2
+
+
+def test_first_and_last_layers_stay_at_8_bits():
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    q = prepare(net, presets.W4A4, torch.randn(1, 4))
+    bits = {n: q.get_submodule(n).weight_quantizer.spec.bits for n in ("0", "2", "4")}
+    assert bits == {"0": 8, "2": 4, "4": 8}
+    assert isinstance(q.get_submodule("2").weight_quantizer, LearnableFakeQuantizer)
+    all_low = prepare(net, dataclasses.replace(presets.W4A4, overrides=()), torch.randn(1, 4))
+    assert all_low.get_submodule("0").weight_quantizer.spec.bits == 4
+
+
+def _ort_max_error(model, x, path):
+    import onnxruntime as ort
+
+    from quantaware import export_onnx
+
+    export_onnx(model, path, x[:1])
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        ref = model(x).numpy()
+    return float(np.abs(out - ref).max())
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.b1 = nn.BatchNorm2d(8)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.b2 = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.b1(self.c1(x)))
+        x = torch.relu(self.b2(self.c2(x)) + x)
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("preset", ["W4A4", "W2A2"])
+def test_learned_scale_export_equals_fake_quant(tmp_path, preset):
+    torch.manual_seed(0)
+    x = torch.randn(32, 3, 8, 8)
+    config = presets.get(preset)
+    if preset == "W2A2":  # learned offsets too (LSQ+), every layer at 2 bits
+        a = dataclasses.replace(config.activation, learned_offset=True)
+        config = dataclasses.replace(config, activation=a, overrides=())
+    model = calibrate(prepare(_Net().eval(), config, x[:1]), [x])
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    for _ in range(3):
+        loss = model(x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    assert _ort_max_error(model, x, tmp_path / "m.onnx") == 0.0
+
+
+def test_qat_conv_bn_trains_with_batch_stats_and_exports_as_folded_conv(tmp_path):
+    import onnx
+
+    torch.manual_seed(0)
+    x = torch.randn(32, 3, 8, 8)
+    float_model = _Net().eval()
+    model = prepare_qat(float_model, presets.W4A4, x[:1])
+    assert type(model.get_submodule("c1")).__name__ == "QuantConvBn2d"
+    calibrate(model, [x])
+    model.train()
+    before = model.get_submodule("c1").bn.running_mean.clone()
+    schedule = QATSchedule(model, freeze_bn_step=2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    distill = DistillationLoss(float_model)
+    for _ in range(4):
+        loss = distill(model(x), x, torch.randint(0, 4, (32,)))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        schedule.step()
+    assert not torch.equal(before, model.get_submodule("c1").bn.running_mean)
+    assert bool(model.get_submodule("c1").bn_frozen)
+    # Frozen: training forward is the deployed folded conv.
+    with torch.no_grad():
+        train_out = model(x)
+        model.eval()
+        torch.testing.assert_close(model(x), train_out, rtol=0, atol=0)
+    path = tmp_path / "bn.onnx"
+    assert _ort_max_error(model, x, path) == 0.0
+    ops = {n.op_type for n in onnx.load(path).graph.node}
+    assert "BatchNormalization" not in ops and "Conv" in ops
+    assert freeze_bn_stats(model) == 2
+
+
+def test_distillation_loss_reference():
+    s, t = torch.randn(4, 5), torch.randn(4, 5)
+    y = torch.tensor([0, 1, 2, 3])
+    T = 3.0
+    p = torch.softmax(t / T, -1)
+    kl = (p * (p.log() - torch.log_softmax(s / T, -1))).sum(-1).mean() * T * T
+    ref = 0.7 * kl + 0.3 * nn.functional.cross_entropy(s, y)
+    torch.testing.assert_close(distillation_loss(s, t, y, temperature=T, weight=0.7), ref)
+    with pytest.raises(ValueError, match="temperature"):
+        distillation_loss(s, t, temperature=0)
