@@ -83,7 +83,7 @@ def test_entropy_observer_matches_reference_and_clips_like_onnxruntime():
     coarse = EntropyObserver(qmin=0, qmax=31, symmetric=False, bins=256)
     coarse(torch.from_numpy(x))
     assert float(coarse.chosen_range()[1]) == pytest.approx(float(x.max()) * kept / 256)
-    assert float(hi) < float(x.max()) / 2 and float(ort_hi) < float(x.max()) / 2
+    assert float(hi) < 18.0 and float(ort_hi) < 18.0  # below the smallest outlier
 
 
 def test_percentile_observer_close_to_onnxruntime():
