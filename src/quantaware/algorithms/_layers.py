@@ -38,10 +38,8 @@ def _run(model: nn.Module, data: Iterable[Any]) -> None:
     with torch.no_grad():
         for batch in data:
             args, kwargs = to_device(*split_batch(batch), device)
-            try:
+            with contextlib.suppress(_Stop):
                 model(*args, **kwargs)
-            except _Stop:
-                pass
 
 
 def weighted_layers(model: nn.Module, data: Iterable[Any]) -> list[tuple[str, nn.Module]]:

@@ -221,7 +221,7 @@ def apply(
             calls: dict[str, int] = {}
 
             def record(mod: nn.Module, x: torch.Tensor, kind=kind, names=names,
-                       calls=calls) -> None:
+                       calls=calls, captured=captured) -> None:
                 name = names[id(mod)]
                 k = calls.get(name, 0)
                 calls[name] = k + 1

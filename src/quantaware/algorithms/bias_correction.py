@@ -37,7 +37,8 @@ __all__ = ["apply", "output_mean_errors"]
 log = logging.getLogger(__name__)
 
 
-def _means(model: nn.Module, layers: list[nn.Module], data: Iterable[Any]) -> dict[int, torch.Tensor]:
+def _means(model: nn.Module, layers: list[nn.Module],
+           data: Iterable[Any]) -> dict[int, torch.Tensor]:
     sums: dict[int, list[torch.Tensor]] = {}
 
     def record(module: nn.Module, x: torch.Tensor) -> None:

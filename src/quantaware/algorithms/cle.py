@@ -84,8 +84,8 @@ def find_pairs(gm: fx.GraphModule) -> list[tuple[str, str, list[fx.Node]]]:
             nxt = next(iter(cur.users))
             if _conv(gm, nxt) is not None and nxt.args[0] is cur:
                 second = _conv(gm, nxt)
-                if second.groups in (1, second.in_channels) and \
-                        second.in_channels == first.out_channels:
+                if (second.groups in (1, second.in_channels)
+                        and second.in_channels == first.out_channels):
                     pairs.append((node.target, nxt.target, between))
                 break
             if _activation_kind(gm, nxt) is None or nxt.args[0] is not cur:
@@ -145,7 +145,8 @@ def apply(
         >>> import torch
         >>> net = torch.nn.Sequential(
         ...     torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8).eval(), torch.nn.ReLU(),
-        ...     torch.nn.Conv2d(8, 8, 3, groups=8), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1)).eval()
+        ...     torch.nn.Conv2d(8, 8, 3, groups=8), torch.nn.ReLU(),
+        ...     torch.nn.Conv2d(8, 4, 1)).eval()
         >>> x = torch.randn(2, 3, 16, 16)
         >>> eq = apply(net, x)
         >>> torch.allclose(eq(x), net(x), atol=1e-4)
@@ -181,10 +182,11 @@ def apply(
                 replaced += 1
         pairs.append((gm.get_submodule(first), gm.get_submodule(second)))
     gm.recompile()
-    for i in range(iterations):
-        change = max((_equalize(a, b) for a, b in pairs), default=0.0)
-        if change < 1e-6:
+    passes = 0
+    while passes < iterations:
+        passes += 1
+        if max((_equalize(a, b) for a, b in pairs), default=0.0) < 1e-6:
             break
     log.info("cross-layer equalization: %d pairs, %d ReLU6 replaced by ReLU, %d passes",
-             len(pairs), replaced, i + 1 if iterations else 0)
+             len(pairs), replaced, passes)
     return gm
