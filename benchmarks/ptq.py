@@ -21,7 +21,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
 import logging
