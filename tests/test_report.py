@@ -14,7 +14,7 @@ from quantaware.report import histograms_from_model, write_report
 
 
 class _Checker(HTMLParser):
-    VOID = {"meta", "img", "br", "hr", "link", "input"}
+    VOID = frozenset({"meta", "img", "br", "hr", "link", "input"})
 
     def __init__(self) -> None:
         super().__init__()
