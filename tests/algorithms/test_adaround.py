@@ -10,7 +10,8 @@ from quantaware.prepare import quantizers
 def test_adaround_never_worse_than_nearest_on_its_objective(net, images):
     q = calibrate(prepare(net, presets.W4A8, images[0][:1]), images)
     weight_range.apply(q)
-    results = adaround.apply(q, images, iterations=80, num_samples=512, batch_size=128)
+    results = adaround.apply(q, images, iterations=40, num_samples=256, batch_size=128,
+                              stages=1)
     assert results
     for name, r in results.items():
         assert r.adaround <= r.nearest, name
@@ -19,7 +20,7 @@ def test_adaround_never_worse_than_nearest_on_its_objective(net, images):
 
 def test_adaround_weights_sit_on_the_pinned_grid(net, images):
     q = calibrate(prepare(net, presets.W4A8, images[0][:1]), images)
-    adaround.apply(q, images, iterations=20, num_samples=128, stages=2)
+    adaround.apply(q, images, iterations=5, num_samples=64, stages=1)
     for name, fq in quantizers(q):
         if not (fq.from_tensor and name.endswith("weight_quantizer")):
             continue

@@ -21,11 +21,7 @@ def test_bias_correction_reduces_mean_output_error(net, images):
     for name in before:
         if float(before[name].abs().mean()) > 1e-3:
             assert float(after[name].abs().mean()) < float(before[name].abs().mean()), name
-
-
-def test_bias_correction_adds_missing_biases(net, images):
-    q = calibrate(prepare(net, presets.W4A8, images[0][:1]), images)
-    bias_correction.apply(q, images)
+    # Layers without a bias (BN-free convs) got one, and the model still runs.
     assert all(m.bias is not None for m in q.modules() if hasattr(m, "weight_quantizer"))
     with torch.no_grad():
         assert torch.isfinite(q(images[0])).all()
