@@ -41,7 +41,9 @@ __all__ = [
 ]
 
 CONFIG_VERSION = 1
-OBSERVERS = ("minmax", "moving_average", "percentile")
+OBSERVERS = ("minmax", "moving_average", "percentile", "mse", "entropy")
+# Observers that build a per-tensor histogram.
+HISTOGRAM_OBSERVERS = ("percentile", "mse", "entropy")
 #: :class:`LayerOverride` pattern standing for the first quantizable weighted layer
 #: of the traced graph (resolved by :func:`quantaware.prepare`).
 FIRST_LAYER = "<first>"
@@ -114,7 +116,10 @@ class QuantSpec:
         symmetric: zero point fixed at the middle of the range (0 for signed).
         narrow_range: drop the most negative level (int8 -> [-127, 127]).
         granularity: :class:`PerTensor` or :class:`PerChannel`.
-        observer: ``"minmax"``, ``"moving_average"`` or ``"percentile"``.
+        observer: ``"minmax"``, ``"moving_average"``, ``"percentile"``, ``"mse"``
+            (range minimising the expected squared quantization error) or
+            ``"entropy"`` (TensorRT's KL-divergence method); the last three are
+            histogram-based and per-tensor.
         averaging_constant: weight of the newest batch for ``moving_average``.
         percentile: upper percentile kept by the ``percentile`` observer (e.g. 99.99).
         dynamic: activations only; ranges are computed from each tensor at run time,
@@ -138,7 +143,7 @@ class QuantSpec:
     symmetric: bool = True
     narrow_range: bool = False
     granularity: Granularity = field(default_factory=PerTensor)
-    observer: Literal["minmax", "moving_average", "percentile"] = "minmax"
+    observer: Literal["minmax", "moving_average", "percentile", "mse", "entropy"] = "minmax"
     averaging_constant: float = 0.01
     percentile: float = 99.99
     dynamic: bool = False
@@ -167,9 +172,9 @@ class QuantSpec:
             )
         if not (isinstance(self.percentile, int | float) and 50.0 < self.percentile <= 100.0):
             raise ConfigError(f"percentile must be in (50, 100], got {self.percentile!r}")
-        if self.observer == "percentile" and isinstance(self.granularity, PerChannel):
+        if self.observer in HISTOGRAM_OBSERVERS and isinstance(self.granularity, PerChannel):
             raise ConfigError(
-                "the percentile observer is per-tensor only; use observer='minmax' "
+                f"the {self.observer} observer is per-tensor only; use observer='minmax' "
                 "for per-channel ranges"
             )
         if self.dynamic:

@@ -19,6 +19,10 @@ Three sources of qparams:
   calibration (or, in QAT from float, from the first batch seen); weight scales
   from the weight itself, as the smaller of the min-max scale and LSQ's
   ``2 * mean(|w|) / sqrt(Qp)``.
+- fixed: :meth:`FakeQuantizer.load_qparams` pins the qparams of any static or
+  weight quantizer (range-setting algorithms such as MSE weight ranges or
+  AdaRound); :meth:`FakeQuantizer.follow_tensor` returns a weight quantizer to
+  qparams from the current weight.
 
 :class:`Float16Quantizer` rounds to float16 (straight-through gradient).
 
@@ -76,7 +80,8 @@ class FakeQuantizer(nn.Module):
         self.register_buffer("zero_point", torch.zeros(shape, dtype=torch.int32))
         self.register_buffer("observer_enabled", torch.tensor(0, dtype=torch.uint8))
         self.register_buffer("fake_quant_enabled", torch.tensor(1, dtype=torch.uint8))
-        # 1 once qparams hold calibrated values (never set for from_tensor quantizers).
+        # 1 once qparams hold calibrated or loaded values; a weight quantizer with
+        # loaded qparams uses them instead of the current weight's range.
         self.register_buffer("calibrated", torch.tensor(0, dtype=torch.uint8))
         self.exporting = False
 
@@ -106,13 +111,29 @@ class FakeQuantizer(nn.Module):
         self.fake_quant_enabled.fill_(0)
 
     def load_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
-        """Set fixed qparams (checked to be finite and positive)."""
+        """Set fixed qparams (checked to be finite and positive).
+
+        On a weight quantizer (``from_tensor``) the loaded qparams replace the
+        per-call min-max of the weight until :meth:`follow_tensor` is called.
+        Dynamic activation quantizers cannot hold fixed qparams.
+        """
+        if self.spec.dynamic:
+            raise CalibrationError(
+                "dynamic activation quantizers compute qparams per call; use a static "
+                "activation spec (dynamic=False) to load fixed qparams"
+            )
         scale = scale.detach().to(self.scale)
         if not (torch.isfinite(scale).all() and (scale > 0).all()):
             raise CalibrationError(f"invalid scale {scale}: scales must be finite and > 0")
         self.scale.copy_(scale.reshape(self.scale.shape))
         self.zero_point.copy_(zero_point.detach().reshape(self.zero_point.shape))
         self.calibrated.fill_(1)
+
+    def follow_tensor(self) -> None:
+        """Weight quantizers: derive qparams from the current weight again."""
+        if not self.from_tensor:
+            raise CalibrationError("only weight (from_tensor) quantizers follow their tensor")
+        self.calibrated.fill_(0)
 
     # -- maths -----------------------------------------------------------------
     def effective_scale(self) -> torch.Tensor:
@@ -121,7 +142,7 @@ class FakeQuantizer(nn.Module):
 
     def qparams(self, x: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The qparams used for ``x`` (needed for ``from_tensor`` quantizers)."""
-        if self.from_tensor:
+        if self.from_tensor and not bool(self.calibrated):
             if x is None:
                 raise ValueError("this quantizer derives qparams from its input; pass x")
             detached = x.detach()

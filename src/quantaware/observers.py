@@ -10,6 +10,10 @@ and refuse to produce qparams before they have seen data.
   min/max, ``avg = avg + c * (batch - avg)`` (Jacob et al. 2018), for QAT.
 - :class:`PercentileObserver`: histogram of values; range cut at a percentile of
   the distribution at each end (clips rare outliers).
+- :class:`MSEObserver`: histogram; the range with the least expected squared
+  quantization error (clipping plus rounding).
+- :class:`EntropyObserver`: histogram; TensorRT's KL-divergence threshold
+  (Migacz, "8-bit Inference with TensorRT", GTC 2017).
 
 Under ``torch.distributed`` an observer with ``sync_across_ranks = True`` (set by
 :func:`quantaware.distributed.sync_observers`) all-reduces every batch's min/max
@@ -34,6 +38,9 @@ from quantaware.config import QuantSpec
 from quantaware.primitives import choose_qparams
 
 __all__ = [
+    "EntropyObserver",
+    "HistogramObserver",
+    "MSEObserver",
     "MinMaxObserver",
     "MovingAverageMinMaxObserver",
     "Observer",
@@ -161,18 +168,18 @@ class MovingAverageMinMaxObserver(Observer):
         return x
 
 
-class PercentileObserver(Observer):
-    """Per-tensor histogram; the range is cut at ``percentile`` on each side.
+class HistogramObserver(Observer):
+    """Per-tensor histogram of the observed values; subclasses choose the range from it.
 
     The histogram has ``bins`` uniform bins over the largest range seen; when a
     batch widens the range, existing counts are moved into the wider bins.
     """
 
-    def __init__(self, *args, percentile: float = 99.99, bins: int = 2048, **kwargs) -> None:
+    def __init__(self, *args, bins: int = 2048, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         if self.axis is not None:
-            raise ValueError("PercentileObserver is per-tensor only")
-        self.percentile, self.bins = percentile, bins
+            raise ValueError(f"{type(self).__name__} is per-tensor only")
+        self.bins = bins
         self.register_buffer("histogram", torch.zeros(bins, dtype=torch.float64))
         self.register_buffer("hist_min", torch.tensor(0.0))
         self.register_buffer("hist_max", torch.tensor(0.0))
@@ -213,18 +220,68 @@ class PercentileObserver(Observer):
         self.hist_min.copy_(new_min)
         self.hist_max.copy_(new_max)
 
+    def bin_edges(self) -> torch.Tensor:
+        """The ``bins + 1`` histogram edges (float64)."""
+        return torch.linspace(float(self.hist_min), float(self.hist_max), self.bins + 1,
+                              dtype=torch.float64)
+
+    def chosen_range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``(lo, hi)`` float range this observer maps onto the integer grid."""
+        raise NotImplementedError
+
     def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.observed:
             return super().calculate_qparams()
+        lo, hi = self.chosen_range()
+        lo = torch.maximum(torch.as_tensor(lo, dtype=torch.float64), self.min_val.double())
+        hi = torch.minimum(torch.as_tensor(hi, dtype=torch.float64), self.max_val.double())
+        return choose_qparams(lo.float(), hi.float(), self.qmin, self.qmax, self.symmetric)
+
+
+class PercentileObserver(HistogramObserver):
+    """Histogram; the range is cut at ``percentile`` on each side."""
+
+    def __init__(self, *args, percentile: float = 99.99, bins: int = 2048, **kwargs) -> None:
+        super().__init__(*args, bins=bins, **kwargs)
+        self.percentile = percentile
+
+    def chosen_range(self) -> tuple[torch.Tensor, torch.Tensor]:
         cdf = torch.cumsum(self.histogram, 0)
         total = cdf[-1]
         width = (self.hist_max - self.hist_min) / self.bins
         tail = total * (1.0 - self.percentile / 100.0)
         lo_bin = int(torch.searchsorted(cdf, tail, right=True).clamp(max=self.bins - 1))
         hi_bin = int(torch.searchsorted(cdf, total - tail, right=False).clamp(max=self.bins - 1))
-        lo = torch.maximum(self.hist_min + width * lo_bin, self.min_val.double())
-        hi = torch.minimum(self.hist_min + width * (hi_bin + 1), self.max_val.double())
-        return choose_qparams(lo.float(), hi.float(), self.qmin, self.qmax, self.symmetric)
+        return self.hist_min + width * lo_bin, self.hist_min + width * (hi_bin + 1)
+
+
+class MSEObserver(HistogramObserver):
+    """Histogram; the range minimising the expected squared quantization error.
+
+    See :func:`quantaware.ranges.mse_range` for the search.
+    """
+
+    def chosen_range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        from quantaware.ranges import mse_range
+
+        lo, hi = mse_range(self.histogram.numpy(), float(self.hist_min), float(self.hist_max),
+                           self.qmin, self.qmax, self.symmetric)
+        return torch.tensor(lo, dtype=torch.float64), torch.tensor(hi, dtype=torch.float64)
+
+
+class EntropyObserver(HistogramObserver):
+    """Histogram; the clipping threshold minimising the KL divergence between the
+    clipped and the quantized distribution (TensorRT's calibrator, Migacz 2017).
+
+    See :func:`quantaware.ranges.entropy_range`.
+    """
+
+    def chosen_range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        from quantaware.ranges import entropy_range
+
+        lo, hi = entropy_range(self.histogram.numpy(), float(self.hist_min),
+                               float(self.hist_max), self.qmax - self.qmin + 1)
+        return torch.tensor(lo, dtype=torch.float64), torch.tensor(hi, dtype=torch.float64)
 
 
 def make_observer(spec: QuantSpec, channels: int | None = None) -> Observer:
@@ -243,4 +300,10 @@ def make_observer(spec: QuantSpec, channels: int | None = None) -> Observer:
         return MinMaxObserver(**common)
     if spec.observer == "moving_average":
         return MovingAverageMinMaxObserver(**common, averaging_constant=spec.averaging_constant)
-    return PercentileObserver(**common, percentile=spec.percentile)
+    if spec.observer == "percentile":
+        return PercentileObserver(**common, percentile=spec.percentile)
+    if spec.observer == "mse":
+        return MSEObserver(**common)
+    if spec.observer == "entropy":
+        return EntropyObserver(**common)
+    raise ValueError(f"unknown observer {spec.observer!r}")

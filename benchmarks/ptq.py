@@ -1,0 +1,223 @@
+"""PTQ accuracy benchmark on MobileNetV2 (real ImageNet weights, real photo crops).
+
+Prints one table: top-1 agreement with FP32 over all evaluation crops and over
+crops where FP32 is confident (max softmax >= 0.5), and weight bytes, for
+
+- per-tensor INT8 weights, nearest + min-max, vs with cross-layer equalization
+  and bias correction, vs per-channel INT8;
+- W4 (per-channel) A8: nearest vs MSE weight ranges vs MSE ranges + AdaRound;
+- mixed precision (int8 / W4 / float per layer) within 1 point of the
+  all-int8-with-first/last-float model's agreement on a separate search set,
+  vs that model;
+- every activation calibration method at INT8.
+
+Data: calibration crops seed 1 (88), evaluation crops seed 2 (264), mixed
+precision search crops seed 3 (88). ``--quick`` uses fewer crops and iterations.
+
+Usage:
+    PYTHONPATH=src python benchmarks/ptq.py [--quick] [--json FILE] [--report FILE.html]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from quantaware import PerTensor, QuantSpec, calibrate, prepare, presets
+from quantaware.algorithms import adaround, bias_correction, cle, weight_range
+from quantaware.analysis import agreement, outputs, search, sensitivity
+from quantaware.config import LayerOverride
+from quantaware.fake_quant import FakeQuantizer
+from quantaware.images import image_crops
+from quantaware.nn.weighted import WeightQuantMixin
+from quantaware.zoo import load_mobilenet_v2_imagenet
+
+log = logging.getLogger("ptq")
+
+
+def batches(x: torch.Tensor, size: int = 22) -> list[torch.Tensor]:
+    return [x[i:i + size] for i in range(0, len(x), size)]
+
+
+def weight_size(model: nn.Module) -> float:
+    """Bytes of every weight as stored: quantizer bits, or 32 for float."""
+    total = 0.0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, nn.Parameter) or isinstance(module, nn.BatchNorm2d):
+            continue
+        bits = 32
+        wq = getattr(module, "weight_quantizer", None)
+        if isinstance(module, WeightQuantMixin) and isinstance(wq, FakeQuantizer) and bool(
+                wq.fake_quant_enabled):
+            bits = wq.spec.bits
+        total += weight.numel() * bits / 8
+    return total
+
+
+class Bench:
+    def __init__(self, quick: bool) -> None:
+        n_cal, n_eval, n_search = (32, 64, 32) if quick else (88, 264, 88)
+        self.quick = quick
+        self.model = load_mobilenet_v2_imagenet()
+        self.calib = batches(image_crops(n_cal, seed=1))
+        self.eval = batches(image_crops(n_eval, seed=2))
+        self.search = batches(image_crops(n_search, seed=3))
+        self.example = self.calib[0][:1]
+        self.fp = outputs(self.model, self.eval)
+        self.confident = self.fp.softmax(-1).amax(-1) >= 0.5
+        self.rows: list[dict[str, Any]] = []
+
+    def row(self, group: str, variant: str, model: nn.Module, seconds: float,
+            **extra: Any) -> nn.Module:
+        out = outputs(model, self.eval)
+        same = out.argmax(-1) == self.fp.argmax(-1)
+        row = {"group": group, "variant": variant,
+               "agreement": 100.0 * float(same.float().mean()),
+               "agreement_confident": 100.0 * float(same[self.confident].float().mean()),
+               "size_bytes": weight_size(model), "seconds": round(seconds, 1), **extra}
+        self.rows.append(row)
+        log.info("%s / %s: %.1f%% / %.1f%%", group, variant, row["agreement"],
+                 row["agreement_confident"])
+        return model
+
+    def ptq(self, model: nn.Module, config) -> nn.Module:
+        return calibrate(prepare(model, config, self.example), self.calib)
+
+
+def per_tensor_int8() -> Any:
+    return dataclasses.replace(presets.INT8, name="INT8 per-tensor weights", weight=QuantSpec(
+        bits=8, narrow_range=True, granularity=PerTensor()))
+
+
+def run(quick: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    b = Bench(quick)
+    extras: dict[str, Any] = {"num_eval": len(b.fp), "num_confident": int(b.confident.sum())}
+    b.rows.append({"group": "reference", "variant": "FP32", "agreement": 100.0,
+                   "agreement_confident": 100.0, "size_bytes": weight_size(b.model),
+                   "seconds": 0.0})
+    t = time.time()
+    int8 = b.row("per-tensor vs per-channel", "per-channel INT8 (min-max)",
+                 b.ptq(b.model, presets.INT8), time.time() - t)
+    pt = per_tensor_int8()
+    t = time.time()
+    b.row("per-tensor vs per-channel", "per-tensor INT8, nearest + min-max",
+          b.ptq(b.model, pt), time.time() - t)
+    for mode in ("replace", "keep"):
+        t = time.time()
+        eq = cle.apply(b.model, b.example, relu6=mode)
+        q = bias_correction.apply(b.ptq(eq, pt), b.calib)
+        b.row("per-tensor vs per-channel", f"per-tensor INT8 + CLE (relu6={mode}) + bias corr.",
+              q, time.time() - t)
+    iterations = 100 if quick else 300
+    t = time.time()
+    b.row("W4A8", "W4A8 nearest (min-max)", b.ptq(b.model, presets.W4A8), time.time() - t)
+    t = time.time()
+    q = weight_range.apply(prepare(b.model, presets.W4A8, b.example))
+    q = b.row("W4A8", "W4A8 nearest (MSE ranges)", calibrate(q, b.calib), time.time() - t)
+    t = time.time()
+    adaround.apply(q, b.calib[:2], iterations=iterations, num_samples=1024, batch_size=256)
+    b.row("W4A8", f"W4A8 AdaRound (MSE ranges, {iterations} it.)", q, time.time() - t)
+    # Mixed precision vs the common manual recipe (first and last layer float).
+    names = [n for n, m in int8.named_modules() if isinstance(m, WeightQuantMixin)]
+    first_last = (names[0], names[-1])
+    fl_cfg = presets.INT8.with_overrides(*(LayerOverride(n, skip=True) for n in first_last))
+    t = time.time()
+    fl = b.ptq(b.model, fl_cfg)
+    b.row("mixed precision", "INT8, first/last float", fl, time.time() - t)
+    ref_search = agreement(outputs(fl, b.search), outputs(b.model, b.search))
+    t = time.time()
+    result = search(b.model, presets.INT8, b.calib, b.search, max_drop=1.0,
+                    low_spec=presets.W4A8.weight, reference_score=ref_search,
+                    example_inputs=b.example)
+    mp = b.ptq(b.model, result.config)
+    b.row("mixed precision", "mixed int8/W4/float, 1-point budget", mp, time.time() - t,
+          search_score=result.score, search_reference=ref_search,
+          meets_budget_on_search=result.meets_budget,
+          low_bit_layers=sum(c == "low" for c in result.choices.values()),
+          float_layers=sum(c == "float" for c in result.choices.values()))
+    extras["mixed_precision_config"] = result.config.to_dict()
+    extras["mixed_precision_history"] = result.history
+    for observer in ("moving_average", "percentile", "mse", "entropy"):
+        act = dataclasses.replace(presets.INT8.activation, observer=observer)
+        cfg = dataclasses.replace(presets.INT8, activation=act, name=f"INT8 {observer}")
+        t = time.time()
+        q = b.row("calibration", f"INT8, activations {observer}", b.ptq(b.model, cfg),
+                  time.time() - t)
+        if observer == "entropy":
+            extras["histograms"] = activation_histograms(q)
+    b.rows.insert(len(b.rows) - 4, {**b.rows[1], "group": "calibration",
+                                    "variant": "INT8, activations minmax"})
+    t = time.time()
+    sens = sensitivity(int8, b.eval[:1] if quick else b.eval[:2])
+    extras["sensitivity"] = [s.to_dict() for s in sens]
+    extras["sensitivity_seconds"] = round(time.time() - t, 1)
+    return b.rows, extras
+
+
+def activation_histograms(model: nn.Module, limit: int = 12) -> list[dict[str, Any]]:
+    from quantaware.report import histograms_from_model
+
+    return histograms_from_model(model, limit=limit)
+
+
+def print_table(rows: list[dict[str, Any]], extras: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="MobileNetV2 (ImageNet weights) PTQ: top-1 agreement with FP32",
+                  caption=f"{extras['num_eval']} evaluation crops, "
+                  f"{extras['num_confident']} with FP32 max softmax >= 0.5")
+    for header in ("group", "variant", "agree all", "agree conf.", "weights MiB", "s"):
+        table.add_column(header, justify="left" if header in ("group", "variant") else "right")
+    for r in rows:
+        table.add_row(r["group"], r["variant"], f"{r['agreement']:.1f}%",
+                      f"{r['agreement_confident']:.1f}%", f"{r['size_bytes'] / 2**20:.2f}",
+                      f"{r['seconds']:.0f}")
+    Console(width=140).print(table)
+
+
+def write_json(path: str, payload: dict[str, Any]) -> None:
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(payload, f, indent=2)
+    os.replace(tmp, target)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer crops and iterations")
+    parser.add_argument("--json", metavar="FILE", help="write the rows (and analysis) as JSON")
+    parser.add_argument("--report", metavar="FILE", help="write an HTML report (and .md)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    torch.manual_seed(0)
+    rows, extras = run(args.quick)
+    print_table(rows, extras)
+    payload = {"title": "MobileNetV2 PTQ benchmark" + (" (quick)" if args.quick else ""),
+               "rows": rows, **extras}
+    if args.json:
+        write_json(args.json, payload)
+    if args.report:
+        from quantaware.report import write_report
+
+        write_report(args.report, payload)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

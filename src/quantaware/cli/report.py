@@ -1,0 +1,48 @@
+"""``quantaware report``: turn a results JSON into a self-contained HTML report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "report", help="write an HTML report (with plots) and a Markdown summary",
+        description="Read a results JSON (e.g. from `python benchmarks/ptq.py --json FILE`: "
+        "a 'rows' list of variants with agreement/accuracy and size_bytes, optional "
+        "'sensitivity' and 'histograms') and write a self-contained HTML file with plots "
+        "(accuracy vs size, per-layer sensitivity, activation histograms) plus a .md summary.",
+    )
+    parser.add_argument("results", help="the results JSON file")
+    parser.add_argument("--out", default="quantaware-report.html", metavar="FILE",
+                        help="HTML file to write; the summary goes next to it as .md "
+                        "(default: %(default)s)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from quantaware.cli import UsageError
+    from quantaware.report import write_report
+
+    source = Path(args.results)
+    if not source.is_file():
+        raise UsageError(f"results file {source} not found; write one with "
+                         "`python benchmarks/ptq.py --json FILE`")
+    try:
+        payload = json.loads(source.read_text())
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{source} is not valid JSON ({exc}); pass the file written by "
+                         "--json") from exc
+    if isinstance(payload, list):  # a bare list of rows (e.g. the demo's results.json)
+        payload = {"rows": payload}
+    try:
+        out = write_report(args.out, payload)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    console = Console()
+    console.print(f"report written to {out} (summary: {out.with_suffix('.md')})")
+    return 0

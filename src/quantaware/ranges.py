@@ -1,0 +1,230 @@
+"""Range setting as pure functions: from a histogram (activations) or a tensor (weights)
+to the float range that gets mapped onto the integer grid.
+
+- :func:`mse_range`: the range minimising the expected squared error of
+  quantize-dequantize over a histogram (clipping error plus rounding error), as the
+  MSE calibrators of NVIDIA ModelOpt and AIMET do.
+- :func:`entropy_range`: TensorRT's KL-divergence calibration (S. Migacz, "8-bit
+  Inference with TensorRT", GTC 2017; the same algorithm as MXNet's
+  ``_get_optimal_threshold`` and ONNX Runtime's ``EntropyCalibrater``): the
+  clipping threshold whose quantized distribution is closest, in KL divergence,
+  to the clipped reference distribution.
+- :func:`mse_weight_range`: per-channel weight ranges with the least squared
+  quantization error (the weight range setting AdaRound starts from, Nagel et
+  al. 2020, section 5).
+
+Example:
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> x = np.concatenate([rng.normal(size=100_000), [40.0]])  # one outlier
+    >>> hist, edges = np.histogram(x, bins=2048)
+    >>> lo, hi = mse_range(hist, edges[0], edges[-1], -8, 7, symmetric=True)  # 4-bit
+    >>> bool(hi < 10.0)
+    True
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from quantaware.primitives import choose_qparams
+
+__all__ = ["entropy_range", "entropy_threshold", "kl_divergence", "mse_range", "mse_weight_range"]
+
+
+def _grid_error(centers: np.ndarray, counts: np.ndarray, width: float, lo: np.ndarray,
+                hi: np.ndarray, qmin: int, qmax: int, symmetric: bool) -> np.ndarray:
+    """Expected squared error of fake-quantizing a histogram, one value per (lo, hi) pair."""
+    scale, zp = choose_qparams(torch.from_numpy(lo).float(), torch.from_numpy(hi).float(),
+                               qmin, qmax, symmetric)
+    s = scale.double().numpy()[:, None]
+    z = zp.double().numpy()[:, None]
+    q = np.round(centers[None, :] / s) + z
+    inside = (q >= qmin) & (q <= qmax)
+    xq = (np.clip(q, qmin, qmax) - z) * s
+    err = (centers[None, :] - xq) ** 2
+    # Values spread over a bin: if the step is coarser than the bin they all round to
+    # the same level (error measured at the centre plus the bin's own variance); if
+    # finer, rounding error is uniform over a step (s^2 / 12).
+    fine = np.broadcast_to(s**2 / 12.0, err.shape)
+    err = np.where(inside & (s < width), fine, err + width**2 / 12.0)
+    return (err * counts[None, :]).sum(axis=1)
+
+
+def mse_range(histogram: np.ndarray, hist_min: float, hist_max: float, qmin: int, qmax: int,
+              symmetric: bool, candidates: int = 128) -> tuple[float, float]:
+    """The ``(lo, hi)`` range with the least expected squared quantization error.
+
+    Candidates shrink the observed range towards zero in ``candidates`` steps: one
+    end for one-signed data, both ends together for symmetric formats, a grid over
+    both ends for asymmetric formats on signed data.
+
+    Args:
+        histogram: counts of ``len(histogram)`` uniform bins over ``[hist_min, hist_max]``.
+        qmin, qmax: the integer range.
+        symmetric: whether the format is symmetric (zero point in the middle).
+        candidates: number of candidate clipping ratios per end.
+
+    Example:
+        >>> import numpy as np
+        >>> hist = np.ones(100)  # uniform data: no clipping is best
+        >>> mse_range(hist, 0.0, 1.0, 0, 255, symmetric=False)
+        (0.0, 1.0)
+    """
+    counts = np.asarray(histogram, dtype=np.float64)
+    bins = counts.size
+    width = (hist_max - hist_min) / bins
+    centers = hist_min + width * (np.arange(bins) + 0.5)
+    ratios = np.linspace(1.0 / candidates, 1.0, candidates)
+    lo_end, hi_end = min(hist_min, 0.0), max(hist_max, 0.0)
+    if symmetric:
+        amax = max(-lo_end, hi_end) * ratios
+        lo, hi = -amax, amax
+    elif lo_end == 0.0 or hi_end == 0.0:
+        lo, hi = lo_end * ratios, hi_end * ratios
+    else:
+        lo = np.repeat(lo_end * ratios, candidates)
+        hi = np.tile(hi_end * ratios, candidates)
+    errors = np.concatenate([
+        _grid_error(centers, counts, width, lo[i:i + 4096], hi[i:i + 4096], qmin, qmax,
+                    symmetric)
+        for i in range(0, lo.size, 4096)
+    ])
+    best = int(np.argmin(errors))
+    return float(max(lo[best], hist_min)), float(min(hi[best], hist_max))
+
+
+def _smooth(p: np.ndarray, eps: float = 1e-4) -> np.ndarray | None:
+    """Move ``eps`` of mass onto empty bins so KL stays finite (as TensorRT/MXNet do)."""
+    zeros = p == 0
+    n_zeros = int(zeros.sum())
+    n_nonzeros = p.size - n_zeros
+    if n_nonzeros == 0:
+        return None
+    eps1 = eps * n_zeros / n_nonzeros
+    return p.astype(np.float64) + eps * zeros - eps1 * ~zeros
+
+
+def kl_divergence(p: np.ndarray, q: np.ndarray) -> float:
+    """KL(p || q) of two (unnormalised, smoothed) distributions over the same bins."""
+    p = p / p.sum()
+    q = q / q.sum()
+    mask = p > 0
+    return float(np.sum(p[mask] * np.log(p[mask] / q[mask])))
+
+
+def _abs_histogram(histogram: np.ndarray, hist_min: float,
+                   hist_max: float) -> tuple[np.ndarray, float]:
+    """Fold a histogram onto ``|x|`` with the same number of bins over ``[0, max|x|]``."""
+    bins = histogram.size
+    if hist_min >= 0.0 and hist_min <= (hist_max - hist_min) / bins:
+        return np.asarray(histogram, dtype=np.float64), hist_max
+    width = (hist_max - hist_min) / bins
+    centers = np.abs(hist_min + width * (np.arange(bins) + 0.5))
+    amax = max(abs(hist_min), abs(hist_max))
+    idx = np.clip(np.floor(centers / amax * bins).astype(np.int64), 0, bins - 1)
+    return np.bincount(idx, weights=histogram, minlength=bins).astype(np.float64), amax
+
+
+def entropy_threshold(abs_hist: np.ndarray, num_quantized_bins: int) -> int:
+    """TensorRT's KL search on a histogram of ``|x|``: the number of bins to keep.
+
+    For each candidate ``i`` (``num_quantized_bins`` to all bins), the reference
+    ``p`` is the first ``i`` bins with everything beyond folded into bin ``i - 1``;
+    ``q`` merges those ``i`` bins into ``num_quantized_bins`` levels and spreads
+    each level evenly over its non-empty bins. The ``i`` with least KL(p || q) wins.
+
+    Example:
+        >>> import numpy as np
+        >>> hist = np.exp(-np.arange(2048) / 64.0) * 1e6  # a long exponential tail
+        >>> entropy_threshold(hist, 128) < 2048
+        True
+    """
+    hist = np.asarray(abs_hist, dtype=np.float64)
+    bins = hist.size
+    if bins <= num_quantized_bins:
+        return bins
+    suffix = np.concatenate([np.cumsum(hist[::-1])[::-1], [0.0]])
+    best_i, best_kl = bins, np.inf
+    for i in range(num_quantized_bins, bins + 1):
+        p = hist[:i].copy()
+        p[-1] += suffix[i]
+        merged = i // num_quantized_bins
+        group = np.minimum(np.arange(i) // merged, num_quantized_bins - 1)
+        levels = np.bincount(group, weights=hist[:i], minlength=num_quantized_bins)
+        nonzero = p != 0
+        norm = np.bincount(group, weights=nonzero, minlength=num_quantized_bins)
+        q = np.where(nonzero, levels[group] / np.maximum(norm[group], 1), 0.0)
+        ps, qs = _smooth(p), _smooth(q)
+        if ps is None or qs is None:
+            continue
+        kl = kl_divergence(ps, qs)
+        if kl < best_kl:
+            best_i, best_kl = i, kl
+    return best_i
+
+
+def entropy_range(histogram: np.ndarray, hist_min: float, hist_max: float,
+                  levels: int) -> tuple[float, float]:
+    """TensorRT's KL-divergence range for a histogram over ``[hist_min, hist_max]``.
+
+    The search runs on the histogram of ``|x|``; one-signed data gets all
+    ``levels`` integer levels over ``[0, t]``, signed data half of them per side.
+
+    Example:
+        >>> import numpy as np
+        >>> rng = np.random.default_rng(0)
+        >>> hist, edges = np.histogram(np.abs(rng.standard_cauchy(50_000)), bins=2048)
+        >>> lo, hi = entropy_range(hist, edges[0], edges[-1], 256)
+        >>> bool(0.0 <= lo < hi < edges[-1])
+        True
+    """
+    abs_hist, amax = _abs_histogram(histogram, hist_min, hist_max)
+    signed = hist_min < 0.0 < hist_max
+    kept = entropy_threshold(abs_hist, levels // 2 if signed else levels)
+    threshold = amax * kept / abs_hist.size
+    if hist_min >= 0.0:
+        return hist_min, min(threshold, hist_max)
+    if hist_max <= 0.0:
+        return max(-threshold, hist_min), hist_max
+    return max(-threshold, hist_min), min(threshold, hist_max)
+
+
+def mse_weight_range(weight: torch.Tensor, qmin: int, qmax: int, symmetric: bool,
+                     axis: int | None = 0, candidates: int = 100
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (or per-tensor) ``(lo, hi)`` weight ranges with the least squared error.
+
+    Each candidate shrinks the channel's min-max range by a common ratio; the
+    error is measured exactly on the weights (no histogram), all channels and
+    ratios at once.
+
+    Example:
+        >>> w = torch.randn(4, 64)
+        >>> lo, hi = mse_weight_range(w, -7, 7, symmetric=True)
+        >>> bool((hi <= w.amax(1)).all())
+        True
+    """
+    w = weight.detach().to(torch.float32)
+    if axis is None:
+        flat = w.reshape(1, -1)
+    else:
+        flat = w.transpose(0, axis % w.dim()).reshape(w.shape[axis], -1)
+    lo0, hi0 = torch.aminmax(flat, dim=1)
+    lo0, hi0 = lo0.clamp(max=0.0), hi0.clamp(min=0.0)
+    best_err = torch.full_like(lo0, float("inf"))
+    best_lo, best_hi = lo0.clone(), hi0.clone()
+    for ratio in torch.linspace(1.0 / candidates, 1.0, candidates):
+        lo, hi = lo0 * ratio, hi0 * ratio
+        scale, zp = choose_qparams(lo, hi, qmin, qmax, symmetric)
+        s, z = scale[:, None], zp[:, None].float()
+        xq = (torch.clamp(torch.round(flat / s) + z, qmin, qmax) - z) * s
+        err = ((flat - xq) ** 2).sum(dim=1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_lo = torch.where(better, lo, best_lo)
+        best_hi = torch.where(better, hi, best_hi)
+    if axis is None:
+        return best_lo[0], best_hi[0]
+    return best_lo, best_hi

@@ -1,0 +1,152 @@
+"""Histogram observers (percentile, MSE, entropy) against independent references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from onnxruntime.quantization.calibrate import HistogramCollector
+
+from quantaware.config import ConfigError, PerChannel, QuantSpec
+from quantaware.fake_quant import FakeQuantizer
+from quantaware.observers import EntropyObserver, MSEObserver, make_observer
+from quantaware.ranges import entropy_threshold, mse_weight_range
+
+
+def _relu_heavy_tail(seed: int, n: int = 60_000) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = np.maximum(rng.standard_t(3, size=n), 0.0).astype(np.float32)
+    x[:3] = [25.0, 30.0, 18.0]  # rare outliers
+    return x
+
+
+def _reference_kl_threshold(hist: np.ndarray, nq: int) -> int:
+    """TensorRT's entropy calibration, written out element by element (slow reference)."""
+    best, best_kl = len(hist), np.inf
+    for i in range(nq, len(hist) + 1):
+        p = [float(v) for v in hist[:i]]
+        p[-1] += float(sum(hist[i:]))
+        merged = i // nq
+        q = [0.0] * i
+        for k in range(nq):
+            start = k * merged
+            end = i if k == nq - 1 else start + merged
+            total = float(sum(hist[start:end]))
+            nonzero = [j for j in range(start, end) if p[j] != 0]
+            for j in nonzero:
+                q[j] = total / len(nonzero)
+        p_arr, q_arr = np.array(p), np.array(q)
+        smoothed = []
+        for arr in (p_arr, q_arr):
+            zeros = arr == 0
+            if zeros.all():
+                smoothed = None
+                break
+            eps1 = 1e-4 * zeros.sum() / (~zeros).sum()
+            smoothed.append(arr + 1e-4 * zeros - eps1 * ~zeros)
+        if smoothed is None:
+            continue
+        ps, qs = smoothed[0] / smoothed[0].sum(), smoothed[1] / smoothed[1].sum()
+        kl = sum(a * np.log(a / b) for a, b in zip(ps, qs, strict=True) if a > 0)
+        if kl < best_kl:
+            best, best_kl = i, kl
+    return best
+
+
+def test_entropy_threshold_matches_elementwise_reference():
+    x = _relu_heavy_tail(0, 20_000)
+    hist, _ = np.histogram(x, bins=300, range=(0.0, float(x.max())))
+    assert entropy_threshold(hist, 64) == _reference_kl_threshold(hist, 64)
+
+
+def test_entropy_observer_matches_reference_and_clips_like_onnxruntime():
+    """The reference for the threshold is the element-wise TensorRT/MXNet method above.
+
+    ONNX Runtime's EntropyCalibrater differs from it in two details (its expanded
+    ``q`` keeps mass on bins where ``p`` is empty, and is truncated to integers),
+    so against it only the qualitative behaviour is compared: both clip the outliers.
+    """
+    x = _relu_heavy_tail(1)
+    obs = EntropyObserver(qmin=0, qmax=255, symmetric=False)
+    obs(torch.from_numpy(x))
+    lo, hi = obs.chosen_range()
+    # ONNX Runtime histograms [-max|x|, max|x|]; its window is split into
+    # num_quantized_bins levels, so 512 gives 256 levels on the positive half.
+    collector = HistogramCollector("entropy", symmetric=False, num_bins=1024,
+                                   num_quantized_bins=512, percentile=99.99, scenario="same")
+    collector.collect({"t": [x]})
+    ort_lo, ort_hi = collector.compute_collection_result()["t"][:2]
+    assert float(lo) == 0.0 == float(ort_lo)
+    hist = obs.histogram.numpy()
+    kept = _reference_kl_threshold(hist[::8] + hist[1::8] + hist[2::8] + hist[3::8]
+                                   + hist[4::8] + hist[5::8] + hist[6::8] + hist[7::8], 32)
+    coarse = EntropyObserver(qmin=0, qmax=31, symmetric=False, bins=256)
+    coarse(torch.from_numpy(x))
+    assert float(coarse.chosen_range()[1]) == pytest.approx(float(x.max()) * kept / 256)
+    assert float(hi) < 18.0 and float(ort_hi) < 18.0  # below the smallest outlier
+
+
+def test_percentile_observer_close_to_onnxruntime():
+    x = _relu_heavy_tail(2)
+    spec = QuantSpec(bits=8, signed=False, symmetric=False, observer="percentile",
+                     percentile=99.9)
+    obs = make_observer(spec)
+    obs(torch.from_numpy(x))
+    hi = float(obs.chosen_range()[1])
+    # ONNX Runtime cuts (100 - p) / 2 percent on each side, quantaware (100 - p).
+    collector = HistogramCollector("percentile", symmetric=False, num_bins=2048,
+                                   num_quantized_bins=128, percentile=99.8, scenario="same")
+    collector.collect({"t": [x]})
+    ort_hi = float(collector.compute_collection_result()["t"][1])
+    assert hi == pytest.approx(ort_hi, rel=0.05)
+    assert hi == pytest.approx(float(np.percentile(x, 99.9)), rel=0.05)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_mse_observer_near_best_raw_mse(bits):
+    x = _relu_heavy_tail(3)
+    qmax = 2**bits - 1
+    obs = MSEObserver(qmin=0, qmax=qmax, symmetric=False)
+    for chunk in np.array_split(x, 3):  # several batches, with rebinning
+        obs(torch.from_numpy(chunk))
+    scale, zp = obs.calculate_qparams()
+    xt = torch.from_numpy(x).double()
+
+    def raw_mse(s: float) -> float:
+        xq = torch.clamp(torch.round(xt / s), 0, qmax) * s
+        return float(((xt - xq) ** 2).mean())
+
+    grid = float(x.max()) / qmax * np.linspace(0.01, 1.0, 200)
+    best = min(raw_mse(s) for s in grid)
+    assert raw_mse(float(scale)) <= best * 1.03
+    assert int(zp) == 0
+
+
+def test_mse_weight_range_beats_minmax_at_4_bits():
+    torch.manual_seed(0)
+    w = torch.randn(16, 200) * torch.rand(16, 1)
+    lo, hi = mse_weight_range(w, -7, 7, symmetric=True)
+    amax = torch.maximum(-lo, hi)
+    mse_scale, mm_scale = amax / 7, w.abs().amax(1) / 7
+
+    def err(s: torch.Tensor) -> torch.Tensor:
+        return ((w - torch.clamp(torch.round(w / s[:, None]), -7, 7) * s[:, None]) ** 2).sum(1)
+
+    assert (err(mse_scale) <= err(mm_scale) + 1e-6).all()
+    assert err(mse_scale).sum() < err(mm_scale).sum()
+
+
+def test_histogram_observers_are_per_tensor_only():
+    with pytest.raises(ConfigError, match="per-tensor only"):
+        QuantSpec(observer="entropy", granularity=PerChannel(0))
+
+
+def test_weight_quantizer_uses_loaded_qparams_until_released():
+    spec = QuantSpec(bits=4, narrow_range=True, granularity=PerChannel(0))
+    fq = FakeQuantizer(spec, channels=2, from_tensor=True)
+    w = torch.tensor([[1.0, -0.5], [0.2, 0.1]])
+    minmax = fq(w)
+    fq.load_qparams(torch.tensor([0.5, 0.5]), torch.zeros(2, dtype=torch.int32))
+    assert torch.equal(fq(w), torch.tensor([[1.0, -0.5], [0.0, 0.0]]))
+    fq.follow_tensor()
+    assert torch.equal(fq(w), minmax)

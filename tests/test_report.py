@@ -1,0 +1,75 @@
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import re
+from html.parser import HTMLParser
+
+import torch
+
+from quantaware import presets, quantize
+from quantaware.cli import main
+from quantaware.report import histograms_from_model, write_report
+
+
+class _Checker(HTMLParser):
+    VOID = frozenset({"meta", "img", "br", "hr", "link", "input"})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stack: list[str] = []
+        self.images: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.images.append(dict(attrs)["src"])
+        elif tag not in self.VOID:
+            self.stack.append(tag)
+
+    def handle_endtag(self, tag):
+        assert self.stack and self.stack[-1] == tag, f"unbalanced </{tag}>"
+        self.stack.pop()
+
+
+def _payload() -> dict:
+    act = dataclasses.replace(presets.INT8.activation, observer="entropy")
+    cfg = dataclasses.replace(presets.INT8, activation=act)
+    data = [torch.rand(32, 6)]
+    q = quantize(torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.ReLU()), cfg, data,
+                 data[0][:1])
+    return {
+        "title": "test <report>",
+        "rows": [{"group": "a", "variant": "FP32", "agreement": 100.0, "size_bytes": 4000},
+                 {"group": "b", "variant": "INT8", "agreement": 97.5,
+                  "agreement_confident": 99.0, "size_bytes": 1000}],
+        "sensitivity": [{"name": "0", "params": 24, "only_quantized_drop": 1.0,
+                         "only_quantized_sqnr": 30.0, "only_float_drop": 0.5,
+                         "only_float_sqnr": 25.0}],
+        "histograms": histograms_from_model(q),
+    }
+
+
+def test_report_is_valid_html_with_decodable_pngs(tmp_path):
+    path = write_report(tmp_path / "r.html", _payload())
+    text = path.read_text()
+    assert text.startswith("<!DOCTYPE html>")
+    checker = _Checker()
+    checker.feed(text)
+    assert checker.stack == []
+    assert len(checker.images) == 3  # accuracy vs size, sensitivity, histograms
+    for src in checker.images:
+        assert src.startswith("data:image/png;base64,")
+        raw = base64.b64decode(src.split(",", 1)[1], validate=True)
+        assert raw[:8] == b"\x89PNG\r\n\x1a\n" and len(raw) > 1000
+    assert "test &lt;report&gt;" in text
+    summary = path.with_suffix(".md").read_text()
+    assert re.search(r"\| b \| INT8 \| 97.5% \| 99.0% \|", summary)
+
+
+def test_report_cli(tmp_path):
+    src = tmp_path / "results.json"
+    src.write_text(json.dumps(_payload()))
+    assert main(["report", str(src), "--out", str(tmp_path / "out.html")]) == 0
+    assert (tmp_path / "out.html").is_file() and (tmp_path / "out.md").is_file()
+    assert main(["report", str(tmp_path / "missing.json")]) == 2
