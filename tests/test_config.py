@@ -326,7 +326,7 @@ def test_presets_get_unknown_lists_choices():
 
 
 def test_preset_contents():
-    assert set(presets.PRESETS) == {"INT8", "INT8_DYNAMIC", "FP16", "W4A8", "W8"}
+    assert set(presets.PRESETS) == {"INT8", "INT8_DYNAMIC", "FP16", "W4A8", "W8", "W4A4", "W2A2"}
     for name, cfg in presets.PRESETS.items():
         assert cfg.name == name
     assert presets.INT8.weight.granularity == PerChannel(0)

@@ -144,3 +144,21 @@ def test_gradients_reach_float_conv_weights(ref):
     q(x).sum().backward()
     assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_per_tensor_weights_with_bias_keep_one_scale():
+    """The int32-bias guard widens a per-tensor weight scale as a whole."""
+    import dataclasses
+
+    from quantaware import calibrate, prepare, presets
+    from quantaware.config import PerTensor, QuantSpec
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1))
+    cfg = dataclasses.replace(presets.INT8, weight=QuantSpec(narrow_range=True,
+                                                            granularity=PerTensor()))
+    x = torch.randn(4, 3, 8, 8)
+    q = calibrate(prepare(net, cfg, x[:1]), [x])
+    w_scale, _, b_scale = q.get_submodule("2").weight_qparams()
+    assert w_scale.dim() == 0 and b_scale.dim() == 0
+    assert torch.allclose(q(x), net(x), atol=0.1)

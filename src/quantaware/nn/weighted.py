@@ -67,6 +67,8 @@ class WeightQuantMixin(QuantMixin):
             return w_scale, w_zp, None
         # Widen the weight scale where the bias would not fit in the int32 range.
         needed = bias.detach().abs() / (in_scale * BIAS_QMAX)
+        if w_scale.dim() == 0:  # per-tensor weights: one scale must cover every bias
+            needed = needed.max()
         w_scale = torch.maximum(w_scale, needed)
         return w_scale, w_zp, in_scale * w_scale
 
