@@ -1,6 +1,7 @@
 """Quantized modules and the float-to-quantized registry."""
 
 from quantaware.nn.conv import QuantConv1d, QuantConv2d
+from quantaware.nn.embedding import QuantEmbedding
 from quantaware.nn.functional import QuantAdd, QuantCat, QuantMatmul
 from quantaware.nn.linear import QuantLinear
 from quantaware.nn.pool import QuantAdaptiveAvgPool2d, QuantAvgPool2d
@@ -13,6 +14,7 @@ __all__ = [
     "QuantCat",
     "QuantConv1d",
     "QuantConv2d",
+    "QuantEmbedding",
     "QuantLinear",
     "QuantMatmul",
     "quantized_type",
