@@ -12,6 +12,9 @@ Runtime 1.31 (2 threads):
   outlier channels that one uint8 scale cannot hold) and float
   LayerNorm/Softmax/GELU. Quantizers whose tensor feeds only float ops are not
   emitted, so ONNX Runtime runs ``MatMulIntegerToFloat``/``QLinearMatMul``.
+  SmoothQuant with ``alpha=0.8`` before calibration: on all-MiniLM-L6-v2
+  (64 calibration / 160 evaluation sentences) it raised the embedding cosine to
+  FP32 from 0.9926 to 0.998 (alpha 0.5: 0.989, 0.75: 0.9978, 0.85: 0.9979, 0.95: 0.9970).
 
 Example:
     >>> import torch
@@ -35,7 +38,10 @@ from torch import nn
 from quantaware import presets
 from quantaware.config import LayerOverride, QuantConfig
 
-__all__ = ["BACKENDS", "BUILTIN_MODELS", "ModelSource", "default_config", "load_model_source"]
+__all__ = ["BACKENDS", "BUILTIN_MODELS", "ModelSource", "default_config", "load_model_source",
+           "quantize_for_backend"]
+
+SMOOTHQUANT_ALPHA = 0.8
 
 BACKENDS = ("onnxruntime-x86",)
 
@@ -53,6 +59,32 @@ def default_config(model: nn.Module, backend: str = "onnxruntime-x86") -> QuantC
         return dataclasses.replace(presets.INT8.with_overrides(*_FLOAT_ADDS),
                                    name="INT8_TRANSFORMER")
     return presets.INT8
+
+
+def quantize_for_backend(model: nn.Module, calib: list[Any], example: Any,
+                         backend: str = "onnxruntime-x86",
+                         config: QuantConfig | None = None) -> nn.Module:
+    """PTQ with the measured defaults: :func:`default_config`, SmoothQuant for transformers.
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8))
+        >>> x = torch.randn(16, 4)
+        >>> q = quantize_for_backend(net, [x], x[:1])
+        >>> q(x).shape
+        torch.Size([16, 8])
+    """
+    from quantaware.calibrate import calibrate
+    from quantaware.prepare import prepare
+    from quantaware.smoothquant import smooth_quant
+
+    config = config or default_config(model, backend)
+    args = tuple(example.values()) if isinstance(example, dict) else (
+        example if isinstance(example, tuple) else (example,))
+    prepared = prepare(model, config, args)
+    if config.name == "INT8_TRANSFORMER":
+        smooth_quant(prepared, calib, alpha=SMOOTHQUANT_ALPHA)
+    return calibrate(prepared, calib)
 
 
 @dataclass

@@ -5,8 +5,8 @@ thread budget, thread spinning disabled so sessions do not steal each other's
 cores):
 
 - ``fp32``: the float model;
-- ``quantaware-int8``: :func:`quantaware.quantize` with the backend's default
-  config (:func:`quantaware.deploy.default_config`), exported with Q/DQ;
+- ``quantaware-int8``: :func:`quantaware.deploy.quantize_for_backend` (the
+  backend's measured default config, SmoothQuant for transformers), exported with Q/DQ;
 - ``ort-static-int8``: ``onnxruntime.quantization.quantize_static`` of the fp32
   file (QDQ, per-channel, u8s8, MinMax) on the same calibration data;
 - ``ort-dynamic-int8``: ``onnxruntime.quantization.quantize_dynamic``.
@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from quantaware.deploy import ModelSource, default_config, load_model_source
+from quantaware.deploy import ModelSource, load_model_source, quantize_for_backend
 
 __all__ = ["VARIANTS", "benchmark", "build_variants", "fidelity", "time_interleaved",
            "write_json"]
@@ -81,7 +81,7 @@ def build_variants(source: ModelSource, out_dir: str | os.PathLike,
         quantize_static,
     )
 
-    from quantaware import export_onnx, quantize
+    from quantaware import export_onnx
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -90,7 +90,7 @@ def build_variants(source: ModelSource, out_dir: str | os.PathLike,
     on_step(f"{source.name}: export fp32")
     export_onnx(source.model, paths["fp32"], args)
     on_step(f"{source.name}: quantaware PTQ + export")
-    qmodel = quantize(source.model, default_config(source.model), source.calib, args)
+    qmodel = quantize_for_backend(source.model, source.calib, args)
     export_onnx(qmodel, paths["quantaware-int8"], args)
     names = [i.name for i in ort.InferenceSession(
         str(paths["fp32"]), providers=["CPUExecutionProvider"]).get_inputs()]

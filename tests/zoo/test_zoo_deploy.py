@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import quantaware
-from quantaware.deploy import default_config
+from quantaware.deploy import default_config, quantize_for_backend
+from quantaware.prepare import quantizers
 from quantaware.zoo import mobilenet_v2, resnet18
 from quantaware.zoo.minilm import MiniLMConfig, minilm
 
@@ -50,9 +51,9 @@ def test_minilm_exports_and_matches_torch(tmp_path):
     mask[::2, 8:] = 0
     data = [{"input_ids": ids[:8], "attention_mask": mask[:8]},
             {"input_ids": ids[8:], "attention_mask": mask[8:]}]
-    config = default_config(model)
-    assert config.name == "INT8_TRANSFORMER"
-    q = quantaware.quantize(model, config, data, (ids[:2], mask[:2]))
+    assert default_config(model).name == "INT8_TRANSFORMER"
+    q = quantize_for_backend(model, data, (ids[:2], mask[:2]))
+    assert any(q_._buffers.get("smoothing") is not None for _, q_ in quantizers(q))
     path = quantaware.export_onnx(q, tmp_path / "m.onnx", (ids[:2], mask[:2]))
     report = quantaware.verify(path, q, data)
     assert report.cosine >= 0.999, report

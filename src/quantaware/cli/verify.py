@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
 
     import quantaware
     from quantaware import presets
-    from quantaware.deploy import default_config, load_model_source
+    from quantaware.deploy import default_config, load_model_source, quantize_for_backend
 
     console = Console(width=None if sys.stdout.isatty() else 100)
     with console.status(f"loading {args.model}") as status:
@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         example = (tuple(source.example.values()) if isinstance(source.example, dict)
                    else (source.example,))
         status.update(f"quantizing with {config.name}")
-        qmodel = quantaware.quantize(source.model, config, source.calib, example)
+        qmodel = quantize_for_backend(source.model, source.calib, example, config=config)
         status.update("exporting")
         path = quantaware.export_onnx(qmodel, Path(args.out) / f"{source.name}-int8.onnx",
                                       example)
