@@ -60,5 +60,5 @@ def test_minilm_exports_and_matches_torch(tmp_path):
     assert report.layers_checked > 0, report
     assert report.first_divergent_lsb is None or report.first_divergent_lsb <= 2, report
     ops = _optimized_ops(path, tmp_path)
-    integer = ops["MatMulIntegerToFloat"] + ops["QLinearMatMul"] + ops["DynamicQuantizeMatMul"]
-    assert integer >= 2 * 6 and ops["MatMul"] == 0, ops
+    # Every Linear (6 per layer) runs on integers; the attention matmuls stay float.
+    assert ops["MatMulIntegerToFloat"] + ops["QLinearMatMul"] == 2 * 6, ops
