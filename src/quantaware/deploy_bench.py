@@ -224,6 +224,7 @@ def write_json(rows: list[dict[str, Any]], path: str | os.PathLike) -> Path:
     try:
         with os.fdopen(fd, "w") as handle:
             json.dump(rows, handle, indent=2)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
