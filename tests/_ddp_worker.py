@@ -41,7 +41,7 @@ def main(out: str) -> None:
     gathered = [None, None]
     torch.distributed.all_gather_object(gathered, {n: p.tolist() for n, p in params.items()})
     weights_equal = gathered[0] == gathered[1]
-    scales = [float(q.scale.reshape(-1)[0]) for n, q in model.named_modules()
+    scales = [float(q.effective_scale().reshape(-1)[0]) for n, q in model.named_modules()
               if n.endswith("input_quantizer")]
     if rank == 0:
         with open(out, "w") as f:

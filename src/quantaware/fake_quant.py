@@ -160,7 +160,21 @@ class FakeQuantizer(nn.Module):
             )
         return self.scale, self.zero_point
 
+    def set_smoothing(self, factor: torch.Tensor | None) -> None:
+        """Multiply inputs by a per-channel (last axis) ``factor`` before quantizing.
+
+        SmoothQuant-style scale migration (see :mod:`quantaware.smoothquant`): the
+        consumers of this quantizer carry the inverse factor in their weights.
+        """
+        if factor is None:
+            self._buffers.pop("smoothing", None)
+        else:
+            self.register_buffer("smoothing", factor.detach().to(torch.float32).clone())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        smoothing = self._buffers.get("smoothing")
+        if smoothing is not None:
+            x = x * smoothing
         if self.exporting:
             return self._export_forward(x)
         if self.observer is not None and bool(self.observer_enabled):

@@ -300,6 +300,66 @@ def _place_quantizers(gm: fx.GraphModule) -> None:
             source[node] = source.get(node.args[0])
         else:
             source[node] = None
+    _drop_unused_output_quantizers(gm, source)
+
+
+def _graph_outputs(gm: fx.GraphModule) -> list[fx.Node]:
+    outputs: list[fx.Node] = []
+    for node in gm.graph.nodes:
+        if node.op == "output":
+            fx.node.map_arg(node.args, outputs.append)
+    return outputs
+
+
+def _drop_unused_output_quantizers(gm: fx.GraphModule,
+                                   source: dict[fx.Node, nn.Module | None]) -> None:
+    """An output quantizer whose tensor only feeds float ops (softmax, GELU, LayerNorm,
+    a float residual add) would add a Q/DQ pair that nothing integer consumes: it
+    costs time and precision, so it goes. Quantizers that reach a graph output stay."""
+    used = {id(q) for q in (source.get(n) for n in _graph_outputs(gm)) if q is not None}
+    for node in gm.graph.nodes:
+        module = _module(gm, node)
+        if isinstance(module, _MultiInputQuant):
+            for i, arg in enumerate(node.args):
+                if isinstance(module.input_quantizers[i], nn.Identity) and source.get(arg):
+                    used.add(id(source[arg]))
+        elif isinstance(module, QuantMixin) and module.input_quantizer is None and node.args:
+            src = source.get(node.args[0])
+            if src is not None:
+                used.add(id(src))
+    for node in gm.graph.nodes:
+        module = _module(gm, node)
+        if (isinstance(module, QuantMixin) and isinstance(module.output_quantizer, FakeQuantizer)
+                and id(module.output_quantizer) not in used):
+            module.output_quantizer = None
+
+
+def _share_input_quantizers(gm: fx.GraphModule) -> None:
+    """A float tensor feeding several quantized layers (the query, key and value
+    projections of one LayerNorm output) is quantized once, by a quantizer node of
+    its own, instead of once per consumer."""
+    consumers: dict[fx.Node, list[fx.Node]] = {}
+    for node in gm.graph.nodes:
+        module = _module(gm, node)
+        if (isinstance(module, QuantMixin) and not isinstance(module, _MultiInputQuant)
+                and isinstance(module.input_quantizer, FakeQuantizer) and node.args
+                and isinstance(node.args[0], fx.Node)):
+            consumers.setdefault(node.args[0], []).append(node)
+    for arg, users in consumers.items():
+        specs = [gm.get_submodule(u.target).input_quantizer.spec for u in users]
+        if len(users) < 2 or any(spec != specs[0] for spec in specs):
+            continue
+        shared = gm.get_submodule(users[0].target).input_quantizer
+        name = _unique_name(gm, f"{arg.name}_quantizer")
+        gm.add_submodule(name, shared)
+        with gm.graph.inserting_after(arg):
+            qnode = gm.graph.call_module(name, args=(arg,))
+        qnode.meta = dict(arg.meta)
+        for user in users:
+            module = gm.get_submodule(user.target)
+            module.input_quantizer = None
+            module.set_input_source(shared)
+            user.replace_input_with(arg, qnode)
 
 
 def _set_quantizer_state(model: nn.Module, state: dict[str, torch.Tensor] | None = None):
@@ -401,6 +461,7 @@ def prepare(
             _rewrite_functional(gm, config)
         _fuse_activations(gm)
         _place_quantizers(gm)
+        _share_input_quantizers(gm)
         gm.graph.lint()
         gm.recompile()
         gm.delete_all_unused_submodules()

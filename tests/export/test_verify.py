@@ -52,7 +52,8 @@ def test_report_fields(report, int8_model):
 def test_report_serialises(report):
     data = report.to_dict()
     assert set(data) == {"num_samples", "top1_agreement", "cosine", "min_cosine",
-                         "max_abs_error", "max_error_lsb", "output_scale"}
+                         "max_abs_error", "max_error_lsb", "output_scale", "layers_checked",
+                         "first_divergent_layer", "first_divergent_lsb"}
     assert json.loads(report.to_json()) == data
     assert VerifyReport(**data) == report
 
@@ -60,7 +61,7 @@ def test_report_serialises(report):
 def test_report_str_is_readable(report):
     text = str(report)
     lines = text.splitlines()
-    assert len(lines) == 4
+    assert len(lines) == 5 and "layers" in lines[4]
     verdict = "PASS" if report.passed() else "CHECK"
     assert lines[0] == f"verify: {verdict} on 200 samples"
     assert "top-1 agreement" in text and f"{100 * report.top1_agreement:.2f}%" in text

@@ -30,6 +30,7 @@ from torch import nn
 
 from quantaware.fake_quant import FakeQuantizer
 from quantaware.nn.base import QuantMixin
+from quantaware.nn.embedding import QuantEmbedding
 from quantaware.nn.weighted import WeightQuantMixin
 
 __all__ = ["ExportError", "export_onnx"]
@@ -68,7 +69,7 @@ def _export_copy(model: nn.Module) -> nn.Module:
                 )
             module.exporting = bool(module.fake_quant_enabled)
     for module in model.modules():
-        if isinstance(module, WeightQuantMixin):
+        if isinstance(module, WeightQuantMixin | QuantEmbedding):
             module.freeze_for_export()
         elif isinstance(module, QuantMixin):
             module.exporting = True

@@ -106,6 +106,17 @@ def _(x):
     return torch.empty(x.shape, dtype=torch.float32, device=x.device)
 
 
+@torch.library.custom_op("quantaware::gather_dequantize", mutates_args=())
+def gather_dequantize(q: torch.Tensor, row_scale: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Rows ``ids`` of an integer table (symmetric, one scale per row) in float32."""
+    return q[ids].to(torch.float32) * row_scale[ids]
+
+
+@gather_dequantize.register_fake
+def _(q, row_scale, ids):
+    return torch.empty((*ids.shape, q.shape[1]), dtype=torch.float32, device=q.device)
+
+
 # -- ONNX translations (onnxscript) ---------------------------------------------
 
 def _qdq_onnx(x, scale, zero_point, axis: int, qmin: int, qmax: int):
@@ -136,6 +147,11 @@ def _global_average_pool_onnx(x):
     return op.GlobalAveragePool(x)
 
 
+def _gather_dequantize_onnx(q, row_scale, ids):
+    rows = op.Cast(op.Gather(q, ids, axis=0), to=onnx.TensorProto.FLOAT)
+    return op.Mul(rows, op.Gather(row_scale, ids, axis=0))
+
+
 def _cast_float_onnx(x):
     return op.Cast(x, to=onnx.TensorProto.FLOAT)
 
@@ -147,4 +163,5 @@ TRANSLATION_TABLE = {
     torch.ops.quantaware.dynamic_quantize_dequantize.default: _dynamic_qdq_onnx,
     torch.ops.quantaware.cast_float.default: _cast_float_onnx,
     torch.ops.quantaware.global_average_pool.default: _global_average_pool_onnx,
+    torch.ops.quantaware.gather_dequantize.default: _gather_dequantize_onnx,
 }

@@ -2,7 +2,10 @@
 
 Both run on the same inputs; the report gives top-1 agreement, mean cosine
 similarity and the largest difference in units of the output's quantization
-step (LSB) where the ONNX output comes out of a ``DequantizeLinear``. One LSB is
+step (LSB) where the ONNX output comes out of a ``DequantizeLinear``. For a
+prepared model it also compares every quantized activation on the first batch
+(:mod:`quantaware.export.layers`) and names the first layer where ONNX Runtime
+and torch differ by more than one LSB. One LSB is
 the expected worst case: ONNX Runtime accumulates in int32 where torch
 accumulates in float, so a value that sits on a rounding tie may round the
 other way (Brevitas' ``brevitas_ort`` checks the same bound).
@@ -23,6 +26,7 @@ from onnx import numpy_helper
 from torch import nn
 
 from quantaware._batch import model_device, split_batch, to_device
+from quantaware.export.layers import compare_layers, first_divergence
 
 __all__ = ["VerifyReport", "verify"]
 
@@ -40,6 +44,10 @@ class VerifyReport:
         max_error_lsb: ``max_abs_error`` in output quantization steps, or ``None``
             when the output is not quantized.
         output_scale: the output's quantization step, if quantized.
+        layers_checked: quantized activations compared layer by layer (first batch).
+        first_divergent_layer: the first quantizer (graph order) whose integer codes
+            differ by more than one LSB, or ``None`` if every layer agrees.
+        first_divergent_lsb: that layer's largest code difference.
     """
 
     num_samples: int
@@ -49,6 +57,9 @@ class VerifyReport:
     max_abs_error: float
     max_error_lsb: float | None
     output_scale: float | None
+    layers_checked: int = 0
+    first_divergent_layer: str | None = None
+    first_divergent_lsb: int | None = None
 
     def passed(self, min_agreement: float = 0.99, max_lsb: float = 1.0) -> bool:
         """True if agreement and (where quantized) the LSB error are within bounds."""
@@ -66,11 +77,19 @@ class VerifyReport:
         lsb = ("n/a (float output)" if self.max_error_lsb is None
                else f"{self.max_error_lsb:.2f} LSB (step {self.output_scale:.4g})")
         verdict = "PASS" if self.passed() else "CHECK"
+        if not self.layers_checked:
+            layers = "not checked (no static activation quantizers)"
+        elif self.first_divergent_layer is None:
+            layers = f"all {self.layers_checked} quantized activations within 1 LSB"
+        else:
+            layers = (f"first divergence at {self.first_divergent_layer} "
+                      f"({self.first_divergent_lsb} LSB; {self.layers_checked} checked)")
         return (
             f"verify: {verdict} on {self.num_samples} samples\n"
             f"  top-1 agreement  {100 * self.top1_agreement:.2f}%\n"
             f"  cosine           {self.cosine:.6f} (min {self.min_cosine:.6f})\n"
-            f"  max error        {self.max_abs_error:.4g} = {lsb}"
+            f"  max error        {self.max_abs_error:.4g} = {lsb}\n"
+            f"  layers           {layers}"
         )
 
 
@@ -112,6 +131,7 @@ def verify(
     data: Iterable[Any],
     num_batches: int | None = None,
     threads: int = 2,
+    check_layers: bool = True,
 ) -> VerifyReport:
     """Run ``onnx_path`` in ONNX Runtime and ``model`` in torch on ``data``; compare.
 
@@ -121,6 +141,8 @@ def verify(
         data: batches (tensors, ``(inputs, ...)`` tuples, or dicts of inputs).
         num_batches: compare at most this many batches.
         threads: ONNX Runtime intra-op threads.
+        check_layers: also compare every quantized activation on the first batch
+            and report the first layer that differs by more than one LSB.
 
     Example:
         >>> import torch, tempfile, os, quantaware
@@ -156,11 +178,13 @@ def verify(
     model.eval()
     device = model_device(model)
     agree = total = 0
+    first_batch = None
     cosines: list[np.ndarray] = []
     max_err = 0.0
     for i, batch in enumerate(data):
         if num_batches is not None and i >= num_batches:
             break
+        first_batch = batch if first_batch is None else first_batch
         args, kwargs = split_batch(batch)
         if args:
             feed = {name: a.detach().cpu().numpy() for name, a in zip(input_names, args,
@@ -192,6 +216,8 @@ def verify(
     if total == 0:
         raise ValueError("verify got no data: pass an iterable with at least one batch")
     all_cos = np.concatenate(cosines)
+    rows = compare_layers(onnx_path, model, first_batch, threads) if check_layers else []
+    first = first_divergence(rows)
     return VerifyReport(
         num_samples=total,
         top1_agreement=agree / total,
@@ -200,5 +226,8 @@ def verify(
         max_abs_error=max_err,
         max_error_lsb=None if scale is None else max_err / scale,
         output_scale=scale,
+        layers_checked=len(rows),
+        first_divergent_layer=None if first is None else first.name,
+        first_divergent_lsb=None if first is None else first.max_lsb,
     )
 

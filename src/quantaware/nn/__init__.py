@@ -2,6 +2,7 @@
 
 from quantaware.nn.conv import QuantConv1d, QuantConv2d
 from quantaware.nn.conv_bn import ConvBn1d, ConvBn2d, QuantConvBn1d, QuantConvBn2d
+from quantaware.nn.embedding import QuantEmbedding
 from quantaware.nn.functional import QuantAdd, QuantCat, QuantMatmul
 from quantaware.nn.linear import QuantLinear
 from quantaware.nn.pool import QuantAdaptiveAvgPool2d, QuantAvgPool2d
@@ -18,6 +19,7 @@ __all__ = [
     "QuantConv2d",
     "QuantConvBn1d",
     "QuantConvBn2d",
+    "QuantEmbedding",
     "QuantLinear",
     "QuantMatmul",
     "quantized_type",

@@ -1,0 +1,81 @@
+"""``quantaware verify``: quantize a model, export it, and prove ONNX Runtime computes the same."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from quantaware.cli import UsageError
+from quantaware.deploy import BUILTIN_MODELS
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "verify", help="quantize + export a model and check ONNX Runtime against torch",
+        description="Quantize MODEL (PTQ with the backend's measured default config, or "
+        "--preset), export it to ONNX, run both on held-out data and report top-1 "
+        "agreement, cosine, the max output error in LSBs and the first layer where "
+        "ONNX Runtime and torch differ by more than one LSB. Exit code 1 if the "
+        "agreement bound is not met.",
+    )
+    parser.add_argument("--model", required=True, metavar="MODEL",
+                        help=f"one of {', '.join(BUILTIN_MODELS)} or MODULE:FUNCTION returning "
+                        "a torch.nn.Module")
+    parser.add_argument("--input-shape", metavar="C,H,W",
+                        help="per-sample input shape for MODULE:FUNCTION models")
+    parser.add_argument("--size", type=int,
+                        help="image side (CNNs, default 224) or sequence length (minilm, 64)")
+    parser.add_argument("--preset", help="a preset name instead of the measured default")
+    parser.add_argument("--num-calib", type=int, default=88, help="calibration samples")
+    parser.add_argument("--num-eval", type=int, default=264, help="evaluation samples")
+    parser.add_argument("--out", default="quantaware-verify", metavar="DIR",
+                        help="folder for the ONNX file (default: %(default)s)")
+    parser.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    parser.add_argument("--min-agreement", type=float, default=0.995,
+                        help="top-1 agreement (images) or cosine (text) required "
+                        "(default: %(default)s)")
+    parser.set_defaults(func=run)
+
+
+def _shape(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError as exc:
+        raise UsageError(f"--input-shape must be comma-separated ints, got {text!r}") from exc
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    import quantaware
+    from quantaware import presets
+    from quantaware.deploy import default_config, load_model_source, quantize_for_backend
+
+    console = Console(width=None if sys.stdout.isatty() else 100)
+    with console.status(f"loading {args.model}") as status:
+        try:
+            source = load_model_source(args.model, args.num_calib, args.num_eval,
+                                       size=args.size, input_shape=_shape(args.input_shape))
+        except (ValueError, KeyError) as exc:
+            raise UsageError(str(exc)) from exc
+        config = presets.get(args.preset) if args.preset else default_config(source.model)
+        example = (tuple(source.example.values()) if isinstance(source.example, dict)
+                   else (source.example,))
+        status.update(f"quantizing with {config.name}")
+        qmodel = quantize_for_backend(source.model, source.calib, example, config=config)
+        status.update("exporting")
+        path = quantaware.export_onnx(qmodel, Path(args.out) / f"{source.name}-int8.onnx",
+                                      example)
+        status.update("running ONNX Runtime and torch")
+        report = quantaware.verify(path, qmodel, source.evaluate)
+    console.print(f"[bold]{source.name}[/bold] ({config.name}) -> {path}")
+    console.print(str(report))
+    if args.json:
+        from quantaware.deploy_bench import write_json
+
+        console.print(f"report written to {write_json(report.to_dict(), args.json)}")
+    score = report.cosine if source.kind == "text" else report.top1_agreement
+    return 0 if score >= args.min_agreement else 1

@@ -1,0 +1,152 @@
+"""Layer-by-layer comparison of an exported model with its torch model.
+
+Every static activation quantizer of a prepared model becomes one ONNX
+``QuantizeLinear`` whose scale initializer is named after it
+(``<module path>.output_quantizer.scale``). Exposing those integer tensors as
+extra graph outputs and recording the same quantizers' outputs in torch (as
+integer codes, ``round(y / scale) + zero_point``) compares the two runs tensor by
+tensor in graph order. The first quantizer whose codes differ by more than one
+LSB is where the deployed model stops computing what the torch model computes;
+everything before it agrees within integer-vs-float rounding.
+
+Example:
+    >>> import torch, tempfile, os, quantaware
+    >>> from quantaware import presets
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    >>> x = torch.randn(64, 4)
+    >>> q = quantaware.quantize(net, presets.INT8, [x], x[:1])
+    >>> path = quantaware.export_onnx(q, os.path.join(tempfile.mkdtemp(), "m.onnx"), x[:1])
+    >>> rows = compare_layers(path, q, x)
+    >>> rows[0].name, first_divergence(rows) is None
+    ('0.input_quantizer', True)
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from quantaware._batch import model_device, split_batch, to_device
+from quantaware.fake_quant import FakeQuantizer
+
+__all__ = ["LayerDiff", "compare_layers", "first_divergence"]
+
+_SCALE_SUFFIX = ".scale"
+
+
+@dataclass(frozen=True)
+class LayerDiff:
+    """How one quantized tensor differs between ONNX Runtime and torch.
+
+    Attributes:
+        name: the torch quantizer (e.g. ``features.3.conv.0.output_quantizer``).
+        onnx_tensor: the ``QuantizeLinear`` output it corresponds to.
+        max_lsb: largest difference of the integer codes.
+        mismatch: fraction of elements whose codes differ at all.
+    """
+
+    name: str
+    onnx_tensor: str
+    max_lsb: int
+    mismatch: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def first_divergence(rows: list[LayerDiff], max_lsb: int = 1) -> LayerDiff | None:
+    """The first row (in graph order) whose codes differ by more than ``max_lsb``."""
+    return next((row for row in rows if row.max_lsb > max_lsb), None)
+
+
+def _quantize_nodes(proto: onnx.ModelProto, names: set[str]) -> list[tuple[str, str]]:
+    """``(quantizer name, Q output)`` for Q nodes whose scale is named after a quantizer."""
+    found = []
+    for node in proto.graph.node:
+        if node.op_type != "QuantizeLinear" or len(node.input) < 2:
+            continue
+        scale = node.input[1]
+        name = scale[: -len(_SCALE_SUFFIX)] if scale.endswith(_SCALE_SUFFIX) else None
+        if name in names:
+            found.append((name, node.output[0]))
+    return found
+
+
+def _torch_codes(model: nn.Module, quantizers: dict[str, FakeQuantizer],
+                 batch: Any) -> dict[str, np.ndarray]:
+    codes: dict[str, np.ndarray] = {}
+
+    def hook(name: str, q: FakeQuantizer):
+        def record(_module, _inputs, output):
+            scale = q.scale.reshape(-1)[0] if q.scale.dim() else q.scale
+            value = torch.round(output.detach().float() / scale) + q.zero_point.float()
+            codes[name] = value.cpu().numpy().astype(np.int64)
+        return record
+
+    handles = [q.register_forward_hook(hook(n, q)) for n, q in quantizers.items()]
+    try:
+        args, kwargs = to_device(*split_batch(batch), model_device(model))
+        with torch.no_grad():
+            model(*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return codes
+
+
+def compare_layers(onnx_path: str | Path, model: nn.Module, batch: Any,
+                   threads: int = 2) -> list[LayerDiff]:
+    """Compare every static per-tensor activation quantizer's codes, in graph order.
+
+    Args:
+        onnx_path: a model written by :func:`quantaware.export_onnx`.
+        model: the prepared torch model it came from.
+        batch: one batch (tensor, ``(inputs, ...)`` tuple or dict of inputs).
+
+    Returns:
+        One :class:`LayerDiff` per quantizer found in both (empty for float models).
+    """
+    import onnxruntime as ort
+
+    model.eval()
+    quantizers = {
+        name: q for name, q in model.named_modules()
+        if isinstance(q, FakeQuantizer) and not q.from_tensor and q.axis is None
+        and bool(q.fake_quant_enabled)
+    }
+    proto = onnx.load(str(onnx_path))
+    pairs = _quantize_nodes(proto, set(quantizers))
+    if not pairs:
+        return []
+    existing = {o.name for o in proto.graph.output}
+    for _, tensor in pairs:
+        if tensor not in existing:
+            proto.graph.output.append(onnx.ValueInfoProto(name=tensor))
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    session = ort.InferenceSession(proto.SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"])
+    args, kwargs = split_batch(batch)
+    input_names = [i.name for i in session.get_inputs()]
+    if args:
+        feed = {n: a.detach().cpu().numpy() for n, a in zip(input_names, args, strict=False)}
+    else:
+        feed = {k: v.detach().cpu().numpy() for k, v in kwargs.items() if k in input_names}
+    wanted = [tensor for _, tensor in pairs]
+    ort_values = dict(zip(wanted, session.run(wanted, feed), strict=True))
+    ref = _torch_codes(model, quantizers, batch)
+    rows = []
+    for name, tensor in pairs:
+        if name not in ref or ref[name].shape != ort_values[tensor].shape:
+            continue  # a quantizer the torch forward did not run on this tensor
+        diff = np.abs(ref[name] - ort_values[tensor].astype(np.int64))
+        rows.append(LayerDiff(name, tensor, int(diff.max()) if diff.size else 0,
+                              float((diff > 0).mean()) if diff.size else 0.0))
+    return rows

@@ -1,0 +1,50 @@
+"""`quantaware verify` and `quantaware bench` end to end (quick settings)."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from quantaware.cli import main
+
+
+def tiny_cnn() -> torch.nn.Module:
+    """A small CNN for `--model test_cli_deploy:tiny_cnn`."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 4),
+    )
+
+
+def test_verify_command_reports_layers(tmp_path, capsys):
+    out = tmp_path / "report.json"
+    code = main(["verify", "--model", f"{__name__}:tiny_cnn", "--input-shape", "3,16,16",
+                 "--num-calib", "32", "--num-eval", "32", "--out", str(tmp_path),
+                 "--json", str(out), "--min-agreement", "0.9"])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    assert "layers" in text and "top-1 agreement" in text
+    report = json.loads(out.read_text())
+    assert report["layers_checked"] >= 4 and report["cosine"] >= 0.99
+
+
+def test_verify_command_rejects_unknown_model(capsys):
+    assert main(["verify", "--model", "nosuchmodel"]) == 2
+    assert "MODULE:FUNCTION" in capsys.readouterr().err
+
+
+def test_bench_quick_writes_rows(tmp_path, capsys):
+    out = tmp_path / "rows.json"
+    code = main(["bench", "--quick", "--models", "resnet18", "--batches", "2",
+                 "--json", str(out)])
+    assert code == 0
+    rows = json.loads(out.read_text())
+    assert [r["variant"] for r in rows] == ["fp32", "quantaware-int8", "ort-static-int8",
+                                            "ort-dynamic-int8"]
+    assert set(rows[0]) == {"model", "batch", "variant", "latency_ms", "ratio_vs_fp32",
+                            "size_bytes", "fidelity"}
+    assert rows[0]["ratio_vs_fp32"] == 1.0 and rows[1]["size_bytes"] < rows[0]["size_bytes"]
+    assert "quantaware-int8" in capsys.readouterr().out

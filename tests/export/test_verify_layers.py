@@ -1,0 +1,54 @@
+"""verify's layer-by-layer comparison finds where ONNX Runtime and torch part ways."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import quantaware
+from quantaware import presets
+from quantaware.export.layers import compare_layers, first_divergence
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5),
+    ).eval()
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("layers")
+    x = torch.randn(32, 3, 12, 12)
+    q = quantaware.quantize(_net(), presets.INT8, [x[:16], x[16:]], x[:1])
+    path = quantaware.export_onnx(q, tmp_path / "m.onnx", x[:1])
+    return q, path, x
+
+
+def test_clean_export_has_no_divergent_layer(quantized):
+    q, path, x = quantized
+    rows = compare_layers(path, q, x)
+    assert [r.name for r in rows][:2] == ["0.input_quantizer", "0.output_quantizer"]
+    assert len(rows) >= 5
+    assert first_divergence(rows) is None
+    report = quantaware.verify(path, q, [x])
+    assert report.first_divergent_layer is None and report.layers_checked == len(rows)
+    assert "within 1 LSB" in str(report)
+
+
+def test_injected_divergence_is_located(quantized):
+    q, path, x = quantized
+    q = copy.deepcopy(q)
+    with torch.no_grad():  # the torch model drifts from the file at the second conv
+        q.get_submodule("2").weight.mul_(1.5)
+    report = quantaware.verify(path, q, [x])
+    assert report.first_divergent_layer == "2.output_quantizer"
+    assert report.first_divergent_lsb > 1
+    assert "first divergence at 2.output_quantizer" in str(report)

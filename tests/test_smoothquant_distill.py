@@ -1,0 +1,51 @@
+"""SmoothQuant scale migration and label-free distillation on small models."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import quantaware
+from quantaware import presets
+from quantaware.distill import distill, distillation_loss
+from quantaware.smoothquant import smooth_quant
+
+
+def _outlier_data() -> torch.Tensor:
+    torch.manual_seed(0)
+    x = torch.randn(256, 16)
+    x[:, 3] *= 80.0  # one outlier channel, as after a transformer's LayerNorm
+    return x
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8)).eval()
+
+
+def test_smoothing_is_exact_in_float_and_helps_int8(tmp_path):
+    x, net = _outlier_data(), _mlp()
+    plain = quantaware.quantize(net, presets.INT8, [x], x[:1])
+    smooth = quantaware.prepare(net, presets.INT8, x[:1])
+    assert smooth_quant(smooth, [x]) == 2
+    for q in quantaware.prepare.__globals__["quantizers"](smooth):
+        q[1].disable()
+    torch.testing.assert_close(smooth(x), net(x), rtol=1e-4, atol=1e-4)
+    smooth = quantaware.calibrate(smooth, [x])
+    ref = net(x)
+    assert (smooth(x) - ref).pow(2).mean() < 0.5 * (plain(x) - ref).pow(2).mean()
+    path = quantaware.export_onnx(smooth, tmp_path / "s.onnx", x[:1])
+    report = quantaware.verify(path, smooth, [x])
+    assert report.cosine > 0.999 and report.first_divergent_layer is None, report
+    assert report.max_error_lsb <= 1.001, report  # one rounding step at most
+
+
+def test_distillation_moves_student_towards_teacher():
+    x, net = _outlier_data(), _mlp()
+    student = quantaware.quantize(net, presets.W4A8, [x], x[:1])
+    with torch.no_grad():
+        before = float(distillation_loss(student(x), net(x)))
+    distill(student, net, [x], steps=100, lr=3e-4)
+    with torch.no_grad():
+        after = float(distillation_loss(student(x), net(x)))
+    assert after < before

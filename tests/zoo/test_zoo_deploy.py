@@ -1,0 +1,64 @@
+"""Export + verify of the three reference architectures at small input sizes."""
+
+from __future__ import annotations
+
+import collections
+
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+import quantaware
+from quantaware.deploy import default_config, quantize_for_backend
+from quantaware.prepare import quantizers
+from quantaware.zoo import mobilenet_v2, resnet18
+from quantaware.zoo.minilm import MiniLMConfig, minilm
+
+
+def _optimized_ops(path, tmp_path) -> collections.Counter:
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return collections.Counter(n.op_type for n in onnx.load(options.optimized_model_filepath)
+                               .graph.node)
+
+
+@pytest.mark.parametrize("factory", [resnet18, mobilenet_v2])
+def test_cnn_exports_integer_end_to_end(factory, tmp_path):
+    torch.manual_seed(0)
+    model = factory(num_classes=10).eval()
+    x = torch.randn(24, 3, 32, 32)
+    q = quantaware.quantize(model, default_config(model), [x[:12], x[12:]], x[:1])
+    path = quantaware.export_onnx(q, tmp_path / "m.onnx", x[:1])
+    report = quantaware.verify(path, q, [x])
+    assert report.top1_agreement >= 0.995 and report.cosine >= 0.999, report
+    # Integer-vs-float rounding (1 LSB per input) can add up to 2 LSB after an add.
+    assert report.first_divergent_lsb is None or report.first_divergent_lsb <= 2, report
+    ops = _optimized_ops(path, tmp_path)
+    assert ops["QLinearConv"] > 0 and ops["Conv"] == 0 and ops["FusedConv"] == 0, ops
+    assert ops["QLinearAdd"] > 0, ops
+
+
+def test_minilm_exports_and_matches_torch(tmp_path):
+    cfg = MiniLMConfig(vocab_size=200, hidden_size=64, num_layers=2, num_heads=4,
+                       intermediate_size=128, max_positions=32)
+    model = minilm(cfg)
+    torch.manual_seed(0)
+    ids = torch.randint(1, 200, (16, 12))
+    mask = torch.ones_like(ids)
+    mask[::2, 8:] = 0
+    data = [{"input_ids": ids[:8], "attention_mask": mask[:8]},
+            {"input_ids": ids[8:], "attention_mask": mask[8:]}]
+    assert default_config(model).name == "INT8_TRANSFORMER"
+    q = quantize_for_backend(model, data, (ids[:2], mask[:2]))
+    assert any(q_._buffers.get("smoothing") is not None for _, q_ in quantizers(q))
+    path = quantaware.export_onnx(q, tmp_path / "m.onnx", (ids[:2], mask[:2]))
+    report = quantaware.verify(path, q, data)
+    assert report.cosine >= 0.999, report
+    assert report.layers_checked > 0, report
+    assert report.first_divergent_lsb is None or report.first_divergent_lsb <= 2, report
+    ops = _optimized_ops(path, tmp_path)
+    # Every Linear (6 per layer) runs on integers; the attention matmuls stay float.
+    assert ops["MatMulIntegerToFloat"] + ops["QLinearMatMul"] == 2 * 6, ops
