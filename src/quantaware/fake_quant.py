@@ -146,12 +146,14 @@ class FakeQuantizer(nn.Module):
             if x is None:
                 raise ValueError("this quantizer derives qparams from its input; pass x")
             detached = x.detach()
-            if self.axis is None:
-                lo, hi = torch.aminmax(detached)
-            else:
+            dim = None
+            if self.axis is not None:
                 axis = self.axis % x.dim()
-                lo, hi = torch.aminmax(detached.transpose(0, axis).reshape(x.shape[axis], -1),
-                                       dim=1)
+                detached, dim = detached.transpose(0, axis).reshape(x.shape[axis], -1), 1
+            if dim is None:
+                lo, hi = torch.aminmax(detached)
+            else:  # two reductions: several times faster than aminmax(dim=) on CPU
+                lo, hi = detached.amin(dim), detached.amax(dim)
             return choose_qparams(lo, hi, self.qmin, self.qmax, self.spec.symmetric)
         if not bool(self.calibrated):
             raise CalibrationError(
@@ -277,7 +279,7 @@ class LearnableFakeQuantizer(FakeQuantizer):
             w = w.detach().to(torch.float32)
             flat = w.reshape(1, -1) if self.axis is None else (
                 w.transpose(0, self.axis % w.dim()).reshape(w.shape[self.axis], -1))
-            lo, hi = torch.aminmax(flat, dim=1)
+            lo, hi = flat.amin(1), flat.amax(1)
             scale, zp = choose_qparams(lo, hi, self.qmin, self.qmax, self.spec.symmetric)
             lsq = 2.0 * flat.abs().mean(dim=1) / max(self.qmax, 1) ** 0.5
             scale = torch.minimum(scale, lsq.clamp(min=SCALE_EPS))
