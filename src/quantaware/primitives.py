@@ -187,8 +187,10 @@ def _rounded_and_clamped(x, scale, zero_point, qmin, qmax, axis):
     ``c * s`` is then the fake-quantized value.
     """
     s = _broadcast(scale, x, axis)
-    if zero_point.dim() == 0:  # Python bounds: clamp is faster with scalars
-        z = float(zero_point)
+    if zero_point.dim() == 0 or not bool(zero_point.any()):
+        # One zero point (symmetric per-channel weights have only zeros): Python
+        # bounds, as clamp runs several times faster with scalars than with tensors.
+        z = float(zero_point.reshape(-1)[0]) if zero_point.numel() else 0.0
     else:
         z = _broadcast(zero_point, x, axis).to(x.dtype)
     lo, hi = qmin - z, qmax - z
