@@ -116,7 +116,8 @@ def _step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
     return step
 
 
-def _torchao_qat(model: nn.Module, x: torch.Tensor) -> nn.Module | None:
+def _torchao_qat(model: nn.Module, x: torch.Tensor) -> nn.Module | str:
+    """torchao's pt2e QAT model (X86 inductor quantizer, W8A8), or why there is none."""
     try:
         from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
         from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
@@ -125,7 +126,7 @@ def _torchao_qat(model: nn.Module, x: torch.Tensor) -> nn.Module | None:
         )
     except Exception as exc:  # torchao missing or incompatible with this torch
         log.warning("torchao pt2e QAT unavailable: %s", exc)
-        return None
+        return f"unavailable: {type(exc).__name__}: {exc}"
     try:
         exported = torch.export.export(copy.deepcopy(model).train(), (x,)).module()
         quantizer = X86InductorQuantizer().set_global(
@@ -134,7 +135,7 @@ def _torchao_qat(model: nn.Module, x: torch.Tensor) -> nn.Module | None:
     except Exception as exc:  # its pattern matcher rejects some graphs
         log.warning("torchao pt2e QAT failed on %s: %s: %s", type(model).__name__,
                     type(exc).__name__, exc)
-        return None
+        return f"failed: {type(exc).__name__}: {exc}"
 
 
 def speed_rows(quick: bool) -> list[dict[str, Any]]:
@@ -156,7 +157,10 @@ def speed_rows(quick: bool) -> list[dict[str, Any]]:
             calibrate(q, [x])
             variants[f"quantaware {name}"] = q.train()
         ao = _torchao_qat(float_model, x)
-        if ao is not None:
+        if isinstance(ao, str):
+            rows.append({"net": net_name, "variant": "torchao pt2e W8A8", "step_ms": None,
+                         "ratio_vs_float": None, "steps": 0, "error": ao})
+        else:
             variants["torchao pt2e W8A8"] = ao
         fns = {k: _step_fn(m, x, y) for k, m in variants.items()}
         for fn in fns.values():  # warm-up (first-use initialisation, allocator)
@@ -193,6 +197,9 @@ def main() -> None:
         table.add_row(r["net"], r["bits"], f"{r['float']:.2f}", f"{r['ptq']:.2f}",
                       f"{r['qat']:.2f}", f"{100 * r['ort_agreement']:.2f}", "", "")
     for r in speed:
+        if r["step_ms"] is None:
+            table.add_row(r["net"], r["variant"], "", "", "", "", r["error"], "")
+            continue
         table.add_row(r["net"], r["variant"], "", "", "", "", f"{r['step_ms']:.2f}",
                       f"{r['ratio_vs_float']:.2f}x")
     Console(width=120).print(table)

@@ -17,6 +17,7 @@ from quantaware.primitives import (
     choose_qparams,
     dequantize,
     fake_quantize,
+    fake_quantize_lsq,
     quant_range,
     quantize,
     storage_dtype,
@@ -421,3 +422,22 @@ def test_quantize_uses_storage_dtype_and_respects_explicit_dtype():
     assert q.dtype == torch.int16 and q.tolist() == [1, -3, 32767]
     q32 = quantize(x, torch.tensor(1.0), torch.tensor(0), -(2**30), 2**30, dtype=torch.int32)
     assert q32.dtype == torch.int32 and q32.tolist() == [1, -3, 70000]
+
+
+@pytest.mark.parametrize("axis,zp", [(None, torch.tensor(3)), (0, torch.tensor([0, 0, 0])),
+                                     (0, torch.tensor([0, -5, 3])), (1, torch.tensor([2, 0]))])
+def test_fake_quantize_equals_onnx_formula_with_and_without_autograd(axis, zp):
+    # clamp(round(x/s), qmin - z, qmax - z) * s must equal (clamp(round(x/s) + z) - z) * s
+    gen = torch.Generator().manual_seed(4)
+    scale = {None: torch.tensor(0.1), 0: torch.tensor([0.01, 0.1, 1.0]),
+             1: torch.tensor([0.05, 0.5])}[axis]
+    x = torch.randn(3, 2, 50, generator=gen) * 40
+    x[0, 0, :10] = (torch.arange(10) - 4.5) * 0.1  # ties in the per-tensor case
+    ref = dequantize(quantize(x, scale, zp, -8, 7, axis=axis, dtype=torch.int32), scale, zp,
+                     axis=axis)
+    grad_x = x.clone().requires_grad_()
+    for out in (fake_quantize(x, scale, zp, -8, 7, axis),
+                fake_quantize(grad_x, scale, zp, -8, 7, axis).detach(),
+                fake_quantize_lsq(grad_x, scale.clone().requires_grad_(), zp.float(), -8, 7,
+                                  axis).detach()):
+        assert torch.equal(out, ref)

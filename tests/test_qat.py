@@ -182,3 +182,21 @@ def test_distillation_loss_reference():
     torch.testing.assert_close(distillation_loss(s, t, y, temperature=T, weight=0.7), ref)
     with pytest.raises(ValueError, match="temperature"):
         distillation_loss(s, t, temperature=0)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_learned_weight_scale_starts_at_least_squared_error(bits):
+    torch.manual_seed(bits)
+    w = torch.randn(6, 3, 5) * torch.tensor([0.01, 0.1, 1.0, 0.5, 2.0, 0.05]).reshape(6, 1, 1)
+    spec = QuantSpec(bits=bits, signed=True, symmetric=True, narrow_range=True,
+                     granularity=presets.W4A4.weight.granularity, learned=True)
+    fq = LearnableFakeQuantizer(spec, channels=6, from_tensor=True)
+    scale, zp = fq.qparams(w)
+
+    def err(s):
+        return (fake_quantize(w, s, zp, fq.qmin, fq.qmax, 0) - w).square().sum((1, 2))
+
+    amax = w.abs().amax((1, 2))
+    lsq = 2 * w.abs().mean((1, 2)) / fq.qmax ** 0.5
+    assert torch.all(err(scale.detach()) <= err(amax / fq.qmax))
+    assert torch.all(err(scale.detach()) <= err(torch.minimum(amax / fq.qmax, lsq)))

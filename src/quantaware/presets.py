@@ -11,7 +11,9 @@ Each preset is a :class:`~quantaware.config.QuantConfig`; derive variants with
 - ``W4A8``: 4-bit weights (per-channel, symmetric), uint8 activations.
 - ``W8``: int8 weight-only (activations stay float).
 - ``W4A4``, ``W2A2``: low-bit QAT presets with learned step sizes (LSQ) for
-  weights (per-channel, symmetric) and activations (uint, per-tensor); the first
+  weights (per-channel, symmetric) and activations (uint, per-tensor), scales
+  initialised at the least squared quantization error (activations: the ``mse``
+  observer over the calibration data; weights: a grid search per channel); the first
   and last weighted layers stay at 8 bits (weights and activations), as in the
   LSQ paper. Change that with overrides for ``FIRST_LAYER``/``LAST_LAYER``, e.g.
   ``dataclasses.replace(W4A4, overrides=())`` quantizes them at 4 bits too.
@@ -61,7 +63,10 @@ W8 = QuantConfig(weight=_W8, activation=None, name="W8")
 def _learned_low_bit(bits: int, name: str) -> QuantConfig:
     weight = QuantSpec(bits=bits, signed=True, symmetric=True, narrow_range=True,
                        granularity=PerChannel(0), learned=True)
-    activation = QuantSpec(bits=bits, signed=False, symmetric=False, learned=True)
+    # LSQ starts from the MSE-optimal clipping: at 2 to 4 bits a min-max range
+    # leaves most activations in the zero bin and the scale far from where it ends.
+    activation = QuantSpec(bits=bits, signed=False, symmetric=False, learned=True,
+                           observer="mse")
     edge_weight = QuantSpec(bits=8, signed=True, symmetric=True, narrow_range=True,
                             granularity=PerChannel(0), learned=True)
     edge_activation = QuantSpec(bits=8, signed=False, symmetric=False, learned=True)

@@ -178,20 +178,44 @@ def dequantize(
     return (q.to(torch.float32) - z) * s
 
 
+def _rounded_and_clamped(x, scale, zero_point, qmin, qmax, axis):
+    """``v = x / s``, ``r = round(v)`` and ``c = clamp(r, qmin - z, qmax - z)``.
+
+    Clamping ``r`` to the zero-point-shifted bounds equals ONNX's
+    ``clamp(r + z, qmin, qmax) - z`` exactly (integers in float32: ``|r + z|`` is
+    either exact or far outside the range), and takes one pass instead of three;
+    ``c * s`` is then the fake-quantized value.
+    """
+    s = _broadcast(scale, x, axis)
+    if zero_point.dim() == 0 or not bool(zero_point.any()):
+        # One zero point (symmetric per-channel weights have only zeros): Python
+        # bounds, as clamp runs several times faster with scalars than with tensors.
+        z = float(zero_point.reshape(-1)[0]) if zero_point.numel() else 0.0
+    else:
+        z = _broadcast(zero_point, x, axis).to(x.dtype)
+    lo, hi = qmin - z, qmax - z
+    v = x / s
+    r = torch.round(v)
+    return s, v, r, torch.clamp(r, lo, hi)
+
+
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 class _FakeQuantizeSTE(torch.autograd.Function):
+    """Straight-through fake quantization; saves only the in-range mask (one byte each)."""
+
     @staticmethod
     def forward(ctx, x, scale, zero_point, qmin, qmax, axis):  # type: ignore[override]
-        s = _broadcast(scale, x, axis)
-        z = _broadcast(zero_point, x, axis).to(x.dtype)
-        q = torch.round(x / s) + z
-        mask = (q >= qmin) & (q <= qmax)
-        ctx.save_for_backward(mask)
-        return (torch.clamp(q, qmin, qmax) - z) * s
+        s, _, r, c = _rounded_and_clamped(x, scale, zero_point, qmin, qmax, axis)
+        ctx.save_for_backward(c == r)
+        return c.mul_(s)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        (mask,) = ctx.saved_tensors
-        return grad * mask, None, None, None, None, None
+        (inside,) = ctx.saved_tensors
+        return grad * inside, None, None, None, None, None
 
 
 def fake_quantize(
@@ -214,7 +238,11 @@ def fake_quantize(
         >>> y.sum().backward(); y.detach(), x.grad
         (tensor([0.0000, 0.5000, 0.5000]), tensor([1., 0., 0.]))
     """
-    return _FakeQuantizeSTE.apply(x, scale.to(x.dtype), zero_point, qmin, qmax, axis)
+    scale = scale.to(x.dtype)
+    if not _needs_grad(x):
+        s, _, _, c = _rounded_and_clamped(x, scale, zero_point, qmin, qmax, axis)
+        return c.mul_(s)
+    return _FakeQuantizeSTE.apply(x, scale, zero_point, qmin, qmax, axis)
 
 
 def _reduce_to(t: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:
@@ -225,44 +253,48 @@ def _reduce_to(t: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tens
     return t.sum(dim=[d for d in range(x.dim()) if d != axis])
 
 
+def _reduce_product(a: torch.Tensor, b: torch.Tensor, axis: int | None) -> torch.Tensor:
+    """``_reduce_to(a * b)`` in one pass (a dot product per qparam, no temporary)."""
+    if axis is None:
+        return torch.dot(a.reshape(-1), b.reshape(-1))
+    if axis % a.dim() == 0:
+        n = a.shape[0]
+        return torch.bmm(a.reshape(n, 1, -1), b.reshape(n, -1, 1)).reshape(n)
+    return _reduce_to(a * b, a, axis)
+
+
 class _FakeQuantizeLSQ(torch.autograd.Function):
     """Fake quantization with LSQ gradients for ``x``, ``scale`` and (optionally) offset.
 
-    Only ``x``, ``scale`` and ``zero_point`` are kept for backward; the rounding is
-    recomputed there (cheaper than storing masks and residuals on CPU).
+    Saves ``x / s``, the clamped integers and the in-range mask, so backward is
+    three passes (masked gradient, residual, one dot product per scale).
     """
 
     @staticmethod
     def forward(ctx, x, scale, zero_point, qmin, qmax, axis, grad_scale):  # type: ignore[override]
-        s = _broadcast(scale, x, axis)
-        z = _broadcast(zero_point, x, axis)
-        q = torch.clamp(torch.round(x / s) + z, qmin, qmax)
-        ctx.save_for_backward(x, scale, zero_point)
-        ctx.meta = (qmin, qmax, axis, grad_scale)
-        return (q - z) * s
+        s, v, r, c = _rounded_and_clamped(x, scale, zero_point, qmin, qmax, axis)
+        inside = c == r
+        ctx.save_for_backward(v, c, inside, scale)
+        ctx.meta = (axis, grad_scale)
+        return torch.mul(c, s, out=r)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        x, scale, zero_point = ctx.saved_tensors
-        qmin, qmax, axis, grad_scale = ctx.meta
-        s = _broadcast(scale, x, axis)
-        z = _broadcast(zero_point, x, axis)
-        v = x / s
-        r = torch.round(v)
-        q = r + z
-        below, above = q < qmin, q > qmax
-        inside = ~(below | above)
-        grad_x = grad * inside if ctx.needs_input_grad[0] else None
+        v, c, inside, scale = ctx.saved_tensors
+        axis, grad_scale = ctx.meta
+        grad_x = grad * inside
         grad_s = grad_z = None
         if ctx.needs_input_grad[1]:
-            # d x_hat / d s: round(v) - v inside the range, (qmin|qmax) - z where clamped.
-            ds = torch.where(inside, r - v, torch.where(below, qmin - z, qmax - z))
-            grad_s = _reduce_to(grad * ds, x, axis).reshape(scale.shape) * grad_scale
+            # d x_hat / d s: round(v) - v inside the range, the clamped bound
+            # (qmin - z or qmax - z) outside, i.e. c - v * inside.
+            ds = c - v * inside
+            grad_s = _reduce_product(grad, ds, axis).reshape(scale.shape) * grad_scale
         if ctx.needs_input_grad[2]:
             # d x_hat / d z: 0 inside the range (z cancels), -s where clamped.
-            grad_z = _reduce_to(grad * ~inside, x, axis).reshape(zero_point.shape)
-            grad_z = grad_z * (-scale) * grad_scale
-        return grad_x, grad_s, grad_z, None, None, None, None
+            grad_z = _reduce_to(grad - grad_x, grad, axis)
+            grad_z = grad_z.reshape(scale.shape) * (-scale) * grad_scale
+        return (grad_x if ctx.needs_input_grad[0] else None), grad_s, grad_z, None, None, \
+            None, None
 
 
 def fake_quantize_lsq(
@@ -292,8 +324,11 @@ def fake_quantize_lsq(
         >>> y.sum().backward(); y.detach(), s.grad
         (tensor([0.0000, 0.5000, 0.5000]), tensor(1.6000))
     """
-    return _FakeQuantizeLSQ.apply(x, scale, zero_point.to(x.dtype), qmin, qmax, axis,
-                                  float(grad_scale))
+    zero_point = zero_point.to(x.dtype)
+    if not _needs_grad(x, scale, zero_point):
+        s, _, _, c = _rounded_and_clamped(x, scale, zero_point, qmin, qmax, axis)
+        return c.mul_(s)
+    return _FakeQuantizeLSQ.apply(x, scale, zero_point, qmin, qmax, axis, float(grad_scale))
 
 
 def lsq_grad_scale(numel_per_scale: int, qmax: int) -> float:

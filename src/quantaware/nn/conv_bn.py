@@ -124,7 +124,11 @@ class _QuantConvBnMixin:
             weight = wq.fake_quantize_with(weight, scale, zero_point)
         y = self._conv_forward(x, weight, None)
         shape = [1, -1] + [1] * (y.dim() - 2)
-        y = y / factor.reshape(shape)
+        # Undo the fold. Batch norm with batch statistics is invariant to a per-channel
+        # scale of its input (up to eps), so this path carries no gradient to the
+        # factor worth two extra passes over the activations: detach it, and multiply
+        # by the reciprocal (this is not the deployed arithmetic, only training's).
+        y = y * torch.reciprocal(factor.detach()).reshape(shape)
         if self.bias is not None:
             y = y + self.bias.reshape(shape)
         bn = self.bn
