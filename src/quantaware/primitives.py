@@ -214,7 +214,15 @@ def fake_quantize(
         >>> y.sum().backward(); y.detach(), x.grad
         (tensor([0.0000, 0.5000, 0.5000]), tensor([1., 0., 0.]))
     """
-    return _FakeQuantizeSTE.apply(x, scale.to(x.dtype), zero_point, qmin, qmax, axis)
+    scale = scale.to(x.dtype)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _FakeQuantizeSTE.apply(x, scale, zero_point, qmin, qmax, axis)
+    # Inference: no mask for the backward pass, and clamping to the range shifted by
+    # the (integer) zero point, ``clamp(q + z) - z == clamp(q, qmin - z, qmax - z)``,
+    # saves three of seven elementwise passes; the values are identical.
+    s = _broadcast(scale, x, axis)
+    z = _broadcast(zero_point, x, axis).to(x.dtype)
+    return torch.round(x / s).clamp_(qmin - z, qmax - z).mul_(s)
 
 
 def _reduce_to(t: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:
