@@ -167,7 +167,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
     result = search(b.model, presets.INT8, b.calib, b.search, max_drop=1.0,
                     low_spec=presets.W4A8.weight, reference_score=ref_search,
                     example_inputs=b.example, always_float=first_last,
-                    rank_data=b.search[:1])
+                    rank_data=[b.search[0][:args.search_rank_crops]])
     mp = b.ptq(b.model, result.config)
     b.row("mixed precision", "mixed int8/W4/float, <= 1 point below INT8 first/last float",
           mp, time.time() - t,
@@ -253,7 +253,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="output positions sampled per layer by AdaRound")
     parser.add_argument("--adaround-iterations", type=int, default=0,
                         help="AdaRound steps per layer (default 300, 100 with --quick)")
-    parser.add_argument("--sensitivity-crops", type=int, default=16,
+    parser.add_argument("--search-rank-crops", type=int, default=8,
+                        help="search crops for the mixed-precision per-layer ranking")
+    parser.add_argument("--sensitivity-crops", type=int, default=8,
                         help="evaluation crops for the per-layer sensitivity analysis")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
