@@ -421,3 +421,19 @@ def test_quantize_uses_storage_dtype_and_respects_explicit_dtype():
     assert q.dtype == torch.int16 and q.tolist() == [1, -3, 32767]
     q32 = quantize(x, torch.tensor(1.0), torch.tensor(0), -(2**30), 2**30, dtype=torch.int32)
     assert q32.dtype == torch.int32 and q32.tolist() == [1, -3, 70000]
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("seed", range(5))
+def test_fake_quantize_inference_path_equals_training_path(seed, per_channel):
+    """Without autograd the fast path is used; values equal the STE path's."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, 6, 4, 4, generator=gen) * 5
+    shape = (6,) if per_channel else ()
+    scale = torch.rand(shape, generator=gen) * 0.05 + 0.005
+    zp = torch.randint(-20, 20, shape, generator=gen, dtype=torch.int32)
+    axis = 1 if per_channel else None
+    with torch.no_grad():
+        fast = fake_quantize(x, scale, zp, -128, 127, axis)
+    slow = fake_quantize(x.clone().requires_grad_(True), scale, zp, -128, 127, axis)
+    torch.testing.assert_close(fast, slow.detach(), rtol=0, atol=0)
