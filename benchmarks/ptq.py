@@ -121,7 +121,6 @@ def per_tensor_int8() -> Any:
 
 def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     b = Bench(args)
-    quick = args.quick
     extras: dict[str, Any] = {"num_eval": len(b.fp), "num_confident": int(b.confident.sum())}
     b.rows.append({"group": "reference", "variant": "FP32", "agreement": 100.0,
                    "agreement_confident": 100.0, "size_bytes": weight_size(b.model),
@@ -129,6 +128,23 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
     t = time.time()
     int8 = b.row("per-tensor vs per-channel", "per-channel INT8 (min-max)",
                  b.ptq(b.model, presets.INT8), time.time() - t)
+    groups = {
+        "per-tensor": lambda: _per_tensor(b),
+        "w4a8": lambda: _w4a8(b),
+        "mixed": lambda: _mixed(b, int8, extras),
+        "calibration": lambda: _calibration(b, extras),
+        "sensitivity": lambda: _sensitivity(b, int8, extras),
+    }
+    wanted = args.groups.split(",")
+    unknown = set(wanted) - set(groups)
+    if unknown:
+        raise SystemExit(f"unknown group(s) {sorted(unknown)}; choose from {list(groups)}")
+    for name in wanted:
+        groups[name]()
+    return b.rows, extras
+
+
+def _per_tensor(b: Bench) -> None:
     pt = per_tensor_int8()
     t = time.time()
     b.row("per-tensor vs per-channel", "per-tensor INT8, nearest + min-max",
@@ -141,6 +157,10 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
         q = bias_correction.apply(b.ptq(eq, pt), b.bc_data)
         b.row("per-tensor vs per-channel", f"per-tensor INT8 + CLE (relu6={mode}) + bias corr.",
               q, time.time() - t, float_agreement_after_cle=change)
+
+
+def _w4a8(b: Bench) -> None:
+    args, quick = b.args, b.args.quick
     iterations = args.adaround_iterations or (100 if quick else 300)
     t = time.time()
     b.row("W4A8", "W4A8 nearest (min-max)", b.ptq(b.model, presets.W4A8), time.time() - t)
@@ -151,6 +171,10 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
     adaround.apply(q, b.calib[:args.adaround_batches], iterations=iterations,
                    num_samples=args.adaround_samples, batch_size=256)
     b.row("W4A8", f"W4A8 AdaRound (MSE ranges, {iterations} it.)", q, time.time() - t)
+
+
+def _mixed(b: Bench, int8: nn.Module, extras: dict[str, Any]) -> None:
+    args = b.args
     # Mixed precision vs the common manual recipe (first and last layer float).
     names = [n for n, m in int8.named_modules() if isinstance(m, WeightQuantMixin)]
     first_last = (names[0], names[-1])
@@ -177,6 +201,10 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
           float_layers=sum(c == "float" for c in result.choices.values()))
     extras["mixed_precision_config"] = result.config.to_dict()
     extras["mixed_precision_history"] = result.history
+
+
+def _calibration(b: Bench, extras: dict[str, Any]) -> None:
+    b.rows.append({**b.rows[1], "group": "calibration", "variant": "INT8, activations minmax"})
     for observer in ("moving_average", "percentile", "mse", "entropy"):
         act = dataclasses.replace(presets.INT8.activation, observer=observer)
         cfg = dataclasses.replace(presets.INT8, activation=act, name=f"INT8 {observer}")
@@ -185,13 +213,14 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
                   time.time() - t)
         if observer == "entropy":
             extras["histograms"] = activation_histograms(q)
-    b.rows.insert(len(b.rows) - 4, {**b.rows[1], "group": "calibration",
-                                    "variant": "INT8, activations minmax"})
+
+
+def _sensitivity(b: Bench, int8: nn.Module, extras: dict[str, Any]) -> None:
     t = time.time()
-    sens = sensitivity(int8, [b.eval[0][:args.sensitivity_crops]])
+    sens = sensitivity(int8, [b.eval[0][:b.args.sensitivity_crops]])
     extras["sensitivity"] = [s.to_dict() for s in sens]
     extras["sensitivity_seconds"] = round(time.time() - t, 1)
-    return b.rows, extras
+
 
 
 def activation_histograms(model: nn.Module, limit: int = 12) -> list[dict[str, Any]]:
@@ -244,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer crops and iterations")
     parser.add_argument("--json", metavar="FILE", help="write the rows (and analysis) as JSON")
     parser.add_argument("--report", metavar="FILE", help="write an HTML report (and .md)")
+    parser.add_argument("--groups", default="per-tensor,w4a8,mixed,calibration,sensitivity",
+                        help="comma-separated groups to run (per-channel INT8 always runs)")
     parser.add_argument("--eval-batch", type=int, default=44, help="evaluation batch size")
     parser.add_argument("--bias-correction-crops", type=int, default=44,
                         help="calibration crops used by bias correction (one batch)")
