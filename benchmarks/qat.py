@@ -8,7 +8,7 @@ hits both alike), for the MNIST-1D CNN and a ResNet-18 on 16x16 inputs, beside
 torchao's pt2e QAT (``prepare_qat_pt2e``) when torchao is installed.
 
 Usage:
-    PYTHONPATH=src python benchmarks/qat.py [--quick] [--json FILE]
+    PYTHONPATH=src python benchmarks/qat.py [--quick] [--json FILE] [--report FILE.html]
 """
 
 from __future__ import annotations
@@ -184,6 +184,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="few epochs and steps (smoke run)")
     parser.add_argument("--json", type=Path, default=None, help="write the rows to this file")
     parser.add_argument("--skip-accuracy", action="store_true", help="speed rows only")
+    parser.add_argument("--report", type=Path, default=None,
+                        help="write an HTML report (and a .md summary) of the accuracy rows")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(1)
@@ -207,6 +209,23 @@ def main() -> None:
         from quantaware.demo import write_json_atomic
 
         write_json_atomic(args.json, {"accuracy": acc, "speed": speed, "quick": args.quick})
+    if args.report is not None:
+        from quantaware.report import write_report
+
+        out = write_report(args.report, report_payload(acc, args.quick))
+        Console().print(f"report written to {out}")
+
+
+def report_payload(acc: list[dict[str, Any]], quick: bool) -> dict[str, Any]:
+    """The accuracy rows in the report's format: one row per net and float/PTQ/QAT model."""
+    rows = []
+    for r in acc:
+        if not any(x["group"] == r["net"] and x["variant"] == "float" for x in rows):
+            rows.append({"group": r["net"], "variant": "float", "accuracy": r["float"]})
+        rows += [{"group": r["net"], "variant": f"{r['bits']} PTQ", "accuracy": r["ptq"]},
+                 {"group": r["net"], "variant": f"{r['bits']} QAT ({r['qat_epochs']} ep.)",
+                  "accuracy": r["qat"]}]
+    return {"title": "quantaware QAT benchmark" + (" (quick)" if quick else ""), "rows": rows}
 
 
 if __name__ == "__main__":

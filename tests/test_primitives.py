@@ -441,3 +441,19 @@ def test_fake_quantize_equals_onnx_formula_with_and_without_autograd(axis, zp):
                 fake_quantize_lsq(grad_x, scale.clone().requires_grad_(), zp.float(), -8, 7,
                                   axis).detach()):
         assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("seed", range(5))
+def test_fake_quantize_inference_path_equals_training_path(seed, per_channel):
+    """Without autograd the fast path is used; values equal the STE path's."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, 6, 4, 4, generator=gen) * 5
+    shape = (6,) if per_channel else ()
+    scale = torch.rand(shape, generator=gen) * 0.05 + 0.005
+    zp = torch.randint(-20, 20, shape, generator=gen, dtype=torch.int32)
+    axis = 1 if per_channel else None
+    with torch.no_grad():
+        fast = fake_quantize(x, scale, zp, -128, 127, axis)
+    slow = fake_quantize(x.clone().requires_grad_(True), scale, zp, -128, 127, axis)
+    torch.testing.assert_close(fast, slow.detach(), rtol=0, atol=0)

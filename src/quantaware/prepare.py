@@ -45,7 +45,7 @@ from quantaware.config import (
 )
 from quantaware.fake_quant import FakeQuantizer
 from quantaware.fusion import can_fold, fold_bn
-from quantaware.nn.base import QuantMixin
+from quantaware.nn.base import ChannelClip, QuantMixin
 from quantaware.nn.functional import QuantAdd, QuantCat, QuantMatmul, _MultiInputQuant
 from quantaware.nn.registry import quantized_type, supported_types
 
@@ -87,10 +87,11 @@ def quantizers(model: nn.Module) -> list[tuple[str, FakeQuantizer]]:
 
 
 class _Tracer(fx.Tracer):
-    """Treat quantizable and standard torch modules as leaves."""
+    """Treat quantizable and standard torch modules (and fusable clips) as leaves."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return quantized_type(type(m)) is not None or super().is_leaf_module(m, qualname)
+        return (quantized_type(type(m)) is not None or isinstance(m, ChannelClip)
+                or super().is_leaf_module(m, qualname))
 
 
 def _as_tuple(example_inputs: Any) -> tuple:
@@ -251,6 +252,8 @@ def _activation_of(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
         return nn.ReLU()
     if (isinstance(module, nn.Hardtanh) and module.min_val == 0.0 and module.max_val == 6.0):
         return nn.ReLU6()
+    if isinstance(module, ChannelClip):
+        return copy.deepcopy(module)
     return None
 
 

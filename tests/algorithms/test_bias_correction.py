@@ -25,3 +25,16 @@ def test_bias_correction_reduces_mean_output_error(net, images):
     assert all(m.bias is not None for m in q.modules() if hasattr(m, "weight_quantizer"))
     with torch.no_grad():
         assert torch.isfinite(q(images[0])).all()
+
+
+def test_bias_correction_one_pass_equals_layer_by_layer(net, images):
+    """One batch: all layers corrected in one pass; several: one pass per layer."""
+    q = calibrate(prepare(net, presets.W4A8, images[0][:1]), images)
+    one = bias_correction.apply(copy.deepcopy(q), [torch.cat(images)])
+    many = bias_correction.apply(copy.deepcopy(q), images)
+    for (name, a), (_, b) in zip(one.named_parameters(), many.named_parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    first = bias_correction.apply(copy.deepcopy(q), images, num_batches=1)
+    only = bias_correction.apply(copy.deepcopy(q), images[:1])
+    for a, b in zip(first.parameters(), only.parameters(), strict=True):
+        torch.testing.assert_close(a, b)

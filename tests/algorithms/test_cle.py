@@ -64,3 +64,25 @@ def test_cle_lowers_per_tensor_quantization_error(net_factory, images):
 def test_cle_rejects_bad_relu6_mode(net_factory):
     with pytest.raises(ValueError, match="relu6"):
         cle.apply(net_factory(), torch.randn(1, 3, 24, 24), relu6="clip")
+
+
+def test_cle_scale_mode_keeps_relu6_function_exactly_with_active_clips(net_factory):
+    from quantaware.nn.base import ChannelClip
+
+    net = net_factory(nn.ReLU6)
+    x = torch.randn(4, 3, 24, 24) * 4
+    with torch.no_grad():
+        stem = net.stem[1](net.stem[0](x))
+    assert bool((stem > 6).any())  # the clip is reached, so moving it matters
+    eq = cle.apply(net, x[:1], relu6="scale")
+    clips = [m for m in eq.modules() if isinstance(m, ChannelClip)]
+    assert clips and any(bool((c.upper != 6).any()) for c in clips)
+    torch.testing.assert_close(eq(x), net(x), rtol=1e-4, atol=1e-4)
+    assert _weight_range_spread(eq) < _weight_range_spread(cle.apply(net, x[:1], iterations=0))
+    # prepare fuses the per-channel clip into the producing conv, before its output quantizer.
+    q = prepare(eq, presets.INT8, x[:1])
+    fused = [m for m in q.modules() if isinstance(getattr(m, "activation", None), ChannelClip)]
+    assert len(fused) == len(clips)
+    calibrate(q, [x])
+    with torch.no_grad():
+        assert torch.isfinite(q(x)).all()

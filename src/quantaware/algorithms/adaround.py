@@ -18,9 +18,12 @@ back on the grid, with the weight quantizer's scale pinned.
 To stay cheap on CPU the objective is evaluated on a random sample of output
 positions (conv patches gathered from the captured inputs), not on whole
 feature maps, and layers are processed in ``stages``: one float and one
-quantized pass capture the inputs of a group of layers. If the learned rounding
-reconstructs worse than nearest rounding on the captured samples, nearest is
-kept for that layer, so AdaRound never loses on its own objective.
+quantized pass capture the inputs of a group of layers. The last quarter of the
+samples (from the last batches, i.e. other images) is held out: if the learned
+rounding reconstructs worse than nearest rounding there, nearest is kept for
+that layer, so AdaRound never loses on its own objective measured on data it
+did not fit (with few images, a large layer such as a classifier can otherwise
+overfit its rounding to them).
 """
 
 from __future__ import annotations
@@ -49,8 +52,9 @@ ZETA, GAMMA = 1.1, -0.1  # stretch of the rectified sigmoid (paper, eq. 23)
 
 @dataclass(frozen=True)
 class LayerResult:
-    """Reconstruction error of one layer (mean over samples of the squared output
-    error summed over channels) with nearest rounding and with AdaRound's choice."""
+    """Reconstruction error of one layer (mean over the held-out samples of the
+    squared output error summed over channels) with nearest rounding and with
+    AdaRound's choice."""
 
     nearest: float
     adaround: float
@@ -62,7 +66,7 @@ def _patches(module: nn.Module, x: torch.Tensor, count: int, gen: torch.Generato
     """``count`` random input rows: conv patches ``(count, groups, K)`` or linear rows."""
     if isinstance(module, nn.Linear):
         rows = x.reshape(-1, x.shape[-1])
-        idx = torch.randint(rows.shape[0], (count,), generator=gen)
+        idx = torch.randperm(rows.shape[0], generator=gen)[:count]  # distinct rows
         return rows[idx].unsqueeze(1)
     kh, kw = module.kernel_size
     sh, sw = module.stride
@@ -117,10 +121,12 @@ def _optimise(module: nn.Module, xq: torch.Tensor, target: torch.Tensor, scale: 
     def weight_from(q: torch.Tensor) -> torch.Tensor:
         return ((torch.clamp(q + z, qmin, qmax) - z) * s).reshape(module.weight.shape)
 
+    held = xq.shape[0] // 4 if xq.shape[0] >= 8 else 0
+    train = xq.shape[0] - held
     opt = torch.optim.Adam([v], lr=lr)
     start = int(warmup * iterations)
     for it in range(iterations):
-        idx = torch.randint(xq.shape[0], (min(batch_size, xq.shape[0]),), generator=gen)
+        idx = torch.randint(train, (min(batch_size, train),), generator=gen)
         h = soft(v)
         pred = _layer_out(module, xq[idx], weight_from(floor + h))
         loss = (pred - target[idx]).pow(2).sum(1).mean()
@@ -134,8 +140,9 @@ def _optimise(module: nn.Module, xq: torch.Tensor, target: torch.Tensor, scale: 
     with torch.no_grad():
         hard = weight_from(floor + (v >= 0).to(w.dtype))
         nearest = weight_from(torch.round(w / s))
-        err_ada = _recon(module, xq, target, hard)
-        err_near = _recon(module, xq, target, nearest)
+        check = slice(train, None) if held else slice(None)
+        err_ada = _recon(module, xq[check], target[check], hard)
+        err_near = _recon(module, xq[check], target[check], nearest)
     keep = err_near < err_ada
     return (nearest if keep else hard), LayerResult(err_near, min(err_ada, err_near), keep)
 

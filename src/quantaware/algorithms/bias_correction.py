@@ -97,7 +97,8 @@ def split_size(batch: Any) -> int:
     return int(first.shape[0])
 
 
-def apply(model: nn.Module, data: Iterable[Any], reference: nn.Module | None = None) -> nn.Module:
+def apply(model: nn.Module, data: Iterable[Any], reference: nn.Module | None = None,
+          num_batches: int | None = None) -> nn.Module:
     """Correct the biases of a calibrated model in place (empirical bias correction).
 
     Args:
@@ -108,6 +109,13 @@ def apply(model: nn.Module, data: Iterable[Any], reference: nn.Module | None = N
         reference: a prepared model whose float function (quantizers off) is the
             target; default ``model`` itself, which is right unless an earlier
             algorithm (e.g. AdaRound) already changed its float weights.
+        num_batches: use only the first ``num_batches`` batches (default: all).
+
+    With one batch, every layer is corrected in a single forward pass (each
+    layer's hook sees the input produced by the already-corrected layers
+    before it), so cost is two forward passes; with several batches each layer
+    needs its own pass up to that layer. Concatenate small batches into one
+    when memory allows.
 
     Returns:
         ``model``, with ``bias`` of every integer-weight layer corrected.
@@ -128,7 +136,9 @@ def apply(model: nn.Module, data: Iterable[Any], reference: nn.Module | None = N
         >>> bool(after < before)
         True
     """
-    data = list(data)
+    if num_batches is not None and (not isinstance(num_batches, int) or num_batches < 1):
+        raise ValueError(f"num_batches must be a positive int or None, got {num_batches!r}")
+    data = list(data)[:num_batches]
     if not data:
         raise ValueError("bias correction needs data: pass at least one batch")
     layers = weighted_layers(model, data)
@@ -137,12 +147,28 @@ def apply(model: nn.Module, data: Iterable[Any], reference: nn.Module | None = N
         return model
     total = sum(split_size(b) for b in data)
     ref = _reference_means(model, reference, layers, data)
-    for name, module in layers:
-        quant = _means(model, [module], data)[id(module)]
-        shift = (quant - ref[name]) / total
-        ensure_bias(module)
-        with torch.no_grad():
-            module.bias.sub_(shift.to(module.bias.dtype))
-        log.debug("bias correction %s: mean |shift| %.3g", name, float(shift.abs().mean()))
+    names = {id(m): n for n, m in layers}
+    corrected: set[str] = set()
+
+    def correct(module: nn.Module, x: torch.Tensor) -> None:
+        name = names[id(module)]
+        if name in corrected:  # a layer called twice in one pass keeps its first correction
+            return
+        _subtract(module, name, channel_mean(pre_activation(module, x)) - ref[name] / total)
+        corrected.add(name)
+
+    if len(data) == 1:
+        capture(model, [m for _, m in layers], data, correct)
+    else:
+        for name, module in layers:
+            quant = _means(model, [module], data)[id(module)]
+            _subtract(module, name, (quant - ref[name]) / total)
     log.info("bias correction: corrected %d layers", len(layers))
     return model
+
+
+def _subtract(module: nn.Module, name: str, shift: torch.Tensor) -> None:
+    ensure_bias(module)
+    with torch.no_grad():
+        module.bias.sub_(shift.to(module.bias.dtype))
+    log.debug("bias correction %s: mean |shift| %.3g", name, float(shift.abs().mean()))

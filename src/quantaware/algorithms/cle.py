@@ -12,9 +12,13 @@ Chains (conv -> depthwise -> conv) are equalized by repeating over all pairs.
 
 ReLU6 is not positive homogeneous (the clip at 6 does not scale). With
 ``relu6="replace"`` (default) the ReLU6 between equalized layers becomes ReLU, as
-Nagel et al. do for MobileNetV2; ``relu6="skip"`` leaves such pairs alone, and the
-float function is then exactly unchanged; ``relu6="keep"`` equalizes and keeps the
-ReLU6, whose clip then moves per channel (an approximation; see :func:`apply`).
+Nagel et al. do for MobileNetV2 (this changes the float function);
+``relu6="scale"`` keeps the clip and moves it with the channel: a channel whose
+output was multiplied by ``m`` is clipped at ``6 m``
+(:class:`quantaware.nn.base.ChannelClip`), so the float function is exactly
+unchanged; ``relu6="skip"`` leaves such pairs alone (also exact);
+``relu6="keep"`` equalizes and keeps the ReLU6 at 6 (an approximation; see
+:func:`apply`).
 
 BatchNorm is folded first (equalization acts on the folded weights), so the
 result is a ``torch.fx.GraphModule`` with the original module names and no BN,
@@ -30,6 +34,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+
+from quantaware.nn.base import ChannelClip
 
 __all__ = ["apply", "find_pairs"]
 
@@ -102,8 +108,13 @@ def _input_channel_ranges(conv: nn.Conv2d) -> torch.Tensor:
     return w.abs().reshape(g, cout_g, cin_g, -1).amax(dim=(1, 3)).reshape(-1)
 
 
-def _equalize(first: nn.Conv2d, second: nn.Conv2d) -> float:
-    """Equalize one pair in place; returns the largest change of scale (for convergence)."""
+def _equalize(first: nn.Conv2d, second: nn.Conv2d,
+              scales: dict[int, torch.Tensor] | None = None) -> float:
+    """Equalize one pair in place; returns the largest change of scale (for convergence).
+
+    ``scales`` maps ``id(conv)`` to the factor its output channels carry
+    (relative to the original model); the first layer's entry is updated.
+    """
     r1 = first.weight.detach().abs().reshape(first.out_channels, -1).amax(1)
     r2 = _input_channel_ranges(second)
     s = torch.sqrt(r1 * r2) / r2
@@ -117,6 +128,8 @@ def _equalize(first: nn.Conv2d, second: nn.Conv2d) -> float:
         w = second.weight
         cout_g, cin_g = w.shape[0] // g, w.shape[1]
         w.copy_((w.reshape(g, cout_g, cin_g, -1) * s.reshape(g, 1, cin_g, 1)).reshape(w.shape))
+    if scales is not None:  # the second layer's output is unchanged
+        scales[id(first)] = scales.get(id(first), torch.ones(first.out_channels)) / s
     return float((s - 1).abs().max())
 
 
@@ -124,7 +137,7 @@ def apply(
     model: nn.Module,
     example_inputs: torch.Tensor | tuple,
     iterations: int = 20,
-    relu6: Literal["replace", "keep", "skip"] = "replace",
+    relu6: Literal["replace", "scale", "keep", "skip"] = "replace",
 ) -> fx.GraphModule:
     """A BN-folded, cross-layer-equalized copy of a float ``model``.
 
@@ -133,7 +146,9 @@ def apply(
         example_inputs: a tensor or tuple of inputs (for tracing).
         iterations: passes over all pairs (chains converge in a few).
         relu6: ``"replace"`` turns ReLU6 between equalized layers into ReLU
-            (Nagel et al. 2019); ``"skip"`` leaves pairs with ReLU6 unequalized;
+            (Nagel et al. 2019); ``"scale"`` keeps the clip but moves it with each
+            channel's scale (exact; the clip becomes per channel);
+            ``"skip"`` leaves pairs with ReLU6 unequalized;
             ``"keep"`` equalizes and keeps ReLU6, so channel ``i`` is clipped at
             ``6 * s_i`` instead of 6 (an approximation that is exact for channels
             whose pre-activations stay below ``6 * min(1, s_i)``).
@@ -152,10 +167,10 @@ def apply(
         >>> torch.allclose(eq(x), net(x), atol=1e-4)
         True
     """
-    from quantaware.prepare import _as_tuple, _fold_batchnorms, _trace
+    from quantaware.prepare import _as_tuple, _fold_batchnorms, _trace, _unique_name
 
-    if relu6 not in ("replace", "keep", "skip"):
-        raise ValueError(f"relu6 must be 'replace', 'keep' or 'skip', got {relu6!r}")
+    if relu6 not in ("replace", "scale", "keep", "skip"):
+        raise ValueError(f"relu6 must be 'replace', 'scale', 'keep' or 'skip', got {relu6!r}")
     example_inputs = _as_tuple(example_inputs)
     model = copy.deepcopy(model).eval()
     gm = _trace(model, example_inputs)
@@ -167,9 +182,12 @@ def apply(
     _fold_batchnorms(gm)
     pairs = []
     replaced = 0
+    clips: list[tuple[fx.Node, str]] = []  # ReLU6 nodes to move with the first conv's scale
     for first, second, between in find_pairs(gm):
         kinds = [_activation_kind(gm, n) for n in between]
-        if "relu6" in kinds and relu6 != "keep":
+        if "relu6" in kinds and relu6 == "scale":
+            clips += [(n, first) for n, k in zip(between, kinds, strict=True) if k == "relu6"]
+        elif "relu6" in kinds and relu6 != "keep":
             if relu6 == "skip":
                 continue
             for node, kind in zip(between, kinds, strict=True):
@@ -183,10 +201,19 @@ def apply(
         pairs.append((gm.get_submodule(first), gm.get_submodule(second)))
     gm.recompile()
     passes = 0
+    scales: dict[int, torch.Tensor] = {}
     while passes < iterations:
         passes += 1
-        if max((_equalize(a, b) for a, b in pairs), default=0.0) < 1e-6:
+        if max((_equalize(a, b, scales) for a, b in pairs), default=0.0) < 1e-6:
             break
-    log.info("cross-layer equalization: %d pairs, %d ReLU6 replaced by ReLU, %d passes",
-             len(pairs), replaced, passes)
+    for node, first in clips:
+        conv = gm.get_submodule(first)
+        clip = ChannelClip(6.0 * scales.get(id(conv), torch.ones(conv.out_channels)))
+        name = node.target if node.op == "call_module" else _unique_name(gm, f"{node.name}_clip")
+        gm.add_submodule(name, clip)
+        node.op, node.target, node.args, node.kwargs = "call_module", name, node.args[:1], {}
+        replaced += 1
+    gm.recompile()
+    log.info("cross-layer equalization: %d pairs, %d ReLU6 replaced (relu6=%s), %d passes",
+             len(pairs), replaced, relu6, passes)
     return gm

@@ -121,6 +121,7 @@ def search(
     reference_score: float | None = None,
     example_inputs: torch.Tensor | tuple | None = None,
     always_float: Iterable[str] = (),
+    rank_data: Iterable[Any] | None = None,
 ) -> MixedPrecisionResult:
     """Choose int8 / low-bit weights / float per layer: smallest model within the budget.
 
@@ -136,6 +137,10 @@ def search(
             float model's score (100 for agreement).
         example_inputs: inputs for ``prepare`` (default: the first calibration batch).
         always_float: layer names to keep in float regardless.
+        rank_data: batches for the per-layer steps (ranking by SQNR, choosing
+            layers to keep float), which cost one evaluation per layer each;
+            default ``data``. A subset makes large models affordable; the
+            budget is always checked on ``data``.
 
     Example:
         >>> import torch
@@ -154,6 +159,8 @@ def search(
         example = example[0]
     base_bits = config.weight.bits if isinstance(config.weight, QuantSpec) else 32
     ref_out = outputs(model, data)
+    rank_data = data if rank_data is None else list(rank_data)
+    rank_ref = ref_out if rank_data is data else outputs(model, rank_data)
     if reference_score is None:
         reference_score = metric(ref_out, ref_out)
     qmodel = calibrate(prepare(model, config, example), calib_data)
@@ -179,7 +186,7 @@ def search(
         if name in choices:
             continue
         toggle.set({**choices, name: "low"})
-        cost[name] = sqnr_db(outputs(qmodel, data), ref_out)
+        cost[name] = sqnr_db(outputs(qmodel, rank_data), rank_ref)
     current = score(choices, "all int8")
     while not ok(current):
         gains = {}
@@ -187,7 +194,7 @@ def search(
             if name in choices:
                 continue
             toggle.set({**choices, name: "float"})
-            gains[name] = metric(outputs(qmodel, data), ref_out)
+            gains[name] = metric(outputs(qmodel, rank_data), rank_ref)
         if not gains:
             break
         best = max(gains, key=gains.get)

@@ -56,6 +56,29 @@ class QuantMixin:
         return y if self.output_quantizer is None else self.output_quantizer(y)
 
 
+class ChannelClip(nn.Module):
+    """``clamp(x, 0, upper[c])`` with a per-channel upper bound (channel axis 1).
+
+    ReLU6 after cross-layer equalization: a channel scaled by ``m`` is clipped
+    at ``6 m``, so the equalized model computes exactly the float function.
+    Fused into the producing layer by ``prepare`` like ReLU/ReLU6 (applied
+    before its output quantizer).
+
+    Example:
+        >>> clip = ChannelClip(torch.tensor([1.0, 6.0]))
+        >>> clip(torch.full((1, 2, 1, 1), 3.0)).flatten().tolist()
+        [1.0, 3.0]
+    """
+
+    def __init__(self, upper: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("upper", upper.detach().clone().float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        return torch.minimum(torch.clamp(x, min=0.0), self.upper.reshape(shape).to(x.dtype))
+
+
 def static_scale(quantizer: nn.Module | None) -> torch.Tensor | None:
     """The fixed input scale of a calibrated static quantizer, else ``None``."""
     if (
