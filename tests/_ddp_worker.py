@@ -41,13 +41,17 @@ def main(out: str) -> None:
     gathered = [None, None]
     torch.distributed.all_gather_object(gathered, {n: p.tolist() for n, p in params.items()})
     weights_equal = gathered[0] == gathered[1]
-    scales = [float(q.effective_scale().reshape(-1)[0]) for n, q in model.named_modules()
+    scales = [float(q.effective_scale().detach().reshape(-1)[0])
+              for n, q in model.named_modules()
               if n.endswith("input_quantizer")]
     if rank == 0:
         with open(out, "w") as f:
             json.dump({"after_calibration": after_calibration, "after_training": after_training,
                        "weights_equal": weights_equal, "scales": scales,
                        "num_quantizer_tensors": len(qdist.quantizer_state(model))}, f)
+    # Every rank reaches this point before the process group goes away: tearing
+    # gloo down while the other rank is still in a collective aborts the process.
+    torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
 
