@@ -30,7 +30,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +38,7 @@ import torch
 from torch import nn
 
 from quantaware import presets
+from quantaware._spec import load_spec
 from quantaware.config import LayerOverride, QuantConfig
 
 __all__ = ["BACKENDS", "BUILTIN_MODELS", "ModelSource", "default_config", "load_model_source",
@@ -193,12 +193,7 @@ def load_model_source(spec: str, num_calib: int = 88, num_eval: int = 264,
             f"unknown model {spec!r}: use one of {BUILTIN_MODELS} or MODULE:FUNCTION "
             "(a function returning a torch.nn.Module)"
         )
-    module_name, func_name = spec.split(":", 1)
-    try:
-        factory = getattr(importlib.import_module(module_name), func_name)
-    except (ImportError, AttributeError) as exc:
-        raise ValueError(f"cannot load {spec!r}: {exc}; check MODULE:FUNCTION") from exc
-    model = factory()
+    model = load_spec(spec)()
     if not isinstance(model, nn.Module):
         raise TypeError(f"{spec} returned {type(model).__name__}, expected a torch.nn.Module")
     if not input_shape:

@@ -27,7 +27,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import logging
 import math
 import time
@@ -42,6 +41,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from quantaware import distributed as qdist
 from quantaware import presets
+from quantaware._spec import load_spec
 from quantaware.calibrate import calibrate
 from quantaware.checkpoint import load_checkpoint, save_checkpoint
 from quantaware.fake_quant import FakeQuantizer
@@ -113,29 +113,6 @@ class QATRunSettings:
             raise ValueError(
                 "a custom --data needs --model module:function returning the float model"
             )
-
-
-def load_spec(spec: str) -> Callable[..., Any]:
-    """Import ``"package.module:function"`` and return the function.
-
-    Example:
-        >>> load_spec("quantaware.models:DigitsCNN").__name__
-        'DigitsCNN'
-    """
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise ValueError(f"expected 'module:function', got {spec!r}")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ValueError(f"cannot import module {module_name!r} from {spec!r}: {exc}") from exc
-    try:
-        fn = getattr(module, attr)
-    except AttributeError as exc:
-        raise ValueError(f"module {module_name!r} has no attribute {attr!r}") from exc
-    if not callable(fn):
-        raise ValueError(f"{spec!r} is not callable")
-    return fn
 
 
 def _datasets(data: str) -> tuple[Dataset, Dataset]:
