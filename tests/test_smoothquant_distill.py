@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -49,3 +50,21 @@ def test_distillation_moves_student_towards_teacher():
     with torch.no_grad():
         after = float(distillation_loss(student(x), net(x)))
     assert after < before
+
+
+def test_auto_alpha_chooses_per_quantizer_and_helps_int8():
+    x, net = _outlier_data(), _mlp()
+    plain = quantaware.quantize(net, presets.INT8, [x], x[:1])
+    smooth = quantaware.prepare(net, presets.INT8, x[:1])
+    assert smooth_quant(smooth, [x[:128], x[128:]], alpha="auto") == 2
+    smooth = quantaware.calibrate(smooth, [x])
+    ref = net(x)
+    assert (smooth(x) - ref).pow(2).mean() < 0.5 * (plain(x) - ref).pow(2).mean()
+
+
+def test_smoothing_rejects_bad_alpha():
+    x, net = _outlier_data(), _mlp()
+    prepared = quantaware.prepare(net, presets.INT8, x[:1])
+    for bad in (1.5, -0.1, "best"):
+        with pytest.raises(ValueError, match="alpha must be"):
+            smooth_quant(prepared, [x], alpha=bad)

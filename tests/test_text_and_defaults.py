@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quantaware.deploy import default_config, load_model_source
+from quantaware.deploy import (
+    default_config,
+    load_model_source,
+    most_sensitive_linears,
+    quantize_for_backend,
+)
 from quantaware.text import real_sentences
 from quantaware.zoo.minilm import MiniLM, MiniLMConfig
 
@@ -32,3 +37,38 @@ def test_model_source_errors_name_the_fix():
         load_model_source("resnet1000")
     with pytest.raises(ValueError, match="--input-shape"):
         load_model_source("torch.nn:Identity")
+
+
+def _tiny_minilm() -> MiniLM:
+    torch.manual_seed(0)
+    return MiniLM(MiniLMConfig(vocab_size=30, hidden_size=16, num_layers=2, num_heads=2,
+                               intermediate_size=32)).eval()
+
+
+def _tokens(n: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    mask = torch.ones(n, 8, dtype=torch.long)
+    mask[::2, 5:] = 0  # padded sentences
+    return {"input_ids": torch.randint(0, 30, (n, 8), generator=gen), "attention_mask": mask}
+
+
+def test_most_sensitive_linear_keeps_float_inputs_and_is_recorded():
+    model, data = _tiny_minilm(), _tokens(32)
+    calib = [{k: v[:16] for k, v in data.items()}, {k: v[16:] for k, v in data.items()}]
+    q = quantize_for_backend(model, calib, calib[0], float_layers=1)
+    chosen = [o.pattern for o in q.quantaware_config.overrides
+              if o.activation is None and o.pattern.startswith("encoder.")]
+    assert len(chosen) == 1
+    layer = q.get_submodule(chosen[0])
+    assert layer.input_quantizer is None and layer.weight_quantizer is not None
+    # the choice is the lowest-SQNR layer on the calibration data
+    plain = quantize_for_backend(model, calib, calib[0], float_layers=0)
+    assert most_sensitive_linears(plain, calib[:2], 1) == chosen
+    assert not any(o.pattern == chosen[0] for o in plain.quantaware_config.overrides)
+    with pytest.raises(ValueError, match="float_layers"):
+        quantize_for_backend(model, calib, calib[0], float_layers=-1)
+
+
+def test_model_source_defaults_and_bad_counts():
+    with pytest.raises(ValueError, match="num_eval must be a positive integer"):
+        load_model_source("torch.nn:Identity", 4, 0, input_shape=(3,))

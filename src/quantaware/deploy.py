@@ -22,7 +22,7 @@ Runtime 1.31 (2 threads):
 Example:
     >>> import torch
     >>> default_config(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3))).name
-    'INT8'
+    'INT8_CNN'
     >>> default_config(torch.nn.Sequential(torch.nn.LayerNorm(4))).name
     'INT8_TRANSFORMER'
 """
@@ -30,6 +30,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -42,9 +43,15 @@ from quantaware._spec import load_spec
 from quantaware.config import LayerOverride, QuantConfig
 
 __all__ = ["BACKENDS", "BUILTIN_MODELS", "ModelSource", "default_config", "load_model_source",
-           "quantize_for_backend"]
+           "most_sensitive_linears", "quantize_for_backend"]
 
 SMOOTHQUANT_ALPHA = 0.8
+# Transformers: Linear layers kept float, the most sensitive on the calibration data.
+TRANSFORMER_FLOAT_LAYERS = 1
+# Calibration batches the sensitivity ranking runs on.
+SENSITIVITY_BATCHES = 2
+
+log = logging.getLogger(__name__)
 
 BACKENDS = ("onnxruntime-x86",)
 
@@ -61,13 +68,54 @@ def default_config(model: nn.Module, backend: str = "onnxruntime-x86") -> QuantC
     if any(isinstance(m, nn.LayerNorm | nn.MultiheadAttention) for m in model.modules()):
         return dataclasses.replace(presets.INT8.with_overrides(*_FLOAT_OPS),
                                    name="INT8_TRANSFORMER")
-    return presets.INT8
+    return dataclasses.replace(presets.INT8, name="INT8_CNN", activation=dataclasses.replace(
+        presets.INT8.activation, observer="percentile"))
+
+
+def most_sensitive_linears(prepared: nn.Module, data: list[Any], count: int) -> list[str]:
+    """The ``count`` Linear layers whose quantization alone degrades the output most.
+
+    Each Linear is quantized on its own (everything else float) on ``data``, and
+    the layers are ranked by the output's SQNR against the float model (the
+    "only this layer quantized" view of :func:`quantaware.analysis.sensitivity`),
+    lowest first.
+
+    Example:
+        >>> import torch
+        >>> from quantaware import presets, quantize
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+        >>> x = [torch.randn(16, 4)]
+        >>> len(most_sensitive_linears(quantize(net, presets.INT8, x, x[0][:1]), x, 1))
+        1
+    """
+    from quantaware.analysis.metrics import outputs, sqnr_db
+    from quantaware.analysis.sensitivity import _only, layer_quantizers
+    from quantaware.nn import QuantLinear
+
+    if count < 1:
+        return []
+    owned = layer_quantizers(prepared)
+    names = [n for n, m in prepared.named_modules() if isinstance(m, QuantLinear) and n in owned]
+    with torch.no_grad():
+        with _only(prepared, enabled=set(), disabled=set()):
+            ref = outputs(prepared, data)
+        sqnr = {}
+        for name in names:
+            with _only(prepared, enabled={id(q) for q in owned[name]}, disabled=set()):
+                sqnr[name] = sqnr_db(outputs(prepared, data), ref)
+    return sorted(names, key=sqnr.__getitem__)[:count]
 
 
 def quantize_for_backend(model: nn.Module, calib: list[Any], example: Any,
                          backend: str = "onnxruntime-x86",
-                         config: QuantConfig | None = None) -> nn.Module:
+                         config: QuantConfig | None = None,
+                         float_layers: int | None = None) -> nn.Module:
     """PTQ with the measured defaults: :func:`default_config`, SmoothQuant for transformers.
+
+    For transformers the ``float_layers`` (default :data:`TRANSFORMER_FLOAT_LAYERS`)
+    Linear layers that are most sensitive on the calibration data
+    (:func:`most_sensitive_linears`) stay float; the returned model's
+    ``quantaware_config`` records them as overrides, so the choice is reproducible.
 
     Example:
         >>> import torch
@@ -82,12 +130,27 @@ def quantize_for_backend(model: nn.Module, calib: list[Any], example: Any,
     from quantaware.smoothquant import smooth_quant
 
     config = config or default_config(model, backend)
+    transformer = config.name == "INT8_TRANSFORMER"
+    if float_layers is None:
+        float_layers = TRANSFORMER_FLOAT_LAYERS if transformer else 0
+    if float_layers < 0:
+        raise ValueError(f"float_layers must be >= 0, got {float_layers}")
     args = tuple(example.values()) if isinstance(example, dict) else (
         example if isinstance(example, tuple) else (example,))
-    prepared = prepare(model, config, args)
-    if config.name == "INT8_TRANSFORMER":
-        smooth_quant(prepared, calib, alpha=SMOOTHQUANT_ALPHA)
-    return calibrate(prepared, calib)
+
+    def ptq(cfg: QuantConfig) -> nn.Module:
+        prepared = prepare(model, cfg, args)
+        if transformer:
+            smooth_quant(prepared, calib, alpha=SMOOTHQUANT_ALPHA)
+        return calibrate(prepared, calib)
+
+    quantized = ptq(config)
+    if float_layers:
+        names = most_sensitive_linears(quantized, calib[:SENSITIVITY_BATCHES], float_layers)
+        log.info("keeping the most sensitive layers float: %s", names)
+        quantized = ptq(config.with_overrides(*(LayerOverride(n, activation=None)
+                                                for n in names)))
+    return quantized
 
 
 @dataclass
@@ -101,6 +164,8 @@ class ModelSource:
         example: one batch (tensor or dict of inputs) for prepare/export.
         calib: calibration batches.
         evaluate: evaluation batches.
+        unlabeled: makes further inputs (other crops) for label-free distillation,
+            or ``None`` if the source has none.
     """
 
     name: str
@@ -109,6 +174,11 @@ class ModelSource:
     example: Any
     calib: list[Any]
     evaluate: list[Any]
+    unlabeled: Callable[[], list[Any]] | None = None
+
+
+# Unlabelled crops (another seed) for label-free distillation of image models.
+UNLABELED_CROPS = 256
 
 
 def _batches(x: Any, size: int) -> list[Any]:
@@ -128,7 +198,8 @@ def _images(name: str, model: nn.Module, num_calib: int, num_eval: int,
 
     calib, evaluate = image_crops(num_calib, size, seed=1), image_crops(num_eval, size, seed=2)
     return ModelSource(name, model.eval(), "image", calib[:1], _batches(calib, 16),
-                       _batches(evaluate, 16))
+                       _batches(evaluate, 16),
+                       unlabeled=lambda: _batches(image_crops(UNLABELED_CROPS, size, seed=7), 16))
 
 
 def _text(model: nn.Module, num_calib: int, num_eval: int, seq_len: int) -> ModelSource:
@@ -168,14 +239,15 @@ def _builtin(name: str) -> Callable[[int, int, int], ModelSource]:
 BUILTIN_MODELS = ("mobilenet_v2", "resnet18", "minilm")
 
 
-def load_model_source(spec: str, num_calib: int = 88, num_eval: int = 264,
+def load_model_source(spec: str, num_calib: int | None = None, num_eval: int | None = None,
                       size: int | None = None,
                       input_shape: tuple[int, ...] | None = None) -> ModelSource:
     """A built-in model (``mobilenet_v2``, ``resnet18``, ``minilm``) or ``MODULE:FUNCTION``.
 
     Args:
         spec: a built-in name, or ``package.module:function`` returning an ``nn.Module``.
-        num_calib, num_eval: samples to calibrate and evaluate on.
+        num_calib, num_eval: samples to calibrate and evaluate on (default: 88 and
+            264 image crops, 64 and 160 sentences for MiniLM).
         size: image side (CNNs, default 224) or sequence length (MiniLM, default 64).
         input_shape: per-sample input shape of a ``MODULE:FUNCTION`` model; inputs
             are then seeded random normal tensors (real data: use the Python API).
@@ -185,9 +257,14 @@ def load_model_source(spec: str, num_calib: int = 88, num_eval: int = 264,
         >>> src.kind, src.example.shape
         ('image', torch.Size([1, 3]))
     """
+    text = spec == "minilm"
+    num_calib = num_calib if num_calib is not None else (64 if text else 88)
+    num_eval = num_eval if num_eval is not None else (160 if text else 264)
+    for name, value in (("num_calib", num_calib), ("num_eval", num_eval)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if spec in BUILTIN_MODELS:
-        default = 64 if spec == "minilm" else 224
-        return _builtin(spec)(num_calib, num_eval, size or default)
+        return _builtin(spec)(num_calib, num_eval, size or (64 if text else 224))
     if ":" not in spec:
         raise ValueError(
             f"unknown model {spec!r}: use one of {BUILTIN_MODELS} or MODULE:FUNCTION "

@@ -9,7 +9,11 @@ cores):
   backend's measured default config, SmoothQuant for transformers), exported with Q/DQ;
 - ``ort-static-int8``: ``onnxruntime.quantization.quantize_static`` of the fp32
   file (QDQ, per-channel, u8s8, MinMax) on the same calibration data;
-- ``ort-dynamic-int8``: ``onnxruntime.quantization.quantize_dynamic``.
+- ``ort-dynamic-int8``: ``onnxruntime.quantization.quantize_dynamic``;
+- with ``distill_steps > 0``, for models with unlabelled data (the image
+  models): ``quantaware-int8-distilled``, the quantaware model fine-tuned for
+  that many steps towards the FP32 model on unlabelled crops
+  (:func:`quantaware.distill.distill`, no labels), exported the same way.
 
 Latency is the median of many ``session.run`` calls after warm-up, taken
 interleaved (one run of each variant per round, A B C D A B C D ...) so that
@@ -38,12 +42,14 @@ import numpy as np
 
 from quantaware.deploy import ModelSource, load_model_source, quantize_for_backend
 
-__all__ = ["VARIANTS", "benchmark", "build_variants", "fidelity", "time_interleaved",
-           "write_json"]
+__all__ = ["DISTILLED", "VARIANTS", "benchmark", "build_variants", "fidelity", "fidelity_details",
+           "time_interleaved", "write_json"]
 
 log = logging.getLogger(__name__)
 
 VARIANTS = ("fp32", "quantaware-int8", "ort-static-int8", "ort-dynamic-int8")
+DISTILLED = "quantaware-int8-distilled"
+DISTILL_LR = 1e-5
 
 
 def _numpy_feed(batch: Any, names: Sequence[str]) -> dict[str, np.ndarray]:
@@ -70,8 +76,14 @@ class _Reader:
 
 
 def build_variants(source: ModelSource, out_dir: str | os.PathLike,
-                   on_step: Callable[[str], None] = lambda msg: None) -> dict[str, Path]:
-    """Write the four ONNX files of :data:`VARIANTS` for ``source`` into ``out_dir``."""
+                   on_step: Callable[[str], None] = lambda msg: None,
+                   distill_steps: int = 0) -> tuple[dict[str, Path], dict[str, Any]]:
+    """Write the ONNX files of :data:`VARIANTS` (and :data:`DISTILLED`) for ``source``.
+
+    Returns the paths by variant and quantaware's torch models by variant (the
+    ones exported as ``quantaware-int8`` and, if built, ``quantaware-int8-distilled``,
+    for :func:`quantaware.verify`).
+    """
     import onnxruntime as ort
     from onnxruntime.quantization import (
         CalibrationMethod,
@@ -92,6 +104,18 @@ def build_variants(source: ModelSource, out_dir: str | os.PathLike,
     on_step(f"{source.name}: quantaware PTQ + export")
     qmodel = quantize_for_backend(source.model, source.calib, args)
     export_onnx(qmodel, paths["quantaware-int8"], args)
+    torch_models = {"quantaware-int8": qmodel}
+    if distill_steps > 0 and source.unlabeled is not None:
+        import copy
+
+        from quantaware.distill import distill
+
+        on_step(f"{source.name}: label-free distillation, {distill_steps} steps")
+        student = distill(copy.deepcopy(qmodel), source.model, source.unlabeled(),
+                          steps=distill_steps, lr=DISTILL_LR)
+        paths[DISTILLED] = out / f"{source.name}-{DISTILLED}.onnx"
+        export_onnx(student, paths[DISTILLED], args)
+        torch_models[DISTILLED] = student
     names = [i.name for i in ort.InferenceSession(
         str(paths["fp32"]), providers=["CPUExecutionProvider"]).get_inputs()]
     on_step(f"{source.name}: ORT quantize_static")
@@ -111,7 +135,7 @@ def build_variants(source: ModelSource, out_dir: str | os.PathLike,
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-    return paths
+    return paths, torch_models
 
 
 def _sessions(paths: dict[str, Path], threads: int) -> dict[str, Any]:
@@ -141,6 +165,37 @@ def fidelity(kind: str, reference: np.ndarray, output: np.ndarray) -> float:
     return float(cos.mean())
 
 
+def fidelity_details(kind: str, reference: np.ndarray, output: np.ndarray) -> dict[str, float]:
+    """The second fidelity figure: confident-crop agreement or neighbour agreement.
+
+    For ``kind="image"``: top-1 agreement over the samples where the reference is
+    confident (max softmax >= 0.5), key ``agreement_confident`` (NaN if none is).
+    For ``kind="text"``: the fraction of samples whose most similar *other*
+    sample (cosine of the embeddings) is unchanged, key ``neighbour_agreement``.
+
+    Example:
+        >>> e = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
+        >>> fidelity_details("text", e, e)
+        {'neighbour_agreement': 1.0}
+    """
+    if kind == "image":
+        z = reference.astype(np.float64)
+        z = np.exp(z - z.max(1, keepdims=True))
+        confident = (z / z.sum(1, keepdims=True)).max(1) >= 0.5
+        same = reference.argmax(1) == output.argmax(1)
+        return {"agreement_confident":
+                float(same[confident].mean()) if confident.any() else float("nan")}
+
+    def neighbours(e: np.ndarray) -> np.ndarray:
+        e = e.astype(np.float64)
+        e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-30)
+        sim = e @ e.T
+        np.fill_diagonal(sim, -np.inf)
+        return sim.argmax(1)
+
+    return {"neighbour_agreement": float(np.mean(neighbours(reference) == neighbours(output)))}
+
+
 def time_interleaved(sessions: dict[str, Any], feeds: dict[str, dict[str, np.ndarray]],
                      runs: int, warmup: int) -> dict[str, float]:
     """Median ms of ``runs`` interleaved ``session.run`` calls per variant after ``warmup``."""
@@ -166,10 +221,16 @@ def _batch_of(source: ModelSource, batch: int) -> Any:
 def benchmark(models: Sequence[str], batches: Sequence[int] = (1, 16), threads: int = 2,
               runs: int = 50, warmup: int = 10, quick: bool = False,
               out_dir: str | os.PathLike | None = None,
-              on_step: Callable[[str], None] = lambda msg: None) -> list[dict[str, Any]]:
+              on_step: Callable[[str], None] = lambda msg: None,
+              on_model: Callable[[list[dict[str, Any]]], None] = lambda rows: None,
+              distill_steps: int = 0) -> list[dict[str, Any]]:
     """Build, run and time every variant of every model; one row per model/batch/variant.
 
     ``ratio_vs_fp32`` is latency divided by the fp32 latency (0.33 = 3x faster).
+    Besides ``fidelity`` each row carries :func:`fidelity_details`, and the
+    quantaware rows the :func:`quantaware.verify` result of the ONNX file against
+    the torch model it was exported from: ``verify_top1`` and ``verify_cosine``
+    (``None`` on the other variants).
 
     Args:
         models: built-in names or ``MODULE:FUNCTION`` (see :func:`load_model_source`).
@@ -178,9 +239,14 @@ def benchmark(models: Sequence[str], batches: Sequence[int] = (1, 16), threads: 
         runs, warmup: timed and untimed runs per variant (interleaved).
         quick: small inputs (32x32 images, 16 tokens), 16 samples, 3 runs: a smoke test.
         out_dir: where the ONNX files go (default: a temporary folder).
+        on_model: called with all rows so far after each model (e.g. to save them).
+        distill_steps: also build :data:`DISTILLED` for models with unlabelled data.
     """
     from quantaware.bench import file_size
+    from quantaware.export.verify import verify
 
+    if isinstance(distill_steps, bool) or not isinstance(distill_steps, int) or distill_steps < 0:
+        raise ValueError(f"distill_steps must be a non-negative integer, got {distill_steps!r}")
     if quick:
         runs, warmup = min(runs, 3), min(warmup, 1)
     rows: list[dict[str, Any]] = []
@@ -192,27 +258,40 @@ def benchmark(models: Sequence[str], batches: Sequence[int] = (1, 16), threads: 
                 source = load_model_source(spec, 16, 16, size=size)
             else:
                 source = load_model_source(spec)
-            paths = build_variants(source, folder, on_step)
+            paths, torch_models = build_variants(source, folder, on_step, distill_steps)
+            checked = {}
+            for variant, qmodel in torch_models.items():
+                on_step(f"{source.name}: verify {variant}")
+                report = verify(paths[variant], qmodel, source.evaluate, threads=threads,
+                                check_layers=False)
+                checked[variant] = {"verify_top1": report.top1_agreement,
+                                    "verify_cosine": report.cosine}
             sessions = _sessions(paths, threads)
             on_step(f"{source.name}: fidelity")
             reference = _outputs(sessions["fp32"], source.evaluate)
-            fid = {v: fidelity(source.kind, reference, _outputs(s, source.evaluate))
-                   for v, s in sessions.items()}
+            results = {v: _outputs(s, source.evaluate) for v, s in sessions.items()}
+            fid = {v: fidelity(source.kind, reference, out) for v, out in results.items()}
+            details = {v: fidelity_details(source.kind, reference, out)
+                       for v, out in results.items()}
             for batch in batches:
                 on_step(f"{source.name}: timing batch {batch}")
                 sample = _batch_of(source, batch)
                 feeds = {v: _numpy_feed(sample, [i.name for i in s.get_inputs()])
                          for v, s in sessions.items()}
                 latency = time_interleaved(sessions, feeds, runs, warmup)
-                for variant in VARIANTS:
+                for variant in paths:
                     rows.append({
                         "model": source.name, "batch": batch, "variant": variant,
                         "latency_ms": latency[variant],
                         "ratio_vs_fp32": latency[variant] / latency["fp32"],
                         "size_bytes": file_size(paths[variant]),
                         "fidelity": fid[variant],
+                        **details[variant],
+                        **checked.get(variant, {"verify_top1": None,
+                                                "verify_cosine": None}),
                     })
             del sessions
+            on_model(rows)
     return rows
 
 

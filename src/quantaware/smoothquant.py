@@ -41,8 +41,9 @@ from torch import fx, nn
 from quantaware._batch import model_device, split_batch, to_device
 from quantaware.fake_quant import FakeQuantizer
 from quantaware.nn.linear import QuantLinear
+from quantaware.primitives import choose_qparams, fake_quantize
 
-__all__ = ["smooth_quant"]
+__all__ = ["AUTO_ALPHAS", "smooth_quant"]
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,37 @@ def _targets(model: nn.Module) -> dict[int, tuple[FakeQuantizer, list[QuantLinea
             if not v[0].from_tensor and all(u.weight_quantizer is not None for u in v[1])}
 
 
-def smooth_quant(model: nn.Module, data: Iterable[Any], alpha: float = 0.5,
+AUTO_ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
+# Input rows kept per quantizer for the alpha search.
+_SEARCH_ROWS = 2048
+
+
+def _factor(amax: torch.Tensor, wmax: torch.Tensor, alpha: float) -> torch.Tensor:
+    s = (amax.clamp(min=1e-5) ** alpha) / (wmax.clamp(min=1e-5) ** (1 - alpha))
+    return s.clamp(min=1e-5)
+
+
+def _relative_error(q: FakeQuantizer, linears: list[QuantLinear], rows: torch.Tensor,
+                    s: torch.Tensor) -> float:
+    """Relative output MSE of ``linears`` with inputs ``rows / s`` quantized per
+    tensor (min-max of the rows) and weights ``W * s`` by their own quantizers."""
+    xs = rows / s
+    lo, hi = torch.aminmax(xs)
+    a_scale, a_zp = choose_qparams(lo, hi, q.qmin, q.qmax, q.spec.symmetric)
+    xq = fake_quantize(xs, a_scale, a_zp, q.qmin, q.qmax)
+    err = 0.0
+    for lin in linears:
+        wq = lin.weight_quantizer
+        assert isinstance(wq, FakeQuantizer)
+        ws = lin.weight * s
+        w_scale, w_zp = wq.qparams(ws)
+        ref = rows @ lin.weight.T
+        out = xq @ wq.fake_quantize_with(ws, w_scale, w_zp).T
+        err += float((out - ref).square().sum() / ref.square().sum().clamp(min=1e-30))
+    return err
+
+
+def smooth_quant(model: nn.Module, data: Iterable[Any], alpha: float | str = 0.5,
                  num_batches: int | None = None) -> int:
     """Migrate activation outliers of ``model``'s Linear inputs into their weights.
 
@@ -79,21 +110,32 @@ def smooth_quant(model: nn.Module, data: Iterable[Any], alpha: float = 0.5,
         model: from :func:`quantaware.prepare`.
         data: calibration batches (per-channel maxima are taken over all of them).
         alpha: migration strength (0: none, 1: all onto the weights); 0.5 is the
-            paper's default for BERT-sized models.
+            paper's default for BERT-sized models. ``"auto"`` chooses it per
+            quantizer from :data:`AUTO_ALPHAS`: the one with the smallest relative
+            output error of its Linear layers on up to 2048 recorded input rows
+            (input quantized per tensor, weights by their own quantizers).
     """
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    auto = alpha == "auto"
+    if not auto and not (isinstance(alpha, int | float) and 0.0 <= alpha <= 1.0):
+        raise ValueError(f"alpha must be in [0, 1] or 'auto', got {alpha!r}")
     targets = _targets(model)
     if not targets:
         return 0
     amax: dict[int, torch.Tensor] = {}
+    rows: dict[int, list[torch.Tensor]] = {}
 
     def hook(key: int):
         def record(_module, inputs):
-            x = inputs[0].detach().abs().reshape(-1, inputs[0].shape[-1]).amax(0)
+            flat = inputs[0].detach().reshape(-1, inputs[0].shape[-1])
+            x = flat.abs().amax(0)
             amax[key] = x if key not in amax else torch.maximum(amax[key], x)
+            if auto:
+                kept = rows.setdefault(key, [])
+                have = sum(len(r) for r in kept)
+                if have < _SEARCH_ROWS:
+                    step = max(1, len(flat) // 256)
+                    kept.append(flat[::step][:_SEARCH_ROWS - have].float().clone())
         return record
-
     handles = [q.register_forward_pre_hook(hook(k)) for k, (q, _) in targets.items()]
     quantizers = [m for m in model.modules() if isinstance(m, FakeQuantizer)]
     saved = [(q.observer_enabled.clone(), q.fake_quant_enabled.clone()) for q in quantizers]
@@ -119,11 +161,17 @@ def smooth_quant(model: nn.Module, data: Iterable[Any], alpha: float = 0.5,
             if key not in amax:
                 continue
             wmax = torch.stack([lin.weight.abs().amax(0) for lin in linears]).amax(0)
-            s = (amax[key].clamp(min=1e-5) ** alpha) / (wmax.clamp(min=1e-5) ** (1 - alpha))
-            s = s.clamp(min=1e-5)
+            chosen = alpha
+            if auto:
+                sample = torch.cat(rows[key])
+                chosen = min(AUTO_ALPHAS, key=lambda a: _relative_error(
+                    q, linears, sample, _factor(amax[key], wmax, a)))
+                log.debug("smoothing alpha %.2f for %s", chosen,
+                          [type(lin).__name__ for lin in linears])
+            s = _factor(amax[key], wmax, float(chosen))
             q.set_smoothing(1.0 / s)
             for lin in linears:
                 lin.weight.mul_(s)
             done += 1
-    log.info("smoothed %d activation quantizers (alpha=%.2f)", done, alpha)
+    log.info("smoothed %d activation quantizers (alpha=%s)", done, alpha)
     return done

@@ -39,12 +39,15 @@ def test_verify_command_rejects_unknown_model(capsys):
 def test_bench_quick_writes_rows(tmp_path, capsys):
     out = tmp_path / "rows.json"
     code = main(["bench", "--quick", "--models", "resnet18", "--batches", "2",
-                 "--json", str(out)])
+                 "--distill", "2", "--json", str(out)])
     assert code == 0
     rows = json.loads(out.read_text())
     assert [r["variant"] for r in rows] == ["fp32", "quantaware-int8", "ort-static-int8",
-                                            "ort-dynamic-int8"]
-    assert set(rows[0]) == {"model", "batch", "variant", "latency_ms", "ratio_vs_fp32",
-                            "size_bytes", "fidelity"}
+                                            "ort-dynamic-int8", "quantaware-int8-distilled"]
+    assert rows[4]["verify_top1"] >= 0.9
+    assert abs(rows[4]["size_bytes"] - rows[1]["size_bytes"]) < 0.01 * rows[1]["size_bytes"]
+    assert {"model", "batch", "variant", "latency_ms", "ratio_vs_fp32", "size_bytes",
+            "fidelity", "agreement_confident", "verify_top1", "verify_cosine"} <= set(rows[0])
+    assert rows[0]["verify_top1"] is None and rows[1]["verify_top1"] >= 0.9
     assert rows[0]["ratio_vs_fp32"] == 1.0 and rows[1]["size_bytes"] < rows[0]["size_bytes"]
     assert "quantaware-int8" in capsys.readouterr().out

@@ -361,3 +361,32 @@ def test_export_leaves_the_model_alone(int8_model, int8_snapshot, int8_path):
     assert not any(getattr(m, "exporting", False) for m in int8_model.modules())
     with torch.no_grad():
         assert torch.equal(int8_model(x), out)
+
+
+def test_bias_of_float_output_linear_is_a_float_constant(tmp_path):
+    """A Linear whose output stays float (here: into LayerNorm) keeps its int32-exact
+    bias as a float32 constant, so ONNX Runtime can fuse the add; values unchanged.
+    (Sequences: 3-D inputs export as MatMul + Add; 2-D ones as Gemm, which keeps its
+    int32 bias input.)"""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 4)).eval()
+    x = torch.randn(16, 5, 8)
+    config = presets.INT8.with_overrides(quantaware.LayerOverride("1", skip=True))
+    q = quantaware.quantize(net, config, [x], x[:1])
+    path = quantaware.export_onnx(q, tmp_path / "m.onnx", x[:1])
+    model = onnx.load(str(path))
+    inits = {i.name: i for i in model.graph.initializer}
+    int32_dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear"
+                and n.input[0] in inits and inits[n.input[0]].data_type == TensorProto.INT32]
+    adds = [n for n in model.graph.node if n.op_type == "Add"]
+    float_bias = [i for n in adds for i in n.input if i in inits
+                  and inits[i].data_type == TensorProto.FLOAT and len(inits[i].dims) == 1]
+    assert float_bias, "the first Linear's bias should be a float constant"
+    for node in int32_dq:  # any int32 bias left feeds an integer kernel, not an Add
+        assert not any(node.output[0] in a.input for a in adds)
+    report = quantaware.verify(path, q, [x])
+    assert report.cosine > 0.99999, report
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    step = float(q.get_submodule("2").output_quantizer.scale)
+    np.testing.assert_allclose(out, q(x).detach().numpy(), rtol=0, atol=1.001 * step)

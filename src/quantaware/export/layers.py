@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from quantaware._batch import model_device, split_batch, to_device
+from quantaware.bench import session_options
 from quantaware.fake_quant import FakeQuantizer
 
 __all__ = ["LayerDiff", "compare_layers", "first_divergence"]
@@ -128,10 +129,7 @@ def compare_layers(onnx_path: str | Path, model: nn.Module, batch: Any,
     for _, tensor in pairs:
         if tensor not in existing:
             proto.graph.output.append(onnx.ValueInfoProto(name=tensor))
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    session = ort.InferenceSession(proto.SerializeToString(), options,
+    session = ort.InferenceSession(proto.SerializeToString(), session_options(threads),
                                    providers=["CPUExecutionProvider"])
     args, kwargs = split_batch(batch)
     input_names = [i.name for i in session.get_inputs()]

@@ -23,6 +23,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnxscript.optimizer
 import torch
@@ -85,6 +86,60 @@ def _strip_debug_info(proto: onnx.ModelProto) -> None:
         node.doc_string = ""
     del proto.graph.value_info[:]
     del proto.graph.metadata_props[:]
+
+
+def _fold_float_biases(proto: onnx.ModelProto) -> int:
+    """Store biases that feed a plain float ``Add`` as float32 constants.
+
+    A Linear whose output stays float runs in ONNX Runtime as
+    ``MatMulIntegerToFloat`` followed by ``Add(bias)``. With the bias behind a
+    ``DequantizeLinear`` (which ONNX Runtime never constant-folds) the add cannot
+    fuse into the following GELU or residual add + LayerNorm
+    (``BiasGelu``/``SkipLayerNormalization``). ``DequantizeLinear`` of an int32
+    constant with zero point 0 is ``float32(q) * scale``; the same float32
+    product is stored instead, so the values are bit-identical. Biases that feed
+    Conv/Gemm (the integer kernels' int32 bias input) are left as they are.
+    Returns the number of biases folded.
+    """
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in proto.graph.initializer}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in proto.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    outputs = {o.name for o in proto.graph.output}
+    folded, keep = 0, []
+    for node in proto.graph.node:
+        if (node.op_type == "DequantizeLinear" and node.domain in ("", "ai.onnx")
+                and len(node.input) >= 2 and node.input[0] in inits and node.input[1] in inits
+                and inits[node.input[0]].data_type == onnx.TensorProto.INT32
+                and node.output[0] not in outputs
+                and (len(node.input) < 3 or node.input[2] in ("", *inits))
+                and all(c.op_type == "Add" for c in consumers.get(node.output[0], []))):
+            q = numpy_helper.to_array(inits[node.input[0]])
+            scale = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
+            zero = (numpy_helper.to_array(inits[node.input[2]])
+                    if len(node.input) > 2 and node.input[2] else 0)
+            # Per-tensor scale, or one scale per element of a 1-D bias.
+            if np.any(zero != 0) or not (scale.size == 1 or (q.ndim == 1
+                                                             and scale.shape == q.shape)):
+                keep.append(node)
+                continue
+            value = q.astype(np.float32) * scale.reshape(() if scale.size == 1 else q.shape)
+            proto.graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
+            folded += 1
+        else:
+            keep.append(node)
+    if folded:
+        del proto.graph.node[:]
+        proto.graph.node.extend(keep)
+        used = {name for node in proto.graph.node for name in node.input}
+        kept = [i for i in proto.graph.initializer if i.name in used
+                or i.name in outputs]
+        del proto.graph.initializer[:]
+        proto.graph.initializer.extend(kept)
+    return folded
 
 
 def _dynamic_shapes(example_inputs: tuple) -> tuple:
@@ -157,6 +212,7 @@ def export_onnx(
     # leave the rest to ONNX Runtime's own constant folding at load time.
     proto = onnxscript.optimizer.optimize(program.model_proto,
                                           input_size_limit=_FOLD_INPUT_SIZE_LIMIT)
+    _fold_float_biases(proto)
     _strip_debug_info(proto)
     proto.producer_name = "quantaware"
     config = getattr(model, "quantaware_config", None)

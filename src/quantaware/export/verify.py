@@ -26,6 +26,7 @@ from onnx import numpy_helper
 from torch import nn
 
 from quantaware._batch import model_device, split_batch, to_device
+from quantaware.bench import session_options
 from quantaware.export.layers import compare_layers, first_divergence
 
 __all__ = ["VerifyReport", "verify"]
@@ -167,10 +168,7 @@ def verify(
         raise ValueError(
             f"{onnx_path} holds no ONNX graph (empty or truncated file); export it again"
         )
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    session = ort.InferenceSession(proto.SerializeToString(), options,
+    session = ort.InferenceSession(proto.SerializeToString(), session_options(threads),
                                    providers=["CPUExecutionProvider"])
     input_names = [i.name for i in session.get_inputs()]
     scale = _output_scale(proto)

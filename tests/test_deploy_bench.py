@@ -1,0 +1,41 @@
+"""Fidelity measures and the ONNX Runtime session settings the deploy benchmark uses."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from quantaware.bench import session_options
+from quantaware.deploy_bench import fidelity, fidelity_details
+
+
+def test_image_fidelity_counts_confident_samples_separately():
+    ref = np.array([[9.0, 0.0, 0.0], [0.1, 0.0, 0.0], [0.0, 8.0, 0.0], [0.0, 0.0, 0.2]])
+    out = np.array([[9.0, 0.0, 0.0], [0.0, 0.1, 0.0], [0.0, 0.0, 8.1], [0.0, 0.0, 0.2]])
+    assert fidelity("image", ref, out) == 0.5
+    # confident (max softmax >= 0.5): rows 0 and 2, one of which agrees
+    assert fidelity_details("image", ref, out) == {"agreement_confident": 0.5}
+    flat = np.zeros((2, 3))
+    assert math.isnan(fidelity_details("image", flat, flat)["agreement_confident"])
+
+
+def test_text_fidelity_neighbours():
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(20, 8))
+    assert fidelity("text", emb, emb) == pytest.approx(1.0)
+    assert fidelity_details("text", emb, emb * 3.0) == {"neighbour_agreement": 1.0}
+    # Reversing the embeddings changes every sentence's nearest neighbour identity.
+    shuffled = emb[::-1]
+    assert fidelity_details("text", emb, shuffled)["neighbour_agreement"] < 0.5
+
+
+def test_sessions_flush_denormals_and_do_not_spin():
+    options = session_options(3)
+    assert options.intra_op_num_threads == 3
+    assert options.get_session_config_entry("session.set_denormal_as_zero") == "1"
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="threads"):
+            session_options(bad)
