@@ -52,3 +52,25 @@ def test_injected_divergence_is_located(quantized):
     assert report.first_divergent_layer == "2.output_quantizer"
     assert report.first_divergent_lsb > 1
     assert "first divergence at 2.output_quantizer" in str(report)
+
+
+def test_quantizers_sharing_qparams_are_told_apart(tmp_path):
+    """Two ReLU6 outputs calibrated to exactly [0, 6] share one scale constant in
+    the file; each Q node is still paired with its own quantizer."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU6(),
+                        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU6(),
+                        nn.Conv2d(8, 4, 1)).eval()
+    with torch.no_grad():
+        for conv in (net[0], net[2]):
+            conv.weight.mul_(20.0)  # both ReLU6 outputs reach 6
+    x = torch.randn(16, 3, 10, 10)
+    q = quantaware.quantize(net, presets.INT8, [x], x[:1])
+    assert torch.equal(q.get_submodule("0").output_quantizer.scale,
+                       q.get_submodule("2").output_quantizer.scale)
+    path = quantaware.export_onnx(q, tmp_path / "m.onnx", x[:1])
+    rows = compare_layers(path, q, x)
+    names = [r.name for r in rows]
+    assert "0.output_quantizer" in names and "2.output_quantizer" in names
+    assert len(names) == len(set(names))
+    assert first_divergence(rows) is None, rows

@@ -79,6 +79,34 @@ def _quantize_nodes(proto: onnx.ModelProto, names: set[str]) -> list[tuple[str, 
     return found
 
 
+def _disambiguate(pairs: list[tuple[str, str]], quantizers: dict[str, FakeQuantizer],
+                  order: list[str]) -> list[tuple[str, str]]:
+    """Re-pair Q nodes that share one scale initializer.
+
+    The exporter stores equal constants once, so quantizers with identical
+    qparams (two ReLU6 outputs calibrated to ``[0, 6]``) leave several Q nodes
+    reading the first one's scale. Among quantizers with the same qparams, the
+    k-th such Q node in graph order is the k-th quantizer in execution order.
+    """
+    def key(name: str) -> tuple[bytes, bytes]:
+        q = quantizers[name]
+        return (q.scale.detach().cpu().numpy().tobytes(),
+                q.zero_point.detach().cpu().numpy().tobytes())
+
+    groups: dict[tuple[bytes, bytes], list[str]] = {}
+    for name in order:
+        groups.setdefault(key(name), []).append(name)
+    used: dict[tuple[bytes, bytes], int] = {}
+    out = []
+    for name, tensor in pairs:
+        k = key(name)
+        members = groups.get(k, [name])
+        i = used.get(k, 0)
+        used[k] = i + 1
+        out.append((members[i] if i < len(members) else name, tensor))
+    return out
+
+
 def _torch_codes(model: nn.Module, quantizers: dict[str, FakeQuantizer],
                  batch: Any) -> dict[str, np.ndarray]:
     codes: dict[str, np.ndarray] = {}
@@ -141,7 +169,7 @@ def compare_layers(onnx_path: str | Path, model: nn.Module, batch: Any,
     ort_values = dict(zip(wanted, session.run(wanted, feed), strict=True))
     ref = _torch_codes(model, quantizers, batch)
     rows = []
-    for name, tensor in pairs:
+    for name, tensor in _disambiguate(pairs, quantizers, list(ref)):
         if name not in ref or ref[name].shape != ort_values[tensor].shape:
             continue  # a quantizer the torch forward did not run on this tensor
         diff = np.abs(ref[name] - ort_values[tensor].astype(np.int64))
