@@ -31,6 +31,31 @@ def test_text_fidelity_neighbours():
     assert fidelity_details("text", emb, shuffled)["neighbour_agreement"] < 0.5
 
 
+def test_sessions_leave_the_callers_float_mode_alone(tmp_path):
+    """ONNX Runtime switches the thread that creates a session to flushing denormals;
+    quantaware's sessions undo that, and flush only while they run."""
+    import onnx
+    import torch
+    from onnx import TensorProto, helper
+
+    from quantaware.bench import create_session
+
+    graph = helper.make_graph(
+        [helper.make_node("Softmax", ["x"], ["y"], axis=-1)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    path = tmp_path / "softmax.onnx"
+    onnx.save(model, str(path))
+    tiny = torch.tensor([1e-40])
+    assert float(tiny * 1.0) > 0.0  # IEEE denormals before
+    session = create_session(str(path), threads=1)
+    out = session.run(None, {"x": np.array([[0.0, -1e4, 1.0, 2.0]] * 2, np.float32)})[0]
+    assert out.shape == (2, 4) and np.allclose(out.sum(1), 1.0)
+    assert float(tiny * 1.0) > 0.0  # and after creating and running a session
+    assert float(np.float32(1e-40) * np.float32(1.0)) > 0.0
+
+
 def test_sessions_flush_denormals_and_do_not_spin():
     options = session_options(3)
     assert options.intra_op_num_threads == 3

@@ -27,7 +27,8 @@ def test_transformers_keep_residual_adds_float():
     cfg = default_config(MiniLM(MiniLMConfig(vocab_size=10, hidden_size=8, num_layers=1,
                                              num_heads=2, intermediate_size=16)))
     assert cfg.resolve("add_3") is None and cfg.resolve("encoder.layer.0.output.dense")
-    assert default_config(torch.nn.Conv2d(1, 1, 1)).name == "INT8"
+    cnn = default_config(torch.nn.Conv2d(1, 1, 1))
+    assert cnn.name == "INT8_CNN" and cnn.activation.observer == "percentile"
     with pytest.raises(ValueError, match="measured backends"):
         default_config(torch.nn.Conv2d(1, 1, 1), backend="tpu")
 

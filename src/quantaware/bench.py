@@ -33,6 +33,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -49,6 +50,9 @@ from quantaware.train import LABEL_KEYS, unpack_batch
 
 __all__ = [
     "OnnxModelError",
+    "Session",
+    "create_session",
+    "denormals_flushed",
     "file_size",
     "onnx_accuracy",
     "onnx_latency_ms",
@@ -87,11 +91,13 @@ def session_options(threads: int = 2) -> ort.SessionOptions:
 
     ``threads`` intra-op threads, sequential execution, no thread spinning (a
     spinning pool steals cores from other sessions in the process), and
-    denormal floats flushed to zero: a softmax over a padded attention mask
-    underflows ``exp`` into denormals, which made ONNX Runtime's float Softmax
-    9x slower (0.38 vs 3.4 ms on 16x12x64x64 with masked keys; MiniLM at batch 16
-    spent a fifth of its time there). Values below 1.2e-38 become 0, which no
-    quantized model can resolve anyway.
+    denormal floats flushed to zero in ONNX Runtime's threads: a softmax over a
+    padded attention mask underflows ``exp`` into denormals, which made ONNX
+    Runtime's float Softmax 9x slower (0.38 vs 3.4 ms on 16x12x64x64 with masked
+    keys; MiniLM at batch 16 spent a fifth of its time there). Values below
+    1.2e-38 become 0, which no quantized model can resolve anyway. ONNX Runtime
+    also switches the creating thread to flushing; :func:`create_session` undoes
+    that, so torch and numpy in the caller's thread keep IEEE denormals.
 
     Example:
         >>> session_options(1).intra_op_num_threads
@@ -110,7 +116,62 @@ def session_options(threads: int = 2) -> ort.SessionOptions:
     return options
 
 
-def onnx_session(path: PathLike, threads: int = 2) -> ort.InferenceSession:
+def _flushing_denormals() -> bool:
+    """Whether this thread flushes denormal floats to zero (FTZ/DAZ)."""
+    return bool(np.float32(1e-40) * np.float32(1.0) == 0.0)
+
+
+def _set_flush_denormals(enabled: bool) -> None:
+    import torch
+
+    torch.set_flush_denormal(enabled)
+
+
+@contextlib.contextmanager
+def denormals_flushed() -> Iterator[None]:
+    """Flush denormals on this thread inside the block, restore the previous mode after.
+
+    Example:
+        >>> with denormals_flushed():
+        ...     pass
+    """
+    before = _flushing_denormals()
+    _set_flush_denormals(True)
+    try:
+        yield
+    finally:
+        _set_flush_denormals(before)
+
+
+class Session:
+    """An ONNX Runtime ``InferenceSession`` whose ``run`` flushes denormals on the
+    calling thread only while it runs (the session's own threads always do);
+    every other attribute is the wrapped session's."""
+
+    def __init__(self, session: ort.InferenceSession) -> None:
+        self.session = session
+
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        with denormals_flushed():
+            return self.session.run(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.session, name)
+
+
+def create_session(model: str | bytes, threads: int = 2) -> Session:
+    """A CPU :class:`Session` on ``model`` (a path or serialized bytes) with
+    :func:`session_options`, leaving the calling thread's float mode as it was."""
+    options = session_options(threads)
+    before = _flushing_denormals()
+    try:
+        return Session(ort.InferenceSession(model, sess_options=options,
+                                            providers=["CPUExecutionProvider"]))
+    finally:
+        _set_flush_denormals(before)
+
+
+def onnx_session(path: PathLike, threads: int = 2) -> Session:
     """Create a CPU ``InferenceSession`` with :func:`session_options`.
 
     Raises:
@@ -124,11 +185,9 @@ def onnx_session(path: PathLike, threads: int = 2) -> ort.InferenceSession:
         FileNotFoundError: ONNX model 'missing.onnx' does not exist ...
     """
     file = _existing_file(path)
-    options = session_options(threads)
+    session_options(threads)  # validates threads before the file is read
     try:
-        return ort.InferenceSession(
-            str(file), sess_options=options, providers=["CPUExecutionProvider"]
-        )
+        return create_session(str(file), threads)
     except Exception as exc:  # onnxruntime raises its own Exception subclasses
         raise OnnxModelError(
             f"ONNX Runtime {ort.__version__} cannot load {str(file)!r}: {exc}. Check that "

@@ -34,8 +34,10 @@ def test_cnn_exports_integer_end_to_end(factory, tmp_path):
     path = quantaware.export_onnx(q, tmp_path / "m.onnx", x[:1])
     report = quantaware.verify(path, q, [x])
     assert report.top1_agreement >= 0.995 and report.cosine >= 0.999, report
-    # Integer-vs-float rounding (1 LSB per input) can add up to 2 LSB after an add.
-    assert report.first_divergent_lsb is None or report.first_divergent_lsb <= 2, report
+    # Integer-vs-float accumulation flips a code that sits on a rounding tie by 1 LSB;
+    # a conv whose weight * input step exceeds its output step turns one flipped input
+    # into a few output LSBs. Export bugs show as tens or hundreds of LSBs.
+    assert report.first_divergent_lsb is None or report.first_divergent_lsb <= 4, report
     ops = _optimized_ops(path, tmp_path)
     assert ops["QLinearConv"] > 0 and ops["Conv"] == 0 and ops["FusedConv"] == 0, ops
     assert ops["QLinearAdd"] > 0, ops
@@ -60,5 +62,8 @@ def test_minilm_exports_and_matches_torch(tmp_path):
     assert report.layers_checked > 0, report
     assert report.first_divergent_lsb is None or report.first_divergent_lsb <= 2, report
     ops = _optimized_ops(path, tmp_path)
-    # Every Linear (6 per layer) runs on integers; the attention matmuls stay float.
-    assert ops["MatMulIntegerToFloat"] + ops["QLinearMatMul"] == 2 * 6, ops
+    # Every Linear (6 per layer) runs on integers, except the most sensitive one, which
+    # keeps float inputs and int8 weights (ORT's weight-only MatMulNBits); the
+    # attention matmuls stay float.
+    assert ops["MatMulIntegerToFloat"] + ops["QLinearMatMul"] == 2 * 6 - 1, ops
+    assert ops["MatMulNBits"] == 1, ops

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from quantaware._batch import model_device, split_batch, to_device
-from quantaware.bench import session_options
+from quantaware.bench import create_session
 from quantaware.fake_quant import FakeQuantizer
 
 __all__ = ["LayerDiff", "compare_layers", "first_divergence"]
@@ -141,7 +141,6 @@ def compare_layers(onnx_path: str | Path, model: nn.Module, batch: Any,
     Returns:
         One :class:`LayerDiff` per quantizer found in both (empty for float models).
     """
-    import onnxruntime as ort
 
     model.eval()
     quantizers = {
@@ -157,8 +156,7 @@ def compare_layers(onnx_path: str | Path, model: nn.Module, batch: Any,
     for _, tensor in pairs:
         if tensor not in existing:
             proto.graph.output.append(onnx.ValueInfoProto(name=tensor))
-    session = ort.InferenceSession(proto.SerializeToString(), session_options(threads),
-                                   providers=["CPUExecutionProvider"])
+    session = create_session(proto.SerializeToString(), threads)
     args, kwargs = split_batch(batch)
     input_names = [i.name for i in session.get_inputs()]
     if args:

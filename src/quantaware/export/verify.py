@@ -26,7 +26,7 @@ from onnx import numpy_helper
 from torch import nn
 
 from quantaware._batch import model_device, split_batch, to_device
-from quantaware.bench import session_options
+from quantaware.bench import create_session
 from quantaware.export.layers import compare_layers, first_divergence
 
 __all__ = ["VerifyReport", "verify"]
@@ -155,7 +155,6 @@ def verify(
         >>> verify(path, q, [x]).passed()
         True
     """
-    import onnxruntime as ort
 
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
@@ -168,8 +167,7 @@ def verify(
         raise ValueError(
             f"{onnx_path} holds no ONNX graph (empty or truncated file); export it again"
         )
-    session = ort.InferenceSession(proto.SerializeToString(), session_options(threads),
-                                   providers=["CPUExecutionProvider"])
+    session = create_session(proto.SerializeToString(), threads)
     input_names = [i.name for i in session.get_inputs()]
     scale = _output_scale(proto)
 
