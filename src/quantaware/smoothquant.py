@@ -80,20 +80,20 @@ def _factor(amax: torch.Tensor, wmax: torch.Tensor, alpha: float) -> torch.Tenso
 
 
 def _relative_error(q: FakeQuantizer, linears: list[QuantLinear], rows: torch.Tensor,
-                    s: torch.Tensor) -> float:
-    """Relative output MSE of ``linears`` with inputs ``rows / s`` quantized per
-    tensor (min-max of the rows) and weights ``W * s`` by their own quantizers."""
+                    refs: list[torch.Tensor], s: torch.Tensor) -> float:
+    """Relative output MSE of ``linears`` (float outputs ``refs`` on ``rows``) with
+    inputs ``rows / s`` quantized per tensor (min-max of the rows) and weights
+    ``W * s`` by their own quantizers."""
     xs = rows / s
     lo, hi = torch.aminmax(xs)
     a_scale, a_zp = choose_qparams(lo, hi, q.qmin, q.qmax, q.spec.symmetric)
     xq = fake_quantize(xs, a_scale, a_zp, q.qmin, q.qmax)
     err = 0.0
-    for lin in linears:
+    for lin, ref in zip(linears, refs, strict=True):
         wq = lin.weight_quantizer
         assert isinstance(wq, FakeQuantizer)
         ws = lin.weight * s
         w_scale, w_zp = wq.qparams(ws)
-        ref = rows @ lin.weight.T
         out = xq @ wq.fake_quantize_with(ws, w_scale, w_zp).T
         err += float((out - ref).square().sum() / ref.square().sum().clamp(min=1e-30))
     return err
@@ -164,8 +164,9 @@ def smooth_quant(model: nn.Module, data: Iterable[Any], alpha: float | str = 0.5
             chosen = alpha
             if auto:
                 sample = torch.cat(rows[key])
+                refs = [sample @ lin.weight.T for lin in linears]
                 chosen = min(AUTO_ALPHAS, key=lambda a: _relative_error(
-                    q, linears, sample, _factor(amax[key], wmax, a)))
+                    q, linears, sample, refs, _factor(amax[key], wmax, a)))
                 log.debug("smoothing alpha %.2f for %s", chosen,
                           [type(lin).__name__ for lin in linears])
             s = _factor(amax[key], wmax, float(chosen))
