@@ -230,7 +230,9 @@ def benchmark(models: Sequence[str], batches: Sequence[int] = (1, 16), threads: 
     Besides ``fidelity`` each row carries :func:`fidelity_details`, and the
     quantaware rows the :func:`quantaware.verify` result of the ONNX file against
     the torch model it was exported from: ``verify_top1`` and ``verify_cosine``
-    (``None`` on the other variants).
+    against ``verify_reference`` (``"integer"``: torch running ONNX Runtime's
+    integer arithmetic), and ``verify_fake_quant_top1`` against the fake-quant
+    forward (``None`` on the other variants).
 
     Args:
         models: built-in names or ``MODULE:FUNCTION`` (see :func:`load_model_source`).
@@ -265,7 +267,9 @@ def benchmark(models: Sequence[str], batches: Sequence[int] = (1, 16), threads: 
                 report = verify(paths[variant], qmodel, source.evaluate, threads=threads,
                                 check_layers=False)
                 checked[variant] = {"verify_top1": report.top1_agreement,
-                                    "verify_cosine": report.cosine}
+                                    "verify_cosine": report.cosine,
+                                    "verify_reference": report.reference,
+                                    "verify_fake_quant_top1": report.fake_quant_top1_agreement}
             sessions = _sessions(paths, threads)
             on_step(f"{source.name}: fidelity")
             reference = _outputs(sessions["fp32"], source.evaluate)
@@ -287,8 +291,9 @@ def benchmark(models: Sequence[str], batches: Sequence[int] = (1, 16), threads: 
                         "size_bytes": file_size(paths[variant]),
                         "fidelity": fid[variant],
                         **details[variant],
-                        **checked.get(variant, {"verify_top1": None,
-                                                "verify_cosine": None}),
+                        **checked.get(variant, {"verify_top1": None, "verify_cosine": None,
+                                                "verify_reference": None,
+                                                "verify_fake_quant_top1": None}),
                     })
             del sessions
             on_model(rows)

@@ -290,7 +290,7 @@ def _place_quantizers(gm: fx.GraphModule) -> None:
             for i, arg in enumerate(node.args):
                 src = source.get(arg)
                 if src is not None and src.spec == module.input_quantizers[i].spec:
-                    module.drop_input_quantizer(i)
+                    module.drop_input_quantizer(i, src)
             source[node] = module.output_quantizer
         elif isinstance(module, QuantMixin):
             src = source.get(node.args[0]) if node.args else None

@@ -29,6 +29,10 @@ def test_verify_command_reports_layers(tmp_path, capsys):
     assert "layers" in text and "top-1 agreement" in text
     report = json.loads(out.read_text())
     assert report["layers_checked"] >= 4 and report["cosine"] >= 0.99
+    # Against the integer reference the export matches bit for bit.
+    assert "integer arithmetic" in text and report["reference"] == "integer"
+    assert report["top1_agreement"] == 1.0 and report["max_error_lsb"] == 0.0
+    assert report["first_divergent_layer"] is None
 
 
 def test_verify_command_rejects_unknown_model(capsys):

@@ -390,3 +390,26 @@ def test_bias_of_float_output_linear_is_a_float_constant(tmp_path):
     out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
     step = float(q.get_submodule("2").output_quantizer.scale)
     np.testing.assert_allclose(out, q(x).detach().numpy(), rtol=0, atol=1.001 * step)
+
+
+def test_int8_activations_with_a_flatten_load_in_onnx_runtime(tmp_path):
+    """ONNX Runtime's own DQ-past-Reshape rewrite fails on int8 activations; the
+    exporter reshapes the quantized tensor itself."""
+    from dataclasses import replace
+
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(),
+                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                              torch.nn.Linear(4, 3)).eval()
+    x = torch.randn(8, 3, 8, 8)
+    config = replace(presets.INT8, activation=replace(presets.INT8.activation, signed=True))
+    q = quantaware.quantize(net, config, [x], x[:1])
+    path = quantaware.export_onnx(q, tmp_path / "m.onnx", x[:1])
+    proto = onnx.load(str(path))
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    reshapes = [n for n in proto.graph.node if n.op_type in ("Reshape", "Flatten")]
+    assert reshapes and all(producers[n.input[0]].op_type == "QuantizeLinear" for n in reshapes)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert session.run(None, {session.get_inputs()[0].name: x.numpy()})[0].shape == (8, 3)

@@ -45,15 +45,43 @@ def test_report_fields(report, int8_model):
     step = float(int8_model.get_submodule("fc2").output_quantizer.scale)
     assert report.output_scale == pytest.approx(step)
     assert report.max_error_lsb == pytest.approx(report.max_abs_error / step)
+    # The torch side ran ONNX Runtime's integer arithmetic: bit for bit the same.
+    assert report.reference == "integer"
+    assert report.integer_layers > 0 and report.fake_quant_layers == 0
+    assert report.max_error_lsb == 0.0 and report.top1_agreement == 1.0
+    assert report.layers_checked > 0 and report.first_divergent_layer is None
+    # The fake-quant forward accumulates in float: close, not identical.
+    assert report.fake_quant_top1_agreement >= 0.99
+    assert 0.999 < report.fake_quant_cosine <= 1.0 + 1e-9
+
+
+def test_fake_quant_reference_is_within_one_lsb(int8_path, int8_model):
+    report = quantaware.verify(int8_path, int8_model, _batches(8, 1), reference="fake-quant")
+    assert report.reference == "fake-quant" and report.integer_layers == 0
+    assert report.fake_quant_top1_agreement is None
     # at most one step apart (float32 rounding of the outputs adds up to ~2e-5 LSB)
     assert report.max_error_lsb <= 1 + 1e-5
+    assert report.top1_agreement >= 0.99
+    assert "fake-quant forward" in str(report)
+
+
+def test_unknown_reference_raises(int8_path, int8_model):
+    with pytest.raises(ValueError, match="reference must be one of"):
+        quantaware.verify(int8_path, int8_model, _batches(1, 0), reference="exact")
+
+
+def test_generator_data_is_read_once(int8_path, int8_model):
+    report = quantaware.verify(int8_path, int8_model, (x for x in _batches(3, 5)))
+    assert report.num_samples == 75 and report.reference == "integer"
 
 
 def test_report_serialises(report):
     data = report.to_dict()
     assert set(data) == {"num_samples", "top1_agreement", "cosine", "min_cosine",
                          "max_abs_error", "max_error_lsb", "output_scale", "layers_checked",
-                         "first_divergent_layer", "first_divergent_lsb"}
+                         "first_divergent_layer", "first_divergent_lsb", "reference",
+                         "integer_layers", "fake_quant_layers", "fake_quant_top1_agreement",
+                         "fake_quant_cosine"}
     assert json.loads(report.to_json()) == data
     assert VerifyReport(**data) == report
 
@@ -61,9 +89,10 @@ def test_report_serialises(report):
 def test_report_str_is_readable(report):
     text = str(report)
     lines = text.splitlines()
-    assert len(lines) == 5 and "layers" in lines[4]
+    assert len(lines) == 7 and "layers" in lines[5] and "identical" in lines[5]
     verdict = "PASS" if report.passed() else "CHECK"
     assert lines[0] == f"verify: {verdict} on 200 samples"
+    assert "integer arithmetic" in lines[1] and "fake-quant torch top-1" in lines[6]
     assert "top-1 agreement" in text and f"{100 * report.top1_agreement:.2f}%" in text
     assert "cosine" in text and "LSB" in text and "step" in text
     assert "VerifyReport(" not in text
@@ -102,6 +131,8 @@ def test_mismatching_model_gives_low_agreement(int8_path, cnn_factory, calib_dat
 def test_num_batches_limits_the_comparison(int8_path, int8_model):
     report = quantaware.verify(int8_path, int8_model, _batches(8, 3), num_batches=2)
     assert report.num_samples == 50
+    with pytest.raises(ValueError, match="num_batches"):
+        quantaware.verify(int8_path, int8_model, _batches(1, 3), num_batches=0)
 
 
 def test_tuple_batches(int8_path, int8_model):

@@ -40,7 +40,22 @@ def test_clean_export_has_no_divergent_layer(quantized):
     assert first_divergence(rows) is None
     report = quantaware.verify(path, q, [x])
     assert report.first_divergent_layer is None and report.layers_checked == len(rows)
-    assert "within 1 LSB" in str(report)
+    assert "activations identical" in str(report)
+    fake = quantaware.verify(path, q, [x], reference="fake-quant")
+    assert fake.first_divergent_layer is None and "within 1 LSB" in str(fake)
+
+
+def test_one_code_off_is_a_divergence_against_the_integer_reference(quantized):
+    """With the integer reference every code must match: the 1-LSB allowance is
+    only for the fake-quant reference."""
+    q, path, x = quantized
+    q = copy.deepcopy(q)
+    out = q.get_submodule("4").output_quantizer
+    with torch.no_grad():  # shift the third conv's output grid by a fraction of a step
+        out.scale.mul_(1.01)
+    report = quantaware.verify(path, q, [x])
+    assert report.first_divergent_layer == "4.output_quantizer", report
+    assert report.first_divergent_lsb >= 1
 
 
 def test_injected_divergence_is_located(quantized):
@@ -74,3 +89,21 @@ def test_quantizers_sharing_qparams_are_told_apart(tmp_path):
     assert "0.output_quantizer" in names and "2.output_quantizer" in names
     assert len(names) == len(set(names))
     assert first_divergence(rows) is None, rows
+
+
+def test_quantizers_sharing_a_scale_but_not_a_zero_point_are_told_apart(tmp_path):
+    """The scale constant is shared, the zero points differ: each Q node is paired
+    by the qparams it reads in the file, not by the quantizer its scale is named after."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1),
+                        nn.Conv2d(4, 4, 3, padding=1)).eval()
+    x = torch.randn(16, 3, 8, 8)
+    q = quantaware.quantize(net, presets.INT8, [x], x[:1])
+    scale = q.get_submodule("0").output_quantizer.scale.clone()
+    for name, zero_point in (("0", 120), ("1", 128), ("2", 140)):
+        q.get_submodule(name).output_quantizer.load_qparams(
+            scale * 4, torch.tensor(zero_point, dtype=torch.int32))
+    path = quantaware.export_onnx(q, tmp_path / "m.onnx", x[:1])
+    report = quantaware.verify(path, q, [x])
+    assert report.layers_checked == 4 and report.first_divergent_layer is None, report
+    assert report.max_error_lsb == 0.0, report

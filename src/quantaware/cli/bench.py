@@ -54,7 +54,10 @@ def _verify(row: dict[str, Any]) -> str:
         return ""
     if "neighbour_agreement" in row:
         return f"cos {row['verify_cosine']:.5f}"
-    return f"top-1 {row['verify_top1']:.4f}"
+    text = f"top-1 {row['verify_top1']:.4f}"
+    if row.get("verify_fake_quant_top1") is not None:
+        text += f" (fake-quant {row['verify_fake_quant_top1']:.4f})"
+    return text
 
 
 def results_table(rows: list[dict[str, Any]]):
@@ -66,7 +69,8 @@ def results_table(rows: list[dict[str, Any]]):
                   "fidelity: top-1 agreement with FP32 (images) or mean embedding cosine (text); "
                   "fidelity 2: agreement where FP32 is confident (max softmax >= 0.5) or "
                   "nearest-neighbour agreement (text); verify: ONNX Runtime vs quantaware's "
-                  "torch model")
+                  "torch model running ONNX Runtime's integer arithmetic (in brackets: vs "
+                  "its fake-quant forward)")
     for header in ("model", "batch", "variant", "latency ms", "ratio", "speed-up", "size MB",
                    "size x", "fidelity", "fidelity 2", "verify"):
         table.add_column(header, justify="left" if header in ("model", "variant") else "right")

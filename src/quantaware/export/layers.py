@@ -66,43 +66,61 @@ def first_divergence(rows: list[LayerDiff], max_lsb: int = 1) -> LayerDiff | Non
     return next((row for row in rows if row.max_lsb > max_lsb), None)
 
 
-def _quantize_nodes(proto: onnx.ModelProto, names: set[str]) -> list[tuple[str, str]]:
-    """``(quantizer name, Q output)`` for Q nodes whose scale is named after a quantizer."""
+_Key = tuple[float, int]
+
+
+def _quantize_nodes(proto: onnx.ModelProto, names: set[str]) -> list[tuple[str, str, _Key]]:
+    """``(quantizer name, Q output, (scale, zero point))`` for Q nodes whose scale is
+    named after a quantizer; the qparams are read from the file."""
+    from onnx import numpy_helper
+
+    consts = {i.name: i for i in proto.graph.initializer}
+    consts.update({n.output[0]: n.attribute[0].t for n in proto.graph.node
+                   if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"})
+
+    def value(name: str) -> np.ndarray | None:
+        return numpy_helper.to_array(consts[name]) if name in consts else None
+
     found = []
     for node in proto.graph.node:
         if node.op_type != "QuantizeLinear" or len(node.input) < 2:
             continue
         scale = node.input[1]
         name = scale[: -len(_SCALE_SUFFIX)] if scale.endswith(_SCALE_SUFFIX) else None
-        if name in names:
-            found.append((name, node.output[0]))
+        if name not in names:
+            continue
+        s = value(scale)
+        zp = value(node.input[2]) if len(node.input) > 2 and node.input[2] else np.zeros(1)
+        if s is None or zp is None or s.size != 1 or zp.size != 1:
+            continue
+        found.append((name, node.output[0], (float(np.float32(s.item())), int(zp.item()))))
     return found
 
 
-def _disambiguate(pairs: list[tuple[str, str]], quantizers: dict[str, FakeQuantizer],
+def _key(q: FakeQuantizer) -> _Key:
+    return (float(q.scale.detach().float().reshape(-1)[0]),
+            int(q.zero_point.detach().reshape(-1)[0]))
+
+
+def _disambiguate(pairs: list[tuple[str, str, _Key]], quantizers: dict[str, FakeQuantizer],
                   order: list[str]) -> list[tuple[str, str]]:
-    """Re-pair Q nodes that share one scale initializer.
+    """Pair each Q node with its quantizer when several share one scale constant.
 
     The exporter stores equal constants once, so quantizers with identical
-    qparams (two ReLU6 outputs calibrated to ``[0, 6]``) leave several Q nodes
-    reading the first one's scale. Among quantizers with the same qparams, the
-    k-th such Q node in graph order is the k-th quantizer in execution order.
+    scales (two ReLU6 outputs calibrated to ``[0, 6]``, or several dead channels'
+    tiny ranges) leave several Q nodes reading the first one's scale. Among
+    quantizers with the Q node's own scale and zero point, the k-th such Q node
+    in graph order is the k-th quantizer in execution order.
     """
-    def key(name: str) -> tuple[bytes, bytes]:
-        q = quantizers[name]
-        return (q.scale.detach().cpu().numpy().tobytes(),
-                q.zero_point.detach().cpu().numpy().tobytes())
-
-    groups: dict[tuple[bytes, bytes], list[str]] = {}
+    groups: dict[_Key, list[str]] = {}
     for name in order:
-        groups.setdefault(key(name), []).append(name)
-    used: dict[tuple[bytes, bytes], int] = {}
+        groups.setdefault(_key(quantizers[name]), []).append(name)
+    used: dict[_Key, int] = {}
     out = []
-    for name, tensor in pairs:
-        k = key(name)
-        members = groups.get(k, [name])
-        i = used.get(k, 0)
-        used[k] = i + 1
+    for name, tensor, key in pairs:
+        members = groups.get(key, [name])
+        i = used.get(key, 0)
+        used[key] = i + 1
         out.append((members[i] if i < len(members) else name, tensor))
     return out
 
@@ -153,7 +171,7 @@ def compare_layers(onnx_path: str | Path, model: nn.Module, batch: Any,
     if not pairs:
         return []
     existing = {o.name for o in proto.graph.output}
-    for _, tensor in pairs:
+    for _, tensor, _ in pairs:
         if tensor not in existing:
             proto.graph.output.append(onnx.ValueInfoProto(name=tensor))
     session = create_session(proto.SerializeToString(), threads)
@@ -163,7 +181,7 @@ def compare_layers(onnx_path: str | Path, model: nn.Module, batch: Any,
         feed = {n: a.detach().cpu().numpy() for n, a in zip(input_names, args, strict=False)}
     else:
         feed = {k: v.detach().cpu().numpy() for k, v in kwargs.items() if k in input_names}
-    wanted = [tensor for _, tensor in pairs]
+    wanted = [tensor for _, tensor, _ in pairs]
     ort_values = dict(zip(wanted, session.run(wanted, feed), strict=True))
     ref = _torch_codes(model, quantizers, batch)
     rows = []

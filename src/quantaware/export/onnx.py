@@ -142,6 +142,53 @@ def _fold_float_biases(proto: onnx.ModelProto) -> int:
     return folded
 
 
+_SHAPE_OPS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze")
+
+
+def _sink_dequantize_through_reshapes(proto: onnx.ModelProto) -> int:
+    """Reshape quantized tensors before dequantizing them: ``DQ -> Reshape`` becomes
+    ``Reshape -> DQ`` (exact: a per-tensor ``DequantizeLinear`` is elementwise).
+
+    ONNX Runtime does this itself when it optimizes a QDQ graph, but for int8
+    activations its own rewrite of a flatten before a classifier meets its
+    int8-to-uint8 conversion and the model fails to load ("output_dtype INT8 does
+    not match y_zero_point type UINT8"). Done here, the integer kernel after the
+    reshape sees its ``DequantizeLinear`` directly. Returns the number of moves.
+    """
+    from onnx import numpy_helper
+
+    consts = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    graph_outputs = {o.name for o in proto.graph.output}
+    nodes: list[onnx.NodeProto] = []
+    moved = 0
+    for node in proto.graph.node:
+        dq = producers.get(node.input[0]) if node.input else None
+        if (node.op_type in _SHAPE_OPS and node.domain in ("", "ai.onnx") and dq is not None
+                and dq.op_type == "DequantizeLinear" and dq.domain in ("", "ai.onnx")
+                and dq.input[1] in consts and consts[dq.input[1]].size == 1
+                and node.output[0] not in graph_outputs):
+            reshaped = f"{node.output[0]}_quantized"
+            shape_node = onnx.NodeProto()
+            shape_node.CopyFrom(node)
+            shape_node.input[0] = dq.input[0]
+            shape_node.output[0] = reshaped
+            new_dq = onnx.helper.make_node("DequantizeLinear", [reshaped, *dq.input[1:]],
+                                           [node.output[0]], name=f"{node.name}_dequantize")
+            nodes.extend([shape_node, new_dq])
+            moved += 1
+        else:
+            nodes.append(node)
+    if moved:
+        used = {name for n in nodes for name in n.input} | graph_outputs
+        # A DequantizeLinear left without consumers goes.
+        nodes = [n for n in nodes if n.op_type != "DequantizeLinear"
+                 or any(o in used for o in n.output)]
+        del proto.graph.node[:]
+        proto.graph.node.extend(nodes)
+    return moved
+
+
 def _dynamic_shapes(example_inputs: tuple) -> tuple:
     dim = torch.export.Dim.AUTO
     return tuple({0: dim} if isinstance(x, torch.Tensor) and x.dim() > 0 else None
@@ -213,6 +260,7 @@ def export_onnx(
     proto = onnxscript.optimizer.optimize(program.model_proto,
                                           input_size_limit=_FOLD_INPUT_SIZE_LIMIT)
     _fold_float_biases(proto)
+    _sink_dequantize_through_reshapes(proto)
     _strip_debug_info(proto)
     proto.producer_name = "quantaware"
     config = getattr(model, "quantaware_config", None)

@@ -5,14 +5,20 @@ similarity and the largest difference in units of the output's quantization
 step (LSB) where the ONNX output comes out of a ``DequantizeLinear``. For a
 prepared model it also compares every quantized activation on the first batch
 (:mod:`quantaware.export.layers`) and names the first layer where ONNX Runtime
-and torch differ by more than one LSB. One LSB is
-the expected worst case: ONNX Runtime accumulates in int32 where torch
-accumulates in float, so a value that sits on a rounding tie may round the
-other way (Brevitas' ``brevitas_ort`` checks the same bound).
+and torch differ.
+
+The torch side is the model run with ONNX Runtime's integer arithmetic
+(:func:`quantaware.export.integer.integer_arithmetic`): its quantized layers
+accumulate in int32 and rescale in float32 as the deployed kernels do, so a
+correct export agrees bit for bit and any difference is a real divergence. The
+report also gives the agreement with the fake-quant forward (what training and
+PTQ evaluation run): it accumulates in float, so a value within rounding error
+of a tie can round the other way, and a deep network amplifies such flips.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -27,6 +33,7 @@ from torch import nn
 
 from quantaware._batch import model_device, split_batch, to_device
 from quantaware.bench import create_session
+from quantaware.export.integer import integer_arithmetic
 from quantaware.export.layers import compare_layers, first_divergence
 
 __all__ = ["VerifyReport", "verify"]
@@ -47,8 +54,17 @@ class VerifyReport:
         output_scale: the output's quantization step, if quantized.
         layers_checked: quantized activations compared layer by layer (first batch).
         first_divergent_layer: the first quantizer (graph order) whose integer codes
-            differ by more than one LSB, or ``None`` if every layer agrees.
+            differ (by more than one LSB when some layers are compared with the
+            fake-quant forward), or ``None`` if every layer agrees.
         first_divergent_lsb: that layer's largest code difference.
+        reference: ``"integer"`` when the torch model ran ONNX Runtime's integer
+            arithmetic (``integer_layers`` of its quantized layers exactly, the
+            rest in fake-quant), ``"fake-quant"`` otherwise.
+        integer_layers: quantized layers run integer-exact.
+        fake_quant_layers: quantized layers without an integer-exact form.
+        fake_quant_top1_agreement: top-1 agreement of ONNX Runtime with the
+            fake-quant forward (``None`` when that is the reference itself).
+        fake_quant_cosine: mean cosine similarity with the fake-quant forward.
     """
 
     num_samples: int
@@ -61,6 +77,11 @@ class VerifyReport:
     layers_checked: int = 0
     first_divergent_layer: str | None = None
     first_divergent_lsb: int | None = None
+    reference: str = "fake-quant"
+    integer_layers: int = 0
+    fake_quant_layers: int = 0
+    fake_quant_top1_agreement: float | None = None
+    fake_quant_cosine: float | None = None
 
     def passed(self, min_agreement: float = 0.99, max_lsb: float = 1.0) -> bool:
         """True if agreement and (where quantized) the LSB error are within bounds."""
@@ -81,17 +102,31 @@ class VerifyReport:
         if not self.layers_checked:
             layers = "not checked (no static activation quantizers)"
         elif self.first_divergent_layer is None:
-            layers = f"all {self.layers_checked} quantized activations within 1 LSB"
+            exact = self.reference == "integer" and not self.fake_quant_layers
+            layers = (f"all {self.layers_checked} quantized activations "
+                      + ("identical" if exact else "within 1 LSB"))
         else:
             layers = (f"first divergence at {self.first_divergent_layer} "
                       f"({self.first_divergent_lsb} LSB; {self.layers_checked} checked)")
-        return (
-            f"verify: {verdict} on {self.num_samples} samples\n"
-            f"  top-1 agreement  {100 * self.top1_agreement:.2f}%\n"
-            f"  cosine           {self.cosine:.6f} (min {self.min_cosine:.6f})\n"
-            f"  max error        {self.max_abs_error:.4g} = {lsb}\n"
-            f"  layers           {layers}"
-        )
+        if self.reference == "integer":
+            total = self.integer_layers + self.fake_quant_layers
+            reference = (f"torch with ONNX Runtime's integer arithmetic "
+                         f"({self.integer_layers} of {total} quantized layers exact)")
+        else:
+            reference = "torch fake-quant forward"
+        lines = [
+            f"verify: {verdict} on {self.num_samples} samples",
+            f"  reference        {reference}",
+            f"  top-1 agreement  {100 * self.top1_agreement:.2f}%",
+            f"  cosine           {self.cosine:.6f} (min {self.min_cosine:.6f})",
+            f"  max error        {self.max_abs_error:.4g} = {lsb}",
+            f"  layers           {layers}",
+        ]
+        if self.fake_quant_top1_agreement is not None:
+            lines.append(f"  fake-quant torch top-1 {100 * self.fake_quant_top1_agreement:.2f}%, "
+                         f"cosine {self.fake_quant_cosine:.6f} (float accumulation rounds "
+                         "ties differently)")
+        return "\n".join(lines)
 
 
 def _output_scale(model_proto: onnx.ModelProto) -> float | None:
@@ -126,6 +161,56 @@ def _first_output(out: Any) -> torch.Tensor:
     return out
 
 
+@dataclass(frozen=True)
+class _Agreement:
+    num_samples: int
+    top1: float
+    cosine: float
+    min_cosine: float
+    max_abs_error: float
+
+
+def _agreement(refs: list[np.ndarray], outs: list[np.ndarray]) -> _Agreement:
+    agree = total = 0
+    cosines: list[np.ndarray] = []
+    max_err = 0.0
+    for ref, out in zip(refs, outs, strict=True):
+        if ref.shape != out.shape:
+            raise ValueError(
+                f"output shapes differ: torch {ref.shape} vs ONNX Runtime {out.shape}; "
+                "is this the model the file was exported from?"
+            )
+        n = ref.shape[0] if ref.ndim > 0 else 1
+        a, b = ref.reshape(n, -1).astype(np.float64), out.reshape(n, -1).astype(np.float64)
+        max_err = max(max_err, float(np.max(np.abs(a - b))) if a.size else 0.0)
+        denom = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+        cos = np.where(denom > 0, (a * b).sum(1) / np.maximum(denom, 1e-30),
+                       np.where(np.abs(a - b).max(1) == 0, 1.0, 0.0))
+        cosines.append(cos)
+        if ref.ndim >= 2:  # a sample agrees when every position's arg-max agrees
+            same = (ref.argmax(-1) == out.argmax(-1)).reshape(n, -1)
+            agree += int(same.all(axis=1).sum())
+        else:
+            agree += n
+        total += n
+    all_cos = np.concatenate(cosines)
+    return _Agreement(total, agree / total, float(all_cos.mean()), float(all_cos.min()),
+                      max_err)
+
+
+def _torch_outputs(model: nn.Module, batches: list[Any]) -> list[np.ndarray]:
+    device = model_device(model)
+    outs = []
+    for batch in batches:
+        args, kwargs = to_device(*split_batch(batch), device)
+        with torch.no_grad():
+            outs.append(_first_output(model(*args, **kwargs)).detach().float().cpu().numpy())
+    return outs
+
+
+REFERENCES = ("auto", "integer", "fake-quant")
+
+
 def verify(
     onnx_path: str | Path,
     model: nn.Module,
@@ -133,6 +218,7 @@ def verify(
     num_batches: int | None = None,
     threads: int = 2,
     check_layers: bool = True,
+    reference: str = "auto",
 ) -> VerifyReport:
     """Run ``onnx_path`` in ONNX Runtime and ``model`` in torch on ``data``; compare.
 
@@ -143,7 +229,12 @@ def verify(
         num_batches: compare at most this many batches.
         threads: ONNX Runtime intra-op threads.
         check_layers: also compare every quantized activation on the first batch
-            and report the first layer that differs by more than one LSB.
+            and report the first layer that differs.
+        reference: ``"integer"`` runs the torch model with ONNX Runtime's integer
+            arithmetic (and also reports agreement with the fake-quant forward);
+            ``"fake-quant"`` compares with the fake-quant forward only; ``"auto"``
+            (default) is ``"integer"`` when the model has a quantized layer with
+            an integer-exact form.
 
     Example:
         >>> import torch, tempfile, os, quantaware
@@ -152,10 +243,13 @@ def verify(
         >>> x = torch.randn(64, 4)
         >>> q = quantaware.quantize(net, presets.INT8, [x], x[:1])
         >>> path = quantaware.export_onnx(q, os.path.join(tempfile.mkdtemp(), "m.onnx"), x[:1])
-        >>> verify(path, q, [x]).passed()
-        True
+        >>> report = verify(path, q, [x])
+        >>> report.passed(), report.reference, report.max_error_lsb
+        (True, 'integer', 0.0)
     """
 
+    if reference not in REFERENCES:
+        raise ValueError(f"reference must be one of {REFERENCES}, got {reference!r}")
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
         raise FileNotFoundError(f"ONNX model not found: {onnx_path}")
@@ -167,63 +261,57 @@ def verify(
         raise ValueError(
             f"{onnx_path} holds no ONNX graph (empty or truncated file); export it again"
         )
+    if num_batches is not None and num_batches < 1:
+        raise ValueError(f"num_batches must be positive or None, got {num_batches}")
+    batches = list(itertools.islice(data, num_batches))
+    if not batches:
+        raise ValueError("verify got no data: pass an iterable with at least one batch")
     session = create_session(proto.SerializeToString(), threads)
     input_names = [i.name for i in session.get_inputs()]
     scale = _output_scale(proto)
 
-    model.eval()
-    device = model_device(model)
-    agree = total = 0
-    first_batch = None
-    cosines: list[np.ndarray] = []
-    max_err = 0.0
-    for i, batch in enumerate(data):
-        if num_batches is not None and i >= num_batches:
-            break
-        first_batch = batch if first_batch is None else first_batch
+    ort_outs = []
+    for batch in batches:
         args, kwargs = split_batch(batch)
         if args:
             feed = {name: a.detach().cpu().numpy() for name, a in zip(input_names, args,
                                                                      strict=False)}
         else:
             feed = {k: v.detach().cpu().numpy() for k, v in kwargs.items() if k in input_names}
-        ort_out = session.run(None, feed)[0]
-        targs, tkwargs = to_device(args, kwargs, device)
-        with torch.no_grad():
-            ref = _first_output(model(*targs, **tkwargs)).detach().float().cpu().numpy()
-        if ref.shape != ort_out.shape:
-            raise ValueError(
-                f"output shapes differ: torch {ref.shape} vs ONNX Runtime {ort_out.shape}; "
-                "is this the model the file was exported from?"
-            )
-        n = ref.shape[0] if ref.ndim > 0 else 1
-        a, b = ref.reshape(n, -1).astype(np.float64), ort_out.reshape(n, -1).astype(np.float64)
-        max_err = max(max_err, float(np.max(np.abs(a - b))) if a.size else 0.0)
-        denom = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-        cos = np.where(denom > 0, (a * b).sum(1) / np.maximum(denom, 1e-30),
-                       np.where(np.abs(a - b).max(1) == 0, 1.0, 0.0))
-        cosines.append(cos)
-        if ref.ndim >= 2:  # a sample agrees when every position's arg-max agrees
-            same = (ref.argmax(-1) == ort_out.argmax(-1)).reshape(n, -1)
-            agree += int(same.all(axis=1).sum())
-        else:
-            agree += n
-        total += n
-    if total == 0:
-        raise ValueError("verify got no data: pass an iterable with at least one batch")
-    all_cos = np.concatenate(cosines)
-    rows = compare_layers(onnx_path, model, first_batch, threads) if check_layers else []
-    first = first_divergence(rows)
+        ort_outs.append(session.run(None, feed)[0])
+
+    model.eval()
+    fake = _agreement(_torch_outputs(model, batches), ort_outs)
+    main, rows, max_lsb = fake, [], 1
+    integer_layers = fallback_layers = 0
+    used = "fake-quant"
+    if reference != "fake-quant":
+        with integer_arithmetic(model) as emulation:
+            if emulation.emulated or reference == "integer":
+                used = "integer"
+                integer_layers, fallback_layers = len(emulation.emulated), len(emulation.fallback)
+                main = _agreement(_torch_outputs(model, batches), ort_outs)
+                # Exact layers must match code for code; float ones within 1 LSB.
+                max_lsb = 0 if emulation.complete else 1
+                if check_layers:
+                    rows = compare_layers(onnx_path, model, batches[0], threads)
+    if used == "fake-quant" and check_layers:
+        rows = compare_layers(onnx_path, model, batches[0], threads)
+    first = first_divergence(rows, max_lsb)
     return VerifyReport(
-        num_samples=total,
-        top1_agreement=agree / total,
-        cosine=float(all_cos.mean()),
-        min_cosine=float(all_cos.min()),
-        max_abs_error=max_err,
-        max_error_lsb=None if scale is None else max_err / scale,
+        num_samples=main.num_samples,
+        top1_agreement=main.top1,
+        cosine=main.cosine,
+        min_cosine=main.min_cosine,
+        max_abs_error=main.max_abs_error,
+        max_error_lsb=None if scale is None else main.max_abs_error / scale,
         output_scale=scale,
         layers_checked=len(rows),
         first_divergent_layer=None if first is None else first.name,
         first_divergent_lsb=None if first is None else first.max_lsb,
+        reference=used,
+        integer_layers=integer_layers,
+        fake_quant_layers=fallback_layers,
+        fake_quant_top1_agreement=fake.top1 if used == "integer" else None,
+        fake_quant_cosine=fake.cosine if used == "integer" else None,
     )
-

@@ -28,9 +28,19 @@ class _MultiInputQuant(QuantMixin, nn.Module):
         )
         self.output_quantizer = make_quantizer(activation_spec)
 
-    def drop_input_quantizer(self, index: int) -> None:
-        """Input ``index`` is already quantized upstream: do not quantize it again."""
+    def drop_input_quantizer(self, index: int, source: nn.Module | None = None) -> None:
+        """Input ``index`` is already quantized upstream (by ``source``): do not
+        quantize it again."""
         self.input_quantizers[index] = nn.Identity()
+        sources = self.__dict__.setdefault("_input_sources", {})
+        sources[index] = source
+
+    def input_source_of(self, index: int) -> nn.Module | None:
+        """The quantizer whose qparams input ``index`` carries, if any."""
+        own = self.input_quantizers[index]
+        if not isinstance(own, nn.Identity):
+            return own
+        return self.__dict__.get("_input_sources", {}).get(index)
 
     def _quantize_inputs(self, xs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
         return [q(x) for q, x in zip(self.input_quantizers, xs, strict=True)]

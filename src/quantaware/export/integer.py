@@ -1,0 +1,365 @@
+"""Run a quantized torch model with the integer arithmetic of ONNX Runtime's CPU kernels.
+
+A fake-quantized model computes every quantized layer in float on dequantized
+values and rounds the result; ONNX Runtime accumulates the same integers exactly in
+int32 and rescales them with a float32 multiplier. The two differ only where a
+value sits within float rounding error of a rounding tie, but a deep network
+amplifies such one-LSB flips: MobileNetV2 evaluated by torch in NCHW and in
+channels-last memory formats already disagrees on several percent of top-1
+classes. Comparing ONNX Runtime with the fake-quant model therefore cannot tell
+an export bug from rounding noise.
+
+Inside :func:`integer_arithmetic` each quantized layer computes what ONNX
+Runtime's kernel for it computes, bit for bit:
+
+- ``QLinearConv`` / ``QGemm`` / ``QLinearMatMul`` (quantized Conv and Linear):
+  ``acc = sum((x_q - x_zp) * w_q) + bias_q`` exactly (float64 holds every int32
+  sum), then ``round_half_even(float32(acc) * float32(x_scale * w_scale / y_scale))
+  + y_zp`` saturated; a fused ReLU/ReLU6 is the saturation at the zero point.
+- ``QLinearAdd``: the float32 fused multiply-adds of MLAS,
+  ``round(a_q * (a_scale / c_scale) + (b_q * (b_scale / c_scale) + k))``.
+- ``QLinearGlobalAveragePool``: ``round(float32(sum(x_q) - n x_zp) *
+  (x_scale / (y_scale n))) + y_zp``.
+
+Layers ONNX Runtime does not run as one of these integer kernels (float ops,
+dynamic quantization, SmoothQuant inputs, concat/average pooling that rescale)
+keep their fake-quant forward; the returned :class:`IntegerEmulation` lists them.
+
+Example:
+    >>> import torch, quantaware
+    >>> from quantaware import presets
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    >>> x = torch.randn(64, 4)
+    >>> q = quantaware.quantize(net, presets.INT8, [x], x[:1])
+    >>> with integer_arithmetic(q) as emulation:
+    ...     y = q(x)
+    >>> emulation.emulated, emulation.fallback
+    (['0', '2'], [])
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from quantaware.fake_quant import FakeQuantizer
+from quantaware.nn.base import QuantMixin
+from quantaware.nn.conv import _QuantConvNd
+from quantaware.nn.functional import QuantAdd, QuantCat, QuantMatmul
+from quantaware.nn.linear import QuantLinear
+from quantaware.nn.pool import QuantAdaptiveAvgPool2d
+from quantaware.nn.weighted import BIAS_QMAX, BIAS_QMIN, WeightQuantMixin
+from quantaware.primitives import quantize
+
+__all__ = ["IntegerEmulation", "integer_arithmetic"]
+
+_F32 = torch.float32
+_F64 = torch.float64
+
+
+@dataclass
+class IntegerEmulation:
+    """Which quantized modules run integer-exact inside :func:`integer_arithmetic`.
+
+    Attributes:
+        emulated: modules that compute ONNX Runtime's integer kernel bit for bit.
+        fallback: ``(module, reason)`` for quantized modules that keep their
+            fake-quant (float) forward.
+    """
+
+    emulated: list[str] = field(default_factory=list)
+    fallback: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        """True when every quantized module runs integer-exact."""
+        return bool(self.emulated) and not self.fallback
+
+
+@dataclass(frozen=True)
+class _QParams:
+    scale: torch.Tensor  # float32 scalar
+    zero_point: int
+    qmin: int
+    qmax: int
+
+    @property
+    def max_code(self) -> int:
+        """Largest ``|q - zero_point|``."""
+        return max(self.qmax - self.zero_point, self.zero_point - self.qmin)
+
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        """``QuantizeLinear(x) - zero_point`` as float32 (exact small integers)."""
+        q = torch.div(x.to(_F32), self.scale).round_().add_(self.zero_point)
+        return q.clamp_(self.qmin, self.qmax).sub_(self.zero_point)
+
+    def output(self, value: torch.Tensor, low: float | None = None) -> torch.Tensor:
+        """Round a float32 requantized value (already divided by the scale), add the
+        zero point, saturate, and dequantize as ``DequantizeLinear`` does (in place)."""
+        q = value.round_().add_(self.zero_point)
+        q.clamp_(self.qmin if low is None else max(self.qmin, low), self.qmax)
+        return q.sub_(self.zero_point).mul_(self.scale)
+
+
+def _float32_is_exact() -> bool:
+    """float32 convs and matmuls run in IEEE float32 (no TF32/bf16 shortcuts)."""
+    if torch.get_float32_matmul_precision() != "highest":
+        return False
+    settings = [getattr(torch.backends, "fp32_precision", "none")]
+    mkldnn = torch.backends.mkldnn
+    for part in ("conv", "matmul"):
+        settings.append(getattr(getattr(mkldnn, part, None), "fp32_precision", "none"))
+    settings.append(getattr(mkldnn, "fp32_precision", "none"))
+    return all(value in ("none", "ieee") for value in settings)
+
+
+# float32 holds every integer below 2**24 exactly: a sum of products whose
+# magnitudes add up to less than that is computed exactly in any order.
+_F32_EXACT = 2**24
+
+
+def _static_qparams(q: nn.Module | None) -> _QParams | str:
+    """qparams of a calibrated static per-tensor quantizer, or why there are none."""
+    if not isinstance(q, FakeQuantizer):
+        return "input or output not quantized"
+    if q.from_tensor or q.spec.dynamic:
+        return "dynamic activation quantization"
+    if q.axis is not None:
+        return "per-channel activation quantization"
+    if q._buffers.get("smoothing") is not None:
+        return "SmoothQuant-scaled input (ONNX Runtime multiplies in float first)"
+    if not bool(q.fake_quant_enabled) or not bool(q.calibrated):
+        return "quantizer disabled or not calibrated"
+    if bool(q.observer_enabled):
+        return "quantizer still observing (calibration or QAT mode)"
+    scale, zero_point = q.qparams()
+    return _QParams(scale.detach().to(_F32).reshape(()), int(zero_point.reshape(-1)[0]),
+                    q.qmin, q.qmax)
+
+
+def _activation_floor(module: QuantMixin, out: _QParams) -> float | str | None:
+    """Code below which a fused activation clips (``None``: no activation).
+
+    ONNX Runtime drops a ReLU/ReLU6 before a QuantizeLinear whose range the
+    activation cannot narrow, so the activation becomes saturation in the kernel;
+    otherwise it runs the layer in float."""
+    act = module.activation
+    if act is None:
+        return None
+    if type(act) not in (nn.ReLU, nn.ReLU6):
+        return f"fused {type(act).__name__} (not an integer kernel in ONNX Runtime)"
+    if out.zero_point != out.qmin:
+        return "fused activation above the output range's minimum"
+    if isinstance(act, nn.ReLU6) and float((out.qmax - out.zero_point) * out.scale) > 6.0 * (
+            1 + 1e-6):
+        return "output range wider than ReLU6's [0, 6]"
+    return float(out.qmin)
+
+
+def _weighted_forward(module: WeightQuantMixin, qin: _QParams, qout: _QParams,
+                      apply: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None],
+                                      torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    wq = module.weight_quantizer
+    assert isinstance(wq, FakeQuantizer)
+    conv = isinstance(module, _QuantConvNd)
+    with torch.no_grad():
+        weight, bias = module.float_params()
+        w_scale, w_zp, b_scale = module.weight_qparams()
+        axis = 0 if w_scale.dim() else None
+        shape = [-1] + [1] * (weight.dim() - 1)
+        qweight = quantize(weight, w_scale, w_zp, wq.qmin, wq.qmax, axis).to(_F64)
+        qweight = qweight - (w_zp.reshape(shape) if axis == 0 else w_zp).to(_F64)
+        qbias = None
+        if bias is not None:
+            zeros = torch.zeros_like(b_scale, dtype=torch.int32)
+            qbias = quantize(bias, b_scale, zeros, BIAS_QMIN, BIAS_QMAX, axis).to(_F64)
+        # ONNX Runtime: output_scale = x_scale * w_scale / y_scale in float32.
+        multiplier = (qin.scale * w_scale.detach().to(_F32)) / qout.scale
+        # Largest possible sum of |products| for one output.
+        bound = float(qweight.abs().reshape(qweight.shape[0], -1).sum(1).max()) * qin.max_code
+    exact32 = bound < _F32_EXACT and _float32_is_exact()
+    qweight32 = qweight.to(_F32)
+    channel = [-1] + [1] * (weight.dim() - 2) if conv else [-1]
+    floor = _no_str(_activation_floor(module, qout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._quantize_input(x)
+        codes = qin.codes(x)
+        if exact32:
+            acc = apply(codes, qweight32, None)
+            if qbias is not None:
+                acc = (acc.to(_F64) + qbias.reshape(channel)).to(_F32)
+        else:
+            acc = apply(codes.to(_F64), qweight, qbias).to(_F32)
+        y = qout.output(acc.mul_(multiplier.reshape(channel) if conv else multiplier), floor)
+        return self.output_quantizer(y)
+
+    return forward
+
+
+def _conv_like(module: nn.Module) -> Callable[..., torch.Tensor]:
+    if isinstance(module, _QuantConvNd):
+        return lambda x, w, b: module._conv_forward(x, w, b)
+    return lambda x, w, b: F.linear(x, w, b)
+
+
+def _add_forward(module: QuantAdd, qa: _QParams, qb: _QParams, qc: _QParams):
+    ratio_a = (qa.scale / qc.scale).to(_F32)
+    ratio_b = (qb.scale / qc.scale).to(_F32)
+    # MLAS: fixed = zc - (ra * za + rb * zb) in float32, compiled as
+    # zc - fma(ra, za, rb * zb) (the product is exact in float64, then rounded once).
+    inner = (ratio_a.to(_F64) * qa.zero_point + (ratio_b * qb.zero_point).to(_F64)).to(_F32)
+    fixed = (torch.tensor(float(qc.zero_point), dtype=_F32) - inner).to(_F64)
+    floor = _activation_floor(module, qc)
+    assert not isinstance(floor, str)
+    ra, rb = ratio_a.to(_F64), ratio_b.to(_F64)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        a, b = self._quantize_inputs((a, b))
+        # Codes with their zero points: MLAS feeds raw uint8/int8 values.
+        ca = qa.codes(a).add_(qa.zero_point).to(_F64)
+        cb = qb.codes(b).add_(qb.zero_point).to(_F64)
+        # Two fused multiply-adds: each is exact in float64, then rounded once.
+        t = (cb * rb + fixed).to(_F32).to(_F64)
+        t = (ca * ra + t).to(_F32)
+        q = torch.clamp(torch.round(t), qc.qmin if floor is None else max(qc.qmin, floor),
+                        qc.qmax)
+        return self.output_quantizer((q - qc.zero_point) * qc.scale)
+
+    return forward
+
+
+def _matmul_forward(module: QuantMatmul, qa: _QParams, qb: _QParams, qc: _QParams):
+    multiplier = (qa.scale * qb.scale) / qc.scale
+    floor = _no_str(_activation_floor(module, qc))
+    exact32 = _float32_is_exact()
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        a, b = self._quantize_inputs((a, b))
+        ca, cb = qa.codes(a), qb.codes(b)
+        if exact32 and a.shape[-1] * qa.max_code * qb.max_code < _F32_EXACT:
+            acc = torch.matmul(ca, cb)
+        else:
+            acc = torch.matmul(ca.to(_F64), cb.to(_F64)).to(_F32)
+        return self.output_quantizer(qc.output(acc.mul_(multiplier), floor))
+
+    return forward
+
+
+def _global_pool_forward(module: QuantAdaptiveAvgPool2d, qin: _QParams, qout: _QParams):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._quantize_input(x)
+        n = x.shape[-1] * x.shape[-2]
+        acc = qin.codes(x).to(_F64).sum(dim=(-2, -1), keepdim=True)  # sum(x_q) - n x_zp
+        scale = qin.scale / (qout.scale * torch.tensor(float(n), dtype=_F32))
+        y = qout.output(acc.to(_F32) * scale, _no_str(_activation_floor(module, qout)))
+        return self.output_quantizer(y)
+
+    return forward
+
+
+def _no_str(value: float | str | None) -> float | None:
+    assert not isinstance(value, str)
+    return value
+
+
+def _plan(module: nn.Module) -> Callable[..., torch.Tensor] | str | None:
+    """The integer-exact forward for ``module``, a reason it has none, or ``None``
+    for modules that are not quantized layers."""
+    if isinstance(module, WeightQuantMixin) and isinstance(module, _QuantConvNd | QuantLinear):
+        wq = module.weight_quantizer
+        if not isinstance(wq, FakeQuantizer) or not bool(wq.fake_quant_enabled):
+            return None if module.input_source is None else "float weights"
+        if getattr(module, "exporting", False):
+            return "frozen for export"
+        if isinstance(module, _QuantConvNd) and module.padding_mode != "zeros":
+            return f"padding_mode={module.padding_mode!r}"
+        if module.training and hasattr(module, "bn_frozen") and not bool(module.bn_frozen):
+            return "training with batch statistics"
+        qin, qout = _static_qparams(module.input_source), _static_qparams(module.output_quantizer)
+        for part, qp in (("input", qin), ("output", qout)):
+            if isinstance(qp, str):
+                return f"{part}: {qp}"
+        assert isinstance(qin, _QParams) and isinstance(qout, _QParams)
+        floor = _activation_floor(module, qout)
+        if isinstance(floor, str):
+            return floor
+        return _weighted_forward(module, qin, qout, _conv_like(module))
+    if isinstance(module, QuantAdd | QuantMatmul | QuantCat):
+        count = len(module.input_quantizers)
+        qps = [_static_qparams(module.input_source_of(i)) for i in range(count)]
+        qps.append(_static_qparams(module.output_quantizer))
+        for i, qp in enumerate(qps):
+            if isinstance(qp, str):
+                return f"{'output' if i == count else f'input {i}'}: {qp}"
+        floor = _activation_floor(module, qps[-1])
+        if isinstance(floor, str):
+            return floor
+        if isinstance(module, QuantCat):
+            # QLinearConcat maps each input code through the table
+            # QuantizeLinear(DequantizeLinear(code)): the fake-quant forward exactly.
+            return type(module).forward if module.activation is None else \
+                "concat with a fused activation"
+        if isinstance(module, QuantMatmul):
+            return _matmul_forward(module, *qps)
+        return _add_forward(module, *qps)
+    if isinstance(module, QuantAdaptiveAvgPool2d):
+        qin, qout = _static_qparams(module.input_source), _static_qparams(module.output_quantizer)
+        if module.output_size not in (1, (1, 1)):
+            return "adaptive average pooling to more than 1x1"
+        for part, qp in (("input", qin), ("output", qout)):
+            if isinstance(qp, str):
+                return f"{part}: {qp}"
+        floor = _activation_floor(module, qout)
+        if isinstance(floor, str):
+            return floor
+        return _global_pool_forward(module, qin, qout)
+    if isinstance(module, QuantMixin) and (module.output_quantizer is not None
+                                           or module.input_quantizer is not None):
+        return f"{type(module).__name__} has no integer-exact emulation"
+    return None
+
+
+@contextlib.contextmanager
+def integer_arithmetic(model: nn.Module) -> Iterator[IntegerEmulation]:
+    """Within the block, ``model``'s quantized layers compute ONNX Runtime's integer kernels.
+
+    The model must be calibrated (or trained) and in eval mode with its quantizers
+    frozen; its parameters are not changed. Layers without an integer-exact form
+    keep their fake-quant forward and are listed in the yielded
+    :class:`IntegerEmulation`.
+
+    Example:
+        >>> import torch, quantaware
+        >>> from quantaware import presets
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU())
+        >>> x = torch.randn(8, 3, 8, 8)
+        >>> q = quantaware.quantize(net, presets.INT8, [x], x[:1])
+        >>> with integer_arithmetic(q) as emulation:
+        ...     y = q(x)
+        >>> emulation.complete
+        True
+    """
+    report = IntegerEmulation()
+    patched: list[nn.Module] = []
+    try:
+        for name, module in model.named_modules():
+            plan = _plan(module)
+            if plan is None:
+                continue
+            if isinstance(plan, str):
+                report.fallback.append((name, plan))
+                continue
+            module.forward = types.MethodType(plan, module)
+            patched.append(module)
+            report.emulated.append(name)
+        yield report
+    finally:
+        for module in patched:
+            del module.forward

@@ -1,0 +1,184 @@
+"""integer_arithmetic: the torch model computes ONNX Runtime's integer kernels bit for bit."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+import quantaware
+from quantaware import presets
+from quantaware.config import PerTensor, QuantSpec
+from quantaware.export.integer import integer_arithmetic
+from quantaware.export.layers import compare_layers
+from quantaware.nn.base import ChannelClip
+
+pytestmark = [
+    pytest.mark.usefixtures("single_thread"),
+    pytest.mark.filterwarnings("ignore::FutureWarning"),
+]
+
+
+def _ort(path, x: torch.Tensor) -> np.ndarray:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+
+
+def _torch(model: nn.Module, x: torch.Tensor) -> np.ndarray:
+    with torch.no_grad():
+        return model(x).numpy()
+
+
+def test_residual_cnn_is_bit_exact(int8_model, int8_path, fresh_data):
+    """Conv+BN+ReLU, depthwise+ReLU6, residual add, concat, max/average pooling and
+    linear layers: every code and every output equal ONNX Runtime's."""
+    x = torch.cat(fresh_data[:4])
+    with integer_arithmetic(int8_model) as emulation:
+        assert emulation.complete, emulation.fallback
+        ours = _torch(int8_model, x)
+        rows = compare_layers(int8_path, int8_model, x)
+    assert np.array_equal(ours, _ort(int8_path, x))
+    assert len(rows) >= 8 and all(r.max_lsb == 0 for r in rows), rows
+    # Outside the block the model is the fake-quant model again: close, not identical.
+    fake = _torch(int8_model, x)
+    step = float(int8_model.get_submodule("fc2").output_quantizer.scale)
+    assert np.abs(fake - ours).max() <= 2 * step + 1e-6
+
+
+def _spec(**changes) -> QuantSpec:
+    return replace(presets.INT8.activation, **changes)
+
+
+CONFIGS = {
+    "per-tensor weights": replace(presets.INT8, weight=replace(presets.INT8.weight,
+                                                               granularity=PerTensor())),
+    "int8 activations": replace(presets.INT8, activation=_spec(signed=True)),
+    "4-bit weights": presets.W4A8,
+}
+
+
+class _Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, stride=2, padding=1)
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=2, dilation=2, groups=4)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(16, 7)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv1(x))
+        x = x + self.conv2(x)
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_other_formats_are_bit_exact(name, tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(24, 3, 16, 16)
+    q = quantaware.quantize(_Block().eval(), CONFIGS[name], [x[:12], x[12:]], x[:1])
+    path = quantaware.export_onnx(q, tmp_path / "m.onnx", x[:1])
+    with integer_arithmetic(q) as emulation:
+        assert emulation.complete, emulation.fallback
+        assert np.array_equal(_torch(q, x), _ort(path, x))
+
+
+class _Wide(nn.Module):
+    """A Linear whose int32 sums exceed float32's exact range (float64 path)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(2048, 64)
+        self.fc2 = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_sums_beyond_float32_precision_are_exact(tmp_path):
+    torch.manual_seed(0)
+    model = _Wide().eval()
+    with torch.no_grad():  # same-sign weights: the sums reach ~2048 * 255 * 127 = 2**26
+        model.fc1.weight.abs_()
+    x = torch.rand(32, 2048) * 4
+    q = quantaware.quantize(model, presets.INT8, [x], x[:1])
+    path = quantaware.export_onnx(q, tmp_path / "m.onnx", x[:1])
+    with integer_arithmetic(q) as emulation:
+        assert emulation.complete
+        assert np.array_equal(_torch(q, x), _ort(path, x))
+
+
+class _Attention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.q = nn.Linear(16, 16)
+        self.k = nn.Linear(16, 16)
+        self.out = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scores = self.q(x) @ self.k(x).transpose(1, 2)
+        return self.out(scores)
+
+
+def test_activation_matmul_is_bit_exact(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(8, 16, 16)
+    q = quantaware.quantize(_Attention().eval(), presets.INT8, [x], x[:1])
+    path = quantaware.export_onnx(q, tmp_path / "m.onnx", x[:1])
+    with integer_arithmetic(q) as emulation:
+        assert any("matmul" in name for name in emulation.emulated), emulation
+        assert emulation.complete, emulation.fallback
+        assert np.array_equal(_torch(q, x), _ort(path, x))
+
+
+def test_layers_without_integer_kernel_fall_back_and_are_listed(int8_model):
+    model = copy.deepcopy(int8_model)
+    model.get_submodule("dw").activation = ChannelClip(torch.full((32,), 4.0))
+    model.pool = nn.Identity()  # unchanged model structure otherwise
+    with integer_arithmetic(model) as emulation:
+        reasons = dict(emulation.fallback)
+    assert "dw" in reasons and "ChannelClip" in reasons["dw"]
+    assert "dw" not in emulation.emulated and not emulation.complete
+
+
+def test_dynamic_quantization_falls_back():
+    torch.manual_seed(0)
+    x = torch.randn(16, 8)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    q = quantaware.quantize(model, presets.INT8_DYNAMIC, [x], x[:1])
+    with integer_arithmetic(q) as emulation:
+        y = _torch(q, x)
+    assert emulation.emulated == [] and emulation.fallback
+    assert all("dynamic" in reason for _, reason in emulation.fallback), emulation.fallback
+    assert np.array_equal(y, _torch(q, x))
+
+
+def test_observing_quantizers_fall_back(int8_model):
+    model = copy.deepcopy(int8_model)
+    model.get_submodule("stem").output_quantizer.observe_and_quantize()
+    with integer_arithmetic(model) as emulation:
+        reasons = dict(emulation.fallback)
+    assert "observing" in reasons["stem"]
+
+
+def test_forwards_are_restored_even_after_an_error(int8_model, fresh_data):
+    x = fresh_data[0]
+    before = _torch(int8_model, x)
+    with pytest.raises(RuntimeError, match="boom"), integer_arithmetic(int8_model):
+        assert "forward" in vars(int8_model.get_submodule("stem"))
+        raise RuntimeError("boom")
+    assert "forward" not in vars(int8_model.get_submodule("stem"))
+    assert np.array_equal(_torch(int8_model, x), before)
+
+
+def test_float_model_has_nothing_to_emulate():
+    model = nn.Sequential(nn.Linear(4, 4))
+    with integer_arithmetic(model) as emulation:
+        assert emulation.emulated == [] and emulation.fallback == []
+        assert not emulation.complete
