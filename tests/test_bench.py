@@ -133,3 +133,28 @@ def test_missing_external_data_is_reported(exported, tmp_path: Path) -> None:
         file_size(lonely)
     with pytest.raises(OnnxModelError, match="external"):
         onnx_session(lonely)
+
+
+def test_float_input_linear_stays_float_in_onnx_runtime(tmp_path: Path) -> None:
+    """int8 weights on float inputs: ONNX Runtime's MatMulNBits would quantize the
+    input to int8 by default; quantaware's sessions compute it in float32."""
+    import onnxruntime as ort
+
+    import quantaware
+    from quantaware import LayerOverride, presets
+    from quantaware.bench import create_session
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 8)).eval()
+    x = torch.randn(32, 16, 64) * torch.linspace(0.1, 8, 64)  # uneven channels
+    config = presets.INT8.with_overrides(LayerOverride("*", activation=None))
+    q = quantaware.quantize(model, config, [x], x[:1])
+    path = quantaware.export_onnx(q, tmp_path / "w8.onnx", x[:1])
+    with torch.no_grad():
+        ref = q(x).numpy()
+    ours = create_session(path.read_bytes(), 1).run(None, {"input": x.numpy()})[0]
+    plain = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    default = plain.run(None, {"input": x.numpy()})[0]
+    err_ours, err_default = np.abs(ours - ref).max(), np.abs(default - ref).max()
+    assert err_ours < 1e-4 * np.abs(ref).max(), err_ours
+    assert err_default > 10 * err_ours  # the default quantizes the float input

@@ -29,6 +29,7 @@ from quantaware.config import (
 from quantaware.prepare import UnsupportedLayerError, prepare
 
 if TYPE_CHECKING:
+    from quantaware.export.integer import integer_arithmetic
     from quantaware.export.onnx import export_onnx
     from quantaware.export.verify import VerifyReport, verify
 
@@ -47,6 +48,7 @@ __all__ = [
     "__version__",
     "calibrate",
     "export_onnx",
+    "integer_arithmetic",
     "prepare",
     "presets",
     "quantize",
@@ -55,6 +57,7 @@ __all__ = [
 
 _LAZY = {
     "export_onnx": "quantaware.export.onnx",
+    "integer_arithmetic": "quantaware.export.integer",
     "verify": "quantaware.export.verify",
     "VerifyReport": "quantaware.export.verify",
 }
