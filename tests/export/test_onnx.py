@@ -413,3 +413,50 @@ def test_int8_activations_with_a_flatten_load_in_onnx_runtime(tmp_path):
     assert reshapes and all(producers[n.input[0]].op_type == "QuantizeLinear" for n in reshapes)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert session.run(None, {session.get_inputs()[0].name: x.numpy()})[0].shape == (8, 3)
+
+
+class _Stem(nn.Module):
+    def __init__(self, kernel: int, in_channels: int = 3, stride: int = 2) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(in_channels, 8, kernel, stride, kernel // 2)
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(torch.relu(self.stem(x)))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def _session_output(path, x: torch.Tensor) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+
+
+@pytest.mark.parametrize(("kernel", "size"), [(7, (29, 31)), (3, (32, 32)), (5, (17, 20))])
+def test_stem_runs_on_space_to_depth_input_with_identical_results(tmp_path, kernel, size):
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, *size)
+    q = quantaware.quantize(_Stem(kernel).eval(), presets.INT8, [x], x[:1])
+    plain = quantaware.export_onnx(q, tmp_path / "plain.onnx", x[:1], space_to_depth=False)
+    s2d = quantaware.export_onnx(q, tmp_path / "s2d.onnx", x[:1])
+    ops = Counter(n.op_type for n in onnx.load(str(s2d)).graph.node)
+    assert ops["SpaceToDepth"] == 1 and ops["Pad"] == 1, ops
+    assert "SpaceToDepth" not in Counter(n.op_type for n in onnx.load(str(plain)).graph.node)
+    assert np.array_equal(_session_output(plain, x), _session_output(s2d, x))
+    report = quantaware.verify(s2d, q, [x])
+    assert report.max_error_lsb == 0.0 and report.first_divergent_layer is None, report
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(s2d), options, providers=["CPUExecutionProvider"])
+    optimized = Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
+    assert optimized["Conv"] == 0 and optimized["QLinearConv"] == 2, optimized
+
+
+@pytest.mark.parametrize(("in_channels", "stride"), [(8, 2), (3, 1)])
+def test_space_to_depth_only_for_strided_convs_on_few_channels(tmp_path, in_channels, stride):
+    torch.manual_seed(0)
+    x = torch.randn(4, in_channels, 16, 16)
+    q = quantaware.quantize(_Stem(7, in_channels, stride).eval(), presets.INT8, [x], x[:1])
+    path = quantaware.export_onnx(q, tmp_path / "m.onnx", x[:1])
+    assert "SpaceToDepth" not in {n.op_type for n in onnx.load(str(path)).graph.node}
