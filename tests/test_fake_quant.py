@@ -254,3 +254,17 @@ def test_make_quantizer_dispatch():
     assert isinstance(fq, FakeQuantizer) and fq.from_tensor and fq.scale.shape == (5,)
     fq = make_quantizer(ACT)
     assert isinstance(fq, FakeQuantizer) and not fq.from_tensor and (fq.qmin, fq.qmax) == (0, 255)
+
+
+def test_weight_quantizer_following_its_tensor_passes_the_whole_gradient():
+    from quantaware import presets
+
+    fq = make_quantizer(presets.INT8.weight, channels=4, from_tensor=True)
+    w = (torch.randn(4, 6) * torch.tensor([[0.1], [1.0], [10.0], [0.01]])).requires_grad_()
+    fq(w).sum().backward()
+    assert torch.equal(w.grad, torch.ones_like(w))
+    # Loaded (fixed) qparams can clip: the in-range mask applies again.
+    fq.load_qparams(torch.full((4,), 0.001), torch.zeros(4, dtype=torch.int32))
+    w.grad = None
+    fq(w).sum().backward()
+    assert 0 < float(w.grad.mean()) < 1

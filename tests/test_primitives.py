@@ -18,6 +18,7 @@ from quantaware.primitives import (
     dequantize,
     fake_quantize,
     fake_quantize_lsq,
+    fake_quantize_own_range,
     quant_range,
     quantize,
     storage_dtype,
@@ -438,6 +439,8 @@ def test_fake_quantize_equals_onnx_formula_with_and_without_autograd(axis, zp):
     grad_x = x.clone().requires_grad_()
     for out in (fake_quantize(x, scale, zp, -8, 7, axis),
                 fake_quantize(grad_x, scale, zp, -8, 7, axis).detach(),
+                fake_quantize_own_range(x, scale, zp, -8, 7, axis),
+                fake_quantize_own_range(grad_x, scale, zp, -8, 7, axis).detach(),
                 fake_quantize_lsq(grad_x, scale.clone().requires_grad_(), zp.float(), -8, 7,
                                   axis).detach()):
         assert torch.equal(out, ref)
@@ -457,3 +460,19 @@ def test_fake_quantize_inference_path_equals_training_path(seed, per_channel):
         fast = fake_quantize(x, scale, zp, -128, 127, axis)
     slow = fake_quantize(x.clone().requires_grad_(True), scale, zp, -128, 127, axis)
     torch.testing.assert_close(fast, slow.detach(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("narrow", [True, False])
+def test_own_range_weights_get_an_identity_gradient(narrow):
+    """qparams from the tensor's own min-max: same values as fake_quantize, and the
+    gradient passes everywhere (the extremes are representable)."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(8, 3, 3, 3, generator=gen)
+    qmin, qmax = (-127, 127) if narrow else (-128, 127)
+    flat = w.reshape(8, -1)
+    scale, zp = choose_qparams(flat.amin(1), flat.amax(1), qmin, qmax, symmetric=True)
+    x = w.clone().requires_grad_()
+    y = fake_quantize_own_range(x, scale, zp, qmin, qmax, 0)
+    y.backward(torch.full_like(y, 2.0))
+    assert torch.equal(y.detach(), fake_quantize(w, scale, zp, qmin, qmax, 0))
+    assert torch.equal(x.grad, torch.full_like(w, 2.0))

@@ -47,6 +47,7 @@ from quantaware.primitives import (
     choose_qparams,
     fake_quantize,
     fake_quantize_lsq,
+    fake_quantize_own_range,
     lsq_grad_scale,
 )
 
@@ -191,6 +192,11 @@ class FakeQuantizer(nn.Module):
     def fake_quantize_with(self, x: torch.Tensor, scale: torch.Tensor,
                            zero_point: torch.Tensor) -> torch.Tensor:
         """Fake-quantize ``x`` with given qparams, with this quantizer's gradient rule."""
+        if self.from_tensor and not self.spec.dynamic and not bool(self.calibrated):
+            # Weight qparams come from this very tensor's range (widened at most):
+            # nothing is clipped, so the gradient needs no in-range mask.
+            return fake_quantize_own_range(x, scale, zero_point, self.qmin, self.qmax,
+                                           self.axis)
         return fake_quantize(x, scale, zero_point, self.qmin, self.qmax, self.axis)
 
     def _export_forward(self, x: torch.Tensor) -> torch.Tensor:
