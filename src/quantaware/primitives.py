@@ -186,17 +186,20 @@ def _rounded_and_clamped(x, scale, zero_point, qmin, qmax, axis):
     either exact or far outside the range), and takes one pass instead of three;
     ``c * s`` is then the fake-quantized value.
     """
-    s = _broadcast(scale, x, axis)
-    if zero_point.dim() == 0 or not bool(zero_point.any()):
-        # One zero point (symmetric per-channel weights have only zeros): Python
-        # bounds, as clamp runs several times faster with scalars than with tensors.
-        z = float(zero_point.reshape(-1)[0]) if zero_point.numel() else 0.0
-    else:
-        z = _broadcast(zero_point, x, axis).to(x.dtype)
-    lo, hi = qmin - z, qmax - z
+    s, z = _broadcast(scale, x, axis), _zero_shift(zero_point, x, axis)
     v = x / s
     r = torch.round(v)
-    return s, v, r, torch.clamp(r, lo, hi)
+    return s, v, r, torch.clamp(r, qmin - z, qmax - z)
+
+
+def _zero_shift(zero_point: torch.Tensor, x: torch.Tensor,
+                axis: int | None) -> float | torch.Tensor:
+    """The zero point as clamp bounds want it: a Python number when there is one
+    value (symmetric per-channel weights have only zeros), as clamp runs several
+    times faster with scalar bounds; else broadcast to ``x``."""
+    if zero_point.dim() == 0 or not bool(zero_point.any()):
+        return float(zero_point.reshape(-1)[0]) if zero_point.numel() else 0.0
+    return _broadcast(zero_point, x, axis).to(x.dtype)
 
 
 def _needs_grad(*tensors: torch.Tensor) -> bool:
@@ -208,11 +211,7 @@ class _FakeQuantizeSTE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scale, zero_point, qmin, qmax, axis):  # type: ignore[override]
-        s = _broadcast(scale, x, axis)
-        if zero_point.dim() == 0 or not bool(zero_point.any()):
-            z = float(zero_point.reshape(-1)[0]) if zero_point.numel() else 0.0
-        else:
-            z = _broadcast(zero_point, x, axis).to(x.dtype)
+        s, z = _broadcast(scale, x, axis), _zero_shift(zero_point, x, axis)
         r = torch.div(x, s).round_()  # x / s is not needed again: round in place
         c = torch.clamp(r, qmin - z, qmax - z)
         ctx.save_for_backward(c == r)
@@ -267,13 +266,8 @@ class _FakeQuantizeInRange(torch.autograd.Function):
 def _fake_quantize_in_place(x, scale, zero_point, qmin, qmax, axis) -> torch.Tensor:
     """The values of :func:`fake_quantize` with one new tensor instead of three:
     on large weights each fresh buffer costs page faults as well as a pass."""
-    s = _broadcast(scale, x, axis)
-    if zero_point.dim() == 0 or not bool(zero_point.any()):
-        z = float(zero_point.reshape(-1)[0]) if zero_point.numel() else 0.0
-        return torch.div(x, s).round_().clamp_(qmin - z, qmax - z).mul_(s)
-    z = _broadcast(zero_point, x, axis).to(x.dtype)
-    v = torch.div(x, s).round_().add_(z)
-    return v.clamp_(qmin, qmax).sub_(z).mul_(s)
+    s, z = _broadcast(scale, x, axis), _zero_shift(zero_point, x, axis)
+    return torch.div(x, s).round_().clamp_(qmin - z, qmax - z).mul_(s)
 
 
 def fake_quantize_own_range(

@@ -52,6 +52,16 @@ def test_residual_cnn_is_bit_exact(int8_model, int8_path, fresh_data):
     assert np.abs(fake - ours).max() <= 2 * step + 1e-6
 
 
+def _assert_bit_exact(q: nn.Module, x: torch.Tensor, tmp_path) -> list[str]:
+    """Export ``q``; under integer_arithmetic torch must equal ONNX Runtime exactly.
+    Returns the emulated layers."""
+    path = quantaware.export_onnx(q, tmp_path / "m.onnx", x[:1])
+    with integer_arithmetic(q) as emulation:
+        assert emulation.complete, emulation.fallback
+        assert np.array_equal(_torch(q, x), _ort(path, x))
+    return emulation.emulated
+
+
 def _spec(**changes) -> QuantSpec:
     return replace(presets.INT8.activation, **changes)
 
@@ -83,10 +93,7 @@ def test_other_formats_are_bit_exact(name, tmp_path):
     torch.manual_seed(0)
     x = torch.randn(24, 3, 16, 16)
     q = quantaware.quantize(_Block().eval(), CONFIGS[name], [x[:12], x[12:]], x[:1])
-    path = quantaware.export_onnx(q, tmp_path / "m.onnx", x[:1])
-    with integer_arithmetic(q) as emulation:
-        assert emulation.complete, emulation.fallback
-        assert np.array_equal(_torch(q, x), _ort(path, x))
+    _assert_bit_exact(q, x, tmp_path)
 
 
 class _Wide(nn.Module):
@@ -108,10 +115,7 @@ def test_sums_beyond_float32_precision_are_exact(tmp_path):
         model.fc1.weight.abs_()
     x = torch.rand(32, 2048) * 4
     q = quantaware.quantize(model, presets.INT8, [x], x[:1])
-    path = quantaware.export_onnx(q, tmp_path / "m.onnx", x[:1])
-    with integer_arithmetic(q) as emulation:
-        assert emulation.complete
-        assert np.array_equal(_torch(q, x), _ort(path, x))
+    _assert_bit_exact(q, x, tmp_path)
 
 
 class _Attention(nn.Module):
@@ -130,11 +134,7 @@ def test_activation_matmul_is_bit_exact(tmp_path):
     torch.manual_seed(0)
     x = torch.randn(8, 16, 16)
     q = quantaware.quantize(_Attention().eval(), presets.INT8, [x], x[:1])
-    path = quantaware.export_onnx(q, tmp_path / "m.onnx", x[:1])
-    with integer_arithmetic(q) as emulation:
-        assert any("matmul" in name for name in emulation.emulated), emulation
-        assert emulation.complete, emulation.fallback
-        assert np.array_equal(_torch(q, x), _ort(path, x))
+    assert any("matmul" in name for name in _assert_bit_exact(q, x, tmp_path))
 
 
 def test_layers_without_integer_kernel_fall_back_and_are_listed(int8_model):

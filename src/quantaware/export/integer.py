@@ -99,11 +99,10 @@ class _QParams:
         q = torch.div(x.to(_F32), self.scale).round_().add_(self.zero_point)
         return q.clamp_(self.qmin, self.qmax).sub_(self.zero_point)
 
-    def output(self, value: torch.Tensor, low: float | None = None) -> torch.Tensor:
+    def output(self, value: torch.Tensor) -> torch.Tensor:
         """Round a float32 requantized value (already divided by the scale), add the
         zero point, saturate, and dequantize as ``DequantizeLinear`` does (in place)."""
-        q = value.round_().add_(self.zero_point)
-        q.clamp_(self.qmin if low is None else max(self.qmin, low), self.qmax)
+        q = value.round_().add_(self.zero_point).clamp_(self.qmin, self.qmax)
         return q.sub_(self.zero_point).mul_(self.scale)
 
 
@@ -143,12 +142,13 @@ def _static_qparams(q: nn.Module | None) -> _QParams | str:
                     q.qmin, q.qmax)
 
 
-def _activation_floor(module: QuantMixin, out: _QParams) -> float | str | None:
-    """Code below which a fused activation clips (``None``: no activation).
+def _activation_blocker(module: QuantMixin, out: _QParams) -> str | None:
+    """Why ONNX Runtime would not fold the fused activation into its integer
+    kernel, or ``None`` when it does.
 
     ONNX Runtime drops a ReLU/ReLU6 before a QuantizeLinear whose range the
-    activation cannot narrow, so the activation becomes saturation in the kernel;
-    otherwise it runs the layer in float."""
+    activation cannot narrow, so the activation is the kernel's saturation at
+    ``qmin``; otherwise it runs the layer in float."""
     act = module.activation
     if act is None:
         return None
@@ -159,7 +159,7 @@ def _activation_floor(module: QuantMixin, out: _QParams) -> float | str | None:
     if isinstance(act, nn.ReLU6) and float((out.qmax - out.zero_point) * out.scale) > 6.0 * (
             1 + 1e-6):
         return "output range wider than ReLU6's [0, 6]"
-    return float(out.qmin)
+    return None
 
 
 def _weighted_forward(module: WeightQuantMixin, qin: _QParams, qout: _QParams,
@@ -186,7 +186,6 @@ def _weighted_forward(module: WeightQuantMixin, qin: _QParams, qout: _QParams,
     exact32 = bound < _F32_EXACT and _float32_is_exact()
     qweight32 = qweight.to(_F32)
     channel = [-1] + [1] * (weight.dim() - 2) if conv else [-1]
-    floor = _no_str(_activation_floor(module, qout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self._quantize_input(x)
@@ -197,7 +196,7 @@ def _weighted_forward(module: WeightQuantMixin, qin: _QParams, qout: _QParams,
                 acc = (acc.to(_F64) + qbias.reshape(channel)).to(_F32)
         else:
             acc = apply(codes.to(_F64), qweight, qbias).to(_F32)
-        y = qout.output(acc.mul_(multiplier.reshape(channel) if conv else multiplier), floor)
+        y = qout.output(acc.mul_(multiplier.reshape(channel) if conv else multiplier))
         return self.output_quantizer(y)
 
     return forward
@@ -216,8 +215,6 @@ def _add_forward(module: QuantAdd, qa: _QParams, qb: _QParams, qc: _QParams):
     # zc - fma(ra, za, rb * zb) (the product is exact in float64, then rounded once).
     inner = (ratio_a.to(_F64) * qa.zero_point + (ratio_b * qb.zero_point).to(_F64)).to(_F32)
     fixed = (torch.tensor(float(qc.zero_point), dtype=_F32) - inner).to(_F64)
-    floor = _activation_floor(module, qc)
-    assert not isinstance(floor, str)
     ra, rb = ratio_a.to(_F64), ratio_b.to(_F64)
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -228,8 +225,7 @@ def _add_forward(module: QuantAdd, qa: _QParams, qb: _QParams, qc: _QParams):
         # Two fused multiply-adds: each is exact in float64, then rounded once.
         t = (cb * rb + fixed).to(_F32).to(_F64)
         t = (ca * ra + t).to(_F32)
-        q = torch.clamp(torch.round(t), qc.qmin if floor is None else max(qc.qmin, floor),
-                        qc.qmax)
+        q = torch.clamp(torch.round(t), qc.qmin, qc.qmax)
         return self.output_quantizer((q - qc.zero_point) * qc.scale)
 
     return forward
@@ -237,7 +233,6 @@ def _add_forward(module: QuantAdd, qa: _QParams, qb: _QParams, qc: _QParams):
 
 def _matmul_forward(module: QuantMatmul, qa: _QParams, qb: _QParams, qc: _QParams):
     multiplier = (qa.scale * qb.scale) / qc.scale
-    floor = _no_str(_activation_floor(module, qc))
     exact32 = _float32_is_exact()
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -247,7 +242,7 @@ def _matmul_forward(module: QuantMatmul, qa: _QParams, qb: _QParams, qc: _QParam
             acc = torch.matmul(ca, cb)
         else:
             acc = torch.matmul(ca.to(_F64), cb.to(_F64)).to(_F32)
-        return self.output_quantizer(qc.output(acc.mul_(multiplier), floor))
+        return self.output_quantizer(qc.output(acc.mul_(multiplier)))
 
     return forward
 
@@ -258,15 +253,10 @@ def _global_pool_forward(module: QuantAdaptiveAvgPool2d, qin: _QParams, qout: _Q
         n = x.shape[-1] * x.shape[-2]
         acc = qin.codes(x).to(_F64).sum(dim=(-2, -1), keepdim=True)  # sum(x_q) - n x_zp
         scale = qin.scale / (qout.scale * torch.tensor(float(n), dtype=_F32))
-        y = qout.output(acc.to(_F32) * scale, _no_str(_activation_floor(module, qout)))
+        y = qout.output(acc.to(_F32) * scale)
         return self.output_quantizer(y)
 
     return forward
-
-
-def _no_str(value: float | str | None) -> float | None:
-    assert not isinstance(value, str)
-    return value
 
 
 def _plan(module: nn.Module) -> Callable[..., torch.Tensor] | str | None:
@@ -287,9 +277,9 @@ def _plan(module: nn.Module) -> Callable[..., torch.Tensor] | str | None:
             if isinstance(qp, str):
                 return f"{part}: {qp}"
         assert isinstance(qin, _QParams) and isinstance(qout, _QParams)
-        floor = _activation_floor(module, qout)
-        if isinstance(floor, str):
-            return floor
+        blocker = _activation_blocker(module, qout)
+        if blocker is not None:
+            return blocker
         return _weighted_forward(module, qin, qout, _conv_like(module))
     if isinstance(module, QuantAdd | QuantMatmul | QuantCat):
         count = len(module.input_quantizers)
@@ -298,9 +288,9 @@ def _plan(module: nn.Module) -> Callable[..., torch.Tensor] | str | None:
         for i, qp in enumerate(qps):
             if isinstance(qp, str):
                 return f"{'output' if i == count else f'input {i}'}: {qp}"
-        floor = _activation_floor(module, qps[-1])
-        if isinstance(floor, str):
-            return floor
+        blocker = _activation_blocker(module, qps[-1])
+        if blocker is not None:
+            return blocker
         if isinstance(module, QuantCat):
             # QLinearConcat maps each input code through the table
             # QuantizeLinear(DequantizeLinear(code)): the fake-quant forward exactly.
@@ -316,9 +306,9 @@ def _plan(module: nn.Module) -> Callable[..., torch.Tensor] | str | None:
         for part, qp in (("input", qin), ("output", qout)):
             if isinstance(qp, str):
                 return f"{part}: {qp}"
-        floor = _activation_floor(module, qout)
-        if isinstance(floor, str):
-            return floor
+        blocker = _activation_blocker(module, qout)
+        if blocker is not None:
+            return blocker
         return _global_pool_forward(module, qin, qout)
     if isinstance(module, QuantMixin) and (module.output_quantizer is not None
                                            or module.input_quantizer is not None):
