@@ -14,7 +14,7 @@ from torch import nn
 import quantaware
 from quantaware import presets
 from quantaware.config import PerTensor, QuantSpec
-from quantaware.export.integer import integer_arithmetic
+from quantaware.export.integer import fake_quant_arithmetic, integer_arithmetic
 from quantaware.export.layers import compare_layers
 from quantaware.nn.base import ChannelClip
 
@@ -175,6 +175,35 @@ def test_forwards_are_restored_even_after_an_error(int8_model, fresh_data):
         raise RuntimeError("boom")
     assert "forward" not in vars(int8_model.get_submodule("stem"))
     assert np.array_equal(_torch(int8_model, x), before)
+
+
+def test_blocks_nest(int8_model, int8_path, fresh_data, monkeypatch):
+    """verify() enters integer_arithmetic itself; inside a caller's block too, and
+    its fake-quant pass still runs the fake-quant forward."""
+    from quantaware.nn.conv import QuantConv2d
+
+    calls = []
+    original = QuantConv2d.forward
+
+    def counting(self, x):
+        calls.append(1)
+        return original(self, x)
+
+    monkeypatch.setattr(QuantConv2d, "forward", counting)
+    x = fresh_data[0]
+    with integer_arithmetic(int8_model):
+        inner = _torch(int8_model, x)
+        assert not calls  # the integer forwards ran
+        report = quantaware.verify(int8_path, int8_model, [x])
+        assert report.max_error_lsb == 0.0 and calls  # the fake-quant pass ran too
+        calls.clear()
+        with fake_quant_arithmetic(int8_model):
+            _torch(int8_model, x)
+        assert calls
+        calls.clear()
+        assert "forward" in vars(int8_model.get_submodule("stem"))
+        assert np.array_equal(_torch(int8_model, x), inner) and not calls
+    assert "forward" not in vars(int8_model.get_submodule("stem"))
 
 
 def test_float_model_has_nothing_to_emulate():

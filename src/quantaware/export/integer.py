@@ -57,7 +57,7 @@ from quantaware.nn.pool import QuantAdaptiveAvgPool2d
 from quantaware.nn.weighted import BIAS_QMAX, BIAS_QMIN, WeightQuantMixin
 from quantaware.primitives import quantize
 
-__all__ = ["IntegerEmulation", "integer_arithmetic"]
+__all__ = ["IntegerEmulation", "fake_quant_arithmetic", "integer_arithmetic"]
 
 _F32 = torch.float32
 _F64 = torch.float64
@@ -316,6 +316,32 @@ def _plan(module: nn.Module) -> Callable[..., torch.Tensor] | str | None:
     return None
 
 
+_MARK = "_quantaware_integer_forward"
+
+
+@contextlib.contextmanager
+def fake_quant_arithmetic(model: nn.Module) -> Iterator[None]:
+    """Within the block, ``model`` runs its fake-quant forward even inside an
+    :func:`integer_arithmetic` block (which is restored afterwards).
+
+    Example:
+        >>> import torch, quantaware
+        >>> from quantaware import presets
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 3))
+        >>> x = torch.randn(8, 4)
+        >>> q = quantaware.quantize(net, presets.INT8, [x], x[:1])
+        >>> with integer_arithmetic(q), fake_quant_arithmetic(q):
+        ...     "forward" in vars(q.get_submodule("0"))
+        False
+    """
+    saved = [(m, m.__dict__.pop("forward")) for m in model.modules() if m.__dict__.get(_MARK)]
+    try:
+        yield
+    finally:
+        for module, forward in saved:
+            module.forward = forward
+
+
 @contextlib.contextmanager
 def integer_arithmetic(model: nn.Module) -> Iterator[IntegerEmulation]:
     """Within the block, ``model``'s quantized layers compute ONNX Runtime's integer kernels.
@@ -337,7 +363,8 @@ def integer_arithmetic(model: nn.Module) -> Iterator[IntegerEmulation]:
         True
     """
     report = IntegerEmulation()
-    patched: list[nn.Module] = []
+    # (module, the instance forward it had before: set by an enclosing block, or None)
+    patched: list[tuple[nn.Module, object]] = []
     try:
         for name, module in model.named_modules():
             plan = _plan(module)
@@ -346,10 +373,15 @@ def integer_arithmetic(model: nn.Module) -> Iterator[IntegerEmulation]:
             if isinstance(plan, str):
                 report.fallback.append((name, plan))
                 continue
+            patched.append((module, module.__dict__.get("forward")))
             module.forward = types.MethodType(plan, module)
-            patched.append(module)
+            module.__dict__[_MARK] = True
             report.emulated.append(name)
         yield report
     finally:
-        for module in patched:
-            del module.forward
+        for module, previous in reversed(patched):
+            if previous is None:
+                del module.forward
+                module.__dict__.pop(_MARK, None)
+            else:
+                module.forward = previous

@@ -33,7 +33,7 @@ from torch import nn
 
 from quantaware._batch import model_device, split_batch, to_device
 from quantaware.bench import create_session
-from quantaware.export.integer import integer_arithmetic
+from quantaware.export.integer import fake_quant_arithmetic, integer_arithmetic
 from quantaware.export.layers import compare_layers, first_divergence
 
 __all__ = ["VerifyReport", "verify"]
@@ -281,7 +281,8 @@ def verify(
         ort_outs.append(session.run(None, feed)[0])
 
     model.eval()
-    fake = _agreement(_torch_outputs(model, batches), ort_outs)
+    with fake_quant_arithmetic(model):
+        fake = _agreement(_torch_outputs(model, batches), ort_outs)
     main, rows, max_lsb = fake, [], 1
     integer_layers = fallback_layers = 0
     used = "fake-quant"
@@ -296,7 +297,8 @@ def verify(
                 if check_layers:
                     rows = compare_layers(onnx_path, model, batches[0], threads)
     if used == "fake-quant" and check_layers:
-        rows = compare_layers(onnx_path, model, batches[0], threads)
+        with fake_quant_arithmetic(model):
+            rows = compare_layers(onnx_path, model, batches[0], threads)
     first = first_divergence(rows, max_lsb)
     return VerifyReport(
         num_samples=main.num_samples,
