@@ -18,7 +18,6 @@ from quantaware.primitives import (
     dequantize,
     fake_quantize,
     fake_quantize_lsq,
-    fake_quantize_own_range,
     quant_range,
     quantize,
     storage_dtype,
@@ -439,8 +438,8 @@ def test_fake_quantize_equals_onnx_formula_with_and_without_autograd(axis, zp):
     grad_x = x.clone().requires_grad_()
     for out in (fake_quantize(x, scale, zp, -8, 7, axis),
                 fake_quantize(grad_x, scale, zp, -8, 7, axis).detach(),
-                fake_quantize_own_range(x, scale, zp, -8, 7, axis),
-                fake_quantize_own_range(grad_x, scale, zp, -8, 7, axis).detach(),
+                fake_quantize(x, scale, zp, -8, 7, axis, own_range=True),
+                fake_quantize(grad_x, scale, zp, -8, 7, axis, own_range=True).detach(),
                 fake_quantize_lsq(grad_x, scale.clone().requires_grad_(), zp.float(), -8, 7,
                                   axis).detach()):
         assert torch.equal(out, ref)
@@ -472,7 +471,7 @@ def test_own_range_weights_get_an_identity_gradient(narrow):
     flat = w.reshape(8, -1)
     scale, zp = choose_qparams(flat.amin(1), flat.amax(1), qmin, qmax, symmetric=True)
     x = w.clone().requires_grad_()
-    y = fake_quantize_own_range(x, scale, zp, qmin, qmax, 0)
+    y = fake_quantize(x, scale, zp, qmin, qmax, 0, own_range=True)
     y.backward(torch.full_like(y, 2.0))
     assert torch.equal(y.detach(), fake_quantize(w, scale, zp, qmin, qmax, 0))
     assert torch.equal(x.grad, torch.full_like(w, 2.0))

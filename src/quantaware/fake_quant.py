@@ -47,7 +47,6 @@ from quantaware.primitives import (
     choose_qparams,
     fake_quantize,
     fake_quantize_lsq,
-    fake_quantize_own_range,
     lsq_grad_scale,
 )
 
@@ -195,8 +194,8 @@ class FakeQuantizer(nn.Module):
         if self.from_tensor and not self.spec.dynamic and not bool(self.calibrated):
             # Weight qparams come from this very tensor's range (widened at most):
             # nothing is clipped, so the gradient needs no in-range mask.
-            return fake_quantize_own_range(x, scale, zero_point, self.qmin, self.qmax,
-                                           self.axis)
+            return fake_quantize(x, scale, zero_point, self.qmin, self.qmax, self.axis,
+                                 own_range=True)
         return fake_quantize(x, scale, zero_point, self.qmin, self.qmax, self.axis)
 
     def _export_forward(self, x: torch.Tensor) -> torch.Tensor:
