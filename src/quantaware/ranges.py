@@ -169,8 +169,9 @@ def entropy_range(histogram: np.ndarray, hist_min: float, hist_max: float,
                   levels: int) -> tuple[float, float]:
     """TensorRT's KL-divergence range for a histogram over ``[hist_min, hist_max]``.
 
-    The search runs on the histogram of ``|x|``; one-signed data gets all
-    ``levels`` integer levels over ``[0, t]``, signed data half of them per side.
+    The search runs on the histogram of ``|x|`` with its zero bin levelled to its
+    neighbour (as TensorRT's calibrator does); one-signed data gets all ``levels``
+    integer levels over ``[0, t]``, signed data half of them per side.
 
     Example:
         >>> import numpy as np
@@ -182,6 +183,15 @@ def entropy_range(histogram: np.ndarray, hist_min: float, hist_max: float,
     """
     abs_hist, amax = _abs_histogram(histogram, hist_min, hist_max)
     signed = hist_min < 0.0 < hist_max
+    # The first bin holds the exact zeros of ReLU outputs (often half the mass). Any
+    # candidate that merges it with its neighbour smears that spike and scores a
+    # huge divergence, so the search would settle on the widest candidate that
+    # still keeps one bin per level (clipping ReLU6 outputs to a quarter of their
+    # range on MobileNetV2). TensorRT's pytorch-quantization calibrator levels the
+    # spike the same way before its search.
+    if abs_hist.size > 1:
+        abs_hist = abs_hist.copy()
+        abs_hist[0] = abs_hist[1]
     kept = entropy_threshold(abs_hist, levels // 2 if signed else levels)
     threshold = amax * kept / abs_hist.size
     if hist_min >= 0.0:
