@@ -172,6 +172,43 @@ def test_qat_conv_bn_trains_with_batch_stats_and_exports_as_folded_conv(tmp_path
     assert freeze_bn_stats(model) == 2
 
 
+def test_qat_conv_bn_batch_stats_forward_matches_the_folded_reference():
+    """Int8 per-channel weights: the training forward (weight quantized on its own
+    grid, batch norm on batch statistics) equals the textbook fold -> quantize ->
+    conv -> unfold -> batch norm, in values and in weight gradients."""
+    torch.manual_seed(0)
+    x = torch.randn(16, 3, 8, 8)
+    float_model = _Net().eval()
+    with torch.no_grad():
+        float_model.b1.weight.copy_(torch.tensor([2.0, -1.5, 0.3, 1.0, 4.0, -0.2, 0.7, 1.1]))
+        float_model.b1.running_var.uniform_(0.2, 3.0)
+    model = prepare_qat(float_model, presets.INT8, x[:1])
+    calibrate(model, [x])
+    model.train()
+    c1 = model.get_submodule("c1")
+    bn = c1.bn
+    mean, var = bn.running_mean.clone(), bn.running_var.clone()
+    factor = (bn.weight * torch.rsqrt(bn.running_var + bn.eps)).detach()
+    w = c1.weight.detach().clone().requires_grad_()
+    folded = w * factor.reshape(-1, 1, 1, 1)
+    scale = folded.detach().abs().amax((1, 2, 3)) / 127
+    wq = fake_quantize(folded, scale, torch.zeros(8, dtype=torch.int32), -127, 127, 0)
+    xin = c1.input_quantizer(x) if c1.input_quantizer is not None else x
+    y = nn.functional.conv2d(xin.detach(), wq, None, 1, 1) / factor.reshape(1, -1, 1, 1)
+    want = nn.functional.batch_norm(y, mean, var, bn.weight.detach(), bn.bias.detach(),
+                                     True, 0.1, bn.eps)
+    bn.running_mean.copy_(mean)
+    bn.running_var.copy_(var)
+    c1.output_quantizer = None
+    c1.activation = None
+    got = c1(x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    grad = torch.randn_like(got)
+    got.backward(grad)
+    want.backward(grad)
+    torch.testing.assert_close(c1.weight.grad, w.grad, rtol=1e-3, atol=1e-4)
+
+
 def test_distillation_loss_reference():
     s, t = torch.randn(4, 5), torch.randn(4, 5)
     y = torch.tensor([0, 1, 2, 3])

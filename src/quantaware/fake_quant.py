@@ -44,6 +44,7 @@ from quantaware.config import FloatSpec, PerChannel, QuantSpec
 from quantaware.observers import CalibrationError, make_observer
 from quantaware.primitives import (
     SCALE_EPS,
+    all_finite,
     choose_qparams,
     fake_quantize,
     fake_quantize_lsq,
@@ -123,9 +124,13 @@ class FakeQuantizer(nn.Module):
                 "activation spec (dynamic=False) to load fixed qparams"
             )
         scale = scale.detach().to(self.scale)
-        if not (torch.isfinite(scale).all() and (scale > 0).all()):
+        if not (all_finite(scale) and bool((scale > 0).all())):
             raise CalibrationError(f"invalid scale {scale}: scales must be finite and > 0")
-        self.scale.copy_(scale.reshape(self.scale.shape))
+        self._store_qparams(scale, zero_point)
+
+    def _store_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        """Copy qparams in without checks (``choose_qparams`` output is valid)."""
+        self.scale.copy_(scale.detach().reshape(self.scale.shape))
         self.zero_point.copy_(zero_point.detach().reshape(self.zero_point.shape))
         self.calibrated.fill_(1)
 
@@ -179,11 +184,13 @@ class FakeQuantizer(nn.Module):
             x = x * smoothing
         if self.exporting:
             return self._export_forward(x)
+        quantizing = bool(self.fake_quant_enabled)
         if self.observer is not None and bool(self.observer_enabled):
             self.observer(x)
-            if bool(self.fake_quant_enabled):
-                self.load_qparams(*self.observer.calculate_qparams())
-        if not bool(self.fake_quant_enabled):
+            if quantizing:  # QAT: qparams follow the statistics every step
+                self._store_qparams(*self.observer.calculate_qparams())
+                return self.fake_quantize_with(x, self.scale, self.zero_point)
+        if not quantizing:
             return x
         scale, zero_point = self.qparams(x)
         return self.fake_quantize_with(x, scale, zero_point)

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from quantaware.config import QuantSpec
-from quantaware.primitives import choose_qparams
+from quantaware.primitives import all_finite, choose_qparams
 
 __all__ = [
     "EntropyObserver",
@@ -100,7 +100,6 @@ class Observer(nn.Module):
     def _batch_min_max(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if x.numel() == 0:
             raise CalibrationError(f"cannot observe an empty tensor of shape {tuple(x.shape)}")
-        _check_finite(x)
         x = x.detach().to(torch.float32)
         if self.axis is None:
             lo, hi = torch.aminmax(x)
@@ -112,6 +111,10 @@ class Observer(nn.Module):
                     f"{self.axis}, got shape {tuple(x.shape)}"
                 )
             lo, hi = torch.aminmax(x.transpose(0, axis).reshape(x.shape[axis], -1), dim=1)
+        # NaN and Inf reach the minimum or maximum: checking those is checking x,
+        # without another pass over it.
+        if not all_finite(lo, hi):
+            _check_finite(x)
         if self.sync_across_ranks:
             lo, hi = _all_reduce(lo, "MIN"), _all_reduce(hi, "MAX")
         return lo, hi
@@ -123,7 +126,7 @@ class Observer(nn.Module):
 
     @property
     def observed(self) -> bool:
-        return bool(torch.isfinite(self.min_val).all())
+        return all_finite(self.min_val)
 
     def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(scale, zero_point)`` for the range seen so far."""

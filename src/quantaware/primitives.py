@@ -31,9 +31,12 @@ Example:
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 __all__ = [
+    "all_finite",
     "choose_qparams",
     "dequantize",
     "fake_quantize",
@@ -94,6 +97,26 @@ def _broadcast(t: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tens
     return t.reshape(shape)
 
 
+def all_finite(*tensors: torch.Tensor) -> bool:
+    """Whether every value of every tensor is finite.
+
+    One scalar read per 0-d tensor (``torch.isfinite`` runs several kernels even
+    on one value; observers and quantizers call this every training step).
+
+    Example:
+        >>> all_finite(torch.tensor(1.0), torch.tensor([0.0, float("nan")]))
+        False
+    """
+    for t in tensors:
+        if t.dim() == 0:
+            if not math.isfinite(float(t)):
+                return False
+        # A finite sum means finite values (the exact check only runs when not).
+        elif not math.isfinite(float(t.sum())) and not bool(torch.isfinite(t).all()):
+            return False
+    return True
+
+
 def choose_qparams(
     min_val: torch.Tensor,
     max_val: torch.Tensor,
@@ -117,7 +140,7 @@ def choose_qparams(
     """
     min_val = torch.as_tensor(min_val, dtype=torch.float32)
     max_val = torch.as_tensor(max_val, dtype=torch.float32)
-    if not (torch.isfinite(min_val).all() and torch.isfinite(max_val).all()):
+    if not all_finite(min_val, max_val):
         raise ValueError(
             "cannot choose qparams from a non-finite range (NaN/Inf seen, or never "
             "observed); check the calibration data for NaN/Inf values"
@@ -206,15 +229,22 @@ def _needs_grad(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
+def _in_range_mask(r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """``1.0`` where rounding ``r`` was not clamped (``r == c``), else ``0.0``, in
+    ``r``'s buffer. A float mask: comparisons with a bool result, and products with
+    one, run several times slower than float arithmetic on CPU."""
+    return r.eq_(c)
+
+
 class _FakeQuantizeSTE(torch.autograd.Function):
-    """Straight-through fake quantization; saves only the in-range mask (one byte each)."""
+    """Straight-through fake quantization; saves only the in-range mask."""
 
     @staticmethod
     def forward(ctx, x, scale, zero_point, qmin, qmax, axis):  # type: ignore[override]
         s, z = _broadcast(scale, x, axis), _zero_shift(zero_point, x, axis)
         r = torch.div(x, s).round_()  # x / s is not needed again: round in place
         c = torch.clamp(r, qmin - z, qmax - z)
-        ctx.save_for_backward(c == r)
+        ctx.save_for_backward(_in_range_mask(r, c))
         return c.mul_(s)
 
     @staticmethod
@@ -304,10 +334,10 @@ class _FakeQuantizeLSQ(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale, zero_point, qmin, qmax, axis, grad_scale):  # type: ignore[override]
         s, v, r, c = _rounded_and_clamped(x, scale, zero_point, qmin, qmax, axis)
-        inside = c == r
+        inside = _in_range_mask(r, c)
         ctx.save_for_backward(v, c, inside, scale)
         ctx.meta = (axis, grad_scale)
-        return torch.mul(c, s, out=r)
+        return c * s
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]

@@ -96,6 +96,16 @@ class _QuantConvBnMixin:
     def _channel_shape(self, dims: int) -> list[int]:
         return [-1] + [1] * (dims - 1)
 
+    @staticmethod
+    def _fold_commutes(wq: nn.Module | None, dims: int) -> bool:
+        """Whether fake-quantizing the folded weight and dividing by the fold factor
+        is fake-quantizing the raw weight: symmetric per-channel (output axis)
+        scales taken from the weight's own range, zero points at 0, and no
+        learned scale (a learned scale is the folded weight's)."""
+        return (type(wq) is FakeQuantizer and wq.from_tensor and not wq.spec.dynamic
+                and wq.spec.symmetric and wq.axis in (0, -dims) and not bool(wq.calibrated)
+                and (wq.qmin + wq.qmax + 1) // 2 == 0)
+
     def float_params(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The conv weight and bias with the batch norm's running statistics folded in."""
         if getattr(self, "bn", None) is None:  # already folded for export
@@ -116,19 +126,30 @@ class _QuantConvBnMixin:
             return self._finish(self._conv_forward(x, weight, bias))
         # Batch statistics still live: quantize the weight folded with the running
         # statistics, then undo the fold and apply batch norm with batch statistics.
-        factor = self._bn_factor()
-        weight = self.weight * factor.reshape(self._channel_shape(self.weight.dim()))
         wq = self.weight_quantizer
-        if isinstance(wq, FakeQuantizer) and bool(wq.fake_quant_enabled):
-            scale, zero_point = wq.qparams(weight)
-            weight = wq.fake_quantize_with(weight, scale, zero_point)
-        y = self._conv_forward(x, weight, None)
-        shape = [1, -1] + [1] * (y.dim() - 2)
-        # Undo the fold. Batch norm with batch statistics is invariant to a per-channel
-        # scale of its input (up to eps), so this path carries no gradient to the
-        # factor worth two extra passes over the activations: detach it, and multiply
-        # by the reciprocal (this is not the deployed arithmetic, only training's).
-        y = y * torch.reciprocal(factor.detach()).reshape(shape)
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        if self._fold_commutes(wq, self.weight.dim()):
+            # Symmetric per-channel scales from the weight's own range scale with the
+            # channel: quantize(w * f) / f == quantize(w) (the folded weight's grid
+            # is the raw weight's grid times f), so the fold and its undoing cancel.
+            # Same values up to float rounding, and the same straight-through
+            # gradients as undoing the fold with a non-detached factor.
+            weight = self.weight
+            if bool(wq.fake_quant_enabled):
+                weight = wq.fake_quantize_with(weight, *wq.qparams(weight))
+            y = self._conv_forward(x, weight, None)
+        else:
+            factor = self._bn_factor()
+            weight = self.weight * factor.reshape(self._channel_shape(self.weight.dim()))
+            if isinstance(wq, FakeQuantizer) and bool(wq.fake_quant_enabled):
+                scale, zero_point = wq.qparams(weight)
+                weight = wq.fake_quantize_with(weight, scale, zero_point)
+            y = self._conv_forward(x, weight, None)
+            # Undo the fold. Batch norm with batch statistics is invariant to a
+            # per-channel scale of its input (up to eps), so this path carries no
+            # gradient to the factor worth two extra passes over the activations:
+            # detach it, and multiply by the reciprocal (training's arithmetic only).
+            y = y * torch.reciprocal(factor.detach()).reshape(shape)
         if self.bias is not None:
             y = y + self.bias.reshape(shape)
         bn = self.bn
