@@ -167,14 +167,25 @@ class Session:
         return getattr(self.session, name)
 
 
+# ONNX Runtime graph rewrites that change what an exported model computes.
+# ``WeightBiasQuantization`` quantizes the float weights of a Conv/Gemm whose input
+# is dequantized and whose output is quantized (a layer kept with float weights in
+# a mixed-precision model) to per-tensor int8 with its own scale: coarser than the
+# per-channel int8 the layer was kept away from (MobileNetV2 depthwise conv: 9-LSB
+# output error instead of 1).
+DISABLED_OPTIMIZERS = ("WeightBiasQuantization",)
+
+
 def create_session(model: str | bytes, threads: int = 2) -> Session:
     """A CPU :class:`Session` on ``model`` (a path or serialized bytes) with
-    :func:`session_options`, leaving the calling thread's float mode as it was."""
+    :func:`session_options`, without the rewrites in :data:`DISABLED_OPTIMIZERS`,
+    leaving the calling thread's float mode as it was."""
     options = session_options(threads)
     before = _flushing_denormals()
     try:
         return Session(ort.InferenceSession(model, sess_options=options,
-                                            providers=["CPUExecutionProvider"]))
+                                            providers=["CPUExecutionProvider"],
+                                            disabled_optimizers=list(DISABLED_OPTIMIZERS)))
     finally:
         _set_flush_denormals(before)
 

@@ -460,3 +460,30 @@ def test_space_to_depth_only_for_strided_convs_on_few_channels(tmp_path, in_chan
     q = quantaware.quantize(_Stem(7, in_channels, stride).eval(), presets.INT8, [x], x[:1])
     path = quantaware.export_onnx(q, tmp_path / "m.onnx", x[:1])
     assert "SpaceToDepth" not in {n.op_type for n in onnx.load(str(path)).graph.node}
+
+
+def test_float_weight_layer_between_quantized_activations_is_deployed_in_float(tmp_path,
+                                                                               caplog):
+    """A layer with float weights and quantized activations (a mixed-precision
+    choice): ONNX Runtime would quantize those weights itself (per-tensor int8);
+    quantaware's sessions do not, so the deployed layer computes in float."""
+    from quantaware.config import LayerOverride
+    from quantaware.export import verify
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(),
+                        nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.ReLU(),
+                        nn.Conv2d(16, 8, 1)).eval()
+    with torch.no_grad():  # very unequal channels: per-tensor int8 would be far off
+        net[2].weight.mul_(torch.logspace(-2, 1, 16).reshape(16, 1, 1, 1))
+    x = torch.randn(16, 3, 12, 12)
+    cfg = presets.INT8.with_overrides(LayerOverride("2", weight=None))
+    q = quantaware.quantize(net, cfg, [x], x[:1])
+    with caplog.at_level("WARNING", logger="quantaware.export.onnx"):
+        path = quantaware.export_onnx(q, tmp_path / "m.onnx", x[:1])
+    assert "keep float weights between quantized activations (2)" in caplog.text
+    meta = {p.key: p.value for p in onnx.load(path).metadata_props}
+    assert meta["quantaware.disabled_optimizers"] == "WeightBiasQuantization"
+    report = verify(path, q, [x])
+    assert report.first_divergent_layer is None
+    assert report.max_error_lsb is not None and report.max_error_lsb <= 1.0

@@ -81,13 +81,13 @@ def apply_choices(config: QuantConfig, choices: dict[str, Choice],
     Example:
         >>> from quantaware import presets
         >>> cfg = apply_choices(presets.INT8, {"fc": "float", "conv": "low"}, presets.W4A8.weight)
-        >>> cfg.resolve("fc") is None, cfg.resolve("conv")[0].bits
+        >>> cfg.resolve("fc")[0] is None, cfg.resolve("conv")[0].bits
         (True, 4)
     """
     rules = []
     for name, choice in sorted(choices.items()):
-        if choice == "float":
-            rules.append(LayerOverride(name, skip=True))
+        if choice == "float":  # float weights; the layer's activations stay quantized
+            rules.append(LayerOverride(name, weight=None))
         elif choice == "low":
             rules.append(LayerOverride(name, weight=low_spec))
     return config.with_overrides(*rules)

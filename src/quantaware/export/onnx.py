@@ -200,6 +200,42 @@ def _attr(node: onnx.NodeProto, name: str, default=None):
     return default
 
 
+def _float_weights_between_qdq(proto: onnx.ModelProto) -> list[str]:
+    """Conv/Gemm nodes with a float32 weight initializer, a per-tensor dequantized
+    input and an unbranched path (through Relu/Clip) to a QuantizeLinear: the
+    layers ONNX Runtime's ``WeightBiasQuantization`` rewrite quantizes itself."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in proto.graph.initializer}
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in proto.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    found = []
+    for node in proto.graph.node:
+        if node.op_type not in ("Conv", "ConvTranspose", "Gemm") or len(node.input) < 2:
+            continue
+        weight = inits.get(node.input[1])
+        if weight is None or weight.data_type != onnx.TensorProto.FLOAT:
+            continue
+        dq = producers.get(node.input[0])
+        if dq is None or dq.op_type != "DequantizeLinear" or len(dq.input) < 2:
+            continue
+        scale = inits.get(dq.input[1])
+        if scale is not None and numpy_helper.to_array(scale).size != 1:
+            continue
+        current = node
+        while len(current.output) == 1 and len(consumers.get(current.output[0], [])) == 1:
+            current = consumers[current.output[0]][0]
+            if current.op_type == "QuantizeLinear":
+                found.append(node.input[1].removesuffix(".weight"))
+                break
+            if current.op_type not in ("Relu", "Clip"):
+                break
+    return found
+
+
 def _space_to_depth_stems(proto: onnx.ModelProto) -> int:
     """Run stride-2 integer convs on few input channels (a CNN's stem: 3x224x224
     into a 7x7 or 3x3 conv) as stride-1 convs on a space-to-depth input.
@@ -396,6 +432,17 @@ def export_onnx(
     proto.producer_name = "quantaware"
     config = getattr(model, "quantaware_config", None)
     meta = {"quantaware.config": config.name if config is not None else "float"}
+    float_between = _float_weights_between_qdq(proto)
+    if float_between:
+        from quantaware.bench import DISABLED_OPTIMIZERS
+
+        meta["quantaware.disabled_optimizers"] = ",".join(DISABLED_OPTIMIZERS)
+        log.warning(
+            "%d layer(s) keep float weights between quantized activations (%s). ONNX "
+            "Runtime's default session quantizes such weights to per-tensor int8 itself; "
+            "quantaware's sessions switch that off, in your own pass "
+            "disabled_optimizers=%s to onnxruntime.InferenceSession",
+            len(float_between), ", ".join(float_between[:3]), list(DISABLED_OPTIMIZERS))
     for key, value in meta.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
