@@ -169,7 +169,10 @@ def search(
     history: list[dict[str, Any]] = []
 
     def score(choices: dict[str, Choice], label: str) -> float:
+        # Activation ranges calibrated with these weights, as the final config's are:
+        # the budget is checked on the model the config reproduces.
         toggle.set(choices)
+        calibrate(qmodel, calib_data)
         value = metric(outputs(qmodel, data), ref_out)
         size = weight_bytes(qmodel, choices, base_bits, low_spec.bits)
         history.append({"variant": label, "score": value, "size_bytes": size})
