@@ -159,6 +159,13 @@ class FakeQuantizer(nn.Module):
                 lo, hi = torch.aminmax(detached)
             else:  # two reductions: several times faster than aminmax(dim=) on CPU
                 lo, hi = detached.amin(dim), detached.amax(dim)
+            if self.spec.symmetric:
+                # choose_qparams' symmetric branch in three ops (weights, every step):
+                # max(-min(lo, 0), max(hi, 0)) == max(-lo, hi) as lo <= hi.
+                amax = torch.maximum(hi, torch.neg(lo))
+                scale = torch.clamp(amax / ((self.qmax - self.qmin) / 2), min=SCALE_EPS)
+                if all_finite(scale):
+                    return scale, self._center_zero_point(scale)
             return choose_qparams(lo, hi, self.qmin, self.qmax, self.spec.symmetric)
         if not bool(self.calibrated):
             raise CalibrationError(
@@ -166,6 +173,16 @@ class FakeQuantizer(nn.Module):
                 "(PTQ) or enable observers for QAT before quantizing"
             )
         return self.scale, self.zero_point
+
+    def _center_zero_point(self, like: torch.Tensor) -> torch.Tensor:
+        """The symmetric zero point, shaped like ``like`` (cached: weights ask every step)."""
+        key = (tuple(like.shape), like.device)
+        cached = self.__dict__.get("_center_zp")
+        if cached is None or cached[0] != key:
+            center = (self.qmin + self.qmax + 1) // 2
+            cached = (key, torch.full(like.shape, center, dtype=torch.int32, device=like.device))
+            self.__dict__["_center_zp"] = cached
+        return cached[1]
 
     def set_smoothing(self, factor: torch.Tensor | None) -> None:
         """Multiply inputs by a per-channel (last axis) ``factor`` before quantizing.
@@ -201,6 +218,9 @@ class FakeQuantizer(nn.Module):
         if self.from_tensor and not self.spec.dynamic and not bool(self.calibrated):
             # Weight qparams come from this very tensor's range (widened at most):
             # nothing is clipped, so the gradient needs no in-range mask.
+            cached = self.__dict__.get("_center_zp")
+            if cached is not None and zero_point is cached[1]:
+                zero_point = (self.qmin + self.qmax + 1) // 2  # a number: no reads
             return fake_quantize(x, scale, zero_point, self.qmin, self.qmax, self.axis,
                                  own_range=True)
         return fake_quantize(x, scale, zero_point, self.qmin, self.qmax, self.axis)

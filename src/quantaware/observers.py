@@ -147,8 +147,8 @@ class MinMaxObserver(Observer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lo, hi = self._batch_min_max(x)
-        self.min_val.copy_(torch.minimum(self.min_val, lo))
-        self.max_val.copy_(torch.maximum(self.max_val, hi))
+        torch.minimum(self.min_val, lo, out=self.min_val)
+        torch.maximum(self.max_val, hi, out=self.max_val)
         return x
 
 

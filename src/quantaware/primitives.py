@@ -215,11 +215,13 @@ def _rounded_and_clamped(x, scale, zero_point, qmin, qmax, axis):
     return s, v, r, torch.clamp(r, qmin - z, qmax - z)
 
 
-def _zero_shift(zero_point: torch.Tensor, x: torch.Tensor,
+def _zero_shift(zero_point: torch.Tensor | int, x: torch.Tensor,
                 axis: int | None) -> float | torch.Tensor:
     """The zero point as clamp bounds want it: a Python number when there is one
     value (symmetric per-channel weights have only zeros), as clamp runs several
     times faster with scalar bounds; else broadcast to ``x``."""
+    if not isinstance(zero_point, torch.Tensor):
+        return float(zero_point)
     if zero_point.dim() == 0 or not bool(zero_point.any()):
         return float(zero_point.reshape(-1)[0]) if zero_point.numel() else 0.0
     return _broadcast(zero_point, x, axis).to(x.dtype)
@@ -256,7 +258,7 @@ class _FakeQuantizeSTE(torch.autograd.Function):
 def fake_quantize(
     x: torch.Tensor,
     scale: torch.Tensor,
-    zero_point: torch.Tensor,
+    zero_point: torch.Tensor | int,
     qmin: int,
     qmax: int,
     axis: int | None = None,
