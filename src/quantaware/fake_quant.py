@@ -165,7 +165,8 @@ class FakeQuantizer(nn.Module):
                 amax = torch.maximum(hi, torch.neg(lo))
                 scale = torch.clamp(amax / ((self.qmax - self.qmin) / 2), min=SCALE_EPS)
                 if all_finite(scale):
-                    return scale, self._center_zero_point(scale)
+                    center = (self.qmin + self.qmax + 1) // 2
+                    return scale, torch.full_like(scale, center, dtype=torch.int32)
             return choose_qparams(lo, hi, self.qmin, self.qmax, self.spec.symmetric)
         if not bool(self.calibrated):
             raise CalibrationError(
@@ -173,16 +174,6 @@ class FakeQuantizer(nn.Module):
                 "(PTQ) or enable observers for QAT before quantizing"
             )
         return self.scale, self.zero_point
-
-    def _center_zero_point(self, like: torch.Tensor) -> torch.Tensor:
-        """The symmetric zero point, shaped like ``like`` (cached: weights ask every step)."""
-        key = (tuple(like.shape), like.device)
-        cached = self.__dict__.get("_center_zp")
-        if cached is None or cached[0] != key:
-            center = (self.qmin + self.qmax + 1) // 2
-            cached = (key, torch.full(like.shape, center, dtype=torch.int32, device=like.device))
-            self.__dict__["_center_zp"] = cached
-        return cached[1]
 
     def set_smoothing(self, factor: torch.Tensor | None) -> None:
         """Multiply inputs by a per-channel (last axis) ``factor`` before quantizing.
@@ -218,9 +209,8 @@ class FakeQuantizer(nn.Module):
         if self.from_tensor and not self.spec.dynamic and not bool(self.calibrated):
             # Weight qparams come from this very tensor's range (widened at most):
             # nothing is clipped, so the gradient needs no in-range mask.
-            cached = self.__dict__.get("_center_zp")
-            if cached is not None and zero_point is cached[1]:
-                zero_point = (self.qmin + self.qmax + 1) // 2  # a number: no reads
+            if self.spec.symmetric:  # the zero point is the centre: pass it as a number
+                zero_point = (self.qmin + self.qmax + 1) // 2
             return fake_quantize(x, scale, zero_point, self.qmin, self.qmax, self.axis,
                                  own_range=True)
         return fake_quantize(x, scale, zero_point, self.qmin, self.qmax, self.axis)
