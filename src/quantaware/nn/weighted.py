@@ -84,8 +84,7 @@ class WeightQuantMixin(QuantMixin):
         w_scale, w_zp, b_scale = self.weight_qparams()
         weight = wq.fake_quantize_with(weight, w_scale, w_zp)
         if b_scale is not None:
-            zeros = torch.zeros_like(b_scale, dtype=torch.int32)
-            bias = fake_quantize(bias, b_scale, zeros, BIAS_QMIN, BIAS_QMAX, 0)
+            bias = fake_quantize(bias, b_scale, 0, BIAS_QMIN, BIAS_QMAX, 0)  # int32, zp 0
         return weight, bias
 
     # -- export ----------------------------------------------------------------
