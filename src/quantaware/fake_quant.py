@@ -159,14 +159,6 @@ class FakeQuantizer(nn.Module):
                 lo, hi = torch.aminmax(detached)
             else:  # two reductions: several times faster than aminmax(dim=) on CPU
                 lo, hi = detached.amin(dim), detached.amax(dim)
-            if self.spec.symmetric:
-                # choose_qparams' symmetric branch in three ops (weights, every step):
-                # max(-min(lo, 0), max(hi, 0)) == max(-lo, hi) as lo <= hi.
-                amax = torch.maximum(hi, torch.neg(lo))
-                scale = torch.clamp(amax / ((self.qmax - self.qmin) / 2), min=SCALE_EPS)
-                if all_finite(scale):
-                    center = (self.qmin + self.qmax + 1) // 2
-                    return scale, torch.full_like(scale, center, dtype=torch.int32)
             return choose_qparams(lo, hi, self.qmin, self.qmax, self.spec.symmetric)
         if not bool(self.calibrated):
             raise CalibrationError(

@@ -145,14 +145,15 @@ def choose_qparams(
             "cannot choose qparams from a non-finite range (NaN/Inf seen, or never "
             "observed); check the calibration data for NaN/Inf values"
         )
-    min_neg = torch.clamp(min_val, max=0.0)
-    max_pos = torch.clamp(max_val, min=0.0)
     if symmetric:
-        amax = torch.maximum(-min_neg, max_pos)
-        scale = amax / ((qmax - qmin) / 2)
-        scale = torch.clamp(scale, min=SCALE_EPS)
+        # max(-min(lo, 0), max(hi, 0)) without the clamps: the two differ only where
+        # both are negative, which the floor at SCALE_EPS maps to the same scale.
+        amax = torch.maximum(max_val, torch.neg(min_val))
+        scale = torch.clamp(amax / ((qmax - qmin) / 2), min=SCALE_EPS)
         zero_point = torch.full_like(scale, (qmin + qmax + 1) // 2, dtype=torch.int32)
     else:
+        min_neg = torch.clamp(min_val, max=0.0)
+        max_pos = torch.clamp(max_val, min=0.0)
         scale = torch.clamp((max_pos - min_neg) / float(qmax - qmin), min=SCALE_EPS)
         zero_point = qmin - torch.round(min_neg / scale)
         zero_point = torch.clamp(zero_point, qmin, qmax).to(torch.int32)
