@@ -75,6 +75,22 @@ def test_observe_and_quantize_updates_qparams_every_call():
     assert torch.equal(y1, fake_quantize(torch.tensor([0.0, 1.0]), s1, fq.zero_point, 0, 255))
 
 
+
+@pytest.mark.parametrize("observer", ["minmax", "moving_average"])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_observe_and_quantize_stores_the_observers_qparams_exactly(observer, symmetric):
+    spec = QuantSpec(bits=8, signed=symmetric, symmetric=symmetric, observer=observer)
+    fq = FakeQuantizer(spec)
+    fq.observe_and_quantize()
+    gen = torch.Generator().manual_seed(0)
+    for step in range(20):
+        x = (torch.randn(64, 8, generator=gen) * 3 + 1).requires_grad_()
+        y = fq(x)
+        scale, zero_point = fq.observer.calculate_qparams()
+        assert torch.equal(fq.scale, scale) and torch.equal(fq.zero_point, zero_point), step
+        assert fq.zero_point.dtype == torch.int32 and fq.scale.dtype == torch.float32
+        assert torch.equal(y, fake_quantize(x.detach(), scale, zero_point, fq.qmin, fq.qmax))
+
 def test_disable_passes_through():
     fq = _calibrated()
     fq.disable()

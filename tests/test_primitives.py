@@ -15,12 +15,14 @@ from onnx import TensorProto, helper
 from quantaware.primitives import (
     SCALE_EPS,
     choose_qparams,
+    choose_qparams_scalar,
     dequantize,
     fake_quantize,
     fake_quantize_lsq,
     quant_range,
     quantize,
     storage_dtype,
+    symmetric_scale,
 )
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -373,6 +375,41 @@ def test_choose_qparams_rejects_one_non_finite_channel():
     with pytest.raises(ValueError, match="non-finite"):
         choose_qparams(lo, hi, -128, 127, symmetric=True)
 
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize(("qmin", "qmax"), [(0, 255), (-128, 127), (-127, 127), (-8, 7),
+                                            (0, 3), (-1, 1), (-32768, 32767)])
+def test_choose_qparams_scalar_is_bitwise_choose_qparams(symmetric, qmin, qmax):
+    # Ranges over 24 decades, zero-width and all-zero ones, with the float32 results
+    # of the tensor version as the reference: scale bits and zero point must match.
+    gen = torch.Generator().manual_seed(qmax - qmin + symmetric)
+    n = 4000
+    lo = torch.randn(n, generator=gen) * torch.exp(torch.randn(n, generator=gen) * 6)
+    hi = lo + torch.rand(n, generator=gen) * torch.exp(torch.randn(n, generator=gen) * 6)
+    lo[:50], hi[50:100], hi[100:150] = 0.0, 0.0, lo[100:150]
+    lo[150:200], hi[150:200] = 1e-30, 3e-30
+    scale, zero_point = choose_qparams(lo, hi, qmin, qmax, symmetric)
+    got = [choose_qparams_scalar(a, b, qmin, qmax, symmetric)
+           for a, b in zip(lo.tolist(), hi.tolist(), strict=True)]
+    assert [s for s, _ in got] == scale.tolist()
+    assert [z for _, z in got] == zero_point.tolist()
+
+
+@pytest.mark.parametrize(("lo", "hi"), [(float("nan"), 1.0), (0.0, float("inf"))])
+def test_choose_qparams_scalar_rejects_non_finite_ranges(lo, hi):
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        choose_qparams_scalar(lo, hi, 0, 255, symmetric=False)
+
+
+@pytest.mark.parametrize(("qmin", "qmax"), [(-127, 127), (-128, 127), (-8, 7)])
+def test_symmetric_scale_is_choose_qparams_scale(qmin, qmax):
+    w = torch.randn(16, 40) * torch.logspace(-6, 3, 16).unsqueeze(1)
+    w[3] = 0.0
+    expected, _ = choose_qparams(w.amin(1), w.amax(1), qmin, qmax, symmetric=True)
+    assert torch.equal(symmetric_scale(w.abs().amax(1), qmin, qmax), expected)
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        symmetric_scale(torch.tensor([1.0, float("nan")]), qmin, qmax)
 
 # -- quant_range / storage_dtype -------------------------------------------------------
 

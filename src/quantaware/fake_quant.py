@@ -41,14 +41,16 @@ import torch
 from torch import nn
 
 from quantaware.config import FloatSpec, PerChannel, QuantSpec
-from quantaware.observers import CalibrationError, make_observer
+from quantaware.observers import CalibrationError, Observer, make_observer
 from quantaware.primitives import (
     SCALE_EPS,
     all_finite,
     choose_qparams,
+    choose_qparams_scalar,
     fake_quantize,
     fake_quantize_lsq,
     lsq_grad_scale,
+    symmetric_scale,
 )
 
 __all__ = ["FakeQuantizer", "Float16Quantizer", "LearnableFakeQuantizer", "make_quantizer"]
@@ -150,22 +152,36 @@ class FakeQuantizer(nn.Module):
         if self.from_tensor and not bool(self.calibrated):
             if x is None:
                 raise ValueError("this quantizer derives qparams from its input; pass x")
-            detached = x.detach()
-            dim = None
-            if self.axis is not None:
-                axis = self.axis % x.dim()
-                detached, dim = detached.transpose(0, axis).reshape(x.shape[axis], -1), 1
-            if dim is None:
-                lo, hi = torch.aminmax(detached)
-            else:  # two reductions: several times faster than aminmax(dim=) on CPU
-                lo, hi = detached.amin(dim), detached.amax(dim)
-            return choose_qparams(lo, hi, self.qmin, self.qmax, self.spec.symmetric)
+            scale, zero_point = self._own_qparams(x)
+            if isinstance(zero_point, int):
+                zero_point = torch.full_like(scale, zero_point, dtype=torch.int32)
+            return scale, zero_point
         if not bool(self.calibrated):
             raise CalibrationError(
                 "quantizer used before calibration: run quantaware.calibrate(model, data) "
                 "(PTQ) or enable observers for QAT before quantizing"
             )
         return self.scale, self.zero_point
+
+    def _own_qparams(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | int]:
+        """Qparams from ``x``'s own range; a symmetric zero point (the centre of the
+        integer range, the same for every channel) as a Python int."""
+        detached = x.detach()
+        dim = None
+        if self.axis is not None:
+            axis = self.axis % x.dim()
+            if axis:
+                detached = detached.transpose(0, axis)
+            detached, dim = detached.reshape(x.shape[axis], -1), 1
+        if self.spec.symmetric:  # the range is the largest magnitude: one reduction
+            absmax = detached.abs().amax() if dim is None else detached.abs().amax(dim)
+            return symmetric_scale(absmax, self.qmin, self.qmax), (
+                self.qmin + self.qmax + 1) // 2
+        if dim is None:
+            lo, hi = torch.aminmax(detached)
+        else:  # two reductions: several times faster than aminmax(dim=) on CPU
+            lo, hi = detached.amin(dim), detached.amax(dim)
+        return choose_qparams(lo, hi, self.qmin, self.qmax, self.spec.symmetric)
 
     def set_smoothing(self, factor: torch.Tensor | None) -> None:
         """Multiply inputs by a per-channel (last axis) ``factor`` before quantizing.
@@ -188,12 +204,33 @@ class FakeQuantizer(nn.Module):
         if self.observer is not None and bool(self.observer_enabled):
             self.observer(x)
             if quantizing:  # QAT: qparams follow the statistics every step
-                self._store_qparams(*self.observer.calculate_qparams())
-                return self.fake_quantize_with(x, self.scale, self.zero_point)
+                return self.fake_quantize_with(x, self.scale, self._follow_observer())
         if not quantizing:
             return x
+        if self.from_tensor and not self.spec.dynamic and not bool(self.calibrated):
+            # Weights: qparams from this very tensor's range (widened at most), so
+            # nothing is clipped and the gradient needs no in-range mask.
+            scale, zero_point = self._own_qparams(x)
+            return fake_quantize(x, scale, zero_point, self.qmin, self.qmax, self.axis,
+                                 own_range=True)
         scale, zero_point = self.qparams(x)
         return self.fake_quantize_with(x, scale, zero_point)
+
+    def _follow_observer(self) -> torch.Tensor | int:
+        """Store the observer's current qparams; return the zero point to quantize with."""
+        observer = self.observer
+        if self.axis is None and type(observer).calculate_qparams is Observer.calculate_qparams:
+            # One min-max range: the same qparams in Python numbers, two buffer fills
+            # instead of a dozen tensor ops on single values.
+            scale, zero_point = choose_qparams_scalar(
+                float(observer.min_val), float(observer.max_val), self.qmin, self.qmax,
+                self.spec.symmetric)
+            self.scale.fill_(scale)
+            self.zero_point.fill_(zero_point)
+            self.calibrated.fill_(1)
+            return zero_point
+        self._store_qparams(*observer.calculate_qparams())
+        return self.zero_point
 
     def fake_quantize_with(self, x: torch.Tensor, scale: torch.Tensor,
                            zero_point: torch.Tensor) -> torch.Tensor:

@@ -32,12 +32,14 @@ Example:
 from __future__ import annotations
 
 import math
+import struct
 
 import torch
 
 __all__ = [
     "all_finite",
     "choose_qparams",
+    "choose_qparams_scalar",
     "dequantize",
     "fake_quantize",
     "fake_quantize_lsq",
@@ -45,6 +47,7 @@ __all__ = [
     "quant_range",
     "quantize",
     "storage_dtype",
+    "symmetric_scale",
 ]
 
 # Smallest scale ever produced: keeps scales finite and non-zero for constant or
@@ -141,23 +144,80 @@ def choose_qparams(
     min_val = torch.as_tensor(min_val, dtype=torch.float32)
     max_val = torch.as_tensor(max_val, dtype=torch.float32)
     if not all_finite(min_val, max_val):
-        raise ValueError(
-            "cannot choose qparams from a non-finite range (NaN/Inf seen, or never "
-            "observed); check the calibration data for NaN/Inf values"
-        )
+        raise ValueError(_NON_FINITE_RANGE)
     if symmetric:
         # max(-min(lo, 0), max(hi, 0)) without the clamps: the two differ only where
         # both are negative, which the floor at SCALE_EPS maps to the same scale.
-        amax = torch.maximum(max_val, torch.neg(min_val))
-        scale = torch.clamp(amax / ((qmax - qmin) / 2), min=SCALE_EPS)
-        zero_point = torch.full_like(scale, (qmin + qmax + 1) // 2, dtype=torch.int32)
-    else:
-        min_neg = torch.clamp(min_val, max=0.0)
-        max_pos = torch.clamp(max_val, min=0.0)
-        scale = torch.clamp((max_pos - min_neg) / float(qmax - qmin), min=SCALE_EPS)
-        zero_point = qmin - torch.round(min_neg / scale)
-        zero_point = torch.clamp(zero_point, qmin, qmax).to(torch.int32)
+        scale = _symmetric_scale(torch.maximum(max_val, torch.neg(min_val)), qmin, qmax)
+        return scale, torch.full_like(scale, (qmin + qmax + 1) // 2, dtype=torch.int32)
+    min_neg = torch.clamp(min_val, max=0.0)
+    max_pos = torch.clamp(max_val, min=0.0)
+    scale = torch.clamp((max_pos - min_neg) / float(qmax - qmin), min=SCALE_EPS)
+    zero_point = qmin - torch.round(min_neg / scale)
+    zero_point = torch.clamp(zero_point, qmin, qmax).to(torch.int32)
     return scale.to(torch.float32), zero_point
+
+
+_FLOAT32 = struct.Struct("f")
+
+
+def _f32(value: float) -> float:
+    """``value`` rounded to the nearest float32 (as a Python float)."""
+    return _FLOAT32.unpack(_FLOAT32.pack(value))[0]
+
+
+def choose_qparams_scalar(min_val: float, max_val: float, qmin: int, qmax: int,
+                          symmetric: bool) -> tuple[float, int]:
+    """:func:`choose_qparams` for one range given as Python numbers: the same
+    float32 scale, bit for bit, without a tensor op.
+
+    Per-tensor quantizers re-derive their qparams at every QAT step; on a CPU
+    each of the dozen tensor ops on one value costs more than the arithmetic.
+    Each float32 operation here is done in double and rounded to float32, which
+    gives the correctly rounded float32 result for ``+ - * /`` (double carries
+    more than twice float32's precision).
+
+    Example:
+        >>> choose_qparams_scalar(0.0, 2.55, 0, 255, False)
+        (0.009999999776482582, 0)
+    """
+    if not (math.isfinite(min_val) and math.isfinite(max_val)):
+        raise ValueError(_NON_FINITE_RANGE)
+    lo, hi = _f32(min_val), _f32(max_val)
+    if symmetric:
+        scale = max(_f32(max(hi, -lo) / ((qmax - qmin) / 2)), SCALE_EPS)
+        return scale, (qmin + qmax + 1) // 2
+    min_neg, max_pos = min(lo, 0.0), max(hi, 0.0)
+    scale = max(_f32(_f32(max_pos - min_neg) / float(qmax - qmin)), SCALE_EPS)
+    zero_point = qmin - round(_f32(min_neg / scale))
+    return scale, int(min(max(zero_point, qmin), qmax))
+
+
+_NON_FINITE_RANGE = (
+    "cannot choose qparams from a non-finite range (NaN/Inf seen, or never observed); "
+    "check the calibration data for NaN/Inf values"
+)
+
+
+def symmetric_scale(absmax: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """The symmetric scale for the largest magnitude ``max(|x|)`` (per tensor or channel).
+
+    Equal to the scale of ``choose_qparams(min(x), max(x), qmin, qmax,
+    symmetric=True)`` with one reduction over ``x`` instead of two; the zero
+    point is the centre of the range, ``(qmin + qmax + 1) // 2``.
+
+    Example:
+        >>> symmetric_scale(torch.tensor([1.27, 0.0]), -127, 127).tolist()
+        [0.009999999776482582, 1.1920928955078125e-07]
+    """
+    absmax = torch.as_tensor(absmax, dtype=torch.float32)
+    if not all_finite(absmax):
+        raise ValueError(_NON_FINITE_RANGE)
+    return _symmetric_scale(absmax, qmin, qmax)
+
+
+def _symmetric_scale(absmax: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    return torch.clamp(absmax / ((qmax - qmin) / 2), min=SCALE_EPS).to(torch.float32)
 
 
 def quantize(
@@ -221,10 +281,10 @@ def _zero_shift(zero_point: torch.Tensor | int, x: torch.Tensor,
     """The zero point as clamp bounds want it: a Python number when there is one
     value (symmetric per-channel weights have only zeros), as clamp runs several
     times faster with scalar bounds; else broadcast to ``x``."""
-    if not isinstance(zero_point, torch.Tensor):
+    if not isinstance(zero_point, torch.Tensor) or zero_point.dim() == 0:
         return float(zero_point)
-    if zero_point.dim() == 0 or not bool(zero_point.any()):
-        return float(zero_point.reshape(-1)[0]) if zero_point.numel() else 0.0
+    if not bool(zero_point.any()):
+        return 0.0
     return _broadcast(zero_point, x, axis).to(x.dtype)
 
 
@@ -281,7 +341,8 @@ def fake_quantize(
         >>> y.sum().backward(); y.detach(), x.grad
         (tensor([0.0000, 0.5000, 0.5000]), tensor([1., 0., 0.]))
     """
-    scale = scale.to(x.dtype)
+    if scale.dtype != x.dtype:
+        scale = scale.to(x.dtype)
     if not _needs_grad(x):
         return _fake_quantize_in_place(x, scale, zero_point, qmin, qmax, axis)
     function = _FakeQuantizeInRange if own_range else _FakeQuantizeSTE

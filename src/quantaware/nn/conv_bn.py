@@ -134,10 +134,7 @@ class _QuantConvBnMixin:
             # is the raw weight's grid times f), so the fold and its undoing cancel.
             # Same values up to float rounding, and the same straight-through
             # gradients as undoing the fold with a non-detached factor.
-            weight = self.weight
-            if bool(wq.fake_quant_enabled):
-                weight = wq.fake_quantize_with(weight, *wq.qparams(weight))
-            y = self._conv_forward(x, weight, None)
+            y = self._conv_forward(x, wq(self.weight), None)
         else:
             factor = self._bn_factor()
             weight = self.weight * factor.reshape(self._channel_shape(self.weight.dim()))
