@@ -62,7 +62,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             "containers (a pickle that could run code on load). Only quantaware checkpoints "
             f"are accepted; delete the file or resume from another one. Detail: {exc}"
         ) from exc
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError,
+            IndexError, TypeError, AttributeError) as exc:  # what torch.load raises on junk
         raise CheckpointError(
             f"checkpoint {path} is truncated or corrupt ({type(exc).__name__}: "
             f"{str(exc)[:200]}); delete it to resume from the previous epoch's checkpoint"

@@ -16,7 +16,8 @@ from collections.abc import Sequence
 __all__ = ["COMMANDS", "build_parser", "main"]
 
 # Command modules, in the order `quantaware --help` lists them.
-COMMANDS = ("demo", "presets", "qat", "verify", "bench", "report")
+COMMANDS = ("demo", "presets", "quantize", "evaluate", "export", "qat", "verify", "bench",
+            "report")
 
 DESCRIPTION = """\
 quantaware: quantize PyTorch models (PTQ, QAT) and deploy INT8 ONNX that

@@ -1,0 +1,104 @@
+"""Options shared by the commands that take a model and data (quantize, evaluate, export)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from quantaware.cli import UsageError
+
+MODEL_HELP = ("MODULE:FUNCTION or path/to/file.py:FUNCTION returning an nn.Module, a Hugging "
+              "Face model folder (config.json, model.safetensors, tokenizer.json), or an "
+              ".onnx file")
+DATA_HELP = ("digits, mnist1d, an image folder (class subfolders = labelled; images only = "
+             "unlabelled), a .txt file with one sentence per line, or MODULE:FUNCTION "
+             "returning an iterable of batches")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    parser.add_argument("--model", required=required, metavar="MODEL", help=MODEL_HELP)
+    parser.add_argument("--weights", metavar="FILE",
+                        help="state dict for a MODULE:FUNCTION model (.pt/.pth read with "
+                        "torch.load(weights_only=True), or .safetensors)")
+
+
+def add_image_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--size", type=int, default=224,
+                        help="image folders: side of the square model input (default 224)")
+    parser.add_argument("--resize", type=int, default=None,
+                        help="image folders: shorter side before the centre crop "
+                        "(default size*8/7, 256 for 224)")
+    parser.add_argument("--labels", metavar="FILE",
+                        help="labelled image folders: the model's class names, one per line "
+                        "in output order; class folders are matched by name (default: "
+                        "folders named by integers are those class indices, others are "
+                        "numbered in sorted order)")
+    parser.add_argument("--batch-size", type=int, default=16,
+                        help="samples per batch (default: %(default)s)")
+
+
+def positive(name: str, value: int | None) -> None:
+    if value is not None and (isinstance(value, bool) or value < 1):
+        raise UsageError(f"{name} must be a positive integer, got {value}")
+
+
+def load_model(args: argparse.Namespace) -> Any:
+    from quantaware.sources import SourceError, load_model
+
+    try:
+        return load_model(args.model, args.weights)
+    except SourceError as exc:
+        raise UsageError(str(exc)) from exc
+
+
+def load_data(args: argparse.Namespace, spec: str, model: Any, split: str,
+              limit: int | None) -> Any:
+    from quantaware.image_folder import ImageFolderError
+    from quantaware.sources import SourceError, load_data, read_labels
+
+    positive("--batch-size", args.batch_size)
+    positive("--size", args.size)
+    positive("--resize", args.resize)
+    try:
+        names = read_labels(args.labels) if getattr(args, "labels", None) else None
+        return load_data(spec, model, split=split, batch_size=args.batch_size, limit=limit,
+                         size=args.size, resize=args.resize, class_names=names)
+    except (SourceError, ImageFolderError) as exc:
+        raise UsageError(str(exc)) from exc
+
+
+def console() -> Any:
+    from rich.console import Console
+
+    return Console(width=None if sys.stdout.isatty() else 110)
+
+
+@contextmanager
+def status(con: Any, first: str) -> Iterator[Callable[[str], None]]:
+    """A spinner with the current step (printed as lines when not on a terminal)."""
+    if con.is_terminal:
+        with con.status(first) as spinner:
+            yield lambda msg: spinner.update(msg)
+    else:
+        print(first, file=sys.stderr)
+        yield lambda msg: print(msg, file=sys.stderr)
+
+
+def print_table(con: Any, title: str, rows: list[list[str]]) -> None:
+    from rich.table import Table
+
+    table = Table(title=title)
+    for i, head in enumerate(rows[0]):
+        table.add_column(head, justify="left" if i == 0 else "right")
+    for row in rows[1:]:
+        table.add_row(*row)
+    con.print(table)
+
+
+def write_json(payload: Any, path: str) -> str:
+    from quantaware.deploy_bench import write_json as write
+
+    return str(write(payload, path))

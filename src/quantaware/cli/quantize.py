@@ -1,0 +1,80 @@
+"""``quantaware quantize``: your model + calibration data -> INT8 ONNX, results JSON, report."""
+
+from __future__ import annotations
+
+import argparse
+
+from quantaware.cli import _sources as common
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "quantize", help="PTQ of your model on your data: INT8 ONNX + results JSON (+ report)",
+        description="Calibrate MODEL on --data (post-training quantization with the measured "
+        "default config for CNNs or transformers, or --preset / --method), export the float "
+        "and the INT8 model to ONNX, compare them in ONNX Runtime on --eval-data (accuracy "
+        "on labelled data, top-1 agreement, cosine, size, latency), verify the INT8 file "
+        "against the torch model, and write OUT/results.json (and OUT/report.html with "
+        "--report). Files: OUT/model-fp32.onnx, OUT/model-int8.onnx, OUT/model-int8.pt.",
+    )
+    common.add_model_arguments(parser)
+    parser.add_argument("--data", required=True, metavar="DATA",
+                        help="calibration data: " + common.DATA_HELP)
+    parser.add_argument("--eval-data", metavar="DATA",
+                        help="evaluation data (default: --data, test split for built-ins)")
+    parser.add_argument("--num-calib", type=int, default=256,
+                        help="calibration samples (default: %(default)s)")
+    parser.add_argument("--num-eval", type=int, default=None,
+                        help="evaluation samples (default: all)")
+    parser.add_argument("--preset", help="a preset name (quantaware presets) instead of the "
+                        "measured default")
+    parser.add_argument("--method", help="activation range method: minmax, moving_average, "
+                        "percentile, mse or entropy")
+    common.add_image_arguments(parser)
+    parser.add_argument("--out", default="quantaware-out", metavar="DIR",
+                        help="output folder (default: %(default)s)")
+    parser.add_argument("--report", action="store_true", help="also write OUT/report.html")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="skip the torch vs ONNX Runtime check of the INT8 file")
+    parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads")
+    parser.add_argument("--json", metavar="FILE", help="also write the results to FILE")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from quantaware.cli import UsageError
+    from quantaware.sources import SourceError
+    from quantaware.workflow import CALIBRATION_METHODS, comparison_table, run_quantize
+
+    for name in ("num_calib", "num_eval", "threads"):
+        common.positive("--" + name.replace("_", "-"), getattr(args, name))
+    if args.method is not None and args.method not in CALIBRATION_METHODS:
+        raise UsageError(f"unknown --method {args.method!r}; choose one of "
+                         f"{', '.join(CALIBRATION_METHODS)}")
+    con = common.console()
+    with common.status(con, f"loading {args.model}") as say:
+        model = common.load_model(args)
+        calib = common.load_data(args, args.data, model, "train", args.num_calib)
+        evaluate = common.load_data(args, args.eval_data or args.data, model, "test",
+                                    args.num_eval)
+        try:
+            results = run_quantize(model, calib, args.out, evaluate=evaluate,
+                                   preset=args.preset, method=args.method,
+                                   report=args.report, verify=not args.no_verify,
+                                   threads=args.threads, progress=say)
+        except SourceError as exc:
+            raise UsageError(str(exc)) from exc
+    comparison = results["evaluation"]
+    common.print_table(con, f"{model.name}: {results['config']['name']} on "
+                       f"{comparison['samples']} samples of {comparison['data']}",
+                       comparison_table(comparison))
+    verify = results.get("verify")
+    if verify is not None:
+        con.print(f"verify: ONNX Runtime vs torch top-1 {100 * verify['top1_agreement']:.2f}%, "
+                  f"max error {verify['max_error_lsb']} LSB -> "
+                  f"{'PASS' if verify['passed'] else 'CHECK'}")
+    for kind, path in results["files"].items():
+        con.print(f"{kind}: {path}")
+    if args.json:
+        con.print(f"results written to {common.write_json(results, args.json)}")
+    return 0 if verify is None or verify["passed"] else 1

@@ -1,0 +1,379 @@
+"""Your own model, end to end: PTQ to an INT8 ONNX file, float vs INT8 evaluation.
+
+What ``quantaware quantize``, ``evaluate`` and ``export`` run (and the pipeline
+file's steps): :func:`quantize_model` calibrates with the measured defaults of
+:mod:`quantaware.deploy` (or a preset and a calibration method);
+:func:`export_model` writes the ONNX files; :func:`compare_onnx` runs a float
+and a quantized ONNX file side by side in ONNX Runtime on the same batches
+(accuracy on labelled data, top-1 agreement and output cosine, file size,
+latency at batch 1 and at the data's batch size); :func:`run_quantize` does all
+of it and writes ``results.json`` (and a report) atomically.
+
+Example:
+    >>> import tempfile
+    >>> from quantaware.sources import load_data, load_model
+    >>> model = load_model("quantaware.models:DigitsCNN")
+    >>> calib = load_data("digits", model, split="train", limit=64)
+    >>> results = run_quantize(model, calib, tempfile.mkdtemp(), latency_runs=2)
+    >>> sorted(results["files"])
+    ['float_onnx', 'int8_onnx', 'quantized_checkpoint', 'results']
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from quantaware.config import QuantConfig
+from quantaware.sources import DataSource, LoadedModel, SourceError
+
+__all__ = ["CALIBRATION_METHODS", "QUANTIZED_FORMAT", "compare_onnx", "export_model",
+           "load_quantized", "quantize_model", "run_quantize"]
+
+log = logging.getLogger(__name__)
+
+CALIBRATION_METHODS = ("minmax", "moving_average", "percentile", "mse", "entropy")
+QUANTIZED_FORMAT = "quantaware-quantized-v1"
+
+Progress = Callable[[str], None]
+
+
+def _args(example: Any) -> tuple:
+    if isinstance(example, dict):
+        return tuple(example.values())
+    return example if isinstance(example, tuple) else (example,)
+
+
+def choose_config(module: nn.Module, preset: str | None = None,
+                  method: str | None = None) -> QuantConfig:
+    """The preset named ``preset`` (default: the measured default for ``module``),
+    with activation ranges from ``method`` if given.
+
+    Example:
+        >>> choose_config(torch.nn.Conv2d(3, 4, 3), "INT8", "mse").activation.observer
+        'mse'
+    """
+    from quantaware import presets
+    from quantaware.deploy import default_config
+
+    try:
+        config = presets.get(preset) if preset else default_config(module)
+    except KeyError as exc:
+        raise SourceError(str(exc.args[0] if exc.args else exc)) from exc
+    if method is not None:
+        if method not in CALIBRATION_METHODS:
+            raise SourceError(f"unknown calibration method {method!r}; choose one of "
+                              f"{', '.join(CALIBRATION_METHODS)}")
+        activation = config.activation
+        if activation is None or not hasattr(activation, "observer"):
+            raise SourceError(f"preset {config.name} quantizes no activations; a calibration "
+                              "method does not apply")
+        config = dataclasses.replace(config, activation=dataclasses.replace(
+            activation, observer=method))
+    return config
+
+
+def _check_runs(module: nn.Module, data: DataSource) -> None:
+    """Run the float model on one sample first, so a shape mismatch is reported as such."""
+    example = data.example
+    try:
+        with torch.no_grad():
+            module(*_args(example))
+    except Exception as exc:
+        shapes = ({k: tuple(v.shape) for k, v in example.items()} if isinstance(example, dict)
+                  else tuple(example.shape))
+        raise SourceError(
+            f"the model fails on the data from {data.name} (one sample of shape {shapes}): "
+            f"{type(exc).__name__}: {exc}. Check the model's expected input or the "
+            "preprocessing (--size)") from exc
+
+
+def quantize_model(model: LoadedModel, calib: DataSource, preset: str | None = None,
+                   method: str | None = None) -> tuple[nn.Module, QuantConfig]:
+    """PTQ of a model source on calibration data: ``(quantized model, config used)``.
+
+    Example:
+        >>> from quantaware.sources import load_data, load_model
+        >>> m = load_model("quantaware.models:DigitsCNN")
+        >>> q, config = quantize_model(m, load_data("digits", m, limit=32))
+        >>> config.name
+        'INT8_CNN'
+    """
+    from quantaware.deploy import quantize_for_backend
+
+    module = model.require_torch("quantization")
+    _check_runs(module, calib)
+    config = choose_config(module, preset, method)
+    with torch.no_grad():
+        quantized = quantize_for_backend(module, calib.inputs, calib.example, config=config)
+    return quantized, getattr(quantized, "quantaware_config", config)
+
+
+def export_model(module: nn.Module, path: str | Path, example: Any) -> Path:
+    """Export a float or quantized model to ONNX (atomically)."""
+    from quantaware.export.onnx import export_onnx
+
+    return export_onnx(module, path, _args(example))
+
+
+def save_quantized(path: str | Path, quantized: nn.Module, config: QuantConfig,
+                   model_spec: str) -> Path:
+    """Write the quantized model's state (quantizer state included) and config."""
+    from quantaware.checkpoint import save_checkpoint
+
+    return save_checkpoint(path, {"format": QUANTIZED_FORMAT, "model": model_spec,
+                                  "config": config.to_dict(),
+                                  "state_dict": quantized.state_dict()})
+
+
+def load_quantized(path: str | Path, model: LoadedModel, example: Any) -> nn.Module:
+    """Rebuild the quantized model that :func:`save_quantized` wrote, for ``model``.
+
+    The checkpoint is read safely (no code runs); its keys must fit ``model``.
+    """
+    from quantaware.checkpoint import load_checkpoint
+    from quantaware.prepare import prepare
+
+    payload = load_checkpoint(path)
+    if payload.get("format") != QUANTIZED_FORMAT:
+        raise SourceError(f"{path} is not a quantized model written by `quantaware quantize` "
+                          f"(format {payload.get('format')!r})")
+    config = QuantConfig.from_dict(payload["config"])
+    prepared = prepare(model.require_torch("loading a quantized checkpoint"), config,
+                       _args(example))
+    state = payload["state_dict"]
+    modules = dict(prepared.named_modules())
+    for key, value in state.items():  # SmoothQuant factors are buffers added after prepare
+        owner, _, name = key.rpartition(".")
+        if name == "smoothing" and owner in modules and hasattr(modules[owner], "set_smoothing"):
+            modules[owner].set_smoothing(value)
+    own = prepared.state_dict()
+    wrong = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+             for k, v in state.items() if k in own and own[k].shape != v.shape]
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected or wrong:
+        raise SourceError(f"{path} does not fit model {model.name}: missing {missing[:5]}, "
+                          f"unexpected {unexpected[:5]}, shape mismatch {wrong[:3]}")
+    prepared.load_state_dict(state)
+    return prepared.eval()
+
+
+# -- evaluation in ONNX Runtime ------------------------------------------------------
+
+
+def _feed(session: Any, inputs: Any) -> dict[str, np.ndarray]:
+    names = [i.name for i in session.get_inputs()]
+    types = {i.name: i.type for i in session.get_inputs()}
+    if isinstance(inputs, dict):
+        if set(inputs) != set(names):
+            if len(inputs) != len(names):
+                raise SourceError(f"the ONNX model takes inputs {names}; the data gives "
+                                  f"{sorted(inputs)}")
+            inputs = dict(zip(names, inputs.values(), strict=True))
+        values = inputs
+    else:
+        if len(names) != 1:
+            raise SourceError(f"the ONNX model takes {len(names)} inputs {names}; the data "
+                              "gives one tensor per batch")
+        values = {names[0]: inputs}
+    feed = {}
+    for name in names:
+        array = np.ascontiguousarray(values[name].detach().cpu().numpy()
+                                     if isinstance(values[name], torch.Tensor) else values[name])
+        feed[name] = array.astype(np.int64 if "int64" in types[name] else np.float32,
+                                  copy=False)
+    return feed
+
+
+def _outputs(session: Any, batches: list[Any]) -> np.ndarray:
+    out = []
+    for inputs in batches:
+        try:
+            out.append(session.run(None, _feed(session, inputs))[0])
+        except SourceError:
+            raise
+        except Exception as exc:  # onnxruntime raises its own types
+            raise SourceError(f"ONNX Runtime cannot run the model on this data: {exc}") from exc
+    return np.concatenate([o.reshape(o.shape[0], -1) for o in out])
+
+
+def _latency_ms(session: Any, feed: dict[str, np.ndarray], runs: int) -> float:
+    for _ in range(max(2, runs // 5)):
+        session.run(None, feed)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter_ns()
+        session.run(None, feed)
+        times.append(time.perf_counter_ns() - start)
+    return float(np.median(times)) / 1e6
+
+
+def _one(inputs: Any) -> Any:
+    return {k: v[:1] for k, v in inputs.items()} if isinstance(inputs, dict) else inputs[:1]
+
+
+def compare_onnx(float_path: str | Path, quantized_path: str | Path, data: DataSource,
+                 threads: int = 2, latency_runs: int = 30,
+                 progress: Progress | None = None,
+                 names: tuple[str, str] = ("FP32", "INT8")) -> dict[str, Any]:
+    """Float vs quantized ONNX files on the same batches, measured in one run.
+
+    ``names`` label the two rows. Returns a dict with a row per model (``accuracy`` on
+    labelled data, ``size_bytes``,
+    ``latency_ms_batch1``, ``latency_ms_batch``) and the quantized model's
+    ``top1_agreement`` and mean output ``cosine`` against the float model.
+
+    Example:
+        >>> import tempfile, os
+        >>> from quantaware.sources import load_data, load_model
+        >>> m = load_model("quantaware.models:DigitsCNN")
+        >>> d = load_data("digits", m, limit=32)
+        >>> q, _ = quantize_model(m, d)
+        >>> out = tempfile.mkdtemp()
+        >>> f = export_model(m.module, os.path.join(out, "f.onnx"), d.example)
+        >>> i = export_model(q, os.path.join(out, "q.onnx"), d.example)
+        >>> row = compare_onnx(f, i, d, latency_runs=2)["models"][1]
+        >>> 0.0 <= row["top1_agreement"] <= 100.0 and row["size_ratio"] < 0.5
+        True
+    """
+    from quantaware.bench import create_session, file_size
+
+    batches = data.inputs
+    labels = data.labels.numpy() if data.labeled else None
+    rows, outputs = [], []
+    for label, path in zip(names, (Path(float_path), Path(quantized_path)), strict=True):
+        if not path.is_file():
+            raise FileNotFoundError(f"ONNX model {str(path)!r} does not exist")
+        if progress:
+            progress(f"running {label} ({path.name}) on {data.num_samples} samples")
+        try:
+            session = create_session(str(path), threads=threads)
+        except Exception as exc:
+            raise SourceError(f"{str(path)!r} is not a loadable ONNX model: {exc}") from exc
+        out = _outputs(session, batches)
+        outputs.append(out)
+        row: dict[str, Any] = {"model": label, "path": str(path), "size_bytes": file_size(path)}
+        names_ = data.label_names
+        if names_ is not None and len(names_) != out.shape[1]:
+            raise SourceError(f"the labels file has {len(names_)} class names but "
+                              f"{path.name} has {out.shape[1]} outputs; use the labels file "
+                              "of this model")
+        if labels is not None:
+            if out.shape[1] < 2:
+                raise SourceError(f"{path.name} gives {out.shape[1]} output(s) per sample; "
+                                  "accuracy needs class scores")
+            if labels.max(initial=0) >= out.shape[1]:
+                raise SourceError(
+                    f"the data has label {int(labels.max())} but the model has "
+                    f"{out.shape[1]} classes; the class folders do not match the model's "
+                    "outputs")
+            row["accuracy"] = 100.0 * float(np.mean(out.argmax(1) == labels))
+        if progress:
+            progress(f"timing {label}")
+        row["latency_ms_batch1"] = _latency_ms(session, _feed(session, _one(batches[0])),
+                                               latency_runs)
+        row["batch"] = int(next(iter(_feed(session, batches[0]).values())).shape[0])
+        row["latency_ms_batch"] = _latency_ms(session, _feed(session, batches[0]),
+                                              max(3, latency_runs // 3))
+        rows.append(row)
+    ref, out = outputs
+    if ref.shape != out.shape:
+        raise SourceError(f"the two models give outputs of different shapes {ref.shape} and "
+                          f"{out.shape}; compare a model with its own quantized version")
+    cos = (ref * out).sum(1) / np.maximum(np.linalg.norm(ref, axis=1)
+                                          * np.linalg.norm(out, axis=1), 1e-12)
+    quant = rows[1]
+    quant["top1_agreement"] = 100.0 * float(np.mean(ref.argmax(1) == out.argmax(1)))
+    quant["cosine"] = float(np.mean(cos))
+    quant["size_ratio"] = quant["size_bytes"] / rows[0]["size_bytes"]
+    quant["speedup_batch1"] = rows[0]["latency_ms_batch1"] / quant["latency_ms_batch1"]
+    quant["speedup_batch"] = rows[0]["latency_ms_batch"] / quant["latency_ms_batch"]
+    return {"data": data.name, "samples": data.num_samples, "labeled": data.labeled,
+            "threads": threads, "models": rows}
+
+
+def comparison_table(result: dict[str, Any]) -> list[list[str]]:
+    """Rows of strings for printing :func:`compare_onnx`'s result as a table."""
+    header = ["model", "accuracy %", "agreement %", "cosine", "size MiB",
+              "ms @1", f"ms @{result['models'][0]['batch']}", "speed-up @1"]
+    rows = [header]
+    for r in result["models"]:
+        rows.append([
+            r["model"], f"{r['accuracy']:.2f}" if "accuracy" in r else "-",
+            f"{r['top1_agreement']:.2f}" if "top1_agreement" in r else "-",
+            f"{r['cosine']:.5f}" if "cosine" in r else "-",
+            f"{r['size_bytes'] / 2**20:.2f}", f"{r['latency_ms_batch1']:.2f}",
+            f"{r['latency_ms_batch']:.2f}",
+            f"{r['speedup_batch1']:.2f}x" if "speedup_batch1" in r else "1.00x"])
+    return rows
+
+
+# -- the quantize command ------------------------------------------------------------
+
+
+def run_quantize(model: LoadedModel, calib: DataSource, out: str | Path,
+                 evaluate: DataSource | None = None, preset: str | None = None,
+                 method: str | None = None, report: bool = False, verify: bool = True,
+                 threads: int = 2, latency_runs: int = 30,
+                 progress: Progress | None = None) -> dict[str, Any]:
+    """PTQ, export (float and INT8 ONNX), evaluation and ``results.json`` in ``out``.
+
+    ``evaluate`` defaults to the calibration data (then the accuracy is not held
+    out: pass separate data for an honest figure). With ``verify`` the INT8 file
+    is checked against the torch model (:func:`quantaware.verify`). With
+    ``report`` an HTML report (and Markdown summary) is written beside it.
+    """
+    from quantaware.deploy_bench import write_json
+
+    out = Path(out)
+    say = progress or (lambda _msg: None)
+    say(f"calibrating on {calib.num_samples} samples from {calib.name}")
+    quantized, config = quantize_model(model, calib, preset, method)
+    module = model.require_torch("quantization")
+    say("exporting float and INT8 ONNX")
+    float_path = export_model(module, out / "model-fp32.onnx", calib.example)
+    int8_path = export_model(quantized, out / "model-int8.onnx", calib.example)
+    ckpt = save_quantized(out / "model-int8.pt", quantized, config, model.name)
+    data = evaluate or calib
+    comparison = compare_onnx(float_path, int8_path, data, threads=threads,
+                              latency_runs=latency_runs, progress=say)
+    results: dict[str, Any] = {
+        "model": model.name, "calibration": {"data": calib.name, "samples": calib.num_samples},
+        "config": config.to_dict(), "evaluation": comparison,
+        "files": {"float_onnx": str(float_path), "int8_onnx": str(int8_path),
+                  "quantized_checkpoint": str(ckpt), "results": str(out / "results.json")},
+    }
+    if verify:
+        import quantaware
+
+        say("verifying the INT8 file against the torch model")
+        report_ = quantaware.verify(int8_path, quantized, data.inputs, num_batches=8,
+                                    threads=threads)
+        # Embeddings have no classes: their check is the cosine, not the arg-max.
+        passed = (report_.cosine >= 0.99 if model.tokenizer is not None
+                  else report_.passed())
+        results["verify"] = report_.to_dict() | {"passed": bool(passed)}
+    if report:
+        from quantaware.report import histograms_from_model, write_report
+
+        say("writing the report")
+        rows = [{"variant": r["model"], "size_bytes": r["size_bytes"],
+                 **({"accuracy": r["accuracy"]} if "accuracy" in r else
+                    {"agreement": r.get("top1_agreement", 100.0)})}
+                for r in comparison["models"]]
+        path = write_report(out / "report.html", {
+            "title": f"quantaware: {model.name} ({config.name})", "rows": rows,
+            "histograms": histograms_from_model(quantized, limit=12)})
+        results["files"]["report"] = str(path)
+        results["files"]["report_summary"] = str(path.with_suffix(".md"))
+    write_json(results, out / "results.json")  # type: ignore[arg-type]
+    return results
