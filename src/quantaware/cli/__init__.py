@@ -16,7 +16,7 @@ from collections.abc import Sequence
 __all__ = ["COMMANDS", "build_parser", "main"]
 
 # Command modules, in the order `quantaware --help` lists them.
-COMMANDS = ("demo", "presets", "quantize", "evaluate", "export", "qat", "verify", "bench",
+COMMANDS = ("demo", "presets", "quantize", "evaluate", "export", "run", "qat", "verify", "bench",
             "report")
 
 DESCRIPTION = """\

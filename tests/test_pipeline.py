@@ -1,0 +1,136 @@
+"""quantaware.pipeline: validation with paths, fast overrides, resumable steps."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from quantaware import checkpoint
+from quantaware.pipeline import PipelineError, load_pipeline, run_pipeline, validate
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+MINIMAL = {"model": {"source": "quantaware.models:DigitsCNN"}, "data": {"train": "digits"}}
+
+
+def _write(tmp_path: Path, data: dict, name: str = "p.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize(("raw", "message"), [
+    ({"model": {"source": "a:b"}}, "data.train: required"),
+    ({**MINIMAL, "quantisation": {}}, "quantisation: unknown key; allowed here: name, out"),
+    ({**MINIMAL, "qat": {"epoch": 2}}, "qat.epoch: unknown key; allowed here: preset, epochs"),
+    ({**MINIMAL, "qat": {"epochs": 0}}, "qat.epochs: got 0; expected a positive integer"),
+    ({**MINIMAL, "qat": {"lr": "fast"}}, "qat.lr: got 'fast'; expected a positive number"),
+    ({**MINIMAL, "quantization": {"method": "max"}},
+     "quantization.method: 'max' is not one of minmax, moving_average, percentile"),
+    ({**MINIMAL, "deploy": {"targets": ["tflite"]}}, "deploy.targets: got ['tflite']"),
+    ({**MINIMAL, "deploy": {"targets": "onnx"}}, "deploy.targets: got 'onnx'"),
+    ({**MINIMAL, "data": {"train": "digits", "batch_size": True}}, "data.batch_size: got True"),
+    ({**MINIMAL, "model": "x"}, "model: expected a mapping"),
+    ({**MINIMAL, "version": 2}, "version: 2 is not supported"),
+    ({**MINIMAL, "fast": {"qat": {"epochs": -1}}}, "fast: qat.epochs: got -1"),
+])
+def test_validation_names_the_key_and_the_allowed_values(raw, message):
+    with pytest.raises(PipelineError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        validate(raw)
+
+
+def test_defaults_optional_sections_and_fast_overrides():
+    cfg = validate({**MINIMAL, "baseline": {}, "fast": {"data": {"num_train": 32}}})
+    assert cfg["qat"] is None and cfg["baseline"]["train"] is None
+    assert cfg["data"]["num_train"] is None and cfg["deploy"]["targets"] == ["onnx"]
+    assert validate({**MINIMAL, "fast": {"data": {"num_train": 32}}},
+                    fast=True)["data"]["num_train"] == 32
+
+
+def test_load_pipeline_reports_the_file(tmp_path):
+    path = _write(tmp_path, {**MINIMAL, "qat": {"epochz": 1}})
+    with pytest.raises(PipelineError, match=r"p\.yaml: qat\.epochz: unknown key"):
+        load_pipeline(path)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(PipelineError, match="not valid YAML"):
+        load_pipeline(bad)
+    with pytest.raises(FileNotFoundError, match=r"missing\.yaml"):
+        load_pipeline(tmp_path / "missing.yaml")
+
+
+def _small(tmp_path: Path, **changes) -> Path:
+    data = {**MINIMAL,
+            "data": {"train": "digits", "num_train": 256, "num_calibration": 32,
+                     "num_evaluation": 64, "batch_size": 32},
+            "baseline": {"train": {"epochs": 1}},
+            "qat": {"epochs": 2, "lr": 1e-4},
+            "evaluation": {"latency_runs": 2}, "deploy": {"verify": False}}
+    for key, value in changes.items():
+        data[key] = value
+    return _write(tmp_path, data)
+
+
+def test_second_run_skips_finished_steps_and_reruns_changed_ones(tmp_path):
+    path = _small(tmp_path, qat=None, deploy={"targets": []})
+    first, messages = [], []
+    results = run_pipeline(path, out=str(tmp_path / "out"), say=first.append)
+    assert any("training 1 epoch" in m for m in first)
+    state = json.loads((tmp_path / "out" / "pipeline-state.json").read_text())
+    assert set(state["steps"]) == {"baseline", "quantization"}
+    again = run_pipeline(path, out=str(tmp_path / "out"), say=messages.append)
+    assert any("baseline: done before" in m for m in messages)
+    assert any("quantization: done before" in m for m in messages)
+    assert again["steps"] == results["steps"]
+    # A new calibration method reruns quantization, not the baseline.
+    changed = _small(tmp_path, qat=None, quantization={"method": "mse"},
+                     deploy={"targets": []})
+    messages.clear()
+    run_pipeline(changed, out=str(tmp_path / "out"), say=messages.append)
+    assert any("baseline: done before" in m for m in messages)
+    assert any("quantization: calibrating" in m for m in messages)
+
+
+def test_killed_qat_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    path = _small(tmp_path, deploy={"targets": []})
+    run_pipeline(path, out=str(tmp_path / "whole"))
+    whole = checkpoint.load_checkpoint(tmp_path / "whole" / "qat-final.pt")["model"]
+
+    real_save = checkpoint.save_checkpoint
+
+    def save_then_die(target, payload):
+        written = real_save(target, payload)
+        if Path(target).name == "epoch_001.pt":
+            raise KeyboardInterrupt  # killed right after the first epoch's checkpoint
+        return written
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(path, out=str(tmp_path / "killed"))
+    monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)
+    messages: list[str] = []
+    run_pipeline(path, out=str(tmp_path / "killed"), say=messages.append)
+    assert any("resuming QAT after epoch 1" in m for m in messages)
+    resumed = checkpoint.load_checkpoint(tmp_path / "killed" / "qat-final.pt")["model"]
+    assert whole.keys() == resumed.keys()
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+def test_unlabelled_training_data_is_refused_for_training(tmp_path):
+    def unlabeled():
+        return [torch.randn(8, 1, 8, 8)]
+
+    import sys
+    import types
+
+    module = types.ModuleType("pipeline_test_data")
+    module.unlabeled = unlabeled
+    sys.modules["pipeline_test_data"] = module
+    path = _small(tmp_path, data={"train": "pipeline_test_data:unlabeled"},
+                  deploy={"targets": []})
+    with pytest.raises(PipelineError, match=r"baseline\.train needs labelled data"):
+        run_pipeline(path, out=str(tmp_path / "out"))
