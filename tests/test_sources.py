@@ -482,9 +482,9 @@ def test_empty_image_folder(tmp_path):
 
 
 @pytest.mark.parametrize("text, message", [
-    ("cat\n\ndog\n", "one non-empty class name per line"),
-    ("\n\n", "one non-empty class name per line"),
-    ("", "one non-empty class name per line"),
+    ("cat\n\ndog\n", "line 2 of labels file .* is empty"),
+    ("\n\n", "is empty; give one class name per line"),
+    ("", "is empty; give one class name per line"),
 ])
 def test_bad_labels_files(tmp_path, text, message):
     (tmp_path / "labels.txt").write_text(text)

@@ -37,7 +37,7 @@ from torch.utils.data import Dataset
 
 from quantaware.images import IMAGENET_MEAN, IMAGENET_STD
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageFolder", "ImageFolderError"]
+__all__ = ["IMAGE_EXTENSIONS", "ImageFolder", "ImageFolderError", "preprocess"]
 
 # What Pillow reads without plugins.
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
@@ -49,6 +49,42 @@ class ImageFolderError(ValueError):
 
 def _visible(path: Path) -> bool:
     return not path.name.startswith(".")
+
+
+def preprocess(pixels: np.ndarray, size: int = 224, resize: int | None = None,
+               mean: Sequence[float] = IMAGENET_MEAN,
+               std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
+    """An RGB ``uint8`` image ``(H, W, 3)`` as a normalised model input ``(3, size, size)``.
+
+    The shorter side is resized to ``resize`` (default ``size * 8 / 7``; bilinear,
+    antialiased), the centre ``size x size`` is cropped and each channel is
+    normalised as ``(value / 255 - mean) / std``: what :meth:`ImageFolder.load`
+    does after decoding a file, so frames from another decoder (OpenCV: convert its
+    BGR to RGB first) give the same model inputs.
+
+    Example:
+        >>> image = np.zeros((40, 60, 3), np.uint8)
+        >>> x = preprocess(image, size=32, resize=36)
+        >>> x.shape, x.dtype
+        (torch.Size([3, 32, 32]), torch.float32)
+        >>> round(float(x[0, 0, 0]), 4)  # (0 - 0.485) / 0.229
+        -2.1179
+    """
+    if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.dtype != np.uint8:
+        raise ImageFolderError(f"expected an RGB uint8 image of shape (H, W, 3), got "
+                               f"{pixels.dtype} {pixels.shape}; convert it first")
+    resize = round(size * 8 / 7) if resize is None else resize
+    x = torch.from_numpy(pixels.copy()).permute(2, 0, 1).float().div_(255).unsqueeze(0)
+    h, w = x.shape[-2:]
+    scale = resize / min(h, w)
+    new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
+    x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", antialias=True,
+                      align_corners=False)[0]
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    x = x[:, top:top + size, left:left + size]
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    return (x - mean_t) / std_t
 
 
 class ImageFolder(Dataset):
@@ -84,8 +120,7 @@ class ImageFolder(Dataset):
             raise ImageFolderError(f"mean and std need 3 values each, std > 0; got {mean}, "
                                    f"{std}")
         self.size, self.resize, self.labeled = size, resize, labeled
-        self._mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-        self._std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        self.mean, self.std = tuple(mean), tuple(std)
         self.classes: list[str] = []
         self.samples: list[tuple[Path, int]] = []
         if labeled:
@@ -138,15 +173,7 @@ class ImageFolder(Dataset):
         except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
             raise ImageFolderError(f"cannot read image {str(path)!r}: {exc}. Replace or "
                                    "remove the file.") from exc
-        x = torch.from_numpy(pixels.copy()).permute(2, 0, 1).float().div_(255).unsqueeze(0)
-        h, w = x.shape[-2:]
-        scale = self.resize / min(h, w)
-        new_h, new_w = max(self.size, round(h * scale)), max(self.size, round(w * scale))
-        x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", antialias=True,
-                          align_corners=False)[0]
-        top, left = (new_h - self.size) // 2, (new_w - self.size) // 2
-        x = x[:, top:top + self.size, left:left + self.size]
-        return (x - self._mean) / self._std
+        return preprocess(pixels, self.size, self.resize, self.mean, self.std)
 
     def __getitem__(self, index: int) -> torch.Tensor | tuple[torch.Tensor, int]:
         path, label = self.samples[index]

@@ -42,7 +42,7 @@ from torch import nn
 
 from quantaware._spec import load_spec
 
-__all__ = ["BUILTIN_DATA", "DataSource", "LoadedModel", "SourceError", "load_data",
+__all__ = ["BUILTIN_DATA", "DataSource", "LabelsError", "LoadedModel", "SourceError", "load_data",
            "load_model", "load_weights", "read_labels"]
 
 BUILTIN_DATA = ("digits", "mnist1d")
@@ -52,6 +52,10 @@ TEXT_SUFFIXES = (".txt",)
 
 class SourceError(ValueError):
     """A model or data source that cannot be used; the message names it and the fix."""
+
+
+class LabelsError(SourceError):
+    """A labels file that cannot be read or does not match the model's classes."""
 
 
 @dataclass
@@ -390,19 +394,32 @@ def _truncate(batches: list[Any], labeled: bool, limit: int | None) -> list[Any]
 
 
 def read_labels(path: str | os.PathLike) -> list[str]:
-    """Class names from a labels file: one per line, in the model's output order."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"labels file {str(path)!r} does not exist")
+    """Class names from a labels file: one per line in the model's output order (UTF-8).
+
+    Example:
+        >>> import os, tempfile
+        >>> path = os.path.join(tempfile.mkdtemp(), "labels.txt")
+        >>> with open(path, "w") as f:
+        ...     _ = f.write("cat\\ndog\\n")
+        >>> read_labels(path)
+        ['cat', 'dog']
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"labels file {str(file)!r} does not exist (or is not a file)")
     try:
-        names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        lines = [line.strip() for line in file.read_text(encoding="utf-8").splitlines()]
     except UnicodeDecodeError as exc:
-        raise SourceError(f"labels file {str(path)!r} is not UTF-8 text: {exc}") from exc
-    while names and not names[-1]:
-        names.pop()
-    if not names or not all(names):
-        raise SourceError(f"labels file {str(path)!r} needs one non-empty class name per line")
-    return names
+        raise LabelsError(f"labels file {str(file)!r} is not UTF-8 text ({exc}); give a text "
+                          "file with one class name per line") from exc
+    while lines and not lines[-1]:
+        lines.pop()
+    if not lines:
+        raise LabelsError(f"labels file {str(file)!r} is empty; give one class name per line")
+    if "" in lines:
+        raise LabelsError(f"line {lines.index('') + 1} of labels file {str(file)!r} is empty; "
+                          "give one class name per line, without blank lines")
+    return lines
 
 
 def _class_indices(spec: str, classes: list[str], class_names: list[str] | None) -> list[int]:

@@ -17,7 +17,7 @@ __all__ = ["COMMANDS", "build_parser", "main"]
 
 # Command modules, in the order `quantaware --help` lists them.
 COMMANDS = ("demo", "presets", "quantize", "evaluate", "export", "run", "qat", "verify", "bench",
-            "report")
+            "predict", "report")
 
 DESCRIPTION = """\
 quantaware: quantize PyTorch models (PTQ, QAT) and deploy INT8 ONNX that
