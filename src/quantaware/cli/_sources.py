@@ -78,13 +78,24 @@ def console() -> Any:
 
 @contextmanager
 def status(con: Any, first: str) -> Iterator[Callable[[str], None]]:
-    """A spinner with the current step (printed as lines when not on a terminal)."""
-    if con.is_terminal:
-        with con.status(first) as spinner:
-            yield lambda msg: spinner.update(msg)
-    else:
+    """The current step with a spinner and the time spent in it (finished steps stay
+    listed with their time); plain lines on stderr when not on a terminal."""
+    if not con.is_terminal:
         print(first, file=sys.stderr)
         yield lambda msg: print(msg, file=sys.stderr)
+        return
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(SpinnerColumn(finished_text="[green]done"), TextColumn("{task.description}"),
+                  TimeElapsedColumn(), console=con) as progress:
+        current = [progress.add_task(first, total=1)]
+
+        def update(message: str) -> None:
+            progress.update(current[0], completed=1)
+            current[0] = progress.add_task(message, total=1)
+
+        yield update
+        progress.update(current[0], completed=1)
 
 
 def print_table(con: Any, title: str, rows: list[list[str]]) -> None:

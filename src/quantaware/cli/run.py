@@ -45,12 +45,7 @@ def run(args: argparse.Namespace) -> int:
         con.print_json(json.dumps(settings))
         return 0
     try:
-        with common.status(con, f"running {args.pipeline}") as update:
-            def say(message: str) -> None:
-                update(message)
-                if con.is_terminal:
-                    con.print(message)
-
+        with common.status(con, f"running {args.pipeline}") as say:
             results = run_pipeline(args.pipeline, fast=args.fast, out=args.out, say=say)
     except (PipelineError, SourceError, ImageFolderError) as exc:
         raise UsageError(str(exc)) from exc
