@@ -692,3 +692,10 @@ def test_data_source_properties():
     assert torch.equal(labelled.example, x[:1]) and torch.equal(labelled.inputs[1], x[:1])
     model = LoadedModel("m", module=nn.Identity())
     assert not model.is_onnx and model.input_names == ("input",)
+
+
+def test_a_weights_file_given_as_the_model_says_how_to_load_it(tmp_path):
+    path = tmp_path / "model.pt"
+    torch.save(torch.nn.Linear(2, 2).state_dict(), path)
+    with pytest.raises(SourceError, match=r"is a file, not a model source.*--weights"):
+        load_model(str(path))

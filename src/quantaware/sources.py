@@ -290,6 +290,12 @@ def load_model(spec: str, weights: str | os.PathLike | None = None) -> LoadedMod
                               "carries its own weights")
         return _hf_folder(path)
     if ":" not in spec:
+        if path.is_file():
+            raise SourceError(
+                f"{spec!r} is a file, not a model source: give MODULE:FUNCTION (or "
+                f"file.py:FUNCTION) that builds the architecture, with --weights {spec} if it "
+                "holds a state dict. Pickled whole models are not loaded: unpickling them "
+                "runs code.")
         if path.suffix or os.sep in spec:
             raise FileNotFoundError(f"model {spec!r} does not exist")
         raise SourceError(f"unknown model {spec!r}: use MODULE:FUNCTION (a function returning "
