@@ -110,3 +110,28 @@ def randomize_bn():
 def batches_factory():
     """``factory(shape, count, seed)`` -> a list of seeded random batches."""
     return random_batches
+
+
+@pytest.fixture(scope="module")
+def video(tmp_path_factory):
+    """A 12-frame video of real photos (tests/_media.py)."""
+    from tests._media import write_video
+
+    path = tmp_path_factory.mktemp("video") / "clip.mp4"
+    write_video(path)
+    return path
+
+
+@pytest.fixture
+def photo_dir(tmp_path):
+    """Three real photos as PNG/JPEG, one in a subfolder."""
+    from PIL import Image
+    from tests._media import photos
+
+    astronaut, coffee, chelsea = photos()
+    root = tmp_path / "photos"
+    (root / "more").mkdir(parents=True)
+    Image.fromarray(chelsea).save(root / "chelsea.png")
+    Image.fromarray(coffee).save(root / "coffee.jpg", quality=95)
+    Image.fromarray(astronaut).save(root / "more" / "astronaut.png")
+    return root
