@@ -64,3 +64,38 @@ def test_sessions_flush_denormals_and_do_not_spin():
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="threads"):
             session_options(bad)
+
+
+def test_openvino_times_the_quantaware_files_only():
+    from quantaware.deploy_bench import DISTILLED, VARIANTS, backend_variants
+
+    assert backend_variants(VARIANTS, "onnxruntime") == list(VARIANTS)
+    assert backend_variants([*VARIANTS, DISTILLED], "openvino") == ["fp32", "quantaware-int8",
+                                                                    DISTILLED]
+
+
+@pytest.mark.parametrize("backends", [(), ("onnxruntime", "onnxruntime"), ("tensorrt",)])
+def test_benchmark_rejects_bad_backends(backends):
+    from quantaware.deploy_bench import benchmark
+
+    with pytest.raises(ValueError, match="backend"):
+        benchmark(["resnet18"], backends=backends)
+
+
+def test_results_table_has_a_backend_column_for_several_backends():
+    from rich.console import Console
+
+    from quantaware.cli.bench import results_table
+
+    row = {"model": "m", "batch": 1, "variant": "fp32", "latency_ms": 2.0, "ratio_vs_fp32": 1.0,
+           "size_bytes": 1000, "fidelity": 1.0, "agreement_confident": 1.0}
+
+    def render(rows):
+        console = Console(width=200, record=True)
+        console.print(results_table(rows))
+        return " ".join(console.export_text().split())  # the caption wraps
+
+    single = render([row])  # rows written before backends existed have no "backend"
+    assert "ONNX Runtime deployment" in single and "backend" not in single
+    both = render([{**row, "backend": "onnxruntime"}, {**row, "backend": "openvino"}])
+    assert "backend" in both and "openvino" in both and "as onnxruntime runs it" in both

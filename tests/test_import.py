@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-HEAVY = ("onnxruntime", "onnx", "onnxscript", "matplotlib", "transformers")
+HEAVY = ("onnxruntime", "onnx", "onnxscript", "matplotlib", "transformers", "openvino", "cv2")
 
 # One subprocess (importing torch takes seconds): what is loaded after the import,
 # then after touching the lazy export API (which must load onnx: the probe works).

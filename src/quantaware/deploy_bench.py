@@ -2,7 +2,7 @@
 
 For each model four ONNX files are written and run in ONNX Runtime (CPU, fixed
 thread budget, thread spinning disabled so sessions do not steal each other's
-cores):
+cores), and optionally in OpenVINO (:mod:`quantaware.backends`):
 
 - ``fp32``: the float model;
 - ``quantaware-int8``: :func:`quantaware.deploy.quantize_for_backend` (the
@@ -15,16 +15,22 @@ cores):
   that many steps towards the FP32 model on unlabelled crops
   (:func:`quantaware.distill.distill`, no labels), exported the same way.
 
+With ``backends=("onnxruntime", "openvino")`` the fp32 and quantaware files
+(not ONNX Runtime's quantizer outputs) are also timed in OpenVINO, float layers
+in float32; each row names its ``backend``.
+
 Latency is the median of many ``session.run`` calls after warm-up, taken
 interleaved (one run of each variant per round, A B C D A B C D ...) so that
-machine noise hits every variant alike. Fidelity compares each variant's ONNX
-Runtime output with the fp32 file's: top-1 agreement for image models, mean
-cosine similarity of the embeddings for text models.
+machine noise hits every variant alike; with several backends, every
+backend's variants take part in the same rounds. Fidelity compares each
+variant's output with the fp32 file's output in the first backend listed: top-1
+agreement for image models, mean cosine similarity of the embeddings for text
+models.
 
 Example:
     >>> rows = benchmark(["resnet18"], quick=True)  # doctest: +SKIP
     >>> sorted(rows[0])  # doctest: +SKIP
-    ['batch', 'fidelity', 'latency_ms', 'model', 'ratio_vs_fp32', 'size_bytes', 'variant']
+    ['backend', 'batch', 'fidelity', 'latency_ms', 'model', 'ratio_vs_fp32', 'size_bytes', ...]
 """
 
 from __future__ import annotations
@@ -42,12 +48,14 @@ import numpy as np
 
 from quantaware.deploy import ModelSource, load_model_source, quantize_for_backend
 
-__all__ = ["DISTILLED", "VARIANTS", "benchmark", "build_variants", "fidelity", "fidelity_details",
-           "time_interleaved", "write_json"]
+__all__ = ["DISTILLED", "ORT_QUANTIZER_VARIANTS", "VARIANTS", "backend_variants", "benchmark",
+           "build_variants", "fidelity", "fidelity_details", "time_interleaved", "write_json"]
 
 log = logging.getLogger(__name__)
 
 VARIANTS = ("fp32", "quantaware-int8", "ort-static-int8", "ort-dynamic-int8")
+# Made by ONNX Runtime's quantizer for ONNX Runtime: timed in that backend only.
+ORT_QUANTIZER_VARIANTS = ("ort-static-int8", "ort-dynamic-int8")
 DISTILLED = "quantaware-int8-distilled"
 DISTILL_LR = 1e-5
 
@@ -138,10 +146,26 @@ def build_variants(source: ModelSource, out_dir: str | os.PathLike,
     return paths, torch_models
 
 
-def _sessions(paths: dict[str, Path], threads: int) -> dict[str, Any]:
-    from quantaware.bench import onnx_session
+def backend_variants(variants: Sequence[str], backend: str) -> list[str]:
+    """The ``variants`` timed in ``backend``: all in ONNX Runtime, elsewhere all but
+    :data:`ORT_QUANTIZER_VARIANTS`.
 
-    return {v: onnx_session(p, threads=threads) for v, p in paths.items()}
+    Example:
+        >>> backend_variants(VARIANTS, "openvino")
+        ['fp32', 'quantaware-int8']
+    """
+    if backend == "onnxruntime":
+        return list(variants)
+    return [v for v in variants if v not in ORT_QUANTIZER_VARIANTS]
+
+
+def _sessions(paths: dict[str, Path], threads: int,
+              backends: Sequence[str]) -> dict[tuple[str, str], Any]:
+    """A session per ``(backend, variant)``."""
+    from quantaware.backends import create_backend_session
+
+    return {(b, v): create_backend_session(paths[v], b, threads)
+            for b in backends for v in backend_variants(list(paths), b)}
 
 
 def _outputs(session: Any, batches: list[Any]) -> np.ndarray:
@@ -196,9 +220,12 @@ def fidelity_details(kind: str, reference: np.ndarray, output: np.ndarray) -> di
     return {"neighbour_agreement": float(np.mean(neighbours(reference) == neighbours(output)))}
 
 
-def time_interleaved(sessions: dict[str, Any], feeds: dict[str, dict[str, np.ndarray]],
-                     runs: int, warmup: int) -> dict[str, float]:
-    """Median ms of ``runs`` interleaved ``session.run`` calls per variant after ``warmup``."""
+def time_interleaved(sessions: dict[Any, Any], feeds: dict[Any, dict[str, np.ndarray]],
+                     runs: int, warmup: int) -> dict[Any, float]:
+    """Median ms of ``runs`` interleaved ``session.run`` calls per session after ``warmup``.
+
+    ``sessions`` and ``feeds`` share their keys (e.g. variant names).
+    """
     for name, session in sessions.items():
         for _ in range(warmup):
             session.run(None, feeds[name])
@@ -223,32 +250,43 @@ def benchmark(models: Sequence[str], batches: Sequence[int] = (1, 16), threads: 
               out_dir: str | os.PathLike | None = None,
               on_step: Callable[[str], None] = lambda msg: None,
               on_model: Callable[[list[dict[str, Any]]], None] = lambda rows: None,
-              distill_steps: int = 0) -> list[dict[str, Any]]:
-    """Build, run and time every variant of every model; one row per model/batch/variant.
+              distill_steps: int = 0,
+              backends: Sequence[str] = ("onnxruntime",)) -> list[dict[str, Any]]:
+    """Build, run and time every variant of every model; one row per
+    model/batch/backend/variant.
 
-    ``ratio_vs_fp32`` is latency divided by the fp32 latency (0.33 = 3x faster).
-    Besides ``fidelity`` each row carries :func:`fidelity_details`, and the
-    quantaware rows the :func:`quantaware.verify` result of the ONNX file against
-    the torch model it was exported from: ``verify_top1`` and ``verify_cosine``
-    against ``verify_reference`` (``"integer"``: torch running ONNX Runtime's
-    integer arithmetic), and ``verify_fake_quant_top1`` against the fake-quant
-    forward (``None`` on the other variants).
+    ``ratio_vs_fp32`` is latency divided by the fp32 latency in the same backend
+    (0.33 = 3x faster). Besides ``fidelity`` each row carries
+    :func:`fidelity_details`, and the quantaware rows the :func:`quantaware.verify`
+    result of the ONNX file, run in the row's backend, against the torch model it
+    was exported from: ``verify_top1`` and ``verify_cosine`` against
+    ``verify_reference`` (``"integer"``: torch running ONNX Runtime's integer
+    arithmetic), and ``verify_fake_quant_top1`` against the fake-quant forward
+    (``None`` on the other variants).
 
     Args:
         models: built-in names or ``MODULE:FUNCTION`` (see :func:`load_model_source`).
         batches: batch sizes to time.
-        threads: ONNX Runtime intra-op threads.
+        threads: inference threads per session.
         runs, warmup: timed and untimed runs per variant (interleaved).
         quick: small inputs (32x32 images, 16 tokens), 16 samples, 3 runs: a smoke test.
         out_dir: where the ONNX files go (default: a temporary folder).
         on_model: called with all rows so far after each model (e.g. to save them).
         distill_steps: also build :data:`DISTILLED` for models with unlabelled data.
+        backends: inference backends (:data:`quantaware.backends.BACKENDS`); the
+            first one's fp32 output is the fidelity reference.
     """
+    from quantaware.backends import check_backend
     from quantaware.bench import file_size
     from quantaware.export.verify import verify
 
     if isinstance(distill_steps, bool) or not isinstance(distill_steps, int) or distill_steps < 0:
         raise ValueError(f"distill_steps must be a non-negative integer, got {distill_steps!r}")
+    if isinstance(backends, str) or not backends or len(set(backends)) != len(backends):
+        raise ValueError(f"backends must be a non-empty sequence of distinct names, "
+                         f"got {backends!r}")
+    for backend in backends:
+        check_backend(backend)
     if quick:
         runs, warmup = min(runs, 3), min(warmup, 1)
     rows: list[dict[str, Any]] = []
@@ -262,38 +300,42 @@ def benchmark(models: Sequence[str], batches: Sequence[int] = (1, 16), threads: 
                 source = load_model_source(spec)
             paths, torch_models = build_variants(source, folder, on_step, distill_steps)
             checked = {}
-            for variant, qmodel in torch_models.items():
-                on_step(f"{source.name}: verify {variant}")
-                report = verify(paths[variant], qmodel, source.evaluate, threads=threads,
-                                check_layers=False)
-                checked[variant] = {"verify_top1": report.top1_agreement,
-                                    "verify_cosine": report.cosine,
-                                    "verify_reference": report.reference,
-                                    "verify_fake_quant_top1": report.fake_quant_top1_agreement}
-            sessions = _sessions(paths, threads)
+            for backend in backends:
+                for variant, qmodel in torch_models.items():
+                    on_step(f"{source.name}: verify {variant} in {backend}")
+                    report = verify(paths[variant], qmodel, source.evaluate, threads=threads,
+                                    check_layers=False, backend=backend)
+                    checked[backend, variant] = {
+                        "verify_top1": report.top1_agreement,
+                        "verify_cosine": report.cosine,
+                        "verify_reference": report.reference,
+                        "verify_fake_quant_top1": report.fake_quant_top1_agreement}
+            sessions = _sessions(paths, threads, backends)
             on_step(f"{source.name}: fidelity")
-            reference = _outputs(sessions["fp32"], source.evaluate)
-            results = {v: _outputs(s, source.evaluate) for v, s in sessions.items()}
-            fid = {v: fidelity(source.kind, reference, out) for v, out in results.items()}
-            details = {v: fidelity_details(source.kind, reference, out)
-                       for v, out in results.items()}
+            results = {key: _outputs(s, source.evaluate) for key, s in sessions.items()}
+            reference = results[backends[0], "fp32"]
+            fid = {key: fidelity(source.kind, reference, out) for key, out in results.items()}
+            details = {key: fidelity_details(source.kind, reference, out)
+                       for key, out in results.items()}
             for batch in batches:
                 on_step(f"{source.name}: timing batch {batch}")
                 sample = _batch_of(source, batch)
-                feeds = {v: _numpy_feed(sample, [i.name for i in s.get_inputs()])
-                         for v, s in sessions.items()}
+                feeds = {key: _numpy_feed(sample, [i.name for i in s.get_inputs()])
+                         for key, s in sessions.items()}
                 latency = time_interleaved(sessions, feeds, runs, warmup)
-                for variant in paths:
+                for backend, variant in sessions:
                     rows.append({
-                        "model": source.name, "batch": batch, "variant": variant,
-                        "latency_ms": latency[variant],
-                        "ratio_vs_fp32": latency[variant] / latency["fp32"],
+                        "model": source.name, "batch": batch, "backend": backend,
+                        "variant": variant,
+                        "latency_ms": latency[backend, variant],
+                        "ratio_vs_fp32": latency[backend, variant] / latency[backend, "fp32"],
                         "size_bytes": file_size(paths[variant]),
-                        "fidelity": fid[variant],
-                        **details[variant],
-                        **checked.get(variant, {"verify_top1": None, "verify_cosine": None,
-                                                "verify_reference": None,
-                                                "verify_fake_quant_top1": None}),
+                        "fidelity": fid[backend, variant],
+                        **details[backend, variant],
+                        **checked.get((backend, variant),
+                                      {"verify_top1": None, "verify_cosine": None,
+                                       "verify_reference": None,
+                                       "verify_fake_quant_top1": None}),
                     })
             del sessions
             on_model(rows)

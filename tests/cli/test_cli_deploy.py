@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from quantaware.cli import main
@@ -55,3 +56,49 @@ def test_bench_quick_writes_rows(tmp_path, capsys):
     assert rows[0]["verify_top1"] is None and rows[1]["verify_top1"] >= 0.9
     assert rows[0]["ratio_vs_fp32"] == 1.0 and rows[1]["size_bytes"] < rows[0]["size_bytes"]
     assert "quantaware-int8" in capsys.readouterr().out
+
+
+def test_verify_command_on_openvino(tmp_path, capsys):
+    pytest.importorskip("openvino")
+    out = tmp_path / "report.json"
+    code = main(["verify", "--model", f"{__name__}:tiny_cnn", "--input-shape", "3,16,16",
+                 "--num-calib", "32", "--num-eval", "32", "--out", str(tmp_path),
+                 "--json", str(out), "--min-agreement", "0.9", "--backend", "openvino"])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    report = json.loads(out.read_text())
+    assert report["backend"] == "openvino" and "in openvino" in text
+    assert report["top1_agreement"] >= 0.9 and report["max_error_lsb"] is not None
+    assert report["layers_checked"] + report["layers_unavailable"] >= 4
+
+
+def test_bench_quick_on_both_backends(tmp_path, capsys, monkeypatch):
+    """`--backend onnxruntime openvino`: the FP32 and quantaware files in both, ORT's
+    quantizer outputs in ONNX Runtime only (a tiny CNN keeps this fast)."""
+    pytest.importorskip("openvino")
+    from quantaware import deploy_bench
+
+    load = deploy_bench.load_model_source
+    monkeypatch.setattr(deploy_bench, "load_model_source", lambda spec, *args, **kwargs: load(
+        spec, 16, 16, input_shape=(3, 16, 16)))
+    out = tmp_path / "rows.json"
+    code = main(["bench", "--quick", "--models", f"{__name__}:tiny_cnn", "--batches", "1", "4",
+                 "--backend", "onnxruntime", "openvino", "--json", str(out)])
+    assert code == 0
+    rows = json.loads(out.read_text())
+    per_batch = [(r["backend"], r["variant"]) for r in rows if r["batch"] == 4]
+    assert per_batch == [("onnxruntime", "fp32"), ("onnxruntime", "quantaware-int8"),
+                         ("onnxruntime", "ort-static-int8"), ("onnxruntime", "ort-dynamic-int8"),
+                         ("openvino", "fp32"), ("openvino", "quantaware-int8")]
+    ov_fp32, ov_int8 = rows[-2], rows[-1]
+    assert ov_fp32["ratio_vs_fp32"] == 1.0 and ov_fp32["fidelity"] == 1.0  # float32, not bf16
+    assert ov_int8["verify_top1"] >= 0.9 and ov_int8["verify_reference"] == "integer"
+    assert ov_int8["size_bytes"] == rows[1]["size_bytes"]
+    text = capsys.readouterr().out
+    assert "openvino" in text and "backend" in text
+
+
+def test_bench_rejects_unknown_backend(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--quick", "--models", "resnet18", "--backend", "tensorrt"])
+    assert "invalid choice" in capsys.readouterr().err

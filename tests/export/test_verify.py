@@ -81,9 +81,23 @@ def test_report_serialises(report):
                          "max_abs_error", "max_error_lsb", "output_scale", "layers_checked",
                          "first_divergent_layer", "first_divergent_lsb", "reference",
                          "integer_layers", "fake_quant_layers", "fake_quant_top1_agreement",
-                         "fake_quant_cosine"}
+                         "fake_quant_cosine", "layers_unavailable", "backend"}
+    assert data["backend"] == "onnxruntime" and data["layers_unavailable"] == 0
     assert json.loads(report.to_json()) == data
     assert VerifyReport(**data) == report
+
+
+def test_unknown_backend_raises(int8_path, int8_model):
+    with pytest.raises(ValueError, match="onnxruntime, openvino"):
+        quantaware.verify(int8_path, int8_model, _batches(1, 0), backend="tensorrt")
+
+
+def test_report_names_a_backend_other_than_onnxruntime():
+    text = str(_report(backend="openvino", layers_unavailable=3))
+    assert text.startswith("verify: PASS on 10 samples in openvino")
+    assert "not available in openvino" in text
+    partial = str(_report(backend="openvino", layers_checked=5, layers_unavailable=2))
+    assert "2 not observable in openvino" in partial
 
 
 def test_report_str_is_readable(report):

@@ -1,4 +1,8 @@
-"""``quantaware bench``: quantaware INT8 vs FP32 and ONNX Runtime's quantizers, one table."""
+"""``quantaware bench``: quantaware INT8 vs FP32 and ONNX Runtime's quantizers, one table.
+
+``--backend onnxruntime openvino`` also times the FP32 and quantaware INT8 files
+in OpenVINO, in the same table (one row per backend and variant).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,8 @@ import argparse
 import sys
 from typing import Any
 
+from quantaware.backends import BACKENDS
+from quantaware.cli import UsageError
 from quantaware.deploy import BUILTIN_MODELS
 
 
@@ -15,7 +21,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="For each model, export FP32 and quantaware INT8, quantize the FP32 file "
         "with ONNX Runtime's quantize_static (QDQ, per-channel, u8s8, same calibration "
         "data) and quantize_dynamic, then time all four interleaved in ONNX Runtime "
-        "(median after warm-up, spinning disabled) and compare their outputs with FP32.",
+        "(median after warm-up, spinning disabled) and compare their outputs with FP32. "
+        "With --backend onnxruntime openvino the FP32 and quantaware INT8 files are also "
+        "timed in OpenVINO (float layers in float32), in the same rounds.",
     )
     add_arguments(parser)
     parser.set_defaults(func=run)
@@ -28,7 +36,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default: all built-ins)")
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 16], metavar="N",
                         help="batch sizes (default: 1 16)")
-    parser.add_argument("--threads", type=int, default=2, help="ORT threads (default: 2)")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="inference threads per session (default: 2)")
+    parser.add_argument("--backend", nargs="+", choices=BACKENDS, default=["onnxruntime"],
+                        metavar="BACKEND", dest="backends",
+                        help=f"inference backends, any of {', '.join(BACKENDS)}; ONNX "
+                        "Runtime's quantizer outputs run in onnxruntime only (default: "
+                        "onnxruntime)")
     parser.add_argument("--runs", type=int, default=50, help="timed runs (default: 50)")
     parser.add_argument("--warmup", type=int, default=10, help="warm-up runs (default: 10)")
     parser.add_argument("--quick", action="store_true",
@@ -61,23 +75,35 @@ def _verify(row: dict[str, Any]) -> str:
 
 
 def results_table(rows: list[dict[str, Any]]):
-    """A rich table of benchmark rows."""
+    """A rich table of benchmark rows; a ``backend`` column when rows come from several."""
     from rich.table import Table
 
-    table = Table(title="ONNX Runtime deployment: FP32 vs INT8",
-                  caption="latency: median ms, interleaved runs; ratio: latency / FP32; "
-                  "fidelity: top-1 agreement with FP32 (images) or mean embedding cosine (text); "
-                  "fidelity 2: agreement where FP32 is confident (max softmax >= 0.5) or "
-                  "nearest-neighbour agreement (text); verify: ONNX Runtime vs quantaware's "
-                  "torch model running ONNX Runtime's integer arithmetic (in brackets: vs "
-                  "its fake-quant forward)")
-    for header in ("model", "batch", "variant", "latency ms", "ratio", "speed-up", "size MB",
-                   "size x", "fidelity", "fidelity 2", "verify"):
-        table.add_column(header, justify="left" if header in ("model", "variant") else "right")
+    backends = list(dict.fromkeys(r.get("backend", "onnxruntime") for r in rows))
+    several = len(backends) > 1
+    if backends == ["onnxruntime"]:
+        title, verified = "ONNX Runtime deployment: FP32 vs INT8", "ONNX Runtime"
+        ratio = reference = ""
+    else:
+        title = f"Deployment in {' and '.join(backends)}: FP32 vs INT8"
+        ratio, reference = " (same backend)", f" as {backends[0]} runs it"
+        verified = "the row's backend"
+    table = Table(title=title,
+                  caption=f"latency: median ms, interleaved runs; ratio: latency / FP32{ratio}; "
+                  f"fidelity: top-1 agreement with FP32{reference} (images) "
+                  "or mean embedding cosine (text); fidelity 2: agreement where FP32 is "
+                  "confident (max softmax >= 0.5) or nearest-neighbour agreement (text); "
+                  f"verify: {verified} vs quantaware's torch model running ONNX Runtime's "
+                  "integer arithmetic (in brackets: vs its fake-quant forward)")
+    headers = ("model", "batch", *(("backend",) if several else ()), "variant", "latency ms",
+               "ratio", "speed-up", "size MB", "size x", "fidelity", "fidelity 2", "verify")
+    for header in headers:
+        table.add_column(header, justify="left" if header in ("model", "backend", "variant")
+                         else "right")
     fp32_size = {(r["model"], r["batch"]): r["size_bytes"] for r in rows if r["variant"] == "fp32"}
     for r in rows:
+        backend = (r.get("backend", "onnxruntime"),) if several else ()
         table.add_row(
-            r["model"], str(r["batch"]), r["variant"], f"{r['latency_ms']:.2f}",
+            r["model"], str(r["batch"]), *backend, r["variant"], f"{r['latency_ms']:.2f}",
             f"{r['ratio_vs_fp32']:.2f}", f"{1 / r['ratio_vs_fp32']:.2f}x",
             f"{r['size_bytes'] / 1e6:.1f}",
             f"{r['size_bytes'] / fp32_size[(r['model'], r['batch'])]:.2f}",
@@ -89,8 +115,14 @@ def results_table(rows: list[dict[str, Any]]):
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from quantaware.backends import check_backend
     from quantaware.deploy_bench import benchmark, write_json
 
+    try:
+        for backend in args.backends:
+            check_backend(backend)
+    except ImportError as exc:
+        raise UsageError(str(exc)) from exc
     console = Console(width=None if sys.stdout.isatty() else 160)
     def save(rows: list[dict[str, Any]]) -> None:
         if args.json:  # after every model, so a long run keeps what it measured
@@ -100,7 +132,8 @@ def run(args: argparse.Namespace) -> int:
         rows = benchmark(args.models, batches=args.batches, threads=args.threads,
                          runs=args.runs, warmup=args.warmup, quick=args.quick,
                          out_dir=args.out, on_step=lambda msg: status.update(msg),
-                         on_model=save, distill_steps=args.distill)
+                         on_model=save, distill_steps=args.distill,
+                         backends=tuple(dict.fromkeys(args.backends)))
     console.print(results_table(rows))
     if args.json:
         console.print(f"rows written to {args.json}")

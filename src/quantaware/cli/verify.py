@@ -1,4 +1,8 @@
-"""``quantaware verify``: quantize a model, export it, and prove ONNX Runtime computes the same."""
+"""``quantaware verify``: quantize a model, export it, and prove ONNX Runtime computes the same.
+
+``--backend openvino`` runs the exported file in OpenVINO instead (float layers in
+float32) and reports the same figures for it.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from quantaware.backends import BACKENDS
 from quantaware.cli import UsageError
 from quantaware.deploy import BUILTIN_MODELS
 
@@ -18,8 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "agreement, cosine, the max output error in LSBs and the first layer where "
         "ONNX Runtime and torch differ. The torch side runs ONNX Runtime's integer "
         "arithmetic, so a correct export matches bit for bit; the agreement with the "
-        "fake-quant forward is reported beside it. Exit code 1 if the agreement bound "
-        "is not met.",
+        "fake-quant forward is reported beside it. --backend openvino runs the file in "
+        "OpenVINO instead. Exit code 1 if the agreement bound is not met.",
     )
     parser.add_argument("--model", required=True, metavar="MODEL",
                         help=f"one of {', '.join(BUILTIN_MODELS)} or MODULE:FUNCTION returning "
@@ -42,6 +47,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="torch side: ONNX Runtime's integer arithmetic (auto: where "
                         "the model has integer layers) or the fake-quant forward "
                         "(default: %(default)s)")
+    parser.add_argument("--backend", choices=BACKENDS, default="onnxruntime",
+                        help="inference backend that runs the ONNX file (default: %(default)s)")
     parser.set_defaults(func=run)
 
 
@@ -59,8 +66,13 @@ def run(args: argparse.Namespace) -> int:
 
     import quantaware
     from quantaware import presets
+    from quantaware.backends import check_backend
     from quantaware.deploy import default_config, load_model_source, quantize_for_backend
 
+    try:
+        check_backend(args.backend)
+    except ImportError as exc:
+        raise UsageError(str(exc)) from exc
     console = Console(width=None if sys.stdout.isatty() else 100)
     with console.status(f"loading {args.model}") as status:
         try:
@@ -76,8 +88,9 @@ def run(args: argparse.Namespace) -> int:
         status.update("exporting")
         path = quantaware.export_onnx(qmodel, Path(args.out) / f"{source.name}-int8.onnx",
                                       example)
-        status.update("running ONNX Runtime and torch")
-        report = quantaware.verify(path, qmodel, source.evaluate, reference=args.reference)
+        status.update(f"running {args.backend} and torch")
+        report = quantaware.verify(path, qmodel, source.evaluate, reference=args.reference,
+                                   backend=args.backend)
     console.print(f"[bold]{source.name}[/bold] ({config.name}) -> {path}")
     console.print(str(report))
     if args.json:

@@ -4,8 +4,16 @@ Both run on the same inputs; the report gives top-1 agreement, mean cosine
 similarity and the largest difference in units of the output's quantization
 step (LSB) where the ONNX output comes out of a ``DequantizeLinear``. For a
 prepared model it also compares every quantized activation on the first batch
-(:mod:`quantaware.export.layers`) and names the first layer where ONNX Runtime
-and torch differ.
+(:mod:`quantaware.export.layers`) and names the first layer where the inference
+backend and torch differ.
+
+The ONNX file runs in ONNX Runtime (default) or OpenVINO
+(:mod:`quantaware.backends`). OpenVINO compiles a graph as a whole: a
+quantized tensor exposed as an extra graph output can change how it fuses the
+neighbouring quantize steps, and with it what the model computes. So on
+OpenVINO a layer's codes are only compared when exposing them leaves the
+model's own outputs bit for bit unchanged (all layers exposed at once, or else
+one at a time); the others are counted as unavailable, not compared.
 
 The torch side is the model run with ONNX Runtime's integer arithmetic
 (:func:`quantaware.export.integer.integer_arithmetic`): its quantized layers
@@ -20,6 +28,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,16 +41,26 @@ from onnx import numpy_helper
 from torch import nn
 
 from quantaware._batch import model_device, split_batch, to_device
-from quantaware.bench import create_session
+from quantaware.backends import BackendSession, check_backend, create_backend_session
 from quantaware.export.integer import fake_quant_arithmetic, integer_arithmetic
-from quantaware.export.layers import compare_layers, first_divergence
+from quantaware.export.layers import (
+    LayerDiff,
+    _disambiguate,
+    _quantize_nodes,
+    _torch_codes,
+    compare_layers,
+    first_divergence,
+)
+from quantaware.fake_quant import FakeQuantizer
 
 __all__ = ["VerifyReport", "verify"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class VerifyReport:
-    """Agreement between an ONNX model (as ONNX Runtime runs it) and a torch model.
+    """Agreement between an ONNX model (as an inference backend runs it) and a torch model.
 
     Attributes:
         num_samples: samples compared.
@@ -53,6 +72,8 @@ class VerifyReport:
             when the output is not quantized.
         output_scale: the output's quantization step, if quantized.
         layers_checked: quantized activations compared layer by layer (first batch).
+        layers_unavailable: quantized activations the backend could not expose
+            without changing what it computes (OpenVINO), so not compared.
         first_divergent_layer: the first quantizer (graph order) whose integer codes
             differ (by more than one LSB when some layers are compared with the
             fake-quant forward), or ``None`` if every layer agrees.
@@ -62,9 +83,11 @@ class VerifyReport:
             rest in fake-quant), ``"fake-quant"`` otherwise.
         integer_layers: quantized layers run integer-exact.
         fake_quant_layers: quantized layers without an integer-exact form.
-        fake_quant_top1_agreement: top-1 agreement of ONNX Runtime with the
+        fake_quant_top1_agreement: top-1 agreement of the backend with the
             fake-quant forward (``None`` when that is the reference itself).
         fake_quant_cosine: mean cosine similarity with the fake-quant forward.
+        backend: the inference backend that ran the ONNX file
+            (:data:`quantaware.backends.BACKENDS`).
     """
 
     num_samples: int
@@ -82,6 +105,8 @@ class VerifyReport:
     fake_quant_layers: int = 0
     fake_quant_top1_agreement: float | None = None
     fake_quant_cosine: float | None = None
+    layers_unavailable: int = 0
+    backend: str = "onnxruntime"
 
     def passed(self, min_agreement: float = 0.99, max_lsb: float = 1.0) -> bool:
         """True if agreement and (where quantized) the LSB error are within bounds."""
@@ -99,7 +124,12 @@ class VerifyReport:
         lsb = ("n/a (float output)" if self.max_error_lsb is None
                else f"{self.max_error_lsb:.2f} LSB (step {self.output_scale:.4g})")
         verdict = "PASS" if self.passed() else "CHECK"
-        if not self.layers_checked:
+        where = "" if self.backend == "onnxruntime" else f" in {self.backend}"
+        if not self.layers_checked and self.layers_unavailable:
+            layers = (f"not available in {self.backend} (none of the "
+                      f"{self.layers_unavailable} quantized activations could be exposed "
+                      "without changing its result)")
+        elif not self.layers_checked:
             layers = "not checked (no static activation quantizers)"
         elif self.first_divergent_layer is None:
             exact = self.reference == "integer" and not self.fake_quant_layers
@@ -108,6 +138,8 @@ class VerifyReport:
         else:
             layers = (f"first divergence at {self.first_divergent_layer} "
                       f"({self.first_divergent_lsb} LSB; {self.layers_checked} checked)")
+        if self.layers_checked and self.layers_unavailable:
+            layers += f"; {self.layers_unavailable} not observable in {self.backend}"
         if self.reference == "integer":
             total = self.integer_layers + self.fake_quant_layers
             reference = (f"torch with ONNX Runtime's integer arithmetic "
@@ -115,7 +147,7 @@ class VerifyReport:
         else:
             reference = "torch fake-quant forward"
         lines = [
-            f"verify: {verdict} on {self.num_samples} samples",
+            f"verify: {verdict} on {self.num_samples} samples{where}",
             f"  reference        {reference}",
             f"  top-1 agreement  {100 * self.top1_agreement:.2f}%",
             f"  cosine           {self.cosine:.6f} (min {self.min_cosine:.6f})",
@@ -170,14 +202,15 @@ class _Agreement:
     max_abs_error: float
 
 
-def _agreement(refs: list[np.ndarray], outs: list[np.ndarray]) -> _Agreement:
+def _agreement(refs: list[np.ndarray], outs: list[np.ndarray],
+               backend: str = "onnxruntime") -> _Agreement:
     agree = total = 0
     cosines: list[np.ndarray] = []
     max_err = 0.0
     for ref, out in zip(refs, outs, strict=True):
         if ref.shape != out.shape:
             raise ValueError(
-                f"output shapes differ: torch {ref.shape} vs ONNX Runtime {out.shape}; "
+                f"output shapes differ: torch {ref.shape} vs {backend} {out.shape}; "
                 "is this the model the file was exported from?"
             )
         n = ref.shape[0] if ref.ndim > 0 else 1
@@ -208,6 +241,86 @@ def _torch_outputs(model: nn.Module, batches: list[Any]) -> list[np.ndarray]:
     return outs
 
 
+def _feed(batch: Any, input_names: list[str]) -> dict[str, np.ndarray]:
+    args, kwargs = split_batch(batch)
+    if args:
+        return {name: a.detach().cpu().numpy()
+                for name, a in zip(input_names, args, strict=False)}
+    return {k: v.detach().cpu().numpy() for k, v in kwargs.items() if k in input_names}
+
+
+def _diff_rows(pairs: list[tuple[str, str]], ref: dict[str, np.ndarray],
+               values: dict[str, np.ndarray]) -> list[LayerDiff]:
+    rows = []
+    for name, tensor in pairs:
+        if tensor not in values or name not in ref or ref[name].shape != values[tensor].shape:
+            continue  # not observed, or a quantizer the torch forward did not run on it
+        diff = np.abs(ref[name] - values[tensor].astype(np.int64))
+        rows.append(LayerDiff(name, tensor, int(diff.max()) if diff.size else 0,
+                              float((diff > 0).mean()) if diff.size else 0.0))
+    return rows
+
+
+def _exposed_codes(proto: onnx.ModelProto, tensors: list[str], feed: dict[str, np.ndarray],
+                   expected: list[np.ndarray], threads: int) -> dict[str, np.ndarray] | None:
+    """``tensors`` read from OpenVINO with them added as graph outputs, or ``None``
+    when OpenVINO cannot expose them or adding them changes the model's own
+    outputs (it then compiled a different computation, so the codes would not
+    describe the deployed model)."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(proto)
+    own = [o.name for o in proto.graph.output]
+    probe.graph.output.extend(onnx.ValueInfoProto(name=t) for t in tensors if t not in own)
+    try:
+        session = create_backend_session(probe.SerializeToString(), "openvino", threads)
+        values = dict(zip(own + tensors, session.run(own + tensors, feed), strict=True))
+    except (RuntimeError, ValueError) as exc:  # OpenVINO's errors are RuntimeErrors
+        log.info("OpenVINO cannot expose %d layer output(s): %s", len(tensors), exc)
+        return None
+    if not all(np.array_equal(values[n], e) for n, e in zip(own, expected, strict=True)):
+        return None
+    return {t: values[t] for t in tensors}
+
+
+def _openvino_layers(proto: onnx.ModelProto, model: nn.Module, batch: Any, threads: int,
+                     session: BackendSession) -> tuple[list[LayerDiff], int]:
+    """:func:`~quantaware.export.layers.compare_layers` for OpenVINO: rows and the
+    number of quantized activations that could not be observed faithfully.
+
+    All quantizer outputs are exposed at once; if that changes the model's own
+    outputs on ``batch``, each is exposed on its own (one compile per layer) and
+    the ones that still change them are left out.
+    """
+    model.eval()
+    quantizers = {
+        name: q for name, q in model.named_modules()
+        if isinstance(q, FakeQuantizer) and not q.from_tensor and q.axis is None
+        and bool(q.fake_quant_enabled)
+    }
+    found = _quantize_nodes(proto, set(quantizers))
+    if not found:
+        return [], 0
+    feed = _feed(batch, [i.name for i in session.get_inputs()])
+    expected = session.run([o.name for o in proto.graph.output], feed)
+    tensors = [tensor for _, tensor, _ in found]
+    values = _exposed_codes(proto, tensors, feed, expected, threads)
+    if values is None:
+        values = {}
+        for tensor in tensors:
+            values.update(_exposed_codes(proto, [tensor], feed, expected, threads) or {})
+    ref = _torch_codes(model, quantizers, batch)
+    pairs = _disambiguate(found, quantizers, list(ref))
+    return _diff_rows(pairs, ref, values), len(set(tensors) - set(values))
+
+
+def _layer_rows(backend: str, onnx_path: Path, proto: onnx.ModelProto, model: nn.Module,
+                batch: Any, threads: int,
+                session: BackendSession) -> tuple[list[LayerDiff], int]:
+    if backend == "onnxruntime":
+        return compare_layers(onnx_path, model, batch, threads), 0
+    return _openvino_layers(proto, model, batch, threads, session)
+
+
 REFERENCES = ("auto", "integer", "fake-quant")
 
 
@@ -219,15 +332,16 @@ def verify(
     threads: int = 2,
     check_layers: bool = True,
     reference: str = "auto",
+    backend: str = "onnxruntime",
 ) -> VerifyReport:
-    """Run ``onnx_path`` in ONNX Runtime and ``model`` in torch on ``data``; compare.
+    """Run ``onnx_path`` in ``backend`` and ``model`` in torch on ``data``; compare.
 
     Args:
         onnx_path: the exported model.
         model: the torch model it was exported from (prepared/calibrated/trained).
         data: batches (tensors, ``(inputs, ...)`` tuples, or dicts of inputs).
         num_batches: compare at most this many batches.
-        threads: ONNX Runtime intra-op threads.
+        threads: inference threads of the backend.
         check_layers: also compare every quantized activation on the first batch
             and report the first layer that differs.
         reference: ``"integer"`` runs the torch model with ONNX Runtime's integer
@@ -235,6 +349,18 @@ def verify(
             ``"fake-quant"`` compares with the fake-quant forward only; ``"auto"``
             (default) is ``"integer"`` when the model has a quantized layer with
             an integer-exact form.
+        backend: ``"onnxruntime"`` (default) or ``"openvino"``
+            (:mod:`quantaware.backends`; float layers run in float32). The
+            integer reference reproduces ONNX Runtime's kernels, so OpenVINO,
+            which rounds some steps differently (ties of the input quantizer,
+            requantized residual adds), can differ from it by an LSB here and
+            there, and a deep network amplifies such flips. When exposing the
+            layer outputs all at once changes OpenVINO's result, the layer check
+            compiles the model once per layer (about a minute on MobileNetV2).
+
+    Raises:
+        ValueError: unknown ``backend`` or ``reference``, an unreadable file, no data.
+        ImportError: ``backend="openvino"`` without OpenVINO installed.
 
     Example:
         >>> import torch, tempfile, os, quantaware
@@ -246,10 +372,13 @@ def verify(
         >>> report = verify(path, q, [x])
         >>> report.passed(), report.reference, report.max_error_lsb
         (True, 'integer', 0.0)
+        >>> verify(path, q, [x], backend="openvino").backend  # with OpenVINO installed
+        'openvino'
     """
 
     if reference not in REFERENCES:
         raise ValueError(f"reference must be one of {REFERENCES}, got {reference!r}")
+    check_backend(backend)
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
         raise FileNotFoundError(f"ONNX model not found: {onnx_path}")
@@ -266,24 +395,18 @@ def verify(
     batches = list(itertools.islice(data, num_batches))
     if not batches:
         raise ValueError("verify got no data: pass an iterable with at least one batch")
-    session = create_session(proto.SerializeToString(), threads)
+    session = create_backend_session(proto.SerializeToString(), backend, threads)
     input_names = [i.name for i in session.get_inputs()]
     scale = _output_scale(proto)
+    outs = [session.run(None, _feed(batch, input_names))[0] for batch in batches]
 
-    ort_outs = []
-    for batch in batches:
-        args, kwargs = split_batch(batch)
-        if args:
-            feed = {name: a.detach().cpu().numpy() for name, a in zip(input_names, args,
-                                                                     strict=False)}
-        else:
-            feed = {k: v.detach().cpu().numpy() for k, v in kwargs.items() if k in input_names}
-        ort_outs.append(session.run(None, feed)[0])
+    def layer_rows() -> tuple[list[LayerDiff], int]:
+        return _layer_rows(backend, onnx_path, proto, model, batches[0], threads, session)
 
     model.eval()
     with fake_quant_arithmetic(model):
-        fake = _agreement(_torch_outputs(model, batches), ort_outs)
-    main, rows, max_lsb = fake, [], 1
+        fake = _agreement(_torch_outputs(model, batches), outs, backend)
+    main, rows, unavailable, max_lsb = fake, [], 0, 1
     integer_layers = fallback_layers = 0
     used = "fake-quant"
     if reference != "fake-quant":
@@ -291,14 +414,14 @@ def verify(
             if emulation.emulated or reference == "integer":
                 used = "integer"
                 integer_layers, fallback_layers = len(emulation.emulated), len(emulation.fallback)
-                main = _agreement(_torch_outputs(model, batches), ort_outs)
+                main = _agreement(_torch_outputs(model, batches), outs, backend)
                 # Exact layers must match code for code; float ones within 1 LSB.
                 max_lsb = 0 if emulation.complete else 1
                 if check_layers:
-                    rows = compare_layers(onnx_path, model, batches[0], threads)
+                    rows, unavailable = layer_rows()
     if used == "fake-quant" and check_layers:
         with fake_quant_arithmetic(model):
-            rows = compare_layers(onnx_path, model, batches[0], threads)
+            rows, unavailable = layer_rows()
     first = first_divergence(rows, max_lsb)
     return VerifyReport(
         num_samples=main.num_samples,
@@ -316,4 +439,6 @@ def verify(
         fake_quant_layers=fallback_layers,
         fake_quant_top1_agreement=fake.top1 if used == "integer" else None,
         fake_quant_cosine=fake.cosine if used == "integer" else None,
+        layers_unavailable=unavailable,
+        backend=backend,
     )

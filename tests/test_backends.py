@@ -1,0 +1,134 @@
+"""Inference backends: ONNX Runtime and OpenVINO behind one session interface."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import quantaware
+from quantaware import presets
+from quantaware.backends import (
+    BACKENDS,
+    check_backend,
+    create_backend_session,
+    openvino_config,
+)
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+INPUT_SHAPE = (3, 8, 8)
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory, single_thread, cnn_factory, batches_factory):
+    """The residual CNN (conv, depthwise, residual add, concat, max/avg pooling) as
+    float and INT8 ONNX files: ``(float_model, int8_model, float_path, int8_path)``."""
+    folder = tmp_path_factory.mktemp("backends")
+    model = cnn_factory(0)
+    example = torch.zeros(1, *INPUT_SHAPE)
+    calib = batches_factory((16, *INPUT_SHAPE), 8, 0)
+    qmodel = quantaware.quantize(model, presets.INT8, calib, example)
+    float_path = quantaware.export_onnx(model, folder / "float.onnx", example)
+    int8_path = quantaware.export_onnx(qmodel, folder / "int8.onnx", example)
+    return model, qmodel, float_path, int8_path
+
+
+@pytest.fixture(scope="module")
+def data(batches_factory):
+    """Inputs never seen in calibration."""
+    return batches_factory((25, *INPUT_SHAPE), 8, 1)
+
+
+def test_unknown_backend_lists_the_backends(exports, data):
+    _, qmodel, _, int8_path = exports
+    assert BACKENDS == ("onnxruntime", "openvino")
+    with pytest.raises(ValueError, match="'tflite'; choose one of: onnxruntime, openvino"):
+        create_backend_session(int8_path, "tflite")
+    with pytest.raises(ValueError, match="onnxruntime, openvino"):
+        quantaware.verify(int8_path, qmodel, data, backend="ONNXRuntime")
+    assert check_backend("onnxruntime") == "onnxruntime"
+
+
+def test_openvino_missing_names_the_extra(monkeypatch, exports):
+    monkeypatch.setitem(sys.modules, "openvino", None)  # as if not installed
+    with pytest.raises(ImportError, match=r"pip install 'quantaware\[openvino\]'"):
+        check_backend("openvino")
+    with pytest.raises(ImportError, match=r"quantaware\[openvino\]"):
+        create_backend_session(exports[3], "openvino")
+
+
+def test_onnxruntime_session_is_quantawares(exports):
+    from quantaware.bench import Session
+
+    session = create_backend_session(exports[3], "onnxruntime", threads=1)
+    assert isinstance(session, Session)  # create_session: without the rewrites that change codes
+    with pytest.raises(ValueError, match="threads"):
+        create_backend_session(exports[3], "onnxruntime", threads=0)
+
+
+def test_openvino_compiles_float_layers_in_float32(exports, data):
+    """A float model in OpenVINO matches torch to float32 rounding: the f32 hint holds
+    (bf16, the CPU plugin's default where the CPU has it, is ~1e-3 off)."""
+    ov = pytest.importorskip("openvino")
+    model, _, float_path, _ = exports
+    assert openvino_config(2) == {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": 2,
+                                  "PERFORMANCE_HINT": "LATENCY"}
+    session = create_backend_session(float_path, "openvino", threads=1)
+    x = data[0].numpy()
+    with torch.no_grad():
+        expected = model(data[0]).numpy()
+    (out,) = session.run(None, {"x": x})
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
+    core = ov.Core()
+    if "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        default = core.compile_model(core.read_model(str(float_path)), "CPU")
+        assert np.abs(default({0: x})[0] - expected).max() > 1e-4  # the hint matters here
+
+
+def test_openvino_session_interface(exports, data):
+    pytest.importorskip("openvino")
+    _, _, float_path, int8_path = exports
+    ort_session = create_backend_session(int8_path, "onnxruntime", threads=1)
+    session = create_backend_session(int8_path.read_bytes(), "openvino", threads=1)
+    (arg,) = session.get_inputs()
+    assert (arg.name, arg.type, arg.shape) == ("x", "tensor(float)", [None, *INPUT_SHAPE])
+    assert [o.name for o in session.get_outputs()] == [o.name for o in ort_session.get_outputs()]
+    name = session.get_outputs()[0].name
+    for rows in (1, 7, 25):  # a dynamic batch: each size compiled with static shapes
+        x = data[0][:rows].numpy()
+        (out,) = session.run([name], {"x": x})
+        assert out.shape == (rows, 10) and out.dtype == np.float32
+        np.testing.assert_array_equal(out, session.run(None, {"x": x})[0])
+    with pytest.raises(ValueError, match="model's inputs are"):
+        session.run(None, {"input": x})
+    with pytest.raises(ValueError, match="unknown outputs"):
+        session.run(["nope"], {"x": x})
+    with pytest.raises(ValueError, match="threads"):
+        create_backend_session(float_path, "openvino", threads=0)
+    with pytest.raises(FileNotFoundError):
+        create_backend_session(float_path.with_name("missing.onnx"), "openvino")
+
+
+def test_verify_on_each_backend(exports, data, record_property):
+    pytest.importorskip("openvino")
+    _, qmodel, _, int8_path = exports
+    ort_report = quantaware.verify(int8_path, qmodel, data)
+    ov_report = quantaware.verify(int8_path, qmodel, data, backend="openvino")
+    assert (ort_report.backend, ov_report.backend) == ("onnxruntime", "openvino")
+    assert ov_report.num_samples == ort_report.num_samples == 200
+    assert ov_report.reference == "integer"
+    assert ov_report.top1_agreement >= ort_report.top1_agreement
+    assert ov_report.cosine > 0.9999
+    # OpenVINO requantizes residual adds in float, so it can sit an LSB or two away
+    # from ONNX Runtime's integer kernels (measured: 2.0 LSB here; ORT: 0).
+    record_property("openvino_max_error_lsb", ov_report.max_error_lsb)
+    assert ort_report.max_error_lsb == 0.0
+    assert ov_report.max_error_lsb is not None and ov_report.max_error_lsb <= 4 + 1e-3
+    # Each quantized activation is either compared or reported as not observable.
+    assert ov_report.layers_checked > 0
+    assert ov_report.layers_checked + ov_report.layers_unavailable == ort_report.layers_checked
+    assert "in openvino" in str(ov_report).splitlines()[0]
+    assert ov_report.to_dict()["backend"] == "openvino"
