@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from tests._helpers import Exploit, save_photo
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -111,11 +112,6 @@ def write_onnx(path, input_name: str = "pixels") -> None:
     onnx.save(model, str(path))
 
 
-def save_photo(array, path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    PIL.fromarray(array).resize((64, 64)).save(path)
-
-
 @pytest.fixture(scope="module")
 def bert(tmp_path_factory):
     folder = tmp_path_factory.mktemp("bert") / "tiny-bert"
@@ -132,16 +128,6 @@ def photos(tmp_path):
     save_photo(skdata.astronaut(), root / "person" / "astronaut.jpg")
     save_photo(skdata.camera(), root / "person" / "camera.png")
     return root
-
-
-class Exploit:
-    """Unpickling this writes a file: the side effect a crafted weights file would have."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (exec, (f"open({self.marker!r}, 'w').write('ran')",))
 
 
 # -- model sources -------------------------------------------------------------------

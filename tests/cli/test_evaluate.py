@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import shutil
 
 import pytest
 import torch
+from tests._helpers import run_cli, save_photo
 from torch import nn
 
-from quantaware.cli import main
 from quantaware.sources import load_data, read_labels
 
 PIL = pytest.importorskip("PIL.Image")
@@ -30,18 +28,6 @@ def image_cnn() -> nn.Module:
         nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
         nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, len(LABELS))).eval()
-
-
-def save_photo(array, path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    PIL.fromarray(array).resize((64, 64)).save(path)
-
-
-def run_cli(argv: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(argv)
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
-import io
 import json
 
 import numpy as np
 import onnx
 import pytest
 import torch
+from tests._helpers import Exploit, run_cli
 
 from quantaware.cli import main
 
@@ -43,13 +42,6 @@ def calibration():
     gen = torch.Generator().manual_seed(0)
     return [torch.randn(8, 3, 8, 8, generator=gen) for _ in range(3)]
 """
-
-
-def run_cli(argv: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(argv)
-    return code, out.getvalue(), err.getvalue()
 
 
 def ort_outputs(path, batches) -> np.ndarray:
@@ -131,14 +123,6 @@ def test_bad_example_inputs(user, tmp_path, extra, message):
                                *extra])
     assert code == 2 and message in stderr
     assert not (tmp_path / "m.onnx").exists()
-
-
-class Exploit:
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (exec, (f"open({self.marker!r}, 'w').write('ran')",))
 
 
 def test_checkpoints_that_are_not_quantized_models(user, tmp_path):

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 
 import numpy as np
 import pytest
 import torch
+from tests._helpers import Exploit, run_cli
 from torch.utils.data import DataLoader
 
 from quantaware.cli import main
@@ -30,14 +29,6 @@ VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "the", "a", "cat", "dog", "sat", "o
 SENTENCES = ["The cat sat on the mat.", "A small model runs fast.", "",
              "Quantization keeps models small.", "the dog is good", "a cat and a dog",
              "zebra crossing"]
-
-
-def run_cli(argv: list[str]) -> tuple[int, str, str]:
-    """``main(argv)`` with its output captured (usable in module-scoped fixtures)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(argv)
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -240,14 +231,6 @@ def test_malformed_options_are_rejected_by_the_parser(tmp_path, capsys, argv, me
     with pytest.raises(SystemExit) as exc:
         main(["quantize", *argv, "--out", str(tmp_path / "out")])
     assert exc.value.code == 2 and message in capsys.readouterr().err
-
-
-class Exploit:
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (exec, (f"open({self.marker!r}, 'w').write('ran')",))
 
 
 def not_a_module():

@@ -113,3 +113,15 @@ def write_json(payload: Any, path: str) -> str:
     from quantaware.deploy_bench import write_json as write
 
     return str(write(payload, path))
+
+
+def print_verify(con: Any, label: str, verify: dict[str, Any]) -> None:
+    """One line for a verify result dict (``VerifyReport.to_dict()`` plus ``passed``)."""
+    con.print(f"{label}: ONNX Runtime vs torch top-1 {100 * verify['top1_agreement']:.2f}%, "
+              f"max error {verify['max_error_lsb']} LSB -> "
+              f"{'PASS' if verify['passed'] else 'CHECK'}")
+
+
+def print_files(con: Any, files: dict[str, str]) -> None:
+    for kind, path in files.items():
+        con.print(f"{kind}: {path}")

@@ -70,11 +70,8 @@ def run(args: argparse.Namespace) -> int:
                        comparison_table(comparison))
     verify = results.get("verify")
     if verify is not None:
-        con.print(f"verify: ONNX Runtime vs torch top-1 {100 * verify['top1_agreement']:.2f}%, "
-                  f"max error {verify['max_error_lsb']} LSB -> "
-                  f"{'PASS' if verify['passed'] else 'CHECK'}")
-    for kind, path in results["files"].items():
-        con.print(f"{kind}: {path}")
+        common.print_verify(con, "verify", verify)
+    common.print_files(con, results["files"])
     if args.json:
         con.print(f"results written to {common.write_json(results, args.json)}")
     return 0 if verify is None or verify["passed"] else 1

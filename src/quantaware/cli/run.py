@@ -65,13 +65,10 @@ def run(args: argparse.Namespace) -> int:
                            comparison_table(result))
         verify = result.get("verify")
         if verify is not None:
-            con.print(f"verify {name}: top-1 {100 * verify['top1_agreement']:.2f}%, "
-                      f"max error {verify['max_error_lsb']} LSB -> "
-                      f"{'PASS' if verify['passed'] else 'CHECK'}")
+            common.print_verify(con, f"verify {name}", verify)
             if not verify["passed"]:
                 failed.append(name)
-    for kind, path in results["files"].items():
-        con.print(f"{kind}: {path}")
+    common.print_files(con, results["files"])
     if args.json:
         con.print(f"results written to {common.write_json(results, args.json)}")
     return 1 if failed else 0
