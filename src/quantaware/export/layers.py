@@ -36,7 +36,7 @@ from quantaware._batch import model_device, split_batch, to_device
 from quantaware.bench import create_session
 from quantaware.fake_quant import FakeQuantizer
 
-__all__ = ["LayerDiff", "compare_layers", "first_divergence"]
+__all__ = ["LayerDiff", "activation_quantizers", "compare_layers", "diff_rows", "first_divergence"]
 
 _SCALE_SUFFIX = ".scale"
 
@@ -147,6 +147,29 @@ def _torch_codes(model: nn.Module, quantizers: dict[str, FakeQuantizer],
     return codes
 
 
+def activation_quantizers(model: nn.Module) -> dict[str, FakeQuantizer]:
+    """The enabled static per-tensor activation quantizers of ``model``, by name:
+    the ones whose codes the exported graph holds as ``QuantizeLinear`` outputs."""
+    return {
+        name: q for name, q in model.named_modules()
+        if isinstance(q, FakeQuantizer) and not q.from_tensor and q.axis is None
+        and bool(q.fake_quant_enabled)
+    }
+
+
+def diff_rows(pairs: list[tuple[str, str]], ref: dict[str, np.ndarray],
+              values: dict[str, np.ndarray]) -> list[LayerDiff]:
+    """One :class:`LayerDiff` per ``(quantizer, tensor)`` pair observed on both sides."""
+    rows = []
+    for name, tensor in pairs:
+        if tensor not in values or name not in ref or ref[name].shape != values[tensor].shape:
+            continue  # not observed, or a quantizer the torch forward did not run on it
+        diff = np.abs(ref[name] - values[tensor].astype(np.int64))
+        rows.append(LayerDiff(name, tensor, int(diff.max()) if diff.size else 0,
+                              float((diff > 0).mean()) if diff.size else 0.0))
+    return rows
+
+
 def compare_layers(onnx_path: str | Path, model: nn.Module, batch: Any,
                    threads: int = 2) -> list[LayerDiff]:
     """Compare every static per-tensor activation quantizer's codes, in graph order.
@@ -161,11 +184,7 @@ def compare_layers(onnx_path: str | Path, model: nn.Module, batch: Any,
     """
 
     model.eval()
-    quantizers = {
-        name: q for name, q in model.named_modules()
-        if isinstance(q, FakeQuantizer) and not q.from_tensor and q.axis is None
-        and bool(q.fake_quant_enabled)
-    }
+    quantizers = activation_quantizers(model)
     proto = onnx.load(str(onnx_path))
     pairs = _quantize_nodes(proto, set(quantizers))
     if not pairs:
@@ -184,11 +203,4 @@ def compare_layers(onnx_path: str | Path, model: nn.Module, batch: Any,
     wanted = [tensor for _, tensor, _ in pairs]
     ort_values = dict(zip(wanted, session.run(wanted, feed), strict=True))
     ref = _torch_codes(model, quantizers, batch)
-    rows = []
-    for name, tensor in _disambiguate(pairs, quantizers, list(ref)):
-        if name not in ref or ref[name].shape != ort_values[tensor].shape:
-            continue  # a quantizer the torch forward did not run on this tensor
-        diff = np.abs(ref[name] - ort_values[tensor].astype(np.int64))
-        rows.append(LayerDiff(name, tensor, int(diff.max()) if diff.size else 0,
-                              float((diff > 0).mean()) if diff.size else 0.0))
-    return rows
+    return diff_rows(_disambiguate(pairs, quantizers, list(ref)), ref, ort_values)

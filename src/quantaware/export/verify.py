@@ -48,10 +48,11 @@ from quantaware.export.layers import (
     _disambiguate,
     _quantize_nodes,
     _torch_codes,
+    activation_quantizers,
     compare_layers,
+    diff_rows,
     first_divergence,
 )
-from quantaware.fake_quant import FakeQuantizer
 
 __all__ = ["VerifyReport", "verify"]
 
@@ -249,18 +250,6 @@ def _feed(batch: Any, input_names: list[str]) -> dict[str, np.ndarray]:
     return {k: v.detach().cpu().numpy() for k, v in kwargs.items() if k in input_names}
 
 
-def _diff_rows(pairs: list[tuple[str, str]], ref: dict[str, np.ndarray],
-               values: dict[str, np.ndarray]) -> list[LayerDiff]:
-    rows = []
-    for name, tensor in pairs:
-        if tensor not in values or name not in ref or ref[name].shape != values[tensor].shape:
-            continue  # not observed, or a quantizer the torch forward did not run on it
-        diff = np.abs(ref[name] - values[tensor].astype(np.int64))
-        rows.append(LayerDiff(name, tensor, int(diff.max()) if diff.size else 0,
-                              float((diff > 0).mean()) if diff.size else 0.0))
-    return rows
-
-
 def _exposed_codes(proto: onnx.ModelProto, tensors: list[str], feed: dict[str, np.ndarray],
                    expected: list[np.ndarray], threads: int) -> dict[str, np.ndarray] | None:
     """``tensors`` read from OpenVINO with them added as graph outputs, or ``None``
@@ -292,11 +281,7 @@ def _openvino_layers(proto: onnx.ModelProto, model: nn.Module, batch: Any, threa
     the ones that still change them are left out.
     """
     model.eval()
-    quantizers = {
-        name: q for name, q in model.named_modules()
-        if isinstance(q, FakeQuantizer) and not q.from_tensor and q.axis is None
-        and bool(q.fake_quant_enabled)
-    }
+    quantizers = activation_quantizers(model)
     found = _quantize_nodes(proto, set(quantizers))
     if not found:
         return [], 0
@@ -310,7 +295,7 @@ def _openvino_layers(proto: onnx.ModelProto, model: nn.Module, batch: Any, threa
             values.update(_exposed_codes(proto, [tensor], feed, expected, threads) or {})
     ref = _torch_codes(model, quantizers, batch)
     pairs = _disambiguate(found, quantizers, list(ref))
-    return _diff_rows(pairs, ref, values), len(set(tensors) - set(values))
+    return diff_rows(pairs, ref, values), len(set(tensors) - set(values))
 
 
 def _layer_rows(backend: str, onnx_path: Path, proto: onnx.ModelProto, model: nn.Module,
