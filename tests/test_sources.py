@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from tests._helpers import Exploit, save_photo
+from tests._helpers import Exploit, save_photo, write_bert_folder
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -24,7 +24,7 @@ from quantaware.sources import (
     load_weights,
     read_labels,
 )
-from quantaware.zoo.minilm import MiniLM, MiniLMConfig
+from quantaware.zoo.minilm import MiniLM
 
 PIL = pytest.importorskip("PIL.Image")
 skdata = pytest.importorskip("skimage.data")
@@ -72,31 +72,6 @@ SENTENCES = ["The cat sat on the mat.", "A small model runs fast.", "",
              "Quantization keeps models small.", "  the dog is good  ", "zebra"]
 
 
-def write_bert_folder(folder, seed: int = 0) -> MiniLM:
-    """A tiny BERT model folder (config.json, model.safetensors, tokenizer.json)."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-
-    folder.mkdir(parents=True)
-    tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(VOCAB)}, unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-    tok.save(str(folder / "tokenizer.json"))
-    config = {"model_type": "bert", "hidden_act": "gelu", "vocab_size": len(VOCAB),
-              "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-              "intermediate_size": 64, "max_position_embeddings": 16, "type_vocab_size": 2,
-              "layer_norm_eps": 1e-12}
-    (folder / "config.json").write_text(json.dumps(config))
-    torch.manual_seed(seed)
-    model = MiniLM(MiniLMConfig(vocab_size=len(VOCAB), hidden_size=32, num_layers=2,
-                                num_heads=4, intermediate_size=64, max_positions=16)).eval()
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    # Files saved by transformers carry these too; the loader drops them.
-    state["embeddings.position_ids"] = torch.arange(16)[None]
-    state["pooler.dense.weight"] = torch.zeros(32, 32)
-    safetensors_torch.save_file(state, str(folder / "model.safetensors"))
-    return model
 
 
 def write_onnx(path, input_name: str = "pixels") -> None:
@@ -115,7 +90,7 @@ def write_onnx(path, input_name: str = "pixels") -> None:
 @pytest.fixture(scope="module")
 def bert(tmp_path_factory):
     folder = tmp_path_factory.mktemp("bert") / "tiny-bert"
-    original = write_bert_folder(folder)
+    original = write_bert_folder(folder, VOCAB, transformers_extras=True)
     return folder, original
 
 
@@ -363,7 +338,7 @@ def test_model_folder_loads_weights_and_tokenizer(bert):
     (None, "w.pt", "a model folder carries its own weights"),
 ])
 def test_model_folder_problems(tmp_path, breakage, weights, message):
-    write_bert_folder(tmp_path / "m")
+    write_bert_folder(tmp_path / "m", VOCAB, transformers_extras=True)
     if breakage == "model_type":
         config = json.loads((tmp_path / "m" / "config.json").read_text())
         (tmp_path / "m" / "config.json").write_text(json.dumps(config | {"model_type": "gpt2"}))
@@ -375,7 +350,7 @@ def test_model_folder_problems(tmp_path, breakage, weights, message):
 
 @pytest.mark.parametrize("name", ["model.safetensors", "tokenizer.json"])
 def test_model_folder_with_a_corrupt_file(tmp_path, name):
-    write_bert_folder(tmp_path / "m")
+    write_bert_folder(tmp_path / "m", VOCAB, transformers_extras=True)
     path = tmp_path / "m" / name
     path.write_bytes(path.read_bytes()[:40])
     with pytest.raises(SourceError, match=name):

@@ -65,7 +65,7 @@ logger = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike[str]
 
-_ORT_FLOAT_TYPES: dict[str, type[np.floating[Any]]] = {
+ORT_FLOAT_TYPES: dict[str, type[np.floating[Any]]] = {
     "tensor(float)": np.float32,
     "tensor(float16)": np.float16,
     "tensor(double)": np.float64,
@@ -225,13 +225,13 @@ def _single_float_input(session: ort.InferenceSession) -> tuple[str, Any, type]:
             "benchmark helpers support single-input models only"
         )
     (arg,) = inputs
-    if arg.type not in _ORT_FLOAT_TYPES:
+    if arg.type not in ORT_FLOAT_TYPES:
         raise OnnxModelError(
             f"model input {arg.name!r} has type {arg.type}; expected a float tensor "
-            f"({', '.join(_ORT_FLOAT_TYPES)})"
+            f"({', '.join(ORT_FLOAT_TYPES)})"
         )
     fixed_batch = arg.shape[0] if arg.shape and isinstance(arg.shape[0], int) else None
-    return arg.name, fixed_batch, _ORT_FLOAT_TYPES[arg.type]
+    return arg.name, fixed_batch, ORT_FLOAT_TYPES[arg.type]
 
 
 def _as_array(value: Any, dtype: type | None = None) -> np.ndarray:

@@ -52,6 +52,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from quantaware.bench import ORT_FLOAT_TYPES
 from quantaware.frames import (
     VIDEO_EXTENSIONS,
     VIDEO_WRITERS,
@@ -96,9 +97,6 @@ _QUANTIZED_OPS = frozenset({
     "QLinearMatMul", "ConvInteger", "MatMulInteger", "MatMulNBits", "QGemm",
     "QLinearAdd", "QLinearMul", "QLinearGlobalAveragePool",
 })
-_ORT_FLOAT_TYPES: dict[str, type[np.floating[Any]]] = {
-    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
-}
 
 
 # --------------------------------------------------------------------------- models
@@ -172,7 +170,7 @@ class DeployedModel:
         shape = list(arg.shape or [])
         # Dimensions are ints when static, names or None when dynamic.
         static = [d if isinstance(d, int) else None for d in shape]
-        if arg.type not in _ORT_FLOAT_TYPES or len(shape) != 4 or static[0] not in (1, None) \
+        if arg.type not in ORT_FLOAT_TYPES or len(shape) != 4 or static[0] not in (1, None) \
                 or static[1] not in (3, None):
             raise OnnxModelError(
                 f"model {str(self.path)!r} takes {arg.type} of shape {shape}; predict feeds "
@@ -185,7 +183,7 @@ class DeployedModel:
                 "centre crops: export the model with a square (or dynamic) input size")
         self.input_name = arg.name
         self.output_name = self.session.get_outputs()[0].name
-        self.input_dtype = _ORT_FLOAT_TYPES[arg.type]
+        self.input_dtype = ORT_FLOAT_TYPES[arg.type]
         self.input_side: int | None = height if isinstance(height, int) else None
 
     def run(self, x: np.ndarray) -> tuple[np.ndarray, float]:

@@ -7,14 +7,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from tests._helpers import Exploit, run_cli
+from tests._helpers import Exploit, run_cli, write_bert_folder
 from torch.utils.data import DataLoader
 
 from quantaware.cli import main
 from quantaware.data import load_digits_split
 from quantaware.models import DigitsCNN
 from quantaware.train import fit
-from quantaware.zoo.minilm import MiniLM, MiniLMConfig
 
 ort = pytest.importorskip("onnxruntime")
 tokenizers = pytest.importorskip("tokenizers")
@@ -116,34 +115,12 @@ def test_int8_onnx_runs_with_integer_weights(digits_run):
 # -- a Hugging Face model folder on a text file ------------------------------------------
 
 
-def write_bert_folder(folder) -> MiniLM:
-    """config.json, model.safetensors and a WordPiece tokenizer.json of a tiny BERT."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-
-    folder.mkdir(parents=True)
-    tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(VOCAB)}, unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-    tok.save(str(folder / "tokenizer.json"))
-    (folder / "config.json").write_text(json.dumps({
-        "model_type": "bert", "hidden_act": "gelu", "vocab_size": len(VOCAB),
-        "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4,
-        "intermediate_size": 64, "max_position_embeddings": 16, "type_vocab_size": 2,
-        "layer_norm_eps": 1e-12}))
-    torch.manual_seed(0)
-    model = MiniLM(MiniLMConfig(vocab_size=len(VOCAB), hidden_size=32, num_layers=1,
-                                num_heads=4, intermediate_size=64, max_positions=16)).eval()
-    safetensors_torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-                                str(folder / "model.safetensors"))
-    return model
 
 
 @pytest.fixture(scope="module")
 def bert_run(single_thread, tmp_path_factory):
     root = tmp_path_factory.mktemp("bert")
-    original = write_bert_folder(root / "tiny-bert")
+    original = write_bert_folder(root / "tiny-bert", VOCAB, layers=1)
     (root / "sentences.txt").write_text("\n".join(SENTENCES) + "\n")
     out = root / "out"
     code, stdout, stderr = run_cli([
