@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 
 import numpy as np
 import onnxruntime as ort
@@ -512,3 +513,94 @@ def test_own_range_weights_get_an_identity_gradient(narrow):
     y.backward(torch.full_like(y, 2.0))
     assert torch.equal(y.detach(), fake_quantize(w, scale, zp, qmin, qmax, 0))
     assert torch.equal(x.grad, torch.full_like(w, 2.0))
+
+
+# -- single-scale straight-through gradient: bounds on x instead of a mask ----------
+
+
+def _float32_neighbours(value: float, count: int = 40) -> torch.Tensor:
+    """The ``2 * count + 1`` float32 values around ``value`` (finite ones)."""
+    bits = torch.tensor(value, dtype=torch.float32).view(torch.int32)
+    near = (bits + torch.arange(-count, count + 1, dtype=torch.int32)).view(torch.float32)
+    return near[torch.isfinite(near)]
+
+
+@SETTINGS
+@given(st.floats(1e-6, 1e3), st.sampled_from([(0, 255), (-128, 127), (-127, 127), (-8, 7),
+                                               (0, 3)]), st.integers(0, 255))
+def test_pass_bounds_select_exactly_the_unclamped_inputs(scale, fmt, zp_seed):
+    """``a < x < b`` holds exactly where ``round(x / s)`` is not clamped, ties included."""
+    from quantaware.primitives import _pass_bounds
+
+    qmin, qmax = fmt
+    s = float(torch.tensor(scale, dtype=torch.float32))
+    z = qmin + zp_seed % (qmax - qmin + 1)
+    low, high = float(qmin - z), float(qmax - z)
+    a, b = _pass_bounds(s, low, high)
+    x = torch.cat([_float32_neighbours(a), _float32_neighbours(b),
+                   _float32_neighbours((low - 0.5) * s), _float32_neighbours((high + 0.5) * s)])
+    r = torch.round(x / torch.tensor(s))
+    assert torch.equal((x > a) & (x < b), (r >= low) & (r <= high))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_single_scale_gradient_equals_the_mask_gradient(seed):
+    """The per-tensor path (bounds on x) and the per-channel path (saved mask) give
+    the same values and gradients, also on rounding ties at the range ends."""
+    gen = torch.Generator().manual_seed(seed)
+    scale = torch.tensor(2.0 ** -int(torch.randint(1, 8, (), generator=gen)))
+    zp = int(torch.randint(-128, 128, (), generator=gen))
+    ties = (torch.arange(-300, 300) + 0.5) * scale
+    x = torch.cat([torch.randn(2000, generator=gen) * 200 * scale, ties]).reshape(1, -1)
+    upstream = torch.randn_like(x)
+    one = x.clone().requires_grad_()
+    per_channel = x.clone().requires_grad_()
+    y1 = fake_quantize(one, scale, torch.tensor(zp), -128, 127)
+    y2 = fake_quantize(per_channel, scale.reshape(1), torch.tensor([zp]), -128, 127, axis=0)
+    y1.backward(upstream)
+    y2.backward(upstream)
+    assert torch.equal(y1, y2)
+    assert torch.equal(one.grad, per_channel.grad)
+    assert 0 < int((one.grad == 0).sum()) < x.numel()
+
+
+def test_single_scale_path_keeps_float64_exact():
+    """Bounds are float32 facts: other dtypes take the mask path (same rule)."""
+    x = torch.tensor([-128.5, -128.4999, 127.5, 127.49999], dtype=torch.float64,
+                     requires_grad=True)
+    fake_quantize(x, torch.tensor(1.0, dtype=torch.float64), 0, -128, 127).sum().backward()
+    assert x.grad.tolist() == [1.0, 1.0, 0.0, 1.0]
+
+
+@pytest.mark.parametrize("upper", [math.inf, 6.0])
+@pytest.mark.parametrize("zp", [0, -128, 5])
+def test_fake_quantize_activated_equals_activation_then_fake_quantize(upper, zp):
+    from quantaware.primitives import fake_quantize_activated
+
+    gen = torch.Generator().manual_seed(zp + 200)
+    qmin, qmax = (0, 255) if zp >= 0 else (-128, 127)
+    scale = torch.tensor(6.0 / (qmax - zp) * 0.9)  # the range ends below 6: ReLU6 is absorbed
+    ties = (torch.arange(-20, qmax - zp + 20) + 0.5) * scale
+    x = torch.cat([torch.randn(3000, generator=gen) * 4, ties,
+                   torch.tensor([0.0, -0.0, 6.0, upper, -math.inf, 1e30])])
+    upstream = torch.randn_like(x)
+    fused_x, ref_x = x.clone().requires_grad_(), x.clone().requires_grad_()
+    fused = fake_quantize_activated(fused_x, scale, zp, qmin, qmax, upper)
+    act = torch.relu(ref_x) if math.isinf(upper) else torch.nn.functional.relu6(ref_x)
+    ref = fake_quantize(act, scale, zp, qmin, qmax)
+    fused.backward(upstream)
+    ref.backward(upstream)
+    assert torch.equal(fused, ref) and torch.equal(fused_x.grad, ref_x.grad)
+    with torch.no_grad():
+        assert torch.equal(fake_quantize_activated(x, scale, zp, qmin, qmax, upper), ref)
+
+
+def test_fake_quantize_activated_declines_what_it_cannot_fuse():
+    from quantaware.primitives import fake_quantize_activated
+
+    x = torch.randn(10)
+    s = torch.tensor(0.1)
+    assert fake_quantize_activated(x, s, 0, 0, 255, upper=6.0) is None  # 25.5 > 6
+    assert fake_quantize_activated(x, s, 300, 0, 255) is None  # zero point above the range
+    assert fake_quantize_activated(x.double(), s, 0, 0, 255) is None
+    assert fake_quantize_activated(x, torch.full((10,), 0.1), 0, 0, 255) is None

@@ -48,6 +48,7 @@ from quantaware.primitives import (
     choose_qparams,
     choose_qparams_scalar,
     fake_quantize,
+    fake_quantize_activated,
     fake_quantize_lsq,
     lsq_grad_scale,
     symmetric_scale,
@@ -215,6 +216,18 @@ class FakeQuantizer(nn.Module):
                                  own_range=True)
         scale, zero_point = self.qparams(x)
         return self.fake_quantize_with(x, scale, zero_point)
+
+    def fake_quantize_activated(self, x: torch.Tensor, upper: float) -> torch.Tensor | None:
+        """This quantizer applied to ``clamp(x, 0, upper)`` (a fused ReLU/ReLU6) in
+        one go, or ``None`` when it must see the activation's output (observing,
+        not quantizing, exporting, per-channel; see
+        :func:`quantaware.primitives.fake_quantize_activated`)."""
+        if (self.from_tensor or self.exporting or self.axis is not None
+                or "smoothing" in self._buffers or not bool(self.fake_quant_enabled)
+                or bool(self.observer_enabled) or not bool(self.calibrated)):
+            return None
+        return fake_quantize_activated(x, self.scale, self.zero_point, self.qmin, self.qmax,
+                                       upper)
 
     def _follow_observer(self) -> torch.Tensor | int:
         """Store the observer's current qparams; return the zero point to quantize with."""

@@ -31,6 +31,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 
@@ -42,6 +43,7 @@ __all__ = [
     "choose_qparams_scalar",
     "dequantize",
     "fake_quantize",
+    "fake_quantize_activated",
     "fake_quantize_lsq",
     "lsq_grad_scale",
     "quant_range",
@@ -299,8 +301,64 @@ def _in_range_mask(r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return r.eq_(c)
 
 
+_FLOAT32_BITS = struct.Struct("I")
+
+
+def _next_f32(value: float, up: bool) -> float:
+    """The float32 neighbour of the float32 ``value`` towards +inf (``up``) or -inf."""
+    if value == 0.0:
+        tiny = _FLOAT32.unpack(_FLOAT32_BITS.pack(1))[0]
+        return tiny if up else -tiny
+    bits = _FLOAT32_BITS.unpack(_FLOAT32.pack(value))[0]
+    bits += 1 if (value > 0) == up else -1
+    return _FLOAT32.unpack(_FLOAT32_BITS.pack(bits))[0]
+
+
+def _quotient_f32(x: float, scale: float) -> float:
+    """float32 ``x / scale`` (inf where it overflows), as torch's division computes it."""
+    q = x / scale
+    try:
+        return _f32(q)
+    except OverflowError:
+        return math.copysign(math.inf, q)
+
+
+@functools.lru_cache(maxsize=4096)
+def _pass_bounds(scale: float, low: float, high: float) -> tuple[float, float]:
+    """float32 bounds ``(a, b)`` with ``low <= round(x / scale) <= high`` exactly
+    when ``a < x < b``, for every float32 ``x`` (float32 division, ties to even).
+
+    ``round(fl(x / s))`` is monotone in ``x``, so the ``x`` whose rounded value
+    lies in the integer range form one interval of floats: found here from its
+    estimate ``(low - 0.5) * s`` by stepping over the few float32 values around
+    it. With these bounds the straight-through gradient is one fused pass over
+    the saved input (``hardtanh_backward``) instead of a mask built in forward.
+    """
+    def inside(x: float) -> bool:
+        return low <= round(_quotient_f32(x, scale)) <= high if math.isfinite(x) else False
+
+    def edge(estimate: float, up: bool) -> float:
+        try:
+            x = _f32(estimate)
+        except OverflowError:
+            return math.copysign(math.inf, estimate)
+        # Walk to the last x inside the range (towards -inf for the lower bound).
+        for _ in range(64):
+            if not inside(x):
+                x = _next_f32(x, not up)
+                continue
+            beyond = _next_f32(x, up)
+            if not math.isfinite(beyond) or not inside(beyond):
+                return beyond
+            x = beyond
+        raise ArithmeticError(f"no float32 bound found for scale {scale}")
+
+    return edge((low - 0.5) * scale, up=False), edge((high + 0.5) * scale, up=True)
+
+
 class _FakeQuantizeSTE(torch.autograd.Function):
-    """Straight-through fake quantization; saves only the in-range mask."""
+    """Straight-through fake quantization with per-channel (or tensor) qparams;
+    saves only the in-range mask."""
 
     @staticmethod
     def forward(ctx, x, scale, zero_point, qmin, qmax, axis):  # type: ignore[override]
@@ -314,6 +372,34 @@ class _FakeQuantizeSTE(torch.autograd.Function):
     def backward(ctx, grad):  # type: ignore[override]
         (inside,) = ctx.saved_tensors
         return grad * inside, None, None, None, None, None
+
+
+class _FakeQuantizeSTEPerTensor(torch.autograd.Function):
+    """Straight-through fake quantization with one scale: ``clamp(round(x / s),
+    low, high) * s``, gradient passed where ``a < x < b``.
+
+    The in-range test on ``round(x / s)`` is an interval of ``x`` (see
+    :func:`_pass_bounds`), so forward is four in-place passes and saves ``x``
+    (which its producer usually keeps anyway), and backward is one fused pass.
+    """
+
+    @staticmethod
+    def forward(ctx, x, scale, low, high, bounds):  # type: ignore[override]
+        ctx.bounds = bounds
+        ctx.save_for_backward(x)
+        return torch.div(x, scale).round_().clamp_(low, high).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        a, b = ctx.bounds
+        return torch.ops.aten.hardtanh_backward(grad, x, a, b), None, None, None, None
+
+
+def _per_tensor(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | int) -> bool:
+    """Whether the single-scale float32 path applies (its bounds assume float32)."""
+    return x.dtype == torch.float32 and scale.dim() == 0 and (
+        not isinstance(zero_point, torch.Tensor) or zero_point.dim() == 0)
 
 
 def fake_quantize(
@@ -345,8 +431,53 @@ def fake_quantize(
         scale = scale.to(x.dtype)
     if not _needs_grad(x):
         return _fake_quantize_in_place(x, scale, zero_point, qmin, qmax, axis)
-    function = _FakeQuantizeInRange if own_range else _FakeQuantizeSTE
-    return function.apply(x, scale, zero_point, qmin, qmax, axis)
+    if own_range:
+        return _FakeQuantizeInRange.apply(x, scale, zero_point, qmin, qmax, axis)
+    if _per_tensor(x, scale, zero_point):
+        z = float(zero_point)
+        low, high = qmin - z, qmax - z
+        return _FakeQuantizeSTEPerTensor.apply(x, scale, low, high,
+                                               _pass_bounds(float(scale), low, high))
+    return _FakeQuantizeSTE.apply(x, scale, zero_point, qmin, qmax, axis)
+
+
+def fake_quantize_activated(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | int,
+    qmin: int,
+    qmax: int,
+    upper: float = math.inf,
+) -> torch.Tensor | None:
+    """``fake_quantize(clamp(x, 0, upper))`` (ReLU, or ReLU6 with ``upper=6``)
+    with one scale and zero point, without the activation's own pass.
+
+    Values and gradients are those of the activation followed by
+    :func:`fake_quantize`: the integer range already clamps at the zero point
+    (``0.0``), and the activation's gradient mask joins the in-range one. Returns
+    ``None`` where that does not hold (a ``upper`` that is not clipped by the
+    integer range anyway, a zero point outside it, per-channel qparams, or a
+    non-float32 ``x``); apply the activation and :func:`fake_quantize` then.
+
+    Example:
+        >>> x = torch.tensor([-1.0, 0.26, 9.0], requires_grad=True)
+        >>> y = fake_quantize_activated(x, torch.tensor(0.02), 0, 0, 255, upper=6.0)
+        >>> y.sum().backward(); y.detach(), x.grad
+        (tensor([0.0000, 0.2600, 5.1000]), tensor([0., 1., 0.]))
+        >>> fake_quantize_activated(x, torch.tensor(0.5), 0, 0, 255, upper=6.0) is None
+        True
+    """
+    if not _per_tensor(x, scale, zero_point) or scale.dtype != torch.float32:
+        return None
+    s, z = float(scale), float(zero_point)
+    low, high = qmin - z, qmax - z
+    if not low <= 0.0 <= high or (
+            math.isfinite(upper) and round(_quotient_f32(upper, s)) < high):
+        return None
+    if not _needs_grad(x):
+        return torch.div(x, scale).round_().clamp_(0.0, high).mul_(scale)
+    a, b = _pass_bounds(s, low, high)
+    return _FakeQuantizeSTEPerTensor.apply(x, scale, 0.0, high, (max(a, 0.0), min(b, upper)))
 
 
 class _FakeQuantizeInRange(torch.autograd.Function):

@@ -15,6 +15,8 @@ the whole graph so that every tensor is quantized exactly once.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -51,9 +53,33 @@ class QuantMixin:
         return x if self.input_quantizer is None else self.input_quantizer(x)
 
     def _finish(self, y: torch.Tensor) -> torch.Tensor:
-        if self.activation is not None:
-            y = self.activation(y)
-        return y if self.output_quantizer is None else self.output_quantizer(y)
+        act, out = self.activation, self.output_quantizer
+        if act is not None:
+            if (type(out) is FakeQuantizer and type(act) in _CLAMP_UPPER
+                    and _without_hooks(act, out)):
+                # The output range clamps at the zero point already: ReLU/ReLU6 and
+                # the quantizer in one pass (same values and gradients).
+                fused = out.fake_quantize_activated(y, _CLAMP_UPPER[type(act)])
+                if fused is not None:
+                    return fused
+            y = act(y)
+        return y if out is None else out(y)
+
+
+# Fused activations that clamp to [0, upper].
+_CLAMP_UPPER: dict[type, float] = {nn.ReLU: math.inf, nn.ReLU6: 6.0}
+
+
+def _without_hooks(*modules: nn.Module) -> bool:
+    """Whether calling these modules runs only their ``forward`` (no hooks that
+    would expect to see each module's own input and output)."""
+    from torch.nn.modules import module as _m
+
+    if (_m._global_forward_hooks or _m._global_forward_pre_hooks
+            or _m._global_backward_hooks or _m._global_backward_pre_hooks):
+        return False
+    return not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                   or m._backward_pre_hooks for m in modules)
 
 
 class ChannelClip(nn.Module):

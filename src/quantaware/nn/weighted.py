@@ -84,7 +84,9 @@ class WeightQuantMixin(QuantMixin):
         w_scale, w_zp, b_scale = self.weight_qparams()
         weight = wq.fake_quantize_with(weight, w_scale, w_zp)
         if b_scale is not None:
-            bias = fake_quantize(bias, b_scale, 0, BIAS_QMIN, BIAS_QMAX, 0)  # int32, zp 0
+            # int32, zero point 0; the weight scale was widened so that the bias
+            # fits: nothing is clipped, the gradient is the identity.
+            bias = fake_quantize(bias, b_scale, 0, BIAS_QMIN, BIAS_QMAX, 0, own_range=True)
         return weight, bias
 
     # -- export ----------------------------------------------------------------
