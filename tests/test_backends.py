@@ -44,12 +44,21 @@ def data(batches_factory):
 
 def test_unknown_backend_lists_the_backends(exports, data):
     _, qmodel, _, int8_path = exports
-    assert BACKENDS == ("onnxruntime", "openvino")
-    with pytest.raises(ValueError, match="'tflite'; choose one of: onnxruntime, openvino"):
+    assert BACKENDS == ("onnxruntime", "openvino", "litert")
+    with pytest.raises(ValueError,
+                       match="'tflite'; choose one of: onnxruntime, openvino, litert"):
         create_backend_session(int8_path, "tflite")
-    with pytest.raises(ValueError, match="onnxruntime, openvino"):
+    with pytest.raises(ValueError, match="onnxruntime, openvino, litert"):
         quantaware.verify(int8_path, qmodel, data, backend="ONNXRuntime")
     assert check_backend("onnxruntime") == "onnxruntime"
+
+
+def test_litert_missing_names_the_extra(monkeypatch, exports):
+    monkeypatch.setitem(sys.modules, "ai_edge_litert", None)  # as if not installed
+    with pytest.raises(ImportError, match=r"pip install 'quantaware\[litert\]'"):
+        check_backend("litert")
+    with pytest.raises(ImportError, match=r"quantaware\[litert\]"):
+        create_backend_session(exports[3], "litert")
 
 
 def test_openvino_missing_names_the_extra(monkeypatch, exports):

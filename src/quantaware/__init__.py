@@ -31,6 +31,7 @@ from quantaware.prepare import UnsupportedLayerError, prepare
 if TYPE_CHECKING:
     from quantaware.export.integer import integer_arithmetic
     from quantaware.export.onnx import export_onnx
+    from quantaware.export.tflite import export_tflite
     from quantaware.export.verify import VerifyReport, verify
 
 __version__ = "0.1.0"
@@ -48,6 +49,7 @@ __all__ = [
     "__version__",
     "calibrate",
     "export_onnx",
+    "export_tflite",
     "integer_arithmetic",
     "prepare",
     "presets",
@@ -57,6 +59,7 @@ __all__ = [
 
 _LAZY = {
     "export_onnx": "quantaware.export.onnx",
+    "export_tflite": "quantaware.export.tflite",
     "integer_arithmetic": "quantaware.export.integer",
     "verify": "quantaware.export.verify",
     "VerifyReport": "quantaware.export.verify",

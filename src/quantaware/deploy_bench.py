@@ -17,7 +17,11 @@ cores), and optionally in OpenVINO (:mod:`quantaware.backends`):
 
 With ``backends=("onnxruntime", "openvino")`` the fp32 and quantaware files
 (not ONNX Runtime's quantizer outputs) are also timed in OpenVINO, float layers
-in float32; each row names its ``backend``.
+in float32; each row names its ``backend``. With ``"litert"`` the fp32 and
+quantaware models are also exported as LiteRT files
+(:func:`quantaware.export_tflite`: full-integer, the same scales) and timed in
+LiteRT's interpreter; the files have the static batch of the example input (1),
+so a batch of B is B invocations.
 
 Latency is the median of many ``session.run`` calls after warm-up, taken
 interleaved (one run of each variant per round, A B C D A B C D ...) so that
@@ -146,6 +150,19 @@ def build_variants(source: ModelSource, out_dir: str | os.PathLike,
     return paths, torch_models
 
 
+def build_litert_variants(source: ModelSource, out_dir: str | os.PathLike,
+                          torch_models: dict[str, Any]) -> dict[str, Path]:
+    """LiteRT files of the fp32 model and of quantaware's quantized models (the
+    same torch models as the ONNX files; static shapes of ``source.example``)."""
+    from quantaware.export.tflite import export_tflite
+
+    args = _example_args(source.example)
+    out = Path(out_dir)
+    models = {"fp32": source.model, **torch_models}
+    return {v: export_tflite(m, out / f"{source.name}-{v}.tflite", args)
+            for v, m in models.items()}
+
+
 def backend_variants(variants: Sequence[str], backend: str) -> list[str]:
     """The ``variants`` timed in ``backend``: all in ONNX Runtime, elsewhere all but
     :data:`ORT_QUANTIZER_VARIANTS`.
@@ -159,13 +176,13 @@ def backend_variants(variants: Sequence[str], backend: str) -> list[str]:
     return [v for v in variants if v not in ORT_QUANTIZER_VARIANTS]
 
 
-def _sessions(paths: dict[str, Path], threads: int,
+def _sessions(paths: dict[str, dict[str, Path]], threads: int,
               backends: Sequence[str]) -> dict[tuple[str, str], Any]:
-    """A session per ``(backend, variant)``."""
+    """A session per ``(backend, variant)`` on ``paths[backend][variant]``."""
     from quantaware.backends import create_backend_session
 
-    return {(b, v): create_backend_session(paths[v], b, threads)
-            for b in backends for v in backend_variants(list(paths), b)}
+    return {(b, v): create_backend_session(paths[b][v], b, threads)
+            for b in backends for v in backend_variants(list(paths[b]), b)}
 
 
 def _outputs(session: Any, batches: list[Any]) -> np.ndarray:
@@ -298,13 +315,17 @@ def benchmark(models: Sequence[str], batches: Sequence[int] = (1, 16), threads: 
                 source = load_model_source(spec, 16, 16, size=size)
             else:
                 source = load_model_source(spec)
-            paths, torch_models = build_variants(source, folder, on_step, distill_steps)
+            onnx_paths, torch_models = build_variants(source, folder, on_step, distill_steps)
+            paths = {b: onnx_paths for b in backends}
+            if "litert" in backends:
+                on_step(f"{source.name}: LiteRT export")
+                paths["litert"] = build_litert_variants(source, folder, torch_models)
             checked = {}
             for backend in backends:
                 for variant, qmodel in torch_models.items():
                     on_step(f"{source.name}: verify {variant} in {backend}")
-                    report = verify(paths[variant], qmodel, source.evaluate, threads=threads,
-                                    check_layers=False, backend=backend)
+                    report = verify(paths[backend][variant], qmodel, source.evaluate,
+                                    threads=threads, check_layers=False, backend=backend)
                     checked[backend, variant] = {
                         "verify_top1": report.top1_agreement,
                         "verify_cosine": report.cosine,
@@ -329,7 +350,7 @@ def benchmark(models: Sequence[str], batches: Sequence[int] = (1, 16), threads: 
                         "variant": variant,
                         "latency_ms": latency[backend, variant],
                         "ratio_vs_fp32": latency[backend, variant] / latency[backend, "fp32"],
-                        "size_bytes": file_size(paths[variant]),
+                        "size_bytes": file_size(paths[backend][variant]),
                         "fidelity": fid[backend, variant],
                         **details[backend, variant],
                         **checked.get((backend, variant),

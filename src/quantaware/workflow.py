@@ -117,8 +117,15 @@ def quantize_model(model: LoadedModel, calib: DataSource, preset: str | None = N
     return quantized, getattr(quantized, "quantaware_config", config)
 
 
-def export_model(module: nn.Module, path: str | Path, example: Any) -> Path:
-    """Export a float or quantized model to ONNX (atomically)."""
+def export_model(module: nn.Module, path: str | Path, example: Any,
+                 file_format: str = "onnx") -> Path:
+    """Export a float or quantized model to ONNX or LiteRT (``"tflite"``), atomically."""
+    if file_format == "tflite":
+        from quantaware.export.tflite import export_tflite
+
+        return export_tflite(module, path, _args(example))
+    if file_format != "onnx":
+        raise ValueError(f"unknown export format {file_format!r}; choose onnx or tflite")
     from quantaware.export.onnx import export_onnx
 
     return export_onnx(module, path, _args(example))

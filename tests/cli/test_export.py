@@ -158,6 +158,27 @@ def test_checkpoint_that_is_not_a_torch_file(user, tmp_path):
     assert code == 2 and "notes.pt" in stderr
 
 
+def test_export_quantized_checkpoint_to_litert(user, tmp_path):
+    """--format tflite: a full-integer LiteRT file of the same checkpoint; it computes
+    what the INT8 ONNX file computes, within an output step or two."""
+    pytest.importorskip("litert_torch")
+    from quantaware.backends import LiteRTSession
+    from quantaware.export.tflite import output_scale
+
+    path = tmp_path / "model-int8.tflite"
+    code, _, stderr = run_cli([
+        "export", *user["model"], "--input-shape", "3,8,8", "--quantized",
+        str(user["out"] / "model-int8.pt"), "--format", "tflite", "--out", str(path), "--json",
+        str(tmp_path / "summary.json")])
+    assert code == 0, stderr
+    assert json.loads((tmp_path / "summary.json").read_text())["format"] == "tflite"
+    session = LiteRTSession(path, threads=1)
+    name = session.get_inputs()[0].name
+    got = np.concatenate([session.run(None, {name: x.numpy()})[0] for x in user["batches"]])
+    want = ort_outputs(user["out"] / "model-int8.onnx", user["batches"])
+    assert np.abs(got - want).max() <= 2 * output_scale(path) + 1e-6
+
+
 def test_onnx_model_cannot_be_exported(user, tmp_path):
     code, _, stderr = run_cli(["export", "--model", str(user["out"] / "model-fp32.onnx"),
                                "--input-shape", "3,8,8", "--out", str(tmp_path / "m.onnx")])
@@ -165,7 +186,7 @@ def test_onnx_model_cannot_be_exported(user, tmp_path):
 
 
 def test_parser_rejects_unknown_format_and_missing_out(user, tmp_path):
-    for extra in (["--format", "tflite", "--out", str(tmp_path / "m.tflite")], []):
+    for extra in (["--format", "coreml", "--out", str(tmp_path / "m.mlmodel")], []):
         with pytest.raises(SystemExit) as exc:
             main(["export", *user["model"], "--input-shape", "3,8,8", *extra])
         assert exc.value.code == 2

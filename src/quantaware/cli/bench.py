@@ -23,7 +23,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "data) and quantize_dynamic, then time all four interleaved in ONNX Runtime "
         "(median after warm-up, spinning disabled) and compare their outputs with FP32. "
         "With --backend onnxruntime openvino the FP32 and quantaware INT8 files are also "
-        "timed in OpenVINO (float layers in float32), in the same rounds.",
+        "timed in OpenVINO (float layers in float32), in the same rounds; with litert "
+        "they are exported as full-integer LiteRT files (same scales, batch 1) and timed "
+        "in LiteRT's interpreter.",
     )
     add_arguments(parser)
     parser.set_defaults(func=run)

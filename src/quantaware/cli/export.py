@@ -1,19 +1,21 @@
-"""``quantaware export``: a float model, or a quantized checkpoint, to ONNX."""
+"""``quantaware export``: a float model, or a quantized checkpoint, to ONNX or LiteRT."""
 
 from __future__ import annotations
 
 import argparse
 
-FORMATS = ("onnx",)
+FORMATS = ("onnx", "tflite")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
-        "export", help="export a float model or a quantized checkpoint to ONNX",
+        "export", help="export a float model or a quantized checkpoint to ONNX or LiteRT",
         description="Write MODEL as ONNX: float, or with --quantized CKPT the quantized "
         "model saved by `quantaware quantize` (OUT/model-int8.pt), with QuantizeLinear/"
-        "DequantizeLinear and integer weights. The input shape comes from one sample of "
-        "--data or from --input-shape.",
+        "DequantizeLinear and integer weights. --format tflite writes a LiteRT file "
+        "instead: full-integer with the checkpoint's own scales (needs "
+        "pip install 'quantaware[litert]'; static shapes, batch 1). The input shape comes "
+        "from one sample of --data or from --input-shape.",
     )
     from quantaware.cli import _sources as common
 
@@ -70,8 +72,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.quantized:
             module = load_quantized(args.quantized, model, example)
-        path = export_model(module, args.out, example)
-    except (SourceError, CheckpointError) as exc:
+        path = export_model(module, args.out, example, args.format)
+    except (SourceError, CheckpointError, ImportError) as exc:
         raise UsageError(str(exc)) from exc
     summary = {"model": model.name, "quantized": args.quantized, "format": args.format,
                "path": str(path), "size_bytes": file_size(path)}

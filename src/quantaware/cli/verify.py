@@ -1,7 +1,8 @@
 """``quantaware verify``: quantize a model, export it, and prove ONNX Runtime computes the same.
 
 ``--backend openvino`` runs the exported file in OpenVINO instead (float layers in
-float32) and reports the same figures for it.
+float32) and reports the same figures for it; ``--backend litert`` exports a
+full-integer LiteRT file with the model's own scales and runs that.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "ONNX Runtime and torch differ. The torch side runs ONNX Runtime's integer "
         "arithmetic, so a correct export matches bit for bit; the agreement with the "
         "fake-quant forward is reported beside it. --backend openvino runs the file in "
-        "OpenVINO instead. Exit code 1 if the agreement bound is not met.",
+        "OpenVINO instead; --backend litert exports a full-integer LiteRT file (same "
+        "scales) and compares it with the fake-quant forward. Exit code 1 if the "
+        "agreement bound is not met.",
     )
     parser.add_argument("--model", required=True, metavar="MODEL",
                         help=f"one of {', '.join(BUILTIN_MODELS)} or MODULE:FUNCTION returning "
@@ -37,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--num-calib", type=int, default=88, help="calibration samples")
     parser.add_argument("--num-eval", type=int, default=264, help="evaluation samples")
     parser.add_argument("--out", default="quantaware-verify", metavar="DIR",
-                        help="folder for the ONNX file (default: %(default)s)")
+                        help="folder for the exported file (default: %(default)s)")
     parser.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     parser.add_argument("--min-agreement", type=float, default=0.995,
                         help="top-1 agreement (images) or cosine (text) required "
@@ -48,7 +51,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "the model has integer layers) or the fake-quant forward "
                         "(default: %(default)s)")
     parser.add_argument("--backend", choices=BACKENDS, default="onnxruntime",
-                        help="inference backend that runs the ONNX file (default: %(default)s)")
+                        help="inference backend that runs the exported file (litert: a .tflite "
+                        "export) (default: %(default)s)")
     parser.set_defaults(func=run)
 
 
@@ -86,8 +90,12 @@ def run(args: argparse.Namespace) -> int:
         status.update(f"quantizing with {config.name}")
         qmodel = quantize_for_backend(source.model, source.calib, example, config=config)
         status.update("exporting")
-        path = quantaware.export_onnx(qmodel, Path(args.out) / f"{source.name}-int8.onnx",
-                                      example)
+        if args.backend == "litert":
+            path = quantaware.export_tflite(
+                qmodel, Path(args.out) / f"{source.name}-int8.tflite", example)
+        else:
+            path = quantaware.export_onnx(qmodel, Path(args.out) / f"{source.name}-int8.onnx",
+                                          example)
         status.update(f"running {args.backend} and torch")
         report = quantaware.verify(path, qmodel, source.evaluate, reference=args.reference,
                                    backend=args.backend)

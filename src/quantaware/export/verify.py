@@ -126,7 +126,10 @@ class VerifyReport:
                else f"{self.max_error_lsb:.2f} LSB (step {self.output_scale:.4g})")
         verdict = "PASS" if self.passed() else "CHECK"
         where = "" if self.backend == "onnxruntime" else f" in {self.backend}"
-        if not self.layers_checked and self.layers_unavailable:
+        if not self.layers_checked and self.layers_unavailable and self.backend == "litert":
+            layers = (f"not compared in litert ({self.layers_unavailable} quantized "
+                      "activations; its intermediate tensors are not mapped to layers)")
+        elif not self.layers_checked and self.layers_unavailable:
             layers = (f"not available in {self.backend} (none of the "
                       f"{self.layers_unavailable} quantized activations could be exposed "
                       "without changing its result)")
@@ -334,8 +337,12 @@ def verify(
             ``"fake-quant"`` compares with the fake-quant forward only; ``"auto"``
             (default) is ``"integer"`` when the model has a quantized layer with
             an integer-exact form.
-        backend: ``"onnxruntime"`` (default) or ``"openvino"``
-            (:mod:`quantaware.backends`; float layers run in float32). The
+        backend: ``"onnxruntime"`` (default), ``"openvino"`` or ``"litert"``
+            (:mod:`quantaware.backends`; float layers run in float32). For
+            ``"litert"`` the file is a ``.tflite`` from
+            :func:`quantaware.export_tflite` and ``"auto"`` compares with the
+            fake-quant forward (LiteRT requantizes in fixed point, not with ONNX
+            Runtime's float arithmetic that the integer reference reproduces). The
             integer reference reproduces ONNX Runtime's kernels, so OpenVINO,
             which rounds some steps differently (ties of the input quantizer,
             requantized residual adds), can differ from it by an LSB here and
@@ -345,7 +352,7 @@ def verify(
 
     Raises:
         ValueError: unknown ``backend`` or ``reference``, an unreadable file, no data.
-        ImportError: ``backend="openvino"`` without OpenVINO installed.
+        ImportError: ``backend="openvino"`` or ``"litert"`` without it installed.
 
     Example:
         >>> import torch, tempfile, os, quantaware
@@ -365,27 +372,39 @@ def verify(
         raise ValueError(f"reference must be one of {REFERENCES}, got {reference!r}")
     check_backend(backend)
     onnx_path = Path(onnx_path)
+    litert = backend == "litert"
     if not onnx_path.is_file():
-        raise FileNotFoundError(f"ONNX model not found: {onnx_path}")
-    try:
-        proto = onnx.load(str(onnx_path))
-    except Exception as exc:
-        raise ValueError(f"{onnx_path} is not a readable ONNX model: {exc}") from exc
-    if not proto.graph.node or not proto.graph.output:
-        raise ValueError(
-            f"{onnx_path} holds no ONNX graph (empty or truncated file); export it again"
-        )
+        raise FileNotFoundError(f"{'LiteRT' if litert else 'ONNX'} model not found: {onnx_path}")
     if num_batches is not None and num_batches < 1:
         raise ValueError(f"num_batches must be positive or None, got {num_batches}")
+    if litert:
+        from quantaware.export.tflite import output_scale
+
+        proto = None
+        session = create_backend_session(onnx_path, backend, threads)
+        scale = output_scale(onnx_path)
+        if reference == "auto":  # LiteRT's fixed-point requantization is not ORT's
+            reference = "fake-quant"
+    else:
+        try:
+            proto = onnx.load(str(onnx_path))
+        except Exception as exc:
+            raise ValueError(f"{onnx_path} is not a readable ONNX model: {exc}") from exc
+        if not proto.graph.node or not proto.graph.output:
+            raise ValueError(
+                f"{onnx_path} holds no ONNX graph (empty or truncated file); export it again"
+            )
+        session = create_backend_session(proto.SerializeToString(), backend, threads)
+        scale = _output_scale(proto)
     batches = list(itertools.islice(data, num_batches))
     if not batches:
         raise ValueError("verify got no data: pass an iterable with at least one batch")
-    session = create_backend_session(proto.SerializeToString(), backend, threads)
     input_names = [i.name for i in session.get_inputs()]
-    scale = _output_scale(proto)
     outs = [session.run(None, _feed(batch, input_names))[0] for batch in batches]
 
     def layer_rows() -> tuple[list[LayerDiff], int]:
+        if proto is None:  # LiteRT: intermediate tensors are not mapped to layers
+            return [], len(activation_quantizers(model))
         return _layer_rows(backend, onnx_path, proto, model, batches[0], threads, session)
 
     model.eval()

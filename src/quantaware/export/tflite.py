@@ -1,0 +1,423 @@
+"""Export a prepared model to a full-integer LiteRT (TFLite) file with its own scales.
+
+Every route from a QDQ ONNX file to an int8 ``.tflite`` recalibrates or drops the
+quantization parameters, which throws away what calibration and QAT learned. Here
+the torch program of the model is rewritten into the PT2E quantized form that
+``litert-torch`` lowers to integer LiteRT kernels, carrying quantaware's scales and
+zero points as they are:
+
+- activations: ``quantize_per_tensor -> dequantize_per_tensor`` with the
+  quantizer's scale; unsigned 8-bit codes become int8 with the zero point moved
+  by -128 (the same real values: LiteRT's integer kernels are int8);
+- weights: ``quantize_per_channel``/``quantize_per_tensor`` of the dequantized
+  integer weights with their scales (symmetric, zero point 0) -- the integers come
+  back unchanged;
+- biases: the dequantized int32 bias; the converter quantizes it with scale
+  ``input_scale * weight_scale``, the scale quantaware already used, so the same
+  integers;
+- ops that keep their input's grid (max pooling, reshapes, dropout) get a
+  quantize/dequantize pair with their input's qparams, as LiteRT's kernels
+  require, so they run on int8 too.
+
+The file's interface is float32 by default (a ``QUANTIZE`` op after each input
+and a ``DEQUANTIZE`` before each output, as LiteRT's own converter writes for
+float I/O); ``int8_io=True`` keeps the int8 tensors as the interface.
+
+Needs ``pip install 'quantaware[litert]'`` (litert-torch and ai-edge-litert).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import fx, nn
+
+from quantaware.export.onnx import ExportError, _export_copy, _quiet_logger
+from quantaware.primitives import dequantize
+
+__all__ = ["export_tflite", "output_scale", "tflite_ops"]
+
+log = logging.getLogger(__name__)
+
+_INSTALL_HINT = "pip install 'quantaware[litert]'"
+
+# aten ops whose output stays on their input's integer grid: LiteRT runs them on
+# int8 only with the same qparams on both sides.
+_SAME_GRID = {
+    "max_pool1d", "max_pool2d", "max_pool3d", "max_pool2d_with_indices", "flatten", "view",
+    "reshape", "_unsafe_view", "permute", "transpose", "squeeze", "unsqueeze", "clone",
+    "contiguous", "dropout", "alias", "adaptive_max_pool2d", "pad", "constant_pad_nd",
+}
+
+
+def _import_litert() -> tuple[Any, Any, Any]:
+    try:
+        with warnings.catch_warnings(), _quiet_logger("absl"):
+            warnings.simplefilter("ignore")
+            import litert_torch
+            from litert_torch.quantize.pt2e_quantizer import (
+                PT2EQuantizer,
+                get_symmetric_quantization_config,
+            )
+            from litert_torch.quantize.quant_config import QuantConfig
+    except ImportError as exc:
+        raise ImportError(
+            f"LiteRT export needs litert-torch and ai-edge-litert: {_INSTALL_HINT} ({exc})"
+        ) from exc
+    import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers quantized_decomposed)
+
+    # The quantizer only tells the converter that the graph holds static Q/DQ
+    # pairs; nothing is observed or annotated with it.
+    quantizer = PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+    return litert_torch, QuantConfig(pt2e_quantizer=quantizer), quantizer
+
+
+def _value(gm: fx.GraphModule, node: Any) -> torch.Tensor:
+    """The constant behind a ``get_attr`` node (qparams, integer weights)."""
+    if not isinstance(node, fx.Node) or node.op != "get_attr":
+        raise ExportError(f"expected a constant in the exported graph, got {node}")
+    value: Any = gm
+    for part in node.target.split("."):
+        value = getattr(value, part)
+    return value.detach()
+
+
+class _Rewriter:
+    """Turns the quantaware export ops of ``gm`` into PT2E quantize/dequantize ops."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.gm = gm
+        self.graph = gm.graph
+        self.qd = torch.ops.quantized_decomposed
+        self.count = 0
+
+    def constant(self, tensor: torch.Tensor, hint: str) -> fx.Node:
+        name = f"_litert_{hint}_{self.count}"
+        self.count += 1
+        self.gm.register_buffer(name, tensor.contiguous())
+        return self.graph.get_attr(name)
+
+    def activation(self, node: fx.Node) -> fx.Node:
+        x, scale, zero_point, _axis, qmin, qmax = node.args
+        s, z = _value(self.gm, scale), _value(self.gm, zero_point)
+        if s.numel() != 1:
+            raise ExportError("per-channel activation quantizers have no LiteRT form; use "
+                              "PerTensor() activations")
+        zp, lo, hi = _int8_grid(int(z.reshape(-1)[0]), qmin, qmax)
+        args = (float(s.reshape(-1)[0]), zp, lo, hi, torch.int8)
+        q = self.graph.call_function(self.qd.quantize_per_tensor.default, (x, *args))
+        return self.graph.call_function(self.qd.dequantize_per_tensor.default, (q, *args))
+
+    def weight(self, node: fx.Node) -> fx.Node:
+        q, scale, zero_point, axis = node.args
+        qv, s, z = (_value(self.gm, n) for n in (q, scale, zero_point))
+        if qv.dtype != torch.int8:
+            raise ExportError(f"{qv.dtype} weights have no LiteRT integer kernel; use weights "
+                              "of 8 bits or fewer")
+        if bool((z != 0).any()):
+            raise ExportError("LiteRT's integer kernels need symmetric weights (zero point "
+                              "0); use a symmetric weight spec")
+        per_channel = s.dim() == 1
+        w = self.constant(dequantize(qv, s, z, axis if per_channel else None), "weight")
+        if not per_channel:
+            args = (float(s), 0, -128, 127, torch.int8)
+            wq = self.graph.call_function(self.qd.quantize_per_tensor.default, (w, *args))
+            return self.graph.call_function(self.qd.dequantize_per_tensor.default, (wq, *args))
+        scales = self.constant(s.to(torch.float32), "scale")
+        zps = self.constant(torch.zeros_like(s, dtype=torch.int64), "zero_point")
+        args = (scales, zps, axis, -128, 127, torch.int8)
+        wq = self.graph.call_function(self.qd.quantize_per_channel.default, (w, *args))
+        return self.graph.call_function(self.qd.dequantize_per_channel.default, (wq, *args))
+
+    def run(self) -> None:
+        ops = torch.ops.quantaware
+        for node in list(self.graph.nodes):
+            if node.op != "call_function":
+                continue
+            target = node.target
+            with self.graph.inserting_before(node):
+                if target is ops.quantize_dequantize.default:
+                    new = self.activation(node)
+                elif target is ops.dequantize.default:
+                    new = self.weight(node)
+                elif target is ops.dequantize_symmetric.default:
+                    q, scale, axis = node.args
+                    s = _value(self.gm, scale)
+                    new = self.constant(dequantize(_value(self.gm, q), s, torch.zeros(
+                        (), dtype=torch.int32), axis if s.dim() == 1 else None), "bias")
+                elif target is ops.global_average_pool.default:
+                    (x,) = node.args
+                    rank = len(node.meta["val"].shape)
+                    new = self.graph.call_function(torch.ops.aten.mean.dim,
+                                                   (x, list(range(2, rank)), True))
+                elif target is ops.cast_float.default:
+                    new = self.constant(_value(self.gm, node.args[0]).to(torch.float32), "f16")
+                elif target is ops.dynamic_quantize_dequantize.default:
+                    raise ExportError(
+                        "dynamic activation quantization has no full-integer LiteRT form; "
+                        "quantize with a static preset (INT8, W4A8) for LiteRT")
+                elif target is ops.gather_dequantize.default:
+                    table, row_scale, ids = node.args
+                    rows = _value(self.gm, table).to(torch.float32) * _value(
+                        self.gm, row_scale).reshape(-1, 1)
+                    new = self.graph.call_function(
+                        torch.ops.aten.embedding.default, (self.constant(rows, "table"), ids))
+                else:
+                    continue
+            node.replace_all_uses_with(new)
+            self.graph.erase_node(node)
+        self.same_grid()
+        self.graph.eliminate_dead_code()
+        self.gm.recompile()
+
+    def same_grid(self) -> None:
+        """Quantize the outputs of grid-preserving ops with their input's qparams."""
+        dq_ops = (self.qd.dequantize_per_tensor.default,)
+        for node in list(self.graph.nodes):
+            if node.op != "call_function" or _aten_name(node.target) not in _SAME_GRID:
+                continue
+            source = node.args[0] if node.args else None
+            if not isinstance(source, fx.Node) or source.target not in dq_ops:
+                continue
+            if all(u.target is self.qd.quantize_per_tensor.default for u in node.users):
+                continue
+            args = tuple(source.args[1:])
+            with self.graph.inserting_after(node):
+                q = self.graph.call_function(self.qd.quantize_per_tensor.default, (node, *args))
+            with self.graph.inserting_after(q):
+                dq = self.graph.call_function(self.qd.dequantize_per_tensor.default, (q, *args))
+            node.replace_all_uses_with(dq, delete_user_cb=lambda user, q=q: user is not q)
+
+
+def _aten_name(target: Any) -> str | None:
+    name = getattr(target, "__name__", "")  # e.g. "max_pool2d.default"
+    return name.split(".")[0] if getattr(target, "namespace", None) == "aten" else None
+
+
+def _int8_grid(zero_point: int, qmin: int, qmax: int) -> tuple[int, int, int]:
+    """``(zero_point, qmin, qmax)`` of an 8-bit activation format on int8 codes."""
+    if (qmin, qmax) == (0, 255):
+        return zero_point - 128, -128, 127
+    if qmin >= -128 and qmax <= 127 and qmax - qmin >= 254:
+        return zero_point, qmin, qmax
+    raise ExportError(
+        f"activation range [{qmin}, {qmax}] has no LiteRT form: its integer kernels "
+        "saturate at the int8 limits, so only 8-bit activations keep their meaning; "
+        "quantize activations to 8 bits (INT8, W4A8) for LiteRT, or export to ONNX")
+
+
+def _float_interface(content: bytes) -> bytes:
+    """Give an int8-interface model float32 inputs and outputs (``QUANTIZE`` after
+    each int8 input, ``DEQUANTIZE`` before each int8 output)."""
+    from ai_edge_litert import schema_py_generated as schema
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.read_model_from_bytearray(bytearray(content))
+    if len(model.subgraphs) != 1:
+        raise ExportError(f"expected one subgraph in the converted model, got "
+                          f"{len(model.subgraphs)}")
+    graph = model.subgraphs[0]
+
+    def opcode(builtin: int) -> int:
+        for i, code in enumerate(model.operatorCodes):
+            if max(code.builtinCode, code.deprecatedBuiltinCode) == builtin:
+                return i
+        code = schema.OperatorCodeT()
+        code.builtinCode = builtin
+        code.deprecatedBuiltinCode = builtin
+        code.version = 2  # int8 <-> float32
+        model.operatorCodes.append(code)
+        return len(model.operatorCodes) - 1
+
+    def float_twin(index: int, suffix: str) -> int:
+        old = graph.tensors[index]
+        twin = schema.TensorT()
+        twin.shape = old.shape
+        twin.shapeSignature = old.shapeSignature
+        twin.type = schema.TensorType.FLOAT32
+        twin.name = (old.name.decode() if isinstance(old.name, bytes) else old.name) + suffix
+        twin.buffer = 0
+        graph.tensors.append(twin)
+        return len(graph.tensors) - 1
+
+    def op(code: int, inputs: list[int], outputs: list[int]) -> Any:
+        new = schema.OperatorT()
+        new.opcodeIndex = code
+        new.inputs = inputs
+        new.outputs = outputs
+        return new
+
+    remap: dict[int, int] = {}
+    before, after = [], []
+    for pos, index in enumerate(graph.inputs):
+        if graph.tensors[index].type == schema.TensorType.INT8:
+            twin = float_twin(index, "_float")
+            before.append(op(opcode(schema.BuiltinOperator.QUANTIZE), [twin], [index]))
+            graph.inputs[pos] = remap[index] = twin
+    for pos, index in enumerate(graph.outputs):
+        if graph.tensors[index].type == schema.TensorType.INT8:
+            twin = float_twin(index, "_float")
+            after.append(op(opcode(schema.BuiltinOperator.DEQUANTIZE), [index], [twin]))
+            graph.outputs[pos] = remap[index] = twin
+    graph.operators = before + list(graph.operators) + after
+    for signature in model.signatureDefs or []:
+        for tensor_map in [*(signature.inputs or []), *(signature.outputs or [])]:
+            tensor_map.tensorIndex = remap.get(tensor_map.tensorIndex, tensor_map.tensorIndex)
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+
+
+def _has_quantizers(model: nn.Module) -> bool:
+    from quantaware.fake_quant import FakeQuantizer
+
+    return any(isinstance(m, FakeQuantizer) for m in model.modules())
+
+
+def export_tflite(
+    model: nn.Module,
+    path: str | os.PathLike,
+    example_inputs: torch.Tensor | tuple,
+    *,
+    int8_io: bool = False,
+) -> Path:
+    """Write ``model`` as a LiteRT (TFLite) flatbuffer to ``path`` (atomically).
+
+    A prepared model (calibrated or trained) becomes a full-integer file whose
+    scales and zero points are the model's own; a float model becomes a float
+    file (the baseline to compare against). Shapes are those of
+    ``example_inputs`` (LiteRT files have static shapes).
+
+    Args:
+        model: a model from :func:`quantaware.prepare` / QAT, or a float model.
+        path: the ``.tflite`` file to write; its folder is created if needed.
+        example_inputs: a tensor or tuple of positional inputs.
+        int8_io: keep int8 inputs and outputs (the caller quantizes inputs with
+            the input tensor's scale and zero point, as LiteRT reports them)
+            instead of float32 ones.
+
+    Raises:
+        ImportError: litert-torch or ai-edge-litert is not installed.
+        ExportError: the model uses something LiteRT has no integer form of
+            (dynamic or narrower-than-8-bit activations, asymmetric or 16-bit
+            weights) or fails to convert; the message says what to change.
+
+    Example:
+        >>> import torch, tempfile, os
+        >>> from quantaware import presets, quantize
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> x = torch.randn(16, 4)
+        >>> q = quantize(net, presets.INT8, [x], x[:1])
+        >>> export_tflite(q, os.path.join(tempfile.mkdtemp(), "m.tflite"), x[:1]).suffix
+        '.tflite'
+    """
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    example_inputs = tuple(example_inputs)
+    path = Path(path)
+    litert_torch, quant_config, _ = _import_litert()
+    quantized = _has_quantizers(model)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()), _quiet_logger("root"):
+            warnings.simplefilter("ignore")
+            if quantized:
+                program = torch.export.export(_export_copy(model), example_inputs)
+                rewritten = program.module()
+                _Rewriter(rewritten).run()
+                # A fresh module keeps only the constants the graph uses (the
+                # quantizers' flags and integer tables would become constants).
+                module = fx.GraphModule(rewritten, rewritten.graph)
+            else:
+                module = model.eval()
+            edge = litert_torch.convert(module, example_inputs,
+                                        quant_config=quant_config if quantized else None)
+            content = bytes(edge.model_content())
+    except ExportError:
+        raise
+    except Exception as exc:
+        raise ExportError(
+            f"LiteRT conversion failed for {type(model).__name__}: {type(exc).__name__}: "
+            f"{str(exc)[:2000]}") from exc
+    if quantized and not int8_io:
+        content = _float_interface(content)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(content)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    log.info("wrote %s (%d bytes)", path, len(content))
+    return path
+
+
+def tflite_ops(path: str | os.PathLike) -> list[tuple[str, list[str]]]:
+    """``(op name, input dtypes)`` for every op of a ``.tflite`` file, in order.
+
+    Example:
+        >>> import torch, tempfile, os
+        >>> from quantaware import presets, quantize
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU())
+        >>> x = torch.randn(16, 4)
+        >>> p = export_tflite(quantize(net, presets.INT8, [x], x[:1]),
+        ...                   os.path.join(tempfile.mkdtemp(), "m.tflite"), x[:1])
+        >>> [name for name, _ in tflite_ops(p)]
+        ['QUANTIZE', 'FULLY_CONNECTED', 'DEQUANTIZE']
+    """
+    from ai_edge_litert import schema_py_generated as schema
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.read_model_from_bytearray(bytearray(Path(path).read_bytes()))
+    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    types = {v: k.lower() for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
+    rows = []
+    for graph in model.subgraphs:
+        for op in graph.operators:
+            code = model.operatorCodes[op.opcodeIndex]
+            name = names.get(max(code.builtinCode, code.deprecatedBuiltinCode), "CUSTOM")
+            dtypes = [types[graph.tensors[i].type] for i in op.inputs if i >= 0]
+            rows.append((name, dtypes))
+    return rows
+
+
+def output_scale(path: str | os.PathLike) -> float | None:
+    """The quantization step of the first output of a ``.tflite`` file (read at
+    its ``DEQUANTIZE`` for a float interface), or ``None`` for a float output.
+
+    Example:
+        >>> import torch, tempfile, os
+        >>> from quantaware import presets, quantize
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU())
+        >>> x = torch.randn(16, 4)
+        >>> q = quantize(net, presets.INT8, [x], x[:1])
+        >>> p = export_tflite(q, os.path.join(tempfile.mkdtemp(), "m.tflite"), x[:1])
+        >>> output_scale(p) > 0
+        True
+    """
+    from ai_edge_litert import schema_py_generated as schema
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.read_model_from_bytearray(bytearray(Path(path).read_bytes()))
+    graph = model.subgraphs[0]
+    index = graph.outputs[0]
+    for op in graph.operators:
+        code = model.operatorCodes[op.opcodeIndex]
+        if index in list(op.outputs) and max(
+                code.builtinCode, code.deprecatedBuiltinCode) == schema.BuiltinOperator.DEQUANTIZE:
+            index = op.inputs[0]
+            break
+    quant = graph.tensors[index].quantization
+    if quant is None or quant.scale is None or len(quant.scale) == 0:
+        return None
+    return float(np.max(quant.scale))

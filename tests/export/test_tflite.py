@@ -1,0 +1,154 @@
+"""quantaware.export.tflite: full-integer LiteRT files that keep quantaware's own scales."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+from tests.export.conftest import INPUT_SHAPE, _one_thread
+
+import quantaware
+from quantaware import presets
+from quantaware.export.onnx import ExportError
+from quantaware.fake_quant import FakeQuantizer
+
+# Ops that convert at the float interface; everything between them must be int8.
+_INTERFACE = {"QUANTIZE", "DEQUANTIZE"}
+
+
+@pytest.fixture(scope="module")
+def litert():
+    return pytest.importorskip("litert_torch"), pytest.importorskip("ai_edge_litert")
+
+
+@pytest.fixture(scope="module")
+def int8_tflite(litert, int8_model, export_dir, example_input):
+    with _one_thread():
+        return quantaware.export_tflite(int8_model, export_dir / "int8.tflite", example_input)
+
+
+def _codes(model, x):
+    """The output codes of the torch fake-quant model (output quantizer's grid)."""
+    with torch.no_grad():
+        return model(x).numpy()
+
+
+def test_every_op_is_integer_between_float_interface_ops(int8_tflite):
+    from quantaware.export.tflite import tflite_ops
+
+    ops = tflite_ops(int8_tflite)
+    names = [name for name, _ in ops]
+    assert names[0] == "QUANTIZE" and names[-1] == "DEQUANTIZE"
+    assert {"CONV_2D", "DEPTHWISE_CONV_2D", "ADD", "CONCATENATION", "MAX_POOL_2D",
+            "FULLY_CONNECTED"} <= set(names)
+    for name, dtypes in ops:
+        if name not in _INTERFACE:
+            assert "float32" not in dtypes, (name, dtypes)
+
+
+def test_scales_and_zero_points_are_the_models_own(int8_tflite, int8_model):
+    """Every activation quantizer's scale is in the file bit for bit, with its uint8
+    zero point moved to int8 (-128); nothing was recalibrated. The one exception is
+    a conv that feeds only the concatenation: LiteRT's concatenation needs one
+    grid on all inputs, so the converter writes that conv's output straight onto
+    the concatenation's grid (ours, too) instead of rounding twice."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interp = Interpreter(str(int8_tflite))
+    in_file = {(np.float32(d["quantization"][0]).tobytes(), int(d["quantization"][1]))
+               for d in interp.get_tensor_details() if d["dtype"] == np.int8}
+    ours = {name: (np.float32(float(q.scale)).tobytes(), int(q.zero_point) - 128)
+            for name, q in int8_model.named_modules()
+            if isinstance(q, FakeQuantizer) and not q.from_tensor}
+    assert len(ours) >= 8
+    missing = {name for name, key in ours.items() if key not in in_file}
+    assert missing <= {"branch.output_quantizer"}
+    assert ours["cat.output_quantizer"] in in_file
+
+
+def test_litert_matches_the_torch_model(int8_tflite, int8_model, fresh_data):
+    report = quantaware.verify(int8_tflite, int8_model, fresh_data, backend="litert")
+    assert report.backend == "litert" and report.reference == "fake-quant"
+    assert report.num_samples == sum(len(b) for b in fresh_data)
+    assert report.max_error_lsb is not None and report.max_error_lsb <= 2.0 + 1e-3
+    assert report.cosine > 0.9999
+    assert report.top1_agreement >= 0.95
+    assert "litert" in str(report)
+
+
+def test_int8_interface(litert, int8_model, export_dir, example_input, fresh_data):
+    from quantaware.backends import LiteRTSession
+
+    path = quantaware.export_tflite(int8_model, export_dir / "int8_io.tflite", example_input,
+                                    int8_io=True)
+    session = LiteRTSession(path, threads=1)
+    assert [i.type for i in session.get_inputs()] == ["tensor(int8)"]
+    assert [o.type for o in session.get_outputs()] == ["tensor(int8)"]
+    x = fresh_data[0]
+    # The session quantizes float feeds and dequantizes int8 outputs.
+    out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    float_path = quantaware.export_tflite(int8_model, export_dir / "int8_f.tflite",
+                                          example_input)
+    ref = LiteRTSession(float_path, threads=1)
+    ref_out = ref.run(None, {ref.get_inputs()[0].name: x.numpy()})[0]
+    scale = float(next(q for q in int8_model.modules()
+                       if isinstance(q, FakeQuantizer) and not q.from_tensor).scale)
+    assert out.shape == ref_out.shape == _codes(int8_model, x).shape
+    assert np.abs(out - ref_out).max() <= 2 * max(scale, 1e-3)
+
+
+def test_float_model_exports_float(litert, float_model, export_dir, example_input, fresh_data):
+    from quantaware.backends import LiteRTSession
+    from quantaware.export.tflite import tflite_ops
+
+    path = quantaware.export_tflite(float_model, export_dir / "float.tflite", example_input)
+    assert all("int8" not in dtypes for _, dtypes in tflite_ops(path))
+    session = LiteRTSession(path, threads=1)
+    x = fresh_data[0]
+    out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(out, float_model(x).numpy(), rtol=1e-3, atol=1e-4)
+
+
+def test_shape_mismatch_is_a_clear_error(int8_tflite):
+    from quantaware.backends import LiteRTSession
+
+    session = LiteRTSession(int8_tflite, threads=1)
+    name = session.get_inputs()[0].name
+    with pytest.raises(ValueError, match="static shapes"):
+        session.run(None, {name: np.zeros((2, 3, 9, 9), np.float32)})
+    with pytest.raises(ValueError, match="model's inputs"):
+        session.run(None, {"nope": np.zeros((1, *INPUT_SHAPE), np.float32)})
+
+
+@pytest.mark.parametrize("preset,match", [("INT8_DYNAMIC", "dynamic activation"),
+                                          ("W4A4", "only 8-bit activations")])
+def test_configs_without_an_integer_litert_form_are_refused(litert, preset, match, float_model,
+                                                            calib_data, example_input,
+                                                            tmp_path):
+    with _one_thread():
+        model = quantaware.quantize(float_model, presets.PRESETS[preset], calib_data,
+                                    example_input)
+        with pytest.raises(ExportError, match=match):
+            quantaware.export_tflite(model, tmp_path / "m.tflite", example_input)
+    assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+def test_missing_litert_is_an_import_error_with_the_fix(monkeypatch, int8_model, tmp_path,
+                                                        example_input):
+    monkeypatch.setitem(sys.modules, "litert_torch", None)
+    with pytest.raises(ImportError, match=r"quantaware\[litert\]"):
+        quantaware.export_tflite(int8_model, tmp_path / "m.tflite", example_input)
+    assert not (tmp_path / "m.tflite").exists()
+
+
+def test_corrupt_file_is_refused(litert, tmp_path):
+    from quantaware.backends import LiteRTSession
+    from quantaware.bench import OnnxModelError
+
+    bad = tmp_path / "bad.tflite"
+    bad.write_bytes(b"not a flatbuffer" * 8)
+    with pytest.raises(OnnxModelError, match="LiteRT cannot load"):
+        LiteRTSession(bad)
