@@ -3,9 +3,11 @@
 For the demo CNN (digits, trained here) and MobileNetV2 (real ImageNet weights,
 photos from scikit-image), the float model, the PTQ model and the QAT model are
 exported with :func:`quantaware.export_tflite` and run in LiteRT. Each INT8 row
-reports the top-1 agreement and cosine of LiteRT with quantaware's torch
-(fake-quant) model, the largest output error in output steps, whether every op
-between the float interface's QUANTIZE/DEQUANTIZE is int8, and the file size;
+reports :func:`quantaware.verify` of the file against the torch model it came
+from: top-1 agreement and cosine with torch running LiteRT's integer arithmetic,
+the largest output error in output steps, the first layer whose codes differ,
+the agreement with the fake-quant forward, whether every op between the float
+interface's QUANTIZE/DEQUANTIZE is int8, and the file size;
 latency is the median of interleaved batch-1 runs (float and INT8 in the same
 rounds, 2 threads), with the INT8/float speed-up.
 
@@ -101,6 +103,11 @@ def rows_for(name: str, models: dict[str, torch.nn.Module], data: list, example:
             ops = tflite_ops(path)
             row.update(top1_vs_torch=report.top1_agreement, cosine=report.cosine,
                        max_error_lsb=report.max_error_lsb, samples=report.num_samples,
+                       reference=report.reference,
+                       top1_vs_fake_quant=report.fake_quant_top1_agreement,
+                       layers_checked=report.layers_checked,
+                       first_divergent_layer=report.first_divergent_layer,
+                       first_divergent_lsb=report.first_divergent_lsb,
                        all_int8=all("float32" not in d for n, d in ops
                                     if n not in ("QUANTIZE", "DEQUANTIZE")))
         rows.append(row)
@@ -128,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                              5 if args.quick else args.runs, args.threads)
     table = Table(title="LiteRT: quantaware INT8 (own scales) vs float, batch 1")
     for col in ("model", "variant", "latency ms", "x faster", "size KiB", "top-1 vs torch",
-                "cosine", "max err LSB", "all int8"):
+                "cosine", "max err LSB", "first diverging layer", "vs fake-quant", "all int8"):
         table.add_column(col, justify="left" if col in ("model", "variant") else "right")
     for r in rows:
         q = "top1_vs_torch" in r
@@ -137,8 +144,14 @@ def main(argv: list[str] | None = None) -> int:
                       f"{100 * r['top1_vs_torch']:.2f}% ({r['samples']})" if q else "",
                       f"{r['cosine']:.6f}" if q else "",
                       f"{r['max_error_lsb']:.2f}" if q and r["max_error_lsb"] is not None
-                      else "", str(r["all_int8"]) if q else "")
-    Console(width=160).print(table)
+                      else "",
+                      (f"{r['first_divergent_layer']} ({r['first_divergent_lsb']} LSB)"
+                       if r["first_divergent_layer"] else f"none of {r['layers_checked']}")
+                      if q else "",
+                      f"{100 * r['top1_vs_fake_quant']:.2f}%"
+                      if q and r["top1_vs_fake_quant"] is not None else "",
+                      str(r["all_int8"]) if q else "")
+    Console(width=200).print(table)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2, default=float))
     return 0

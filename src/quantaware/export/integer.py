@@ -21,6 +21,12 @@ Runtime's kernel for it computes, bit for bit:
 - ``QLinearGlobalAveragePool``: ``round(float32(sum(x_q) - n x_zp) *
   (x_scale / (y_scale n))) + y_zp``.
 
+With ``kernels="litert"`` the arithmetic is LiteRT's (XNNPACK's int8 kernels) for
+a file from :func:`quantaware.export_tflite`: convolutions, fully connected layers
+and the global average pool requantize as above; ``ADD`` uses fixed-point
+multipliers of about 21 bits with a common shift and rounds half up; ``QUANTIZE``
+of a float tensor multiplies by the reciprocal scale.
+
 Layers ONNX Runtime does not run as one of these integer kernels (float ops,
 dynamic quantization, SmoothQuant inputs, concat/average pooling that rescale)
 keep their fake-quant forward; the returned :class:`IntegerEmulation` lists them.
@@ -231,6 +237,70 @@ def _add_forward(module: QuantAdd, qa: _QParams, qb: _QParams, qc: _QParams):
     return forward
 
 
+def _f32_bits(value: float) -> int:
+    return int(torch.tensor(value, dtype=_F32).view(torch.int32))
+
+
+def _bits_f32(bits: int) -> float:
+    return float(torch.tensor(bits, dtype=torch.int32).view(_F32))
+
+
+def _int8_code(zero_point: int, qmin: int) -> int:
+    """The int8 zero point LiteRT uses for a zero point of ``[qmin, ...]`` codes."""
+    return zero_point - 128 if qmin == 0 else zero_point
+
+
+def _xnnpack_add_forward(module: QuantAdd, qa: _QParams, qb: _QParams, qc: _QParams):
+    """LiteRT's int8 ADD (XNNPACK ``qs8-vadd``): fixed-point multipliers of about
+    21 bits for ``a_scale / c_scale`` and ``b_scale / c_scale`` with a common
+    shift, ``asr(bias + a_q * ma + b_q * mb, shift)`` (rounding half up), then the
+    output zero point and saturation."""
+    ratio_a = float(qa.scale.to(_F32) / qc.scale.to(_F32))
+    ratio_b = float(qb.scale.to(_F32) / qc.scale.to(_F32))
+    exponent = (_f32_bits(max(abs(ratio_a), abs(ratio_b))) >> 23) - 127
+    shift = 20 - exponent
+    if not 12 <= shift <= 30:
+        raise ValueError(f"add scale ratios {ratio_a:.3g}, {ratio_b:.3g} are outside the "
+                         "range LiteRT's int8 ADD supports")
+
+    def multiplier(ratio: float) -> int:
+        # lrintf of the ratio with ``shift`` added to its exponent: round half to even.
+        return round(_bits_f32(_f32_bits(ratio) + (shift << 23)))
+
+    ma, mb = multiplier(ratio_a), multiplier(ratio_b)
+    za, zb = _int8_code(qa.zero_point, qa.qmin), _int8_code(qb.zero_point, qb.qmin)
+    zc = _int8_code(qc.zero_point, qc.qmin)
+    bias = (1 << (shift - 1)) - ma * za - mb * zb
+    lo, hi = _int8_code(qc.qmin, qc.qmin) - zc, _int8_code(qc.qmax, qc.qmin) - zc
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        a, b = self._quantize_inputs((a, b))
+        # int8 codes (with their zero points), as the kernel reads them.
+        ca = (qa.codes(a) + qa.zero_point).to(torch.int64) + (za - qa.zero_point)
+        cb = (qb.codes(b) + qb.zero_point).to(torch.int64) + (zb - qb.zero_point)
+        out = torch.clamp((bias + ca * ma + cb * mb) >> shift, lo, hi)
+        return self.output_quantizer(out.to(_F32) * qc.scale)
+
+    return forward
+
+
+def _litert_quantize_forward(quantizer: FakeQuantizer) -> Callable[..., torch.Tensor] | None:
+    """LiteRT's QUANTIZE of a float tensor (XNNPACK's f32 -> int8 convert):
+    ``round_half_even(x * float32(1 / scale))``, a multiplication by the
+    reciprocal where ONNX divides. On values already on the grid both give the
+    same codes; on float inputs (the model's input) a few ties differ."""
+    qp = _static_qparams(quantizer)
+    if isinstance(qp, str) or quantizer.axis is not None or "smoothing" in quantizer._buffers:
+        return None
+    inverse = torch.reciprocal(qp.scale.to(_F32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = torch.round(x.to(_F32) * inverse).add_(qp.zero_point).clamp_(qp.qmin, qp.qmax)
+        return q.sub_(qp.zero_point).mul_(qp.scale).to(x.dtype)
+
+    return forward
+
+
 def _matmul_forward(module: QuantMatmul, qa: _QParams, qb: _QParams, qc: _QParams):
     multiplier = (qa.scale * qb.scale) / qc.scale
     exact32 = _float32_is_exact()
@@ -259,7 +329,8 @@ def _global_pool_forward(module: QuantAdaptiveAvgPool2d, qin: _QParams, qout: _Q
     return forward
 
 
-def _plan(module: nn.Module) -> Callable[..., torch.Tensor] | str | None:
+def _plan(module: nn.Module, kernels: str = "onnxruntime"
+          ) -> Callable[..., torch.Tensor] | str | None:
     """The integer-exact forward for ``module``, a reason it has none, or ``None``
     for modules that are not quantized layers."""
     if isinstance(module, WeightQuantMixin) and isinstance(module, _QuantConvNd | QuantLinear):
@@ -298,6 +369,8 @@ def _plan(module: nn.Module) -> Callable[..., torch.Tensor] | str | None:
                 "concat with a fused activation"
         if isinstance(module, QuantMatmul):
             return _matmul_forward(module, *qps)
+        if kernels == "litert":
+            return _xnnpack_add_forward(module, *qps)
         return _add_forward(module, *qps)
     if isinstance(module, QuantAdaptiveAvgPool2d):
         qin, qout = _static_qparams(module.input_source), _static_qparams(module.output_quantizer)
@@ -343,13 +416,19 @@ def fake_quant_arithmetic(model: nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def integer_arithmetic(model: nn.Module) -> Iterator[IntegerEmulation]:
+def integer_arithmetic(model: nn.Module,
+                       kernels: str = "onnxruntime") -> Iterator[IntegerEmulation]:
     """Within the block, ``model``'s quantized layers compute ONNX Runtime's integer kernels.
 
     The model must be calibrated (or trained) and in eval mode with its quantizers
     frozen; its parameters are not changed. Layers without an integer-exact form
     keep their fake-quant forward and are listed in the yielded
     :class:`IntegerEmulation`.
+
+    Args:
+        model: a calibrated or trained quantized model.
+        kernels: ``"onnxruntime"`` (default) or ``"litert"`` (the arithmetic of a
+            :func:`quantaware.export_tflite` file in LiteRT's int8 kernels).
 
     Example:
         >>> import torch, quantaware
@@ -362,12 +441,21 @@ def integer_arithmetic(model: nn.Module) -> Iterator[IntegerEmulation]:
         >>> emulation.complete
         True
     """
+    if kernels not in ("onnxruntime", "litert"):
+        raise ValueError(f"kernels must be 'onnxruntime' or 'litert', got {kernels!r}")
     report = IntegerEmulation()
     # (module, the instance forward it had before: set by an enclosing block, or None)
     patched: list[tuple[nn.Module, object]] = []
     try:
         for name, module in model.named_modules():
-            plan = _plan(module)
+            plan = _plan(module, kernels)
+            if plan is None and kernels == "litert" and type(module) is FakeQuantizer:
+                plan = _litert_quantize_forward(module)
+                if plan is not None:  # a quantizer, not a layer: not counted
+                    patched.append((module, module.__dict__.get("forward")))
+                    module.forward = types.MethodType(plan, module)
+                    module.__dict__[_MARK] = True
+                continue
             if plan is None:
                 continue
             if isinstance(plan, str):

@@ -421,3 +421,69 @@ def output_scale(path: str | os.PathLike) -> float | None:
     if quant is None or quant.scale is None or len(quant.scale) == 0:
         return None
     return float(np.max(quant.scale))
+
+
+def _to_nchw(value: np.ndarray, shape: tuple[int, ...]) -> np.ndarray | None:
+    """A LiteRT tensor in the torch layout ``shape`` (LiteRT keeps images NHWC)."""
+    if value.shape == shape:
+        return value
+    if value.ndim == 4 and len(shape) == 4 and value.transpose(0, 3, 1, 2).shape == shape:
+        return value.transpose(0, 3, 1, 2)
+    return None
+
+
+def litert_layer_codes(path: str | os.PathLike, inputs: list[np.ndarray],
+                       wanted: dict[str, tuple[float, int, np.ndarray]],
+                       threads: int = 2) -> dict[str, tuple[str, np.ndarray]]:
+    """The int8 codes LiteRT computes for quantized activations, found by their qparams.
+
+    LiteRT keeps every intermediate tensor when asked (``experimental_preserve_all_
+    tensors``); a quantizer's tensor is the int8 tensor with the quantizer's scale
+    (bit for bit), its int8 zero point and its shape (NHWC images are transposed
+    back). Where several tensors share all three (a residual add's output and a
+    layer written straight onto the same grid), the one closest to ``wanted``'s
+    reference codes is taken.
+
+    Args:
+        path: the ``.tflite`` file.
+        inputs: one array per model input, at the file's static shapes.
+        wanted: per quantizer name ``(scale, int8 zero point, reference int8 codes)``.
+
+    Returns:
+        per quantizer found ``("index:tensor name", int8 codes in torch layout)``.
+    """
+    from quantaware.backends import LiteRTSession, _import_litert
+
+    with warnings.catch_warnings():  # "intended for debugging": that is the use here
+        warnings.simplefilter("ignore", UserWarning)
+        interp = _import_litert().Interpreter(
+            model_path=str(path), num_threads=threads, experimental_preserve_all_tensors=True)
+    interp.allocate_tensors()
+    for detail, array in zip(interp.get_input_details(), inputs, strict=True):
+        interp.set_tensor(detail["index"], LiteRTSession._to_input(array, detail))
+    interp.invoke()
+    by_key: dict[tuple[float, int], list[tuple[int, str, np.ndarray]]] = {}
+    for detail in interp.get_tensor_details():
+        scale, zero_point = detail["quantization"]
+        if np.dtype(detail["dtype"]) != np.int8 or not scale:
+            continue
+        try:
+            value = interp.get_tensor(detail["index"])
+        except ValueError:  # constants folded away, scratch tensors
+            continue
+        by_key.setdefault((float(np.float32(scale)), int(zero_point)), []).append(
+            (detail["index"], detail["name"], value))
+    found: dict[str, tuple[int, str, np.ndarray]] = {}
+    for name, (scale, zero_point, codes) in wanted.items():
+        best: tuple[int, int, str, np.ndarray] | None = None
+        for index, tensor, value in by_key.get((float(np.float32(scale)), zero_point), []):
+            candidate = _to_nchw(value, codes.shape)
+            if candidate is None:
+                continue
+            diff = int(np.abs(candidate.astype(np.int64) - codes).max()) if codes.size else 0
+            if best is None or diff < best[0]:
+                best = (diff, index, tensor, candidate)
+        if best is not None:
+            found[name] = best[1:]
+    ordered = sorted(found.items(), key=lambda item: item[1][0])  # execution order
+    return {name: (f"{index}:{tensor}", codes) for name, (index, tensor, codes) in ordered}

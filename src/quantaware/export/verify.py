@@ -127,8 +127,8 @@ class VerifyReport:
         verdict = "PASS" if self.passed() else "CHECK"
         where = "" if self.backend == "onnxruntime" else f" in {self.backend}"
         if not self.layers_checked and self.layers_unavailable and self.backend == "litert":
-            layers = (f"not compared in litert ({self.layers_unavailable} quantized "
-                      "activations; its intermediate tensors are not mapped to layers)")
+            layers = (f"not compared in litert (none of the {self.layers_unavailable} "
+                      "quantized activations has a tensor with its qparams in the file)")
         elif not self.layers_checked and self.layers_unavailable:
             layers = (f"not available in {self.backend} (none of the "
                       f"{self.layers_unavailable} quantized activations could be exposed "
@@ -146,7 +146,8 @@ class VerifyReport:
             layers += f"; {self.layers_unavailable} not observable in {self.backend}"
         if self.reference == "integer":
             total = self.integer_layers + self.fake_quant_layers
-            reference = (f"torch with ONNX Runtime's integer arithmetic "
+            kernels = "LiteRT's" if self.backend == "litert" else "ONNX Runtime's"
+            reference = (f"torch with {kernels} integer arithmetic "
                          f"({self.integer_layers} of {total} quantized layers exact)")
         else:
             reference = "torch fake-quant forward"
@@ -301,6 +302,31 @@ def _openvino_layers(proto: onnx.ModelProto, model: nn.Module, batch: Any, threa
     return diff_rows(pairs, ref, values), len(set(tensors) - set(values))
 
 
+def _litert_layers(path: Path, model: nn.Module, batch: Any, threads: int,
+                   session: BackendSession) -> tuple[list[LayerDiff], int]:
+    """:func:`~quantaware.export.layers.compare_layers` for a LiteRT file: the
+    quantizers' codes against the file's int8 tensors with the same qparams, on
+    the first sample(s) of ``batch`` (one invocation at the file's batch size)."""
+    from quantaware.export.tflite import litert_layer_codes
+
+    quantizers = activation_quantizers(model)
+    args, kwargs = split_batch(batch)
+    if kwargs or not args:
+        return [], len(quantizers)
+    sizes = [i.shape[0] for i in session.get_inputs()]
+    sample = tuple(a[:max(n, 1)] for a, n in zip(args, sizes, strict=False))
+    ref = _torch_codes(model, quantizers, sample if len(sample) > 1 else sample[0])
+    shift = {name: 128 if q.qmin == 0 else 0 for name, q in quantizers.items()}
+    wanted = {name: (float(q.scale), int(q.zero_point) - shift[name], ref[name] - shift[name])
+              for name, q in quantizers.items() if name in ref}
+    found = litert_layer_codes(path, [a.detach().cpu().numpy() for a in sample], wanted,
+                               threads)
+    values = {tensor: codes.astype(np.int64) + shift[name]
+              for name, (tensor, codes) in found.items()}
+    rows = diff_rows([(name, tensor) for name, (tensor, _) in found.items()], ref, values)
+    return rows, len(quantizers) - len(rows)
+
+
 def _layer_rows(backend: str, onnx_path: Path, proto: onnx.ModelProto, model: nn.Module,
                 batch: Any, threads: int,
                 session: BackendSession) -> tuple[list[LayerDiff], int]:
@@ -340,9 +366,9 @@ def verify(
         backend: ``"onnxruntime"`` (default), ``"openvino"`` or ``"litert"``
             (:mod:`quantaware.backends`; float layers run in float32). For
             ``"litert"`` the file is a ``.tflite`` from
-            :func:`quantaware.export_tflite` and ``"auto"`` compares with the
-            fake-quant forward (LiteRT requantizes in fixed point, not with ONNX
-            Runtime's float arithmetic that the integer reference reproduces). The
+            :func:`quantaware.export_tflite`, the integer reference reproduces
+            LiteRT's int8 kernels (``integer_arithmetic(model, "litert")``) and
+            the layer check reads LiteRT's intermediate tensors. The
             integer reference reproduces ONNX Runtime's kernels, so OpenVINO,
             which rounds some steps differently (ties of the input quantizer,
             requantized residual adds), can differ from it by an LSB here and
@@ -383,8 +409,6 @@ def verify(
         proto = None
         session = create_backend_session(onnx_path, backend, threads)
         scale = output_scale(onnx_path)
-        if reference == "auto":  # LiteRT's fixed-point requantization is not ORT's
-            reference = "fake-quant"
     else:
         try:
             proto = onnx.load(str(onnx_path))
@@ -403,8 +427,8 @@ def verify(
     outs = [session.run(None, _feed(batch, input_names))[0] for batch in batches]
 
     def layer_rows() -> tuple[list[LayerDiff], int]:
-        if proto is None:  # LiteRT: intermediate tensors are not mapped to layers
-            return [], len(activation_quantizers(model))
+        if proto is None:
+            return _litert_layers(onnx_path, model, batches[0], threads, session)
         return _layer_rows(backend, onnx_path, proto, model, batches[0], threads, session)
 
     model.eval()
@@ -414,7 +438,7 @@ def verify(
     integer_layers = fallback_layers = 0
     used = "fake-quant"
     if reference != "fake-quant":
-        with integer_arithmetic(model) as emulation:
+        with integer_arithmetic(model, "litert" if litert else "onnxruntime") as emulation:
             if emulation.emulated or reference == "integer":
                 used = "integer"
                 integer_layers, fallback_layers = len(emulation.emulated), len(emulation.fallback)
