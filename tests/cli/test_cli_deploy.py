@@ -98,6 +98,44 @@ def test_bench_quick_on_both_backends(tmp_path, capsys, monkeypatch):
     assert "openvino" in text and "backend" in text
 
 
+def test_verify_command_on_litert(tmp_path, capsys):
+    pytest.importorskip("litert_torch")
+    out = tmp_path / "report.json"
+    code = main(["verify", "--model", f"{__name__}:tiny_cnn", "--input-shape", "3,16,16",
+                 "--num-calib", "32", "--num-eval", "32", "--out", str(tmp_path),
+                 "--json", str(out), "--min-agreement", "0.9", "--backend", "litert"])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    report = json.loads(out.read_text())
+    assert report["backend"] == "litert" and "in litert" in text
+    assert list(tmp_path.glob("*-int8.tflite"))
+    assert report["reference"] == "integer" and report["top1_agreement"] >= 0.9
+    assert report["layers_checked"] >= 3
+
+
+def test_bench_quick_on_litert(tmp_path, capsys, monkeypatch):
+    """`--backend onnxruntime litert`: the FP32 and quantaware models also as LiteRT
+    files (batch 1; a batch of 4 is four invocations)."""
+    pytest.importorskip("litert_torch")
+    from quantaware import deploy_bench
+
+    load = deploy_bench.load_model_source
+    monkeypatch.setattr(deploy_bench, "load_model_source", lambda spec, *args, **kwargs: load(
+        spec, 16, 16, input_shape=(3, 16, 16)))
+    out = tmp_path / "rows.json"
+    code = main(["bench", "--quick", "--models", f"{__name__}:tiny_cnn", "--batches", "1", "4",
+                 "--backend", "onnxruntime", "litert", "--json", str(out)])
+    assert code == 0
+    rows = json.loads(out.read_text())
+    lite = [r for r in rows if r["backend"] == "litert"]
+    assert [(r["batch"], r["variant"]) for r in lite] == [
+        (1, "fp32"), (1, "quantaware-int8"), (4, "fp32"), (4, "quantaware-int8")]
+    assert lite[0]["ratio_vs_fp32"] == 1.0 and lite[0]["fidelity"] == 1.0
+    assert lite[1]["verify_top1"] >= 0.9 and lite[1]["verify_reference"] == "integer"
+    assert lite[1]["size_bytes"] < lite[0]["size_bytes"]
+    assert "litert" in capsys.readouterr().out
+
+
 def test_bench_rejects_unknown_backend(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--quick", "--models", "resnet18", "--backend", "tensorrt"])
