@@ -268,7 +268,8 @@ def benchmark(models: Sequence[str], batches: Sequence[int] = (1, 16), threads: 
               on_step: Callable[[str], None] = lambda msg: None,
               on_model: Callable[[list[dict[str, Any]]], None] = lambda rows: None,
               distill_steps: int = 0,
-              backends: Sequence[str] = ("onnxruntime",)) -> list[dict[str, Any]]:
+              backends: Sequence[str] = ("onnxruntime",),
+              input_shape: Sequence[int] | None = None) -> list[dict[str, Any]]:
     """Build, run and time every variant of every model; one row per
     model/batch/backend/variant.
 
@@ -292,6 +293,7 @@ def benchmark(models: Sequence[str], batches: Sequence[int] = (1, 16), threads: 
         distill_steps: also build :data:`DISTILLED` for models with unlabelled data.
         backends: inference backends (:data:`quantaware.backends.BACKENDS`); the
             first one's fp32 output is the fidelity reference.
+        input_shape: per-sample input shape for ``MODULE:FUNCTION`` models.
     """
     from quantaware.backends import check_backend
     from quantaware.bench import file_size
@@ -312,9 +314,9 @@ def benchmark(models: Sequence[str], batches: Sequence[int] = (1, 16), threads: 
         for spec in models:
             if quick:
                 size = 16 if spec == "minilm" else 32
-                source = load_model_source(spec, 16, 16, size=size)
+                source = load_model_source(spec, 16, 16, size=size, input_shape=input_shape)
             else:
-                source = load_model_source(spec)
+                source = load_model_source(spec, input_shape=input_shape)
             onnx_paths, torch_models = build_variants(source, folder, on_step, distill_steps)
             paths = {b: onnx_paths for b in backends}
             if "litert" in backends:

@@ -136,6 +136,18 @@ def test_bench_quick_on_litert(tmp_path, capsys, monkeypatch):
     assert "litert" in capsys.readouterr().out
 
 
+def test_bench_takes_the_input_shape_of_your_own_model(tmp_path, capsys):
+    out = tmp_path / "rows.json"
+    code = main(["bench", "--quick", "--models", f"{__name__}:tiny_cnn", "--input-shape",
+                 "3,16,16", "--batches", "2", "--json", str(out)])
+    assert code == 0
+    rows = json.loads(out.read_text())
+    assert [r["variant"] for r in rows][:2] == ["fp32", "quantaware-int8"]
+    assert main(["bench", "--quick", "--models", f"{__name__}:tiny_cnn",
+                 "--input-shape", "3,x"]) == 2
+    assert "--input-shape must be comma-separated ints" in capsys.readouterr().err
+
+
 def test_bench_rejects_unknown_backend(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--quick", "--models", "resnet18", "--backend", "tensorrt"])

@@ -40,6 +40,21 @@ def add_image_arguments(parser: argparse.ArgumentParser) -> None:
                         help="samples per batch (default: %(default)s)")
 
 
+def parse_input_shape(text: str | None) -> tuple[int, ...] | None:
+    """``--input-shape C,H,W`` as a tuple of positive ints (``None`` when not given)."""
+    from quantaware.cli import UsageError
+
+    if text is None:
+        return None
+    try:
+        shape = tuple(int(part) for part in text.split(","))
+    except ValueError as exc:
+        raise UsageError(f"--input-shape must be comma-separated ints, got {text!r}") from exc
+    if not shape or min(shape) < 1:
+        raise UsageError(f"--input-shape needs positive sizes, got {text!r}")
+    return shape
+
+
 def positive(name: str, value: int | None) -> None:
     if value is not None and (isinstance(value, bool) or value < 1):
         raise UsageError(f"{name} must be a positive integer, got {value}")

@@ -38,6 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default: all built-ins)")
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 16], metavar="N",
                         help="batch sizes (default: 1 16)")
+    parser.add_argument("--input-shape", metavar="C,H,W",
+                        help="per-sample input shape for MODULE:FUNCTION models")
     parser.add_argument("--threads", type=int, default=2,
                         help="inference threads per session (default: 2)")
     parser.add_argument("--backend", nargs="+", choices=BACKENDS, default=["onnxruntime"],
@@ -118,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from quantaware.backends import check_backend
+    from quantaware.cli._sources import parse_input_shape
     from quantaware.deploy_bench import benchmark, write_json
 
     try:
@@ -135,7 +138,8 @@ def run(args: argparse.Namespace) -> int:
                          runs=args.runs, warmup=args.warmup, quick=args.quick,
                          out_dir=args.out, on_step=lambda msg: status.update(msg),
                          on_model=save, distill_steps=args.distill,
-                         backends=tuple(dict.fromkeys(args.backends)))
+                         backends=tuple(dict.fromkeys(args.backends)),
+                         input_shape=parse_input_shape(args.input_shape))
     console.print(results_table(rows))
     if args.json:
         console.print(f"rows written to {args.json}")

@@ -59,14 +59,7 @@ def run(args: argparse.Namespace) -> int:
     if args.data is not None:
         example = common.load_data(args, args.data, model, "test", 1).example
     else:
-        try:
-            shape = tuple(int(part) for part in args.input_shape.split(","))
-        except ValueError as exc:
-            raise UsageError(f"--input-shape must be comma-separated ints, got "
-                             f"{args.input_shape!r}") from exc
-        if not shape or min(shape) < 1:
-            raise UsageError(f"--input-shape needs positive sizes, got {args.input_shape!r}")
-        example = torch.zeros(1, *shape)
+        example = torch.zeros(1, *common.parse_input_shape(args.input_shape))
     if args.quantized and not Path(args.quantized).is_file():
         raise FileNotFoundError(f"quantized checkpoint {args.quantized!r} does not exist")
     try:

@@ -56,21 +56,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def _shape(text: str | None) -> tuple[int, ...] | None:
-    if text is None:
-        return None
-    try:
-        return tuple(int(part) for part in text.split(","))
-    except ValueError as exc:
-        raise UsageError(f"--input-shape must be comma-separated ints, got {text!r}") from exc
-
-
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     import quantaware
     from quantaware import presets
     from quantaware.backends import check_backend
+    from quantaware.cli._sources import parse_input_shape
     from quantaware.deploy import default_config, load_model_source, quantize_for_backend
 
     try:
@@ -81,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
     with console.status(f"loading {args.model}") as status:
         try:
             source = load_model_source(args.model, args.num_calib, args.num_eval,
-                                       size=args.size, input_shape=_shape(args.input_shape))
+                                       size=args.size,
+                                       input_shape=parse_input_shape(args.input_shape))
         except (ValueError, KeyError) as exc:
             raise UsageError(str(exc)) from exc
         config = presets.get(args.preset) if args.preset else default_config(source.model)
