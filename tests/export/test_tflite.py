@@ -193,3 +193,21 @@ def test_corrupt_file_is_refused(litert, tmp_path):
     bad.write_bytes(b"not a flatbuffer" * 8)
     with pytest.raises(OnnxModelError, match="LiteRT cannot load"):
         LiteRTSession(bad)
+
+
+def test_conv1d_network_with_4_bit_weights_is_exact(litert, tmp_path):
+    """Conv1d layers (LiteRT runs them as 2-D convs) and 4-bit weights stored in
+    int8: same codes as torch with LiteRT's arithmetic."""
+    from quantaware.export.tflite import tflite_ops
+    from quantaware.models import MNIST1DCNN
+
+    gen = torch.Generator().manual_seed(1)
+    torch.manual_seed(1)
+    calib = [torch.randn(32, 1, 40, generator=gen) for _ in range(2)]
+    data = [torch.randn(32, 1, 40, generator=gen) for _ in range(2)]
+    with _one_thread():
+        q = quantaware.quantize(MNIST1DCNN(width=8).eval(), presets.W4A8, calib, calib[0][:1])
+        path = quantaware.export_tflite(q, tmp_path / "mnist1d.tflite", calib[0][:1])
+        report = quantaware.verify(path, q, data, backend="litert")
+    assert all("float32" not in d for n, d in tflite_ops(path) if n not in _INTERFACE)
+    assert report.max_error_lsb == 0.0 and report.top1_agreement == 1.0
