@@ -25,7 +25,8 @@ With ``kernels="litert"`` the arithmetic is LiteRT's (XNNPACK's int8 kernels) fo
 a file from :func:`quantaware.export_tflite`: convolutions, fully connected layers
 and the global average pool requantize as above; ``ADD`` uses fixed-point
 multipliers of about 21 bits with a common shift and rounds half up; ``QUANTIZE``
-of a float tensor multiplies by the reciprocal scale.
+of a float tensor multiplies by the reciprocal scale; a layer that only feeds a
+concatenation writes straight onto the concatenation's grid.
 
 Layers ONNX Runtime does not run as one of these integer kernels (float ops,
 dynamic quantization, SmoothQuant inputs, concat/average pooling that rescale)
@@ -170,7 +171,8 @@ def _activation_blocker(module: QuantMixin, out: _QParams) -> str | None:
 
 def _weighted_forward(module: WeightQuantMixin, qin: _QParams, qout: _QParams,
                       apply: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None],
-                                      torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+                                      torch.Tensor],
+                      own_output: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
     wq = module.weight_quantizer
     assert isinstance(wq, FakeQuantizer)
     conv = isinstance(module, _QuantConvNd)
@@ -203,7 +205,7 @@ def _weighted_forward(module: WeightQuantMixin, qin: _QParams, qout: _QParams,
         else:
             acc = apply(codes.to(_F64), qweight, qbias).to(_F32)
         y = qout.output(acc.mul_(multiplier.reshape(channel) if conv else multiplier))
-        return self.output_quantizer(y)
+        return self.output_quantizer(y) if own_output else y
 
     return forward
 
@@ -329,10 +331,12 @@ def _global_pool_forward(module: QuantAdaptiveAvgPool2d, qin: _QParams, qout: _Q
     return forward
 
 
-def _plan(module: nn.Module, kernels: str = "onnxruntime"
-          ) -> Callable[..., torch.Tensor] | str | None:
+def _plan(module: nn.Module, kernels: str = "onnxruntime",
+          onto: nn.Module | None = None) -> Callable[..., torch.Tensor] | str | None:
     """The integer-exact forward for ``module``, a reason it has none, or ``None``
-    for modules that are not quantized layers."""
+    for modules that are not quantized layers. ``onto``: the quantizer whose grid
+    a weighted layer writes its output on instead of its own (LiteRT's
+    concatenation inputs, see :func:`_concatenation_inputs`)."""
     if isinstance(module, WeightQuantMixin) and isinstance(module, _QuantConvNd | QuantLinear):
         wq = module.weight_quantizer
         if not isinstance(wq, FakeQuantizer) or not bool(wq.fake_quant_enabled):
@@ -343,7 +347,8 @@ def _plan(module: nn.Module, kernels: str = "onnxruntime"
             return f"padding_mode={module.padding_mode!r}"
         if module.training and hasattr(module, "bn_frozen") and not bool(module.bn_frozen):
             return "training with batch statistics"
-        qin, qout = _static_qparams(module.input_source), _static_qparams(module.output_quantizer)
+        qin = _static_qparams(module.input_source)
+        qout = _static_qparams(module.output_quantizer if onto is None else onto)
         for part, qp in (("input", qin), ("output", qout)):
             if isinstance(qp, str):
                 return f"{part}: {qp}"
@@ -351,7 +356,7 @@ def _plan(module: nn.Module, kernels: str = "onnxruntime"
         blocker = _activation_blocker(module, qout)
         if blocker is not None:
             return blocker
-        return _weighted_forward(module, qin, qout, _conv_like(module))
+        return _weighted_forward(module, qin, qout, _conv_like(module), own_output=onto is None)
     if isinstance(module, QuantAdd | QuantMatmul | QuantCat):
         count = len(module.input_quantizers)
         qps = [_static_qparams(module.input_source_of(i)) for i in range(count)]
@@ -387,6 +392,35 @@ def _plan(module: nn.Module, kernels: str = "onnxruntime"
                                            or module.input_quantizer is not None):
         return f"{type(module).__name__} has no integer-exact emulation"
     return None
+
+
+def _concatenation_inputs(model: nn.Module) -> dict[str, nn.Module]:
+    """Weighted layers whose output feeds only a concatenation, mapped to the
+    concatenation's output quantizer.
+
+    LiteRT's concatenation needs one grid on all inputs, and its converter has
+    such a layer requantize its accumulators straight onto the concatenation's
+    grid (one rounding, where the torch model rounds onto the layer's own grid
+    and then onto the concatenation's).
+    """
+    from torch import fx
+
+    if not isinstance(model, fx.GraphModule):
+        return {}
+    found = {}
+    for node in model.graph.nodes:
+        if node.op != "call_module" or not isinstance(model.get_submodule(node.target),
+                                                       QuantCat):
+            continue
+        cat = model.get_submodule(node.target)
+        for index, arg in enumerate(node.args):
+            if not isinstance(arg, fx.Node) or arg.op != "call_module" or len(arg.users) != 1:
+                continue
+            layer = model.get_submodule(arg.target)
+            if (isinstance(layer, WeightQuantMixin) and layer.output_quantizer is not None
+                    and cat.input_source_of(index) is layer.output_quantizer):
+                found[arg.target] = cat.output_quantizer
+    return found
 
 
 _MARK = "_quantaware_integer_forward"
@@ -446,9 +480,10 @@ def integer_arithmetic(model: nn.Module,
     report = IntegerEmulation()
     # (module, the instance forward it had before: set by an enclosing block, or None)
     patched: list[tuple[nn.Module, object]] = []
+    onto = _concatenation_inputs(model) if kernels == "litert" else {}
     try:
         for name, module in model.named_modules():
-            plan = _plan(module, kernels)
+            plan = _plan(module, kernels, onto.get(name))
             if plan is None and kernels == "litert" and type(module) is FakeQuantizer:
                 plan = _litert_quantize_forward(module)
                 if plan is not None:  # a quantizer, not a layer: not counted
