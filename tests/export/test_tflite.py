@@ -208,3 +208,16 @@ def test_conv1d_network_with_4_bit_weights_is_exact(litert, tmp_path):
         report = quantaware.verify(path, q, data, backend="litert")
     assert all("float32" not in d for n, d in tflite_ops(path) if n not in _INTERFACE)
     assert report.max_error_lsb == 0.0 and report.top1_agreement == 1.0
+
+
+def test_asymmetric_weights_are_refused(litert, float_model, calib_data, example_input,
+                                        tmp_path):
+    import dataclasses
+
+    config = dataclasses.replace(
+        presets.INT8, weight=dataclasses.replace(presets.INT8.weight, symmetric=False))
+    with _one_thread():
+        model = quantaware.quantize(float_model, config, calib_data, example_input)
+        with pytest.raises(ExportError, match="signed symmetric weights"):
+            quantaware.export_tflite(model, tmp_path / "m.tflite", example_input)
+    assert not list(tmp_path.iterdir())

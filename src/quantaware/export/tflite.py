@@ -53,9 +53,9 @@ _INSTALL_HINT = "pip install 'quantaware[litert]'"
 # aten ops whose output stays on their input's integer grid: LiteRT runs them on
 # int8 only with the same qparams on both sides.
 _SAME_GRID = {
-    "max_pool1d", "max_pool2d", "max_pool3d", "max_pool2d_with_indices", "flatten", "view",
-    "reshape", "_unsafe_view", "permute", "transpose", "squeeze", "unsqueeze", "clone",
-    "contiguous", "dropout", "alias", "adaptive_max_pool2d", "pad", "constant_pad_nd",
+    "max_pool1d", "max_pool2d", "max_pool3d", "flatten", "view", "reshape", "_unsafe_view",
+    "permute", "transpose", "squeeze", "unsqueeze", "clone", "contiguous", "dropout", "alias",
+    "pad", "constant_pad_nd",
 }
 
 
@@ -124,8 +124,8 @@ class _Rewriter:
             raise ExportError(f"{qv.dtype} weights have no LiteRT integer kernel; use weights "
                               "of 8 bits or fewer")
         if bool((z != 0).any()):
-            raise ExportError("LiteRT's integer kernels need symmetric weights (zero point "
-                              "0); use a symmetric weight spec")
+            raise ExportError("LiteRT's integer kernels need signed symmetric weights (zero "
+                              "point 0); use a symmetric, signed weight spec (as in INT8)")
         per_channel = s.dim() == 1
         w = self.constant(dequantize(qv, s, z, axis if per_channel else None), "weight")
         if not per_channel:
