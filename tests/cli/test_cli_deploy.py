@@ -72,18 +72,14 @@ def test_verify_command_on_openvino(tmp_path, capsys):
     assert report["layers_checked"] + report["layers_unavailable"] >= 4
 
 
-def test_bench_quick_on_both_backends(tmp_path, capsys, monkeypatch):
+def test_bench_quick_on_both_backends(tmp_path, capsys):
     """`--backend onnxruntime openvino`: the FP32 and quantaware files in both, ORT's
     quantizer outputs in ONNX Runtime only (a tiny CNN keeps this fast)."""
     pytest.importorskip("openvino")
-    from quantaware import deploy_bench
-
-    load = deploy_bench.load_model_source
-    monkeypatch.setattr(deploy_bench, "load_model_source", lambda spec, *args, **kwargs: load(
-        spec, 16, 16, input_shape=(3, 16, 16)))
     out = tmp_path / "rows.json"
-    code = main(["bench", "--quick", "--models", f"{__name__}:tiny_cnn", "--batches", "1", "4",
-                 "--backend", "onnxruntime", "openvino", "--json", str(out)])
+    code = main(["bench", "--quick", "--models", f"{__name__}:tiny_cnn", "--input-shape",
+                 "3,16,16", "--batches", "1", "4", "--backend", "onnxruntime", "openvino",
+                 "--json", str(out)])
     assert code == 0
     rows = json.loads(out.read_text())
     per_batch = [(r["backend"], r["variant"]) for r in rows if r["batch"] == 4]
@@ -113,18 +109,14 @@ def test_verify_command_on_litert(tmp_path, capsys):
     assert report["layers_checked"] >= 3
 
 
-def test_bench_quick_on_litert(tmp_path, capsys, monkeypatch):
+def test_bench_quick_on_litert(tmp_path, capsys):
     """`--backend onnxruntime litert`: the FP32 and quantaware models also as LiteRT
     files (batch 1; a batch of 4 is four invocations)."""
     pytest.importorskip("litert_torch")
-    from quantaware import deploy_bench
-
-    load = deploy_bench.load_model_source
-    monkeypatch.setattr(deploy_bench, "load_model_source", lambda spec, *args, **kwargs: load(
-        spec, 16, 16, input_shape=(3, 16, 16)))
     out = tmp_path / "rows.json"
-    code = main(["bench", "--quick", "--models", f"{__name__}:tiny_cnn", "--batches", "1", "4",
-                 "--backend", "onnxruntime", "litert", "--json", str(out)])
+    code = main(["bench", "--quick", "--models", f"{__name__}:tiny_cnn", "--input-shape",
+                 "3,16,16", "--batches", "1", "4", "--backend", "onnxruntime", "litert",
+                 "--json", str(out)])
     assert code == 0
     rows = json.loads(out.read_text())
     lite = [r for r in rows if r["backend"] == "litert"]
