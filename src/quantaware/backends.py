@@ -313,7 +313,9 @@ class LiteRTSession:
     dimension runs as consecutive invocations of the file's batch (a file
     exported at batch 1 then takes a batch of 16 one sample at a time), and the
     outputs are concatenated. Float inputs fed to an int8 input are quantized
-    with the input's scale and zero point (rounding half to even); int8 outputs
+    with the input's scale and zero point as LiteRT's own QUANTIZE does
+    (multiplying by the float32 reciprocal of the scale, rounding half to even),
+    so an ``int8_io`` file computes what the float-interface file does; int8 outputs
     are returned dequantized, so every interface reads float32 like the torch
     model.
 
@@ -372,7 +374,8 @@ class LiteRTSession:
         if dtype.kind == "i" and dtype.itemsize == 1 and np.asarray(x).dtype.kind == "f":
             scale, zero_point = detail["quantization"]
             info = np.iinfo(dtype)
-            q = np.clip(np.round(np.asarray(x, np.float32) / np.float32(scale)) + zero_point,
+            inverse = np.float32(1) / np.float32(scale)  # as LiteRT's QUANTIZE computes
+            q = np.clip(np.rint(np.asarray(x, np.float32) * inverse) + zero_point,
                         info.min, info.max)
             return q.astype(dtype)
         return np.asarray(x, dtype=dtype)
