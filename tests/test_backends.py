@@ -53,20 +53,14 @@ def test_unknown_backend_lists_the_backends(exports, data):
     assert check_backend("onnxruntime") == "onnxruntime"
 
 
-def test_litert_missing_names_the_extra(monkeypatch, exports):
-    monkeypatch.setitem(sys.modules, "ai_edge_litert", None)  # as if not installed
-    with pytest.raises(ImportError, match=r"pip install 'quantaware\[litert\]'"):
-        check_backend("litert")
-    with pytest.raises(ImportError, match=r"quantaware\[litert\]"):
-        create_backend_session(exports[3], "litert")
-
-
-def test_openvino_missing_names_the_extra(monkeypatch, exports):
-    monkeypatch.setitem(sys.modules, "openvino", None)  # as if not installed
-    with pytest.raises(ImportError, match=r"pip install 'quantaware\[openvino\]'"):
-        check_backend("openvino")
-    with pytest.raises(ImportError, match=r"quantaware\[openvino\]"):
-        create_backend_session(exports[3], "openvino")
+@pytest.mark.parametrize("backend,module", [("litert", "ai_edge_litert"),
+                                            ("openvino", "openvino")])
+def test_missing_backend_names_the_extra(monkeypatch, exports, backend, module):
+    monkeypatch.setitem(sys.modules, module, None)  # as if not installed
+    with pytest.raises(ImportError, match=rf"pip install 'quantaware\[{backend}\]'"):
+        check_backend(backend)
+    with pytest.raises(ImportError, match=rf"quantaware\[{backend}\]"):
+        create_backend_session(exports[3], backend)
 
 
 def test_onnxruntime_session_is_quantawares(exports):

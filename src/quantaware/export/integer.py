@@ -247,9 +247,15 @@ def _bits_f32(bits: int) -> float:
     return float(torch.tensor(bits, dtype=torch.int32).view(_F32))
 
 
-def _int8_code(zero_point: int, qmin: int) -> int:
-    """The int8 zero point LiteRT uses for a zero point of ``[qmin, ...]`` codes."""
-    return zero_point - 128 if qmin == 0 else zero_point
+def int8_code(value: int, qmin: int) -> int:
+    """A code (or zero point) of an 8-bit format starting at ``qmin`` as the int8 code
+    LiteRT stores: unsigned codes move down by 128, signed ones stay.
+
+    Example:
+        >>> int8_code(0, 0), int8_code(255, 0), int8_code(-5, -128)
+        (-128, 127, -5)
+    """
+    return value - 128 if qmin == 0 else value
 
 
 def _xnnpack_add_forward(module: QuantAdd, qa: _QParams, qb: _QParams, qc: _QParams):
@@ -270,10 +276,10 @@ def _xnnpack_add_forward(module: QuantAdd, qa: _QParams, qb: _QParams, qc: _QPar
         return round(_bits_f32(_f32_bits(ratio) + (shift << 23)))
 
     ma, mb = multiplier(ratio_a), multiplier(ratio_b)
-    za, zb = _int8_code(qa.zero_point, qa.qmin), _int8_code(qb.zero_point, qb.qmin)
-    zc = _int8_code(qc.zero_point, qc.qmin)
+    za, zb = int8_code(qa.zero_point, qa.qmin), int8_code(qb.zero_point, qb.qmin)
+    zc = int8_code(qc.zero_point, qc.qmin)
     bias = (1 << (shift - 1)) - ma * za - mb * zb
-    lo, hi = _int8_code(qc.qmin, qc.qmin) - zc, _int8_code(qc.qmax, qc.qmin) - zc
+    lo, hi = int8_code(qc.qmin, qc.qmin) - zc, int8_code(qc.qmax, qc.qmin) - zc
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         a, b = self._quantize_inputs((a, b))

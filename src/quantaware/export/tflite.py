@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from torch import fx, nn
 
+from quantaware.export.integer import int8_code
 from quantaware.export.onnx import ExportError, _export_copy, _quiet_logger
 from quantaware.primitives import dequantize
 
@@ -205,10 +206,8 @@ def _aten_name(target: Any) -> str | None:
 
 def _int8_grid(zero_point: int, qmin: int, qmax: int) -> tuple[int, int, int]:
     """``(zero_point, qmin, qmax)`` of an 8-bit activation format on int8 codes."""
-    if (qmin, qmax) == (0, 255):
-        return zero_point - 128, -128, 127
-    if qmin >= -128 and qmax <= 127 and qmax - qmin >= 254:
-        return zero_point, qmin, qmax
+    if (qmin, qmax) == (0, 255) or (qmin >= -128 and qmax <= 127 and qmax - qmin >= 254):
+        return int8_code(zero_point, qmin), int8_code(qmin, qmin), int8_code(qmax, qmin)
     raise ExportError(
         f"activation range [{qmin}, {qmax}] has no LiteRT form: its integer kernels "
         "saturate at the int8 limits, so only 8-bit activations keep their meaning; "

@@ -42,7 +42,7 @@ from torch import nn
 
 from quantaware._batch import model_device, split_batch, to_device
 from quantaware.backends import BackendSession, check_backend, create_backend_session
-from quantaware.export.integer import fake_quant_arithmetic, integer_arithmetic
+from quantaware.export.integer import fake_quant_arithmetic, int8_code, integer_arithmetic
 from quantaware.export.layers import (
     LayerDiff,
     _disambiguate,
@@ -316,7 +316,7 @@ def _litert_layers(path: Path, model: nn.Module, batch: Any, threads: int,
     sizes = [i.shape[0] for i in session.get_inputs()]
     sample = tuple(a[:max(n, 1)] for a, n in zip(args, sizes, strict=False))
     ref = _torch_codes(model, quantizers, sample if len(sample) > 1 else sample[0])
-    shift = {name: 128 if q.qmin == 0 else 0 for name, q in quantizers.items()}
+    shift = {name: -int8_code(0, q.qmin) for name, q in quantizers.items()}
     wanted = {name: (float(q.scale), int(q.zero_point) - shift[name], ref[name] - shift[name])
               for name, q in quantizers.items() if name in ref}
     found = litert_layer_codes(path, [a.detach().cpu().numpy() for a in sample], wanted,
