@@ -352,77 +352,108 @@ class LiteRTSession:
             raise OnnxModelError(
                 f"LiteRT cannot load this model: {exc}. Check that it is a complete .tflite "
                 "file (quantaware export --format tflite writes one)") from exc
-        self._in = self._interpreter.get_input_details()
-        self._out = self._interpreter.get_output_details()
-
-    @staticmethod
-    def _info(detail: dict[str, Any]) -> TensorInfo:
-        return TensorInfo(detail["name"], [int(d) for d in detail["shape"]],
-                          _LITERT_TYPES.get(np.dtype(detail["dtype"]), str(detail["dtype"])))
+        self._in = [_LiteRTTensor.of(d) for d in self._interpreter.get_input_details()]
+        self._out = [_LiteRTTensor.of(d) for d in self._interpreter.get_output_details()]
+        self._input_names = frozenset(t.name for t in self._in)
+        self._out_by_name = {t.name: t for t in self._out}
 
     def get_inputs(self) -> list[TensorInfo]:
         """The model inputs (``name``, static ``shape``, ``type``)."""
-        return [self._info(d) for d in self._in]
+        return [t.info for t in self._in]
 
     def get_outputs(self) -> list[TensorInfo]:
         """The model outputs (``name``, static ``shape``, ``type``)."""
-        return [self._info(d) for d in self._out]
+        return [t.info for t in self._out]
 
-    @staticmethod
-    def _to_input(x: np.ndarray, detail: dict[str, Any]) -> np.ndarray:
-        dtype = np.dtype(detail["dtype"])
-        if dtype.kind == "i" and dtype.itemsize == 1 and np.asarray(x).dtype.kind == "f":
-            scale, zero_point = detail["quantization"]
-            info = np.iinfo(dtype)
-            inverse = np.float32(1) / np.float32(scale)  # as LiteRT's QUANTIZE computes
-            q = np.clip(np.rint(np.asarray(x, np.float32) * inverse) + zero_point,
-                        info.min, info.max)
-            return q.astype(dtype)
-        return np.asarray(x, dtype=dtype)
-
-    @staticmethod
-    def _from_output(y: np.ndarray, detail: dict[str, Any]) -> np.ndarray:
-        scale, zero_point = detail["quantization"]
-        if y.dtype.kind in "iu" and scale:
-            return ((y.astype(np.float32) - np.float32(zero_point)) * np.float32(scale))
-        return y
+    def _chunks(self, arrays: list[np.ndarray]) -> int:
+        """How many invocations of the file's batch ``arrays`` take (shapes checked)."""
+        chunks = None
+        for tensor, array in zip(self._in, arrays, strict=True):
+            shape = tensor.info.shape
+            if array.shape[1:] != tuple(shape[1:]) or array.shape[0] % tensor.step:
+                raise ValueError(
+                    f"input {tensor.name!r} has shape {list(array.shape)}; this LiteRT "
+                    f"file takes {shape} (static shapes: export it with example inputs of "
+                    "the shape you run)")
+            count = array.shape[0] // tensor.step
+            if chunks not in (None, count):
+                raise ValueError("inputs have different batch sizes")
+            chunks = count
+        return chunks or 0
 
     def run(self, output_names: Sequence[str] | None,
             feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """Outputs ``output_names`` (all when ``None``) for the inputs in ``feed``."""
-        names = [d["name"] for d in self._in]
-        if set(feed) != set(names):
-            raise ValueError(f"feed has inputs {sorted(feed)}; the model's inputs are {names}")
-        out_names = [d["name"] for d in self._out]
-        wanted = out_names if output_names is None else list(output_names)
-        missing = [n for n in wanted if n not in out_names]
-        if missing:
-            raise ValueError(f"unknown outputs {missing}; the model's outputs are {out_names}")
-        arrays = [np.asarray(feed[d["name"]]) for d in self._in]
-        chunks = None
-        for detail, array in zip(self._in, arrays, strict=True):
-            shape = [int(d) for d in detail["shape"]]
-            if list(array.shape[1:]) != shape[1:] or array.shape[0] % max(shape[0], 1):
-                raise ValueError(
-                    f"input {detail['name']!r} has shape {list(array.shape)}; this LiteRT "
-                    f"file takes {shape} (static shapes: export it with example inputs of "
-                    "the shape you run)")
-            count = array.shape[0] // max(shape[0], 1)
-            if chunks not in (None, count):
-                raise ValueError("inputs have different batch sizes")
-            chunks = count
-        results: list[list[np.ndarray]] = [[] for _ in wanted]
+        if feed.keys() != self._input_names:
+            raise ValueError(f"feed has inputs {sorted(feed)}; the model's inputs are "
+                             f"{[t.name for t in self._in]}")
+        if output_names is None:
+            wanted = self._out
+        else:
+            missing = [n for n in output_names if n not in self._out_by_name]
+            if missing:
+                raise ValueError(f"unknown outputs {missing}; the model's outputs are "
+                                 f"{[t.name for t in self._out]}")
+            wanted = [self._out_by_name[n] for n in output_names]
+        arrays = [np.asarray(feed[t.name]) for t in self._in]
+        chunks = self._chunks(arrays)
         interp = self._interpreter
-        for c in range(chunks or 0):
-            for detail, array in zip(self._in, arrays, strict=True):
-                step = max(int(detail["shape"][0]), 1)
-                interp.set_tensor(detail["index"],
-                                  self._to_input(array[c * step:(c + 1) * step], detail))
+        if chunks == 1:  # the common case: no slicing, no concatenation
+            for tensor, array in zip(self._in, arrays, strict=True):
+                interp.set_tensor(tensor.index, tensor.to_input(array))
             interp.invoke()
-            for k, name in enumerate(wanted):
-                detail = self._out[out_names.index(name)]
-                results[k].append(self._from_output(interp.get_tensor(detail["index"]), detail))
+            return [t.from_output(interp.get_tensor(t.index)) for t in wanted]
+        results: list[list[np.ndarray]] = [[] for _ in wanted]
+        for c in range(chunks):
+            for tensor, array in zip(self._in, arrays, strict=True):
+                step = tensor.step
+                interp.set_tensor(tensor.index, tensor.to_input(array[c * step:(c + 1) * step]))
+            interp.invoke()
+            for k, t in enumerate(wanted):
+                results[k].append(t.from_output(interp.get_tensor(t.index)))
         return [np.concatenate(r) for r in results]
+
+
+@dataclass(frozen=True)
+class _LiteRTTensor:
+    """What :class:`LiteRTSession` needs of one input or output, read once at load."""
+
+    info: TensorInfo
+    index: int
+    dtype: np.dtype
+    step: int  # the file's batch dimension (at least 1)
+    scale: float
+    zero_point: int
+
+    @classmethod
+    def of(cls, detail: dict[str, Any]) -> _LiteRTTensor:
+        dtype = np.dtype(detail["dtype"])
+        shape = [int(d) for d in detail["shape"]]
+        scale, zero_point = detail["quantization"]
+        return cls(TensorInfo(detail["name"], shape, _LITERT_TYPES.get(dtype, str(dtype))),
+                   int(detail["index"]), dtype, max(shape[0], 1) if shape else 1,
+                   float(scale), int(zero_point))
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    def to_input(self, x: np.ndarray) -> np.ndarray:
+        """``x`` as this input's dtype; float fed to int8 is quantized as LiteRT's QUANTIZE."""
+        dtype = self.dtype
+        if dtype.kind == "i" and dtype.itemsize == 1 and x.dtype.kind == "f":
+            info = np.iinfo(dtype)
+            inverse = np.float32(1) / np.float32(self.scale)  # as LiteRT's QUANTIZE computes
+            q = np.rint(np.asarray(x, np.float32) * inverse)
+            q += np.float32(self.zero_point)
+            return np.clip(q, info.min, info.max, out=q).astype(dtype)
+        return x if x.dtype == dtype else x.astype(dtype)
+
+    def from_output(self, y: np.ndarray) -> np.ndarray:
+        """An int8 output dequantized to float32; anything else as it is."""
+        if y.dtype.kind in "iu" and self.scale:
+            return (y.astype(np.float32) - np.float32(self.zero_point)) * np.float32(self.scale)
+        return y
 
 
 def create_backend_session(model: str | os.PathLike[str] | bytes, backend: str = "onnxruntime",

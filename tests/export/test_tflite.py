@@ -116,6 +116,26 @@ def test_litert_integer_arithmetic_is_exact_without_concatenation(litert, tmp_pa
     assert report.first_divergent_layer is None and report.layers_checked >= 4
 
 
+def test_layer_check_reads_square_images_in_litert_layout(litert, tmp_path):
+    """A 3-channel 8x8 image and an 8-channel 8x8 activation: shape alone cannot tell
+    LiteRT's NHWC from torch's NCHW, the layer check must still compare like with like."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(8 * 8 * 8, 4)).eval()
+    gen = torch.Generator().manual_seed(1)
+    calib = [torch.randn(16, 3, 8, 8, generator=gen) for _ in range(2)]
+    with _one_thread():
+        q = quantaware.quantize(model, presets.INT8, calib, calib[0][:1])
+        path = quantaware.export_tflite(q, tmp_path / "square.tflite", calib[0][:1])
+        report = quantaware.verify(path, q, [torch.randn(8, 3, 8, 8, generator=gen)],
+                                   backend="litert")
+    assert report.max_error_lsb == 0.0
+    assert report.layers_checked >= 3 and report.first_divergent_layer is None, str(report)
+
+
 def test_int8_interface(litert, int8_model, export_dir, example_input, fresh_data):
     from quantaware.backends import LiteRTSession
 
@@ -157,6 +177,20 @@ def test_shape_mismatch_is_a_clear_error(int8_tflite):
         session.run(None, {name: np.zeros((2, 3, 9, 9), np.float32)})
     with pytest.raises(ValueError, match="model's inputs"):
         session.run(None, {"nope": np.zeros((1, *INPUT_SHAPE), np.float32)})
+    with pytest.raises(ValueError, match="unknown outputs"):
+        session.run(["nope"], {name: np.zeros((1, *INPUT_SHAPE), np.float32)})
+
+
+def test_a_batch_runs_as_invocations_of_the_files_batch(int8_tflite, fresh_data):
+    from quantaware.backends import LiteRTSession
+
+    session = LiteRTSession(int8_tflite, threads=1)
+    name, out_name = session.get_inputs()[0].name, session.get_outputs()[0].name
+    x = fresh_data[0][:3].numpy()
+    (batch,) = session.run([out_name], {name: x})
+    singles = [session.run(None, {name: x[i:i + 1]})[0] for i in range(3)]
+    np.testing.assert_array_equal(batch, np.concatenate(singles))
+    assert batch.dtype == np.float32 and len({s.tobytes() for s in singles}) == 3
 
 
 @pytest.mark.parametrize("preset,match", [("INT8_DYNAMIC", "dynamic activation"),

@@ -422,13 +422,16 @@ def output_scale(path: str | os.PathLike) -> float | None:
     return float(np.max(quant.scale))
 
 
-def _to_nchw(value: np.ndarray, shape: tuple[int, ...]) -> np.ndarray | None:
-    """A LiteRT tensor in the torch layout ``shape`` (LiteRT keeps images NHWC)."""
-    if value.shape == shape:
-        return value
+def _torch_layouts(value: np.ndarray, shape: tuple[int, ...]) -> list[np.ndarray]:
+    """A LiteRT tensor read in the torch layout ``shape``: NHWC images (LiteRT's
+    layout) transposed back first, then the tensor as it is. Both when a square
+    image has as many channels as rows (32x32x32 reads either way)."""
+    layouts = []
     if value.ndim == 4 and len(shape) == 4 and value.transpose(0, 3, 1, 2).shape == shape:
-        return value.transpose(0, 3, 1, 2)
-    return None
+        layouts.append(value.transpose(0, 3, 1, 2))
+    if value.shape == shape:
+        layouts.append(value)
+    return layouts
 
 
 def litert_layer_codes(path: str | os.PathLike, inputs: list[np.ndarray],
@@ -451,7 +454,7 @@ def litert_layer_codes(path: str | os.PathLike, inputs: list[np.ndarray],
     Returns:
         per quantizer found ``("index:tensor name", int8 codes in torch layout)``.
     """
-    from quantaware.backends import LiteRTSession, _import_litert
+    from quantaware.backends import _import_litert, _LiteRTTensor
 
     with warnings.catch_warnings():  # "intended for debugging": that is the use here
         warnings.simplefilter("ignore", UserWarning)
@@ -459,7 +462,7 @@ def litert_layer_codes(path: str | os.PathLike, inputs: list[np.ndarray],
             model_path=str(path), num_threads=threads, experimental_preserve_all_tensors=True)
     interp.allocate_tensors()
     for detail, array in zip(interp.get_input_details(), inputs, strict=True):
-        interp.set_tensor(detail["index"], LiteRTSession._to_input(array, detail))
+        interp.set_tensor(detail["index"], _LiteRTTensor.of(detail).to_input(np.asarray(array)))
     interp.invoke()
     by_key: dict[tuple[float, int], list[tuple[int, str, np.ndarray]]] = {}
     for detail in interp.get_tensor_details():
@@ -476,12 +479,10 @@ def litert_layer_codes(path: str | os.PathLike, inputs: list[np.ndarray],
     for name, (scale, zero_point, codes) in wanted.items():
         best: tuple[int, int, str, np.ndarray] | None = None
         for index, tensor, value in by_key.get((float(np.float32(scale)), zero_point), []):
-            candidate = _to_nchw(value, codes.shape)
-            if candidate is None:
-                continue
-            diff = int(np.abs(candidate.astype(np.int64) - codes).max()) if codes.size else 0
-            if best is None or diff < best[0]:
-                best = (diff, index, tensor, candidate)
+            for candidate in _torch_layouts(value, codes.shape):
+                diff = int(np.abs(candidate.astype(np.int64) - codes).max()) if codes.size else 0
+                if best is None or diff < best[0]:
+                    best = (diff, index, tensor, candidate)
         if best is not None:
             found[name] = best[1:]
     ordered = sorted(found.items(), key=lambda item: item[1][0])  # execution order
