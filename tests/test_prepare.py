@@ -291,6 +291,23 @@ def test_traceable_model_prepares_without_warning(residual_cnn):
         quantaware.prepare(residual_cnn, presets.INT8, X1)
 
 
+@pytest.mark.parametrize("layer,shape", [(nn.Conv2d(3, 4, 3), (2, 3, 8, 8)),
+                                         (nn.Linear(6, 5), (2, 6))])
+def test_a_bare_layer_is_quantized(layer, shape):
+    torch.manual_seed(0)
+    x = torch.randn(*shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        q = quantaware.quantize(layer, presets.INT8, [x], x[:1])
+    assert isinstance(q.get_submodule("0"), (QuantConv2d, QuantLinear))
+    assert len([name for name, _ in quantizers(q)]) >= 3  # input, weight, output
+    with torch.no_grad():
+        out = q(x)
+        assert not torch.equal(out, layer(x))  # really quantized
+        torch.testing.assert_close(out, layer(x), atol=0.05, rtol=0.05)
+    assert type(layer) in (nn.Conv2d, nn.Linear)  # the user's layer is left as it was
+
+
 def test_override_on_unsupported_layer_raises():
     model = nn.Sequential()
     model.add_module("fc", nn.Linear(4, 5))

@@ -443,6 +443,9 @@ def prepare(
     example_inputs = _as_tuple(example_inputs)
     _check_overrides(model, config)
     model = copy.deepcopy(model)
+    if quantized_type(type(model)) is not None and hasattr(model, "weight"):
+        # A bare layer: tracing would inline its forward and leave no module to swap.
+        model = nn.Sequential(model)
     training = model.training
     model.eval()
     user_config = config
