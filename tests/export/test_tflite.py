@@ -116,6 +116,42 @@ def test_litert_integer_arithmetic_is_exact_without_concatenation(litert, tmp_pa
     assert report.first_divergent_layer is None and report.layers_checked >= 4
 
 
+def test_concatenation_input_that_also_feeds_a_layer_is_requantized_as_litert_does(
+        litert, tmp_path):
+    """A skip connection into a concatenation (U-Net style): the tensor also feeds
+    the next conv, so it keeps its own grid and LiteRT requantizes it onto the
+    concatenation's grid with an int8 -> int8 QUANTIZE (8-bit-fraction
+    multiplier). The integer reference computes the same codes."""
+    from torch import nn
+
+    from quantaware.export.tflite import tflite_ops
+
+    class Skip(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 3, padding=1)
+            self.b = nn.Conv2d(8, 8, 3, padding=1)
+            self.c = nn.Conv2d(16, 4, 1)
+            with torch.no_grad():  # a wider range than y's: the concatenation's grid
+                self.b.weight.mul_(3)
+
+        def forward(self, x):
+            y = torch.relu(self.a(x))
+            return self.c(torch.cat([y, torch.relu(self.b(y))], 1))
+
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    calib = [torch.randn(16, 3, 10, 12, generator=gen) for _ in range(2)]
+    with _one_thread():
+        q = quantaware.quantize(Skip().eval(), presets.INT8, calib, calib[0][:1])
+        path = quantaware.export_tflite(q, tmp_path / "skip.tflite", calib[0][:1])
+        report = quantaware.verify(path, q, [torch.randn(64, 3, 10, 12, generator=gen)],
+                                   backend="litert")
+    assert ("QUANTIZE", ["int8"]) in tflite_ops(path)  # the requantization is there
+    assert report.max_error_lsb == 0.0 and report.top1_agreement == 1.0, str(report)
+    assert report.first_divergent_layer is None and report.layers_checked >= 4, str(report)
+
+
 def test_layer_check_reads_square_images_in_litert_layout(litert, tmp_path):
     """A 3-channel 8x8 image and an 8-channel 8x8 activation: shape alone cannot tell
     LiteRT's NHWC from torch's NCHW, the layer check must still compare like with like."""

@@ -26,7 +26,9 @@ a file from :func:`quantaware.export_tflite`: convolutions, fully connected laye
 and the global average pool requantize as above; ``ADD`` uses fixed-point
 multipliers of about 21 bits with a common shift and rounds half up; ``QUANTIZE``
 of a float tensor multiplies by the reciprocal scale; a layer that only feeds a
-concatenation writes straight onto the concatenation's grid.
+concatenation writes straight onto the concatenation's grid, and any other
+concatenation input on another grid is requantized with an 8-bit-fraction
+multiplier, rounding half up.
 
 Layers ONNX Runtime does not run as one of these integer kernels (float ops,
 dynamic quantization, SmoothQuant inputs, concat/average pooling that rescale)
@@ -292,6 +294,46 @@ def _xnnpack_add_forward(module: QuantAdd, qa: _QParams, qb: _QParams, qc: _QPar
     return forward
 
 
+def _xnnpack_concatenation_forward(module: QuantCat, qps: list[_QParams],
+                                   on_grid: frozenset[int]):
+    """LiteRT's concatenation: XNNPACK concatenates int8 codes of one grid, so the
+    converter puts a QUANTIZE (int8 -> int8, XNNPACK ``qs8-vcvt``) before every input
+    on another grid. That requantization has a multiplier with 8 fractional bits,
+    ``m = lrintf(256 * in_scale / out_scale)``, and rounds half up:
+    ``asr((q - in_zp) * m + (out_zp << 8) + 128, 8)``, saturated. Inputs in
+    ``on_grid`` (layers written straight onto the concatenation's grid) and inputs
+    already on its grid pass unchanged."""
+    qc = qps[-1]
+    zc = int8_code(qc.zero_point, qc.qmin)
+    lo, hi = int8_code(qc.qmin, qc.qmin), int8_code(qc.qmax, qc.qmin)
+    steps: list[tuple[_QParams, int, int, int] | None] = []
+    for index, qi in enumerate(qps[:-1]):
+        zi = int8_code(qi.zero_point, qi.qmin)
+        ratio = float(qi.scale.to(_F32) / qc.scale.to(_F32))
+        if index in on_grid or (ratio == 1.0 and zi == zc):
+            steps.append(None)
+            continue
+        if not 2.0 ** -8 <= ratio <= 2.0 ** 7:
+            return (f"input {index}: scale ratio {ratio:.3g} to the concatenation is outside "
+                    "the range of LiteRT's int8 requantization")
+        multiplier = round(ratio * 256)  # lrintf: half to even (ratio * 256 is exact)
+        steps.append((qi, zi, multiplier, (zc << 8) - multiplier * zi + 0x80))
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        parts = []
+        for x, step in zip(self._quantize_inputs(tensors), steps, strict=True):
+            if step is None:
+                parts.append(x)
+                continue
+            qi, zi, multiplier, bias = step
+            code = (qi.codes(x) + qi.zero_point).to(torch.int64) + (zi - qi.zero_point)
+            out = torch.clamp((bias + code * multiplier) >> 8, lo, hi)
+            parts.append((out - zc).to(_F32) * qc.scale)
+        return self._finish(torch.cat(parts, dim=self.dim))
+
+    return forward
+
+
 def _litert_quantize_forward(quantizer: FakeQuantizer) -> Callable[..., torch.Tensor] | None:
     """LiteRT's QUANTIZE of a float tensor (XNNPACK's f32 -> int8 convert):
     ``round_half_even(x * float32(1 / scale))``, a multiplication by the
@@ -338,11 +380,13 @@ def _global_pool_forward(module: QuantAdaptiveAvgPool2d, qin: _QParams, qout: _Q
 
 
 def _plan(module: nn.Module, kernels: str = "onnxruntime",
-          onto: nn.Module | None = None) -> Callable[..., torch.Tensor] | str | None:
+          onto: nn.Module | None = None,
+          on_grid: frozenset[int] = frozenset()) -> Callable[..., torch.Tensor] | str | None:
     """The integer-exact forward for ``module``, a reason it has none, or ``None``
     for modules that are not quantized layers. ``onto``: the quantizer whose grid
     a weighted layer writes its output on instead of its own (LiteRT's
-    concatenation inputs, see :func:`_concatenation_inputs`)."""
+    concatenation inputs, see :func:`_concatenation_inputs`); ``on_grid``: a
+    concatenation's inputs written that way."""
     if isinstance(module, WeightQuantMixin) and isinstance(module, _QuantConvNd | QuantLinear):
         wq = module.weight_quantizer
         if not isinstance(wq, FakeQuantizer) or not bool(wq.fake_quant_enabled):
@@ -374,10 +418,13 @@ def _plan(module: nn.Module, kernels: str = "onnxruntime",
         if blocker is not None:
             return blocker
         if isinstance(module, QuantCat):
+            if module.activation is not None:
+                return "concat with a fused activation"
+            if kernels == "litert":
+                return _xnnpack_concatenation_forward(module, qps, on_grid)
             # QLinearConcat maps each input code through the table
             # QuantizeLinear(DequantizeLinear(code)): the fake-quant forward exactly.
-            return type(module).forward if module.activation is None else \
-                "concat with a fused activation"
+            return type(module).forward
         if isinstance(module, QuantMatmul):
             return _matmul_forward(module, *qps)
         if kernels == "litert":
@@ -400,20 +447,24 @@ def _plan(module: nn.Module, kernels: str = "onnxruntime",
     return None
 
 
-def _concatenation_inputs(model: nn.Module) -> dict[str, nn.Module]:
+def _concatenation_inputs(model: nn.Module) -> tuple[dict[str, nn.Module],
+                                                      dict[str, frozenset[int]]]:
     """Weighted layers whose output feeds only a concatenation, mapped to the
-    concatenation's output quantizer.
+    concatenation's output quantizer; and per concatenation, the indices of its
+    inputs that come from such layers.
 
     LiteRT's concatenation needs one grid on all inputs, and its converter has
     such a layer requantize its accumulators straight onto the concatenation's
     grid (one rounding, where the torch model rounds onto the layer's own grid
-    and then onto the concatenation's).
+    and then onto the concatenation's). Other inputs on another grid get a
+    requantizing QUANTIZE (see :func:`_xnnpack_concatenation_forward`).
     """
     from torch import fx
 
     if not isinstance(model, fx.GraphModule):
-        return {}
+        return {}, {}
     found = {}
+    inputs: dict[str, set[int]] = {}
     for node in model.graph.nodes:
         if node.op != "call_module" or not isinstance(model.get_submodule(node.target),
                                                        QuantCat):
@@ -426,7 +477,8 @@ def _concatenation_inputs(model: nn.Module) -> dict[str, nn.Module]:
             if (isinstance(layer, WeightQuantMixin) and layer.output_quantizer is not None
                     and cat.input_source_of(index) is layer.output_quantizer):
                 found[arg.target] = cat.output_quantizer
-    return found
+                inputs.setdefault(node.target, set()).add(index)
+    return found, {name: frozenset(indices) for name, indices in inputs.items()}
 
 
 _MARK = "_quantaware_integer_forward"
@@ -486,10 +538,10 @@ def integer_arithmetic(model: nn.Module,
     report = IntegerEmulation()
     # (module, the instance forward it had before: set by an enclosing block, or None)
     patched: list[tuple[nn.Module, object]] = []
-    onto = _concatenation_inputs(model) if kernels == "litert" else {}
+    onto, on_grid = _concatenation_inputs(model) if kernels == "litert" else ({}, {})
     try:
         for name, module in model.named_modules():
-            plan = _plan(module, kernels, onto.get(name))
+            plan = _plan(module, kernels, onto.get(name), on_grid.get(name, frozenset()))
             if plan is None and kernels == "litert" and type(module) is FakeQuantizer:
                 plan = _litert_quantize_forward(module)
                 if plan is not None:  # a quantizer, not a layer: not counted
