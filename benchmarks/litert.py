@@ -15,8 +15,16 @@ QAT is the demo's QAT from the PTQ model for the CNN; for MobileNetV2 it is
 label-free QAT (distillation towards the float model on unlabelled crops,
 :func:`quantaware.distill.distill`).
 
+``--pt2e`` adds, for timing only, the float model quantized by litert-torch's own
+PT2E quantizer (recalibrated on the same calibration samples, int8 interface):
+how fast LiteRT runs an INT8 file of the same network that does not come from
+quantaware. ``--layer-kinds`` times single MobileNetV2-shaped layers (int8
+interface, so only the layer runs) in float32 and INT8, to show where a network's
+INT8/float ratio comes from.
+
     PYTHONPATH=src python benchmarks/litert.py --json litert.json
     PYTHONPATH=src python benchmarks/litert.py --quick
+    PYTHONPATH=src python benchmarks/litert.py --pt2e --layer-kinds --threads 1
 Needs ``pip install 'quantaware[litert]'``.
 """
 
@@ -28,10 +36,12 @@ import json
 import logging
 import sys
 import tempfile
+import time
 from itertools import islice
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
@@ -44,7 +54,10 @@ from quantaware.export.tflite import tflite_ops
 log = logging.getLogger("benchmarks.litert")
 
 
-def _digits(quick: bool) -> tuple[dict[str, torch.nn.Module], list, Any]:
+Built = tuple[dict[str, torch.nn.Module], list, Any, list]  # models, data, example, calib
+
+
+def _digits(quick: bool) -> Built:
     from quantaware import presets
     from quantaware.calibrate import calibrate
     from quantaware.data import load_digits_split, make_loaders
@@ -66,10 +79,11 @@ def _digits(quick: bool) -> tuple[dict[str, torch.nn.Module], list, Any]:
     qat = copy.deepcopy(ptq)
     fit(qat, train_loader, epochs=cfg.qat_epochs, lr=cfg.qat_lr, seed=cfg.seed + 1)
     data = [x for x, _ in test_loader]
-    return {"fp32": model, "ptq-int8": ptq, "qat-int8": qat.eval()}, data, example
+    return ({"fp32": model, "ptq-int8": ptq, "qat-int8": qat.eval()}, data, example,
+            [x for x, _ in calib])
 
 
-def _mobilenet(quick: bool) -> tuple[dict[str, torch.nn.Module], list, Any]:
+def _mobilenet(quick: bool) -> Built:
     from quantaware.deploy import load_model_source, quantize_for_backend
     from quantaware.distill import distill
 
@@ -80,16 +94,57 @@ def _mobilenet(quick: bool) -> tuple[dict[str, torch.nn.Module], list, Any]:
     steps = 4 if quick else 60
     qat = distill(copy.deepcopy(ptq), source.model, source.unlabeled(), steps=steps, lr=1e-5)
     return ({"fp32": source.model, "ptq-int8": ptq, "qat-int8": qat.eval()},
-            list(source.evaluate), example)
+            list(source.evaluate), example, list(source.calib))
 
 
-def rows_for(name: str, models: dict[str, torch.nn.Module], data: list, example: Any,
-             folder: Path, runs: int, threads: int) -> list[dict[str, Any]]:
+def export_pt2e(model: torch.nn.Module, calib: list[torch.Tensor], example: torch.Tensor,
+                path: Path, samples: int = 64) -> Path:
+    """``model`` quantized and converted by litert-torch's own PT2E route (per-channel
+    symmetric weights, its observers on up to ``samples`` calibration samples)."""
+    import litert_torch
+    from litert_torch.quantize.pt2e_quantizer import (
+        PT2EQuantizer,
+        get_symmetric_quantization_config,
+    )
+    from litert_torch.quantize.quant_config import QuantConfig
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    quantizer = PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+    graph = torch.export.export(model.eval(), (example,), strict=True).module()
+    prepared = prepare_pt2e(graph, quantizer)
+    rows = torch.cat(calib)[:samples]
+    with torch.no_grad():
+        for i in range(len(rows)):  # the exported program has the example's static batch
+            prepared(rows[i:i + 1])
+    converted = convert_pt2e(prepared, fold_quantize=False)
+    litert_torch.convert(converted, (example,),
+                         quant_config=QuantConfig(pt2e_quantizer=quantizer)).export(str(path))
+    return path
+
+
+def _feed(session: Any, path: Path, x: np.ndarray) -> dict[str, np.ndarray]:
+    """The feed for ``session``, quantized once here for an int8 input so the timed
+    runs hold only LiteRT's work."""
+    info = session.get_inputs()[0]
+    if info.type == "tensor(int8)":
+        from ai_edge_litert.interpreter import Interpreter
+
+        scale, zero_point = Interpreter(str(path)).get_input_details()[0]["quantization"]
+        x = np.clip(np.rint(x / scale) + zero_point, -128, 127).astype(np.int8)
+    return {info.name: x}
+
+
+def rows_for(name: str, built: Built, folder: Path, runs: int, threads: int,
+             pt2e: bool = False) -> list[dict[str, Any]]:
+    models, data, example, calib = built
     paths = {v: quantaware.export_tflite(m, folder / f"{name}-{v}.tflite", example)
              for v, m in models.items()}
+    if pt2e:
+        paths["pt2e-int8 (litert-torch)"] = export_pt2e(models["fp32"], calib, example,
+                                                        folder / f"{name}-pt2e.tflite")
     sessions = {v: create_backend_session(p, "litert", threads) for v, p in paths.items()}
     feed_x = example.numpy() if isinstance(example, torch.Tensor) else example
-    feeds = {v: {s.get_inputs()[0].name: feed_x} for v, s in sessions.items()}
+    feeds = {v: _feed(s, paths[v], feed_x) for v, s in sessions.items()}
     latency = time_interleaved(sessions, feeds, runs, max(runs // 5, 2))
     rows = []
     for variant, path in paths.items():
@@ -97,7 +152,7 @@ def rows_for(name: str, models: dict[str, torch.nn.Module], data: list, example:
                                "latency_ms": latency[variant],
                                "speedup_vs_fp32": latency["fp32"] / latency[variant],
                                "size_bytes": path.stat().st_size}
-        if variant != "fp32":
+        if variant in models and variant != "fp32":
             report = quantaware.verify(path, models[variant], data, backend="litert",
                                        threads=threads)
             ops = tflite_ops(path)
@@ -115,6 +170,64 @@ def rows_for(name: str, models: dict[str, torch.nn.Module], data: list, example:
     return rows
 
 
+def _layer_kinds() -> dict[str, tuple[torch.nn.Module, tuple[int, ...]]]:
+    from torch import nn
+
+    return {
+        "stem conv 3x3/2, 3->32, 224x224": (nn.Sequential(nn.Conv2d(3, 32, 3, 2, 1), nn.ReLU6()),
+                                            (3, 224, 224)),
+        "expand 1x1, 24->144, 56x56": (nn.Sequential(nn.Conv2d(24, 144, 1), nn.ReLU6()),
+                                       (24, 56, 56)),
+        "depthwise 3x3, 144, 56x56": (nn.Sequential(nn.Conv2d(144, 144, 3, 1, 1, groups=144),
+                                                    nn.ReLU6()), (144, 56, 56)),
+        "depthwise 3x3/2, 144, 56x56": (nn.Sequential(nn.Conv2d(144, 144, 3, 2, 1, groups=144),
+                                                      nn.ReLU6()), (144, 56, 56)),
+        "project 1x1, 144->24, 56x56": (nn.Sequential(nn.Conv2d(144, 24, 1)), (144, 56, 56)),
+        "1x1, 320->1280, 7x7": (nn.Sequential(nn.Conv2d(320, 1280, 1), nn.ReLU6()),
+                                (320, 7, 7)),
+        "dense conv 3x3, 64->64, 28x28": (nn.Sequential(nn.Conv2d(64, 64, 3, 1, 1), nn.ReLU()),
+                                          (64, 28, 28)),
+    }
+
+
+def layer_kind_rows(folder: Path, runs: int, threads: int) -> list[dict[str, Any]]:
+    """Float32 vs INT8 invoke time of single layers (int8 interface: no QUANTIZE)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from quantaware import presets
+
+    torch.manual_seed(0)
+    rows = []
+    for kind, (layer, shape) in _layer_kinds().items():
+        layer.eval()
+        x = torch.randn(4, *shape)
+        q = quantaware.quantize(layer, presets.INT8, [x], x[:1]).eval()
+        files = {"fp32": quantaware.export_tflite(layer, folder / "kind-f.tflite", x[:1]),
+                 "int8": quantaware.export_tflite(q, folder / "kind-q.tflite", x[:1],
+                                                  int8_io=True)}
+        interpreters = {}
+        for variant, path in files.items():
+            interp = Interpreter(str(path), num_threads=threads)
+            interp.allocate_tensors()
+            detail = interp.get_input_details()[0]
+            interp.set_tensor(detail["index"], np.zeros(detail["shape"], detail["dtype"]))
+            interpreters[variant] = interp
+        for interp in interpreters.values():
+            for _ in range(max(runs // 5, 2)):
+                interp.invoke()
+        times: dict[str, list[int]] = {v: [] for v in interpreters}
+        for _ in range(runs):
+            for variant, interp in interpreters.items():
+                start = time.perf_counter_ns()
+                interp.invoke()
+                times[variant].append(time.perf_counter_ns() - start)
+        ms = {v: float(np.median(t)) / 1e6 for v, t in times.items()}
+        rows.append({"layer": kind, "fp32_ms": ms["fp32"], "int8_ms": ms["int8"],
+                     "speedup": ms["fp32"] / ms["int8"]})
+        log.info("%s", rows[-1])
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small data and few runs")
@@ -122,6 +235,10 @@ def main(argv: list[str] | None = None) -> int:
                         choices=["digits-cnn", "mobilenet_v2"])
     parser.add_argument("--runs", type=int, default=200, help="timed runs per file")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--pt2e", action="store_true",
+                        help="also time litert-torch's own PT2E INT8 file of each model")
+    parser.add_argument("--layer-kinds", action="store_true",
+                        help="also time single MobileNetV2-shaped layers, float vs INT8")
     parser.add_argument("--json", type=Path, help="write the rows to this file")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -130,9 +247,10 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
-            models, data, example = builders[name](args.quick)
-            rows += rows_for(name, models, data, example, Path(tmp),
-                             5 if args.quick else args.runs, args.threads)
+            rows += rows_for(name, builders[name](args.quick), Path(tmp),
+                             5 if args.quick else args.runs, args.threads, args.pt2e)
+        kinds = (layer_kind_rows(Path(tmp), 5 if args.quick else args.runs, args.threads)
+                 if args.layer_kinds else [])
     table = Table(title="LiteRT: quantaware INT8 (own scales) vs float, batch 1")
     for col in ("model", "variant", "latency ms", "x faster", "size KiB", "top-1 vs torch",
                 "cosine", "max err LSB", "first diverging layer", "vs fake-quant", "all int8"):
@@ -152,8 +270,18 @@ def main(argv: list[str] | None = None) -> int:
                       if q and r["top1_vs_fake_quant"] is not None else "",
                       str(r["all_int8"]) if q else "")
     Console(width=200).print(table)
+    if kinds:
+        kind_table = Table(title=f"LiteRT: single layers, float32 vs INT8 ({args.threads} "
+                                 "threads, invoke only)")
+        for col in ("layer", "float32 ms", "INT8 ms", "x faster"):
+            kind_table.add_column(col, justify="left" if col == "layer" else "right")
+        for r in kinds:
+            kind_table.add_row(r["layer"], f"{r['fp32_ms']:.3f}", f"{r['int8_ms']:.3f}",
+                               f"{r['speedup']:.2f}x")
+        Console(width=200).print(kind_table)
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2, default=float))
+        args.json.write_text(json.dumps({"models": rows, "layer_kinds": kinds}, indent=2,
+                                        default=float))
     return 0
 
 
