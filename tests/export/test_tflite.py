@@ -152,6 +152,59 @@ def test_concatenation_input_that_also_feeds_a_layer_is_requantized_as_litert_do
     assert report.first_divergent_layer is None and report.layers_checked >= 4, str(report)
 
 
+def _pool_net(pool):
+    from torch import nn
+
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), pool,
+                         nn.Conv2d(8, 4, 1)).eval()
+
+
+@pytest.mark.parametrize("pool", [
+    torch.nn.AvgPool2d(2), torch.nn.AvgPool2d((2, 3), (2, 1)),
+    torch.nn.AvgPool2d(3, 1, 1), torch.nn.AvgPool2d(3, 2, 1),
+], ids=["2x2", "2x3-stride-2x1", "3x3-pad-1", "3x3-stride-2-pad-1"])
+def test_average_pooling_is_integer_and_exact(litert, tmp_path, pool):
+    """LiteRT averages int8 codes on the input's grid (TFLite's kernel, rounding half
+    away from zero) and requantizes onto the pool's grid. A padded pool is exported
+    as an explicit zero pad and an unpadded pool: lowered as one op, the converter
+    requantized the padded input onto the (narrower) output grid and clipped it,
+    20-47 LSB off."""
+    from quantaware.export.integer import integer_arithmetic
+    from quantaware.export.tflite import tflite_ops
+
+    gen = torch.Generator().manual_seed(0)
+    calib = [torch.randn(16, 3, 9, 9, generator=gen) for _ in range(2)]
+    with _one_thread():
+        q = quantaware.quantize(_pool_net(pool), presets.INT8, calib, calib[0][:1])
+        path = quantaware.export_tflite(q, tmp_path / "pool.tflite", calib[0][:1])
+        report = quantaware.verify(path, q, [torch.randn(32, 3, 9, 9, generator=gen)],
+                                   backend="litert")
+    ops = tflite_ops(path)
+    assert ("AVERAGE_POOL_2D", ["int8"]) in ops
+    assert all("float32" not in d for n, d in ops if n not in _INTERFACE), ops
+    with integer_arithmetic(q, "litert") as emulation:
+        pass
+    assert emulation.complete and "2" in emulation.emulated
+    assert report.max_error_lsb == 0.0 and report.first_divergent_layer is None, str(report)
+
+
+def test_average_pool_without_an_int8_kernel_is_named(litert, tmp_path, caplog):
+    """Padding left out of the count with a stride LiteRT's 'same' padding does not
+    express: the converter writes a float composite op. The file still exports with
+    its float interface, and the export names the op that runs in float."""
+    gen = torch.Generator().manual_seed(0)
+    calib = [torch.randn(16, 3, 9, 9, generator=gen) for _ in range(2)]
+    net = _pool_net(torch.nn.AvgPool2d(3, 2, 1, count_include_pad=False))
+    with _one_thread(), caplog.at_level("WARNING", logger="quantaware.export.tflite"):
+        q = quantaware.quantize(net, presets.INT8, calib, calib[0][:1])
+        path = quantaware.export_tflite(q, tmp_path / "pool.tflite", calib[0][:1])
+        report = quantaware.verify(path, q, [torch.randn(16, 3, 9, 9, generator=gen)],
+                                   backend="litert")
+    assert "aten.avg_pool2d.default in float32" in caplog.text
+    assert report.cosine > 0.9999 and report.top1_agreement == 1.0
+
+
 def test_layer_check_reads_square_images_in_litert_layout(litert, tmp_path):
     """A 3-channel 8x8 image and an 8-channel 8x8 activation: shape alone cannot tell
     LiteRT's NHWC from torch's NCHW, the layer check must still compare like with like."""

@@ -28,7 +28,9 @@ multipliers of about 21 bits with a common shift and rounds half up; ``QUANTIZE`
 of a float tensor multiplies by the reciprocal scale; a layer that only feeds a
 concatenation writes straight onto the concatenation's grid, and any other
 concatenation input on another grid is requantized with an 8-bit-fraction
-multiplier, rounding half up.
+multiplier, rounding half up; ``AVERAGE_POOL_2D`` averages int8 codes on its
+input's grid (rounding half away from zero) and is requantized onto the pool's
+grid the same way.
 
 Layers ONNX Runtime does not run as one of these integer kernels (float ops,
 dynamic quantization, SmoothQuant inputs, concat/average pooling that rescale)
@@ -62,7 +64,7 @@ from quantaware.nn.base import QuantMixin
 from quantaware.nn.conv import _QuantConvNd
 from quantaware.nn.functional import QuantAdd, QuantCat, QuantMatmul
 from quantaware.nn.linear import QuantLinear
-from quantaware.nn.pool import QuantAdaptiveAvgPool2d
+from quantaware.nn.pool import QuantAdaptiveAvgPool2d, QuantAvgPool2d
 from quantaware.nn.weighted import BIAS_QMAX, BIAS_QMIN, WeightQuantMixin
 from quantaware.primitives import quantize
 
@@ -294,42 +296,101 @@ def _xnnpack_add_forward(module: QuantAdd, qa: _QParams, qb: _QParams, qc: _QPar
     return forward
 
 
+@dataclass(frozen=True)
+class _Requantize:
+    """XNNPACK's int8 -> int8 QUANTIZE (``qs8-vcvt``): a multiplier with 8 fractional
+    bits, ``m = lrintf(256 * in_scale / out_scale)``, rounding half up:
+    ``asr((q - in_zp) * m + (out_zp << 8) + 128, 8)``, saturated."""
+
+    multiplier: int
+    bias: int
+    lo: int
+    hi: int
+
+    @classmethod
+    def between(cls, qi: _QParams, qo: _QParams) -> _Requantize | str | None:
+        """The step from ``qi``'s grid to ``qo``'s; ``None`` on the same grid, or a reason
+        LiteRT cannot run it in int8."""
+        zi, zo = int8_code(qi.zero_point, qi.qmin), int8_code(qo.zero_point, qo.qmin)
+        ratio = float(qi.scale.to(_F32) / qo.scale.to(_F32))
+        if ratio == 1.0 and zi == zo:
+            return None
+        if not 2.0 ** -8 <= ratio <= 2.0 ** 7:
+            return (f"scale ratio {ratio:.3g} is outside the range of LiteRT's int8 "
+                    "requantization")
+        multiplier = round(ratio * 256)  # lrintf: half to even (ratio * 256 is exact)
+        return cls(multiplier, (zo << 8) - multiplier * zi + 0x80,
+                   int8_code(qo.qmin, qo.qmin), int8_code(qo.qmax, qo.qmin))
+
+    def __call__(self, code: torch.Tensor) -> torch.Tensor:
+        """int64 int8 codes on the input grid -> int8 codes on the output grid."""
+        return torch.clamp((self.bias + code * self.multiplier) >> 8, self.lo, self.hi)
+
+
+def _int8_codes(qp: _QParams, x: torch.Tensor) -> torch.Tensor:
+    """The int8 codes (zero point included) LiteRT stores for ``x`` on ``qp``'s grid."""
+    return (qp.codes(x) + qp.zero_point).to(torch.int64) + (int8_code(qp.zero_point, qp.qmin)
+                                                           - qp.zero_point)
+
+
+def _from_int8_codes(qp: _QParams, code: torch.Tensor) -> torch.Tensor:
+    return (code - int8_code(qp.zero_point, qp.qmin)).to(_F32) * qp.scale
+
+
 def _xnnpack_concatenation_forward(module: QuantCat, qps: list[_QParams],
                                    on_grid: frozenset[int]):
     """LiteRT's concatenation: XNNPACK concatenates int8 codes of one grid, so the
-    converter puts a QUANTIZE (int8 -> int8, XNNPACK ``qs8-vcvt``) before every input
-    on another grid. That requantization has a multiplier with 8 fractional bits,
-    ``m = lrintf(256 * in_scale / out_scale)``, and rounds half up:
-    ``asr((q - in_zp) * m + (out_zp << 8) + 128, 8)``, saturated. Inputs in
-    ``on_grid`` (layers written straight onto the concatenation's grid) and inputs
-    already on its grid pass unchanged."""
+    converter puts a QUANTIZE (:class:`_Requantize`) before every input on another
+    grid. Inputs in ``on_grid`` (layers written straight onto the concatenation's
+    grid) and inputs already on its grid pass unchanged."""
     qc = qps[-1]
-    zc = int8_code(qc.zero_point, qc.qmin)
-    lo, hi = int8_code(qc.qmin, qc.qmin), int8_code(qc.qmax, qc.qmin)
-    steps: list[tuple[_QParams, int, int, int] | None] = []
+    steps: list[_Requantize | None] = []
     for index, qi in enumerate(qps[:-1]):
-        zi = int8_code(qi.zero_point, qi.qmin)
-        ratio = float(qi.scale.to(_F32) / qc.scale.to(_F32))
-        if index in on_grid or (ratio == 1.0 and zi == zc):
-            steps.append(None)
-            continue
-        if not 2.0 ** -8 <= ratio <= 2.0 ** 7:
-            return (f"input {index}: scale ratio {ratio:.3g} to the concatenation is outside "
-                    "the range of LiteRT's int8 requantization")
-        multiplier = round(ratio * 256)  # lrintf: half to even (ratio * 256 is exact)
-        steps.append((qi, zi, multiplier, (zc << 8) - multiplier * zi + 0x80))
+        step = None if index in on_grid else _Requantize.between(qi, qc)
+        if isinstance(step, str):
+            return f"input {index} of the concatenation: {step}"
+        steps.append(step)
 
     def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
         parts = []
-        for x, step in zip(self._quantize_inputs(tensors), steps, strict=True):
-            if step is None:
-                parts.append(x)
-                continue
-            qi, zi, multiplier, bias = step
-            code = (qi.codes(x) + qi.zero_point).to(torch.int64) + (zi - qi.zero_point)
-            out = torch.clamp((bias + code * multiplier) >> 8, lo, hi)
-            parts.append((out - zc).to(_F32) * qc.scale)
+        for x, qi, step in zip(self._quantize_inputs(tensors), qps[:-1], steps, strict=True):
+            parts.append(x if step is None else _from_int8_codes(qc, step(_int8_codes(qi, x))))
         return self._finish(torch.cat(parts, dim=self.dim))
+
+    return forward
+
+
+def _litert_avg_pool_forward(module: QuantAvgPool2d, qin: _QParams, qout: _QParams):
+    """LiteRT's int8 AVERAGE_POOL_2D (TFLite's kernel: XNNPACK has no int8 average
+    pooling) keeps the input's grid: the sum of the window's int8 codes divided by
+    the number of values averaged, rounding half away from zero. When the pool's
+    own grid differs, a QUANTIZE (:class:`_Requantize`) moves the result onto it."""
+    if module.ceil_mode or module.divisor_override:
+        return "average pooling with ceil_mode or divisor_override"
+    if module.padding and not module.count_include_pad:
+        # LiteRT runs it as a 'same'-padded pool or as a float composite, by shape.
+        return "average pooling that leaves its padding out of the count"
+    step = _Requantize.between(qin, qout)
+    if isinstance(step, str):
+        return f"output: {step}"
+    kernel, stride, padding = module.kernel_size, module.stride or module.kernel_size, \
+        module.padding
+    kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
+    count = kh * kw
+    zi = int8_code(qin.zero_point, qin.qmin)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        code = _int8_codes(qin, self._quantize_input(x)).to(_F64)
+        if padding:  # an explicit pad with the zero point's code (export_tflite's form)
+            ph, pw = (padding, padding) if isinstance(padding, int) else padding
+            code = F.pad(code, (pw, pw, ph, ph), value=float(zi))
+        total = F.avg_pool2d(code, kernel, stride, 0, divisor_override=1)
+        # C integer division of (sum +- count / 2): half away from zero.
+        out = torch.sign(total) * torch.floor((total.abs() + count // 2) / count)
+        out = out.to(torch.int64).clamp(-128, 127)
+        if step is not None:
+            return self._finish(_from_int8_codes(qout, step(out)))
+        return self._finish(_from_int8_codes(qin, out))
 
     return forward
 
@@ -441,6 +502,15 @@ def _plan(module: nn.Module, kernels: str = "onnxruntime",
         if blocker is not None:
             return blocker
         return _global_pool_forward(module, qin, qout)
+    if isinstance(module, QuantAvgPool2d) and kernels == "litert":
+        qin, qout = _static_qparams(module.input_source), _static_qparams(module.output_quantizer)
+        for part, qp in (("input", qin), ("output", qout)):
+            if isinstance(qp, str):
+                return f"{part}: {qp}"
+        blocker = _activation_blocker(module, qout)
+        if blocker is not None:
+            return blocker
+        return _litert_avg_pool_forward(module, qin, qout)
     if isinstance(module, QuantMixin) and (module.output_quantizer is not None
                                            or module.input_quantizer is not None):
         return f"{type(module).__name__} has no integer-exact emulation"

@@ -17,7 +17,11 @@ zero points as they are:
   integers;
 - ops that keep their input's grid (max pooling, reshapes, dropout) get a
   quantize/dequantize pair with their input's qparams, as LiteRT's kernels
-  require, so they run on int8 too.
+  require, so they run on int8 too;
+- average pooling whose padding counts as zeros becomes an explicit zero pad and
+  an unpadded pool, which LiteRT runs on the input's grid before requantizing
+  onto the pool's (lowered as one op, the padded input itself was requantized
+  onto the narrower output grid and clipped).
 
 The file's interface is float32 by default (a ``QUANTIZE`` op after each input
 and a ``DEQUANTIZE`` before each output, as LiteRT's own converter writes for
@@ -176,9 +180,35 @@ class _Rewriter:
                     continue
             node.replace_all_uses_with(new)
             self.graph.erase_node(node)
+        self.pad_before_pooling()
         self.same_grid()
         self.graph.eliminate_dead_code()
         self.gm.recompile()
+
+    def pad_before_pooling(self) -> None:
+        """An average pool whose padding counts as zeros becomes an explicit zero pad
+        (on the input's grid) and an unpadded pool. Lowered as it is, the converter
+        pads and then requantizes the padded input onto the pool's output grid,
+        clipping values before the average; unpadded, it averages on the input's
+        grid and requantizes the result."""
+        for node in list(self.graph.nodes):
+            if node.op != "call_function" or _aten_name(node.target) != "avg_pool2d":
+                continue
+            names = ("input", "kernel_size", "stride", "padding", "ceil_mode",
+                     "count_include_pad", "divisor_override")
+            args = dict(zip(names, node.args, strict=False)) | dict(node.kwargs)
+            padding = args.get("padding", 0)
+            ph, pw = (padding, padding) if isinstance(padding, int) else (
+                (padding[0], padding[0]) if len(padding) == 1 else padding)
+            if not (ph or pw) or not args.get("count_include_pad", True) or \
+                    args.get("ceil_mode", False):
+                continue
+            with self.graph.inserting_before(node):
+                padded = self.graph.call_function(torch.ops.aten.constant_pad_nd.default,
+                                                  (args["input"], [pw, pw, ph, ph], 0.0))
+            node.args = (padded, args["kernel_size"], args.get("stride") or args["kernel_size"],
+                         [0, 0], False, True, args.get("divisor_override"))
+            node.kwargs = {}
 
     def same_grid(self) -> None:
         """Quantize the outputs of grid-preserving ops with their input's qparams."""
@@ -221,10 +251,7 @@ def _float_interface(content: bytes) -> bytes:
     from ai_edge_litert.tools import flatbuffer_utils
 
     model = flatbuffer_utils.read_model_from_bytearray(bytearray(content))
-    if len(model.subgraphs) != 1:
-        raise ExportError(f"expected one subgraph in the converted model, got "
-                          f"{len(model.subgraphs)}")
-    graph = model.subgraphs[0]
+    graph = model.subgraphs[0]  # the main graph; others are composites' decompositions
 
     def opcode(builtin: int) -> int:
         for i, code in enumerate(model.operatorCodes):
@@ -272,6 +299,23 @@ def _float_interface(content: bytes) -> bytes:
         for tensor_map in [*(signature.inputs or []), *(signature.outputs or [])]:
             tensor_map.tensorIndex = remap.get(tensor_map.tensorIndex, tensor_map.tensorIndex)
     return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+
+
+def _composites(content: bytes) -> list[str]:
+    """Names of the composite ops (``STABLEHLO_COMPOSITE``, run through their float
+    decomposition) in the main graph of a ``.tflite`` file."""
+    from ai_edge_litert import schema_py_generated as schema
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.read_model_from_bytearray(bytearray(content))
+    names = []
+    for op in model.subgraphs[0].operators:
+        code = model.operatorCodes[op.opcodeIndex]
+        if max(code.builtinCode, code.deprecatedBuiltinCode) == \
+                schema.BuiltinOperator.STABLEHLO_COMPOSITE:
+            name = getattr(op.builtinOptions2, "name", None) or b"a composite op"
+            names.append(name.decode() if isinstance(name, bytes) else str(name))
+    return names
 
 
 def _has_quantizers(model: nn.Module) -> bool:
@@ -345,6 +389,11 @@ def export_tflite(
         raise ExportError(
             f"LiteRT conversion failed for {type(model).__name__}: {type(exc).__name__}: "
             f"{str(exc)[:2000]}") from exc
+    if quantized:
+        for name in _composites(content):
+            log.warning("LiteRT runs %s in float32: its converter wrote it as a composite op "
+                        "with no int8 kernel (for average pooling: count_include_pad=True or "
+                        "no padding gives an int8 AVERAGE_POOL_2D)", name)
     if quantized and not int8_io:
         content = _float_interface(content)
     path.parent.mkdir(parents=True, exist_ok=True)
