@@ -487,3 +487,34 @@ def test_float_weight_layer_between_quantized_activations_is_deployed_in_float(t
     report = verify(path, q, [x])
     assert report.first_divergent_layer is None
     assert report.max_error_lsb is not None and report.max_error_lsb <= 1.0
+
+
+@pytest.mark.parametrize("pool", [
+    nn.AvgPool2d(2, ceil_mode=True), nn.AvgPool2d((2, 3), 2, ceil_mode=True),
+    nn.AvgPool2d(3, 2, 1, ceil_mode=True, count_include_pad=False),
+    nn.AvgPool2d(3, 2, 1, ceil_mode=True),
+], ids=["2x2", "2x3", "pad-not-counted", "pad-counted"])
+def test_ceil_mode_average_pooling_is_exact_in_onnx_runtime(tmp_path, pool):
+    """ONNX Runtime's fused QLinearAveragePool divides a window hanging over the
+    input's end by the full kernel size (torch and its float AveragePool: by the
+    values covered). The export writes the overhang as explicit end padding left
+    out of the count, and counted padding as a zero Pad, so both kernels average
+    the same values."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), pool, nn.Conv2d(8, 4, 1))
+    net.eval()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 3, 9, 10, generator=gen)
+    q = quantaware.quantize(net, presets.INT8, [x], x[:1])
+    path = quantaware.export_onnx(q, tmp_path / "q.onnx", x[:1])
+    pools = [n for n in onnx.load(str(path)).graph.node if n.op_type == "AveragePool"]
+    assert [_attr_value(n, "ceil_mode") for n in pools] == [0]
+    report = quantaware.verify(path, q, [torch.randn(32, 3, 9, 10, generator=gen)])
+    assert report.max_error_lsb == 0.0 and report.first_divergent_layer is None, str(report)
+    float_path = quantaware.export_onnx(net, tmp_path / "f.onnx", x[:1])
+    with torch.no_grad():
+        np.testing.assert_allclose(_session_output(float_path, x), net(x).numpy(), atol=1e-5)
+
+
+def _attr_value(node: onnx.NodeProto, name: str):
+    return next(onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name)

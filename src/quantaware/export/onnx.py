@@ -236,6 +236,71 @@ def _float_weights_between_qdq(proto: onnx.ModelProto) -> list[str]:
     return found
 
 
+def _explicit_ceil_pooling(proto: onnx.ModelProto) -> int:
+    """Write ``AveragePool(ceil_mode=1)`` as a floor-mode pool with the overhang as
+    end padding left out of the count.
+
+    torch (and ONNX Runtime's float AveragePool) divide a window that hangs over
+    the input's end by the values it covers; ONNX Runtime's integer
+    ``QLinearAveragePool``, which it fuses from DequantizeLinear -> AveragePool ->
+    QuantizeLinear, divides it by the full kernel size (AvgPool2d(2,
+    ceil_mode=True) on 9x9: the last row and column come out halved). Explicit
+    end padding with ``count_include_pad=0`` means the same average to both
+    kernels. Padding the pool counts (torch's divisor includes it, but not the
+    overhang) becomes a zero ``Pad`` in front of it. Needs static spatial sizes.
+    Returns the number of pools rewritten.
+    """
+    pools = [n for n in proto.graph.node
+             if n.op_type == "AveragePool" and _attr(n, "ceil_mode", 0)]
+    if not pools:
+        return 0
+    inferred = onnx.shape_inference.infer_shapes(proto)
+    shapes = {}
+    for info in [*inferred.graph.value_info, *inferred.graph.input]:
+        dims = info.type.tensor_type.shape.dim
+        shapes[info.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+    done = 0
+    for node in pools:
+        if _attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+            continue
+        kernel = list(_attr(node, "kernel_shape"))
+        rank = len(kernel)
+        strides = list(_attr(node, "strides", [1] * rank))
+        pads = list(_attr(node, "pads", [0] * (2 * rank)))
+        dilations = list(_attr(node, "dilations", [1] * rank))
+        spatial = (shapes.get(node.input[0]) or [])[2:]
+        if len(spatial) != rank or None in spatial or any(d != 1 for d in dilations):
+            continue
+        if any(pads) and _attr(node, "count_include_pad", 0):
+            # Counted padding: real zeros in front of the pool.
+            name = f"{node.name or node.output[0]}_counted_padding"
+            widths = onnx.numpy_helper.from_array(
+                np.array([0, 0, *pads[:rank], 0, 0, *pads[rank:]], np.int64), f"{name}_pads")
+            proto.graph.initializer.append(widths)
+            pad = onnx.helper.make_node("Pad", [node.input[0], widths.name], [f"{name}_out"],
+                                        name=name, mode="constant")
+            proto.graph.node.insert(list(proto.graph.node).index(node), pad)
+            node.input[0] = pad.output[0]
+            spatial = [n + b + e for n, b, e in zip(spatial, pads[:rank], pads[rank:],
+                                                    strict=True)]
+            pads = [0] * (2 * rank)
+        ends = []
+        for n, k, s, begin, end in zip(spatial, kernel, strides, pads[:rank], pads[rank:],
+                                       strict=True):
+            out = -(-(n + begin + end - k) // s) + 1
+            if (out - 1) * s >= n + begin:  # the last window must start inside
+                out -= 1
+            ends.append(end + max(0, (out - 1) * s + k - (n + begin + end)))
+        keep = [a for a in node.attribute
+                if a.name not in ("ceil_mode", "pads", "count_include_pad")]
+        del node.attribute[:]
+        node.attribute.extend([*keep, onnx.helper.make_attribute("ceil_mode", 0),
+                               onnx.helper.make_attribute("pads", pads[:rank] + ends),
+                               onnx.helper.make_attribute("count_include_pad", 0)])
+        done += 1
+    return done
+
+
 def _space_to_depth_stems(proto: onnx.ModelProto) -> int:
     """Run stride-2 integer convs on few input channels (a CNN's stem: 3x224x224
     into a 7x7 or 3x3 conv) as stride-1 convs on a space-to-depth input.
@@ -426,6 +491,7 @@ def export_onnx(
                                           input_size_limit=_FOLD_INPUT_SIZE_LIMIT)
     _fold_float_biases(proto)
     _sink_dequantize_through_reshapes(proto)
+    _explicit_ceil_pooling(proto)
     if space_to_depth:
         _space_to_depth_stems(proto)
     _strip_debug_info(proto)
