@@ -262,6 +262,16 @@ def int8_code(value: int, qmin: int) -> int:
     return value - 128 if qmin == 0 else value
 
 
+def _int8_codes(qp: _QParams, x: torch.Tensor) -> torch.Tensor:
+    """The int8 codes (zero point included) LiteRT stores for ``x`` on ``qp``'s grid."""
+    return (qp.codes(x) + qp.zero_point).to(torch.int64) + (int8_code(qp.zero_point, qp.qmin)
+                                                           - qp.zero_point)
+
+
+def _from_int8_codes(qp: _QParams, code: torch.Tensor) -> torch.Tensor:
+    return (code - int8_code(qp.zero_point, qp.qmin)).to(_F32) * qp.scale
+
+
 def _xnnpack_add_forward(module: QuantAdd, qa: _QParams, qb: _QParams, qc: _QParams):
     """LiteRT's int8 ADD (XNNPACK ``qs8-vadd``): fixed-point multipliers of about
     21 bits for ``a_scale / c_scale`` and ``b_scale / c_scale`` with a common
@@ -287,9 +297,7 @@ def _xnnpack_add_forward(module: QuantAdd, qa: _QParams, qb: _QParams, qc: _QPar
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         a, b = self._quantize_inputs((a, b))
-        # int8 codes (with their zero points), as the kernel reads them.
-        ca = (qa.codes(a) + qa.zero_point).to(torch.int64) + (za - qa.zero_point)
-        cb = (qb.codes(b) + qb.zero_point).to(torch.int64) + (zb - qb.zero_point)
+        ca, cb = _int8_codes(qa, a), _int8_codes(qb, b)  # as the kernel reads them
         out = torch.clamp((bias + ca * ma + cb * mb) >> shift, lo, hi)
         return self.output_quantizer(out.to(_F32) * qc.scale)
 
@@ -325,16 +333,6 @@ class _Requantize:
     def __call__(self, code: torch.Tensor) -> torch.Tensor:
         """int64 int8 codes on the input grid -> int8 codes on the output grid."""
         return torch.clamp((self.bias + code * self.multiplier) >> 8, self.lo, self.hi)
-
-
-def _int8_codes(qp: _QParams, x: torch.Tensor) -> torch.Tensor:
-    """The int8 codes (zero point included) LiteRT stores for ``x`` on ``qp``'s grid."""
-    return (qp.codes(x) + qp.zero_point).to(torch.int64) + (int8_code(qp.zero_point, qp.qmin)
-                                                           - qp.zero_point)
-
-
-def _from_int8_codes(qp: _QParams, code: torch.Tensor) -> torch.Tensor:
-    return (code - int8_code(qp.zero_point, qp.qmin)).to(_F32) * qp.scale
 
 
 def _xnnpack_concatenation_forward(module: QuantCat, qps: list[_QParams],
@@ -491,9 +489,10 @@ def _plan(module: nn.Module, kernels: str = "onnxruntime",
         if kernels == "litert":
             return _xnnpack_add_forward(module, *qps)
         return _add_forward(module, *qps)
-    if isinstance(module, QuantAdaptiveAvgPool2d):
+    if isinstance(module, QuantAdaptiveAvgPool2d) or (isinstance(module, QuantAvgPool2d)
+                                                       and kernels == "litert"):
         qin, qout = _static_qparams(module.input_source), _static_qparams(module.output_quantizer)
-        if module.output_size not in (1, (1, 1)):
+        if isinstance(module, QuantAdaptiveAvgPool2d) and module.output_size not in (1, (1, 1)):
             return "adaptive average pooling to more than 1x1"
         for part, qp in (("input", qin), ("output", qout)):
             if isinstance(qp, str):
@@ -501,16 +500,9 @@ def _plan(module: nn.Module, kernels: str = "onnxruntime",
         blocker = _activation_blocker(module, qout)
         if blocker is not None:
             return blocker
+        if isinstance(module, QuantAvgPool2d):
+            return _litert_avg_pool_forward(module, qin, qout)
         return _global_pool_forward(module, qin, qout)
-    if isinstance(module, QuantAvgPool2d) and kernels == "litert":
-        qin, qout = _static_qparams(module.input_source), _static_qparams(module.output_quantizer)
-        for part, qp in (("input", qin), ("output", qout)):
-            if isinstance(qp, str):
-                return f"{part}: {qp}"
-        blocker = _activation_blocker(module, qout)
-        if blocker is not None:
-            return blocker
-        return _litert_avg_pool_forward(module, qin, qout)
     if isinstance(module, QuantMixin) and (module.output_quantizer is not None
                                            or module.input_quantizer is not None):
         return f"{type(module).__name__} has no integer-exact emulation"
