@@ -342,3 +342,42 @@ def test_asymmetric_weights_are_refused(litert, float_model, calib_data, example
         with pytest.raises(ExportError, match="signed symmetric weights"):
             quantaware.export_tflite(model, tmp_path / "m.tflite", example_input)
     assert not list(tmp_path.iterdir())
+
+
+_TWO_INPUTS = '''
+import sys, torch, quantaware
+from torch import nn
+from quantaware import presets
+
+class Tagger(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(50, 16)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, ids, scale):
+        return self.fc(torch.relu(self.embed(ids) * scale))
+
+torch.manual_seed(0)
+model = Tagger().eval()
+batches = [{"ids": torch.randint(0, 50, (8, 6)), "scale": torch.rand(8, 6, 1) + 0.5}
+           for _ in range(2)]
+example = (batches[0]["ids"][:1], batches[0]["scale"][:1])
+q = quantaware.quantize(model, presets.INT8, batches, example)
+path = quantaware.export_tflite(q, sys.argv[1], example)
+report = quantaware.verify(path, q, batches, backend="litert")
+print(report.num_samples, report.cosine)
+'''
+
+
+def test_embedding_model_with_keyword_batches(litert, tmp_path):
+    """In a fresh process the first quantized layer an export runs is an embedding
+    (the export ops were not registered yet), and verify feeds keyword batches to
+    LiteRT's numbered inputs in the order of the model's forward parameters."""
+    import subprocess
+
+    result = subprocess.run([sys.executable, "-c", _TWO_INPUTS, str(tmp_path / "m.tflite")],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    samples, cosine = result.stdout.split()[-2:]
+    assert int(samples) == 16 and float(cosine) > 0.999

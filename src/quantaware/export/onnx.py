@@ -58,6 +58,9 @@ def _quiet_logger(name: str):
 
 
 def _export_copy(model: nn.Module) -> nn.Module:
+    """A frozen copy of ``model`` whose quantized modules call the export ops."""
+    from quantaware.export import ops  # noqa: F401  (registers them before any runs)
+
     model = copy.deepcopy(model).eval()
     for name, module in model.named_modules():
         if isinstance(module, FakeQuantizer):

@@ -26,6 +26,7 @@ of a tie can round the other way, and a deep network amplifies such flips.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import json
 import logging
@@ -246,12 +247,25 @@ def _torch_outputs(model: nn.Module, batches: list[Any]) -> list[np.ndarray]:
     return outs
 
 
-def _feed(batch: Any, input_names: list[str]) -> dict[str, np.ndarray]:
+def _feed(batch: Any, input_names: list[str],
+          parameters: list[str] | None = None) -> dict[str, np.ndarray]:
+    """The backend feed for ``batch``. Keyword inputs go by name; where the file's
+    inputs carry none of those names (LiteRT numbers them), by their position in
+    ``parameters`` (the model's ``forward`` parameters)."""
     args, kwargs = split_batch(batch)
+    if kwargs and parameters and not set(kwargs) & set(input_names):
+        args = tuple(kwargs[name] for name in parameters if name in kwargs)
     if args:
         return {name: a.detach().cpu().numpy()
                 for name, a in zip(input_names, args, strict=False)}
     return {k: v.detach().cpu().numpy() for k, v in kwargs.items() if k in input_names}
+
+
+def _forward_parameters(model: nn.Module) -> list[str]:
+    try:
+        return list(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return []
 
 
 def _exposed_codes(proto: onnx.ModelProto, tensors: list[str], feed: dict[str, np.ndarray],
@@ -424,7 +438,8 @@ def verify(
     if not batches:
         raise ValueError("verify got no data: pass an iterable with at least one batch")
     input_names = [i.name for i in session.get_inputs()]
-    outs = [session.run(None, _feed(batch, input_names))[0] for batch in batches]
+    parameters = _forward_parameters(model)
+    outs = [session.run(None, _feed(batch, input_names, parameters))[0] for batch in batches]
 
     def layer_rows() -> tuple[list[LayerDiff], int]:
         if proto is None:
