@@ -77,16 +77,20 @@ def test_verify_command_on_another_backend(tmp_path, capsys, backend, package):
         assert report["reference"] == "integer" and report["layers_checked"] >= 3
 
 
+def _bench_tiny_cnn(tmp_path, *backends: str) -> list[dict]:
+    """The rows of a quick ``bench`` of the tiny CNN at batches 1 and 4 on ``backends``."""
+    out = tmp_path / "rows.json"
+    code = main(["bench", "--quick", "--models", f"{__name__}:tiny_cnn", "--input-shape",
+                 "3,16,16", "--batches", "1", "4", "--backend", *backends, "--json", str(out)])
+    assert code == 0
+    return json.loads(out.read_text())
+
+
 def test_bench_quick_on_both_backends(tmp_path, capsys):
     """`--backend onnxruntime openvino`: the FP32 and quantaware files in both, ORT's
     quantizer outputs in ONNX Runtime only (a tiny CNN keeps this fast)."""
     pytest.importorskip("openvino")
-    out = tmp_path / "rows.json"
-    code = main(["bench", "--quick", "--models", f"{__name__}:tiny_cnn", "--input-shape",
-                 "3,16,16", "--batches", "1", "4", "--backend", "onnxruntime", "openvino",
-                 "--json", str(out)])
-    assert code == 0
-    rows = json.loads(out.read_text())
+    rows = _bench_tiny_cnn(tmp_path, "onnxruntime", "openvino")
     per_batch = [(r["backend"], r["variant"]) for r in rows if r["batch"] == 4]
     assert per_batch == [("onnxruntime", "fp32"), ("onnxruntime", "quantaware-int8"),
                          ("onnxruntime", "ort-static-int8"), ("onnxruntime", "ort-dynamic-int8"),
@@ -103,12 +107,7 @@ def test_bench_quick_on_litert(tmp_path, capsys):
     """`--backend onnxruntime litert`: the FP32 and quantaware models also as LiteRT
     files (batch 1; a batch of 4 is four invocations)."""
     pytest.importorskip("litert_torch")
-    out = tmp_path / "rows.json"
-    code = main(["bench", "--quick", "--models", f"{__name__}:tiny_cnn", "--input-shape",
-                 "3,16,16", "--batches", "1", "4", "--backend", "onnxruntime", "litert",
-                 "--json", str(out)])
-    assert code == 0
-    rows = json.loads(out.read_text())
+    rows = _bench_tiny_cnn(tmp_path, "onnxruntime", "litert")
     lite = [r for r in rows if r["backend"] == "litert"]
     assert [(r["batch"], r["variant"]) for r in lite] == [
         (1, "fp32"), (1, "quantaware-int8"), (4, "fp32"), (4, "quantaware-int8")]

@@ -35,6 +35,15 @@ def _codes(model, x):
         return model(x).numpy()
 
 
+def _round_trip(model, calib, data, path, config=presets.INT8):
+    """``model`` quantized on ``calib``, exported to ``path`` and verified in LiteRT on
+    ``data``: ``(quantized model, file, report)``."""
+    with _one_thread():
+        q = quantaware.quantize(model, config, calib, calib[0][:1])
+        path = quantaware.export_tflite(q, path, calib[0][:1])
+        return q, path, quantaware.verify(path, q, data, backend="litert")
+
+
 def test_every_op_is_integer_between_float_interface_ops(int8_tflite):
     from quantaware.export.tflite import tflite_ops
 
@@ -107,10 +116,7 @@ def test_litert_integer_arithmetic_is_exact_without_concatenation(litert, tmp_pa
     model = Residual().eval()
     calib = [torch.randn(32, 3, 8, 8, generator=gen) for _ in range(2)]
     data = [torch.randn(40, 3, 8, 8, generator=gen) * 1.3 for _ in range(3)]
-    with _one_thread():
-        q = quantaware.quantize(model, presets.INT8, calib, calib[0][:1])
-        path = quantaware.export_tflite(q, tmp_path / "residual.tflite", calib[0][:1])
-        report = quantaware.verify(path, q, data, backend="litert")
+    _, _, report = _round_trip(model, calib, data, tmp_path / "residual.tflite")
     assert report.reference == "integer" and report.integer_layers >= 3
     assert report.max_error_lsb == 0.0 and report.top1_agreement == 1.0
     assert report.first_divergent_layer is None and report.layers_checked >= 4
@@ -142,11 +148,9 @@ def test_concatenation_input_that_also_feeds_a_layer_is_requantized_as_litert_do
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(1)
     calib = [torch.randn(16, 3, 10, 12, generator=gen) for _ in range(2)]
-    with _one_thread():
-        q = quantaware.quantize(Skip().eval(), presets.INT8, calib, calib[0][:1])
-        path = quantaware.export_tflite(q, tmp_path / "skip.tflite", calib[0][:1])
-        report = quantaware.verify(path, q, [torch.randn(64, 3, 10, 12, generator=gen)],
-                                   backend="litert")
+    _, path, report = _round_trip(Skip().eval(), calib,
+                                  [torch.randn(64, 3, 10, 12, generator=gen)],
+                                  tmp_path / "skip.tflite")
     assert ("QUANTIZE", ["int8"]) in tflite_ops(path)  # the requantization is there
     assert report.max_error_lsb == 0.0 and report.top1_agreement == 1.0, str(report)
     assert report.first_divergent_layer is None and report.layers_checked >= 4, str(report)
@@ -175,11 +179,9 @@ def test_average_pooling_is_integer_and_exact(litert, tmp_path, pool):
 
     gen = torch.Generator().manual_seed(0)
     calib = [torch.randn(16, 3, 9, 9, generator=gen) for _ in range(2)]
-    with _one_thread():
-        q = quantaware.quantize(_pool_net(pool), presets.INT8, calib, calib[0][:1])
-        path = quantaware.export_tflite(q, tmp_path / "pool.tflite", calib[0][:1])
-        report = quantaware.verify(path, q, [torch.randn(32, 3, 9, 9, generator=gen)],
-                                   backend="litert")
+    q, path, report = _round_trip(_pool_net(pool), calib,
+                                  [torch.randn(32, 3, 9, 9, generator=gen)],
+                                  tmp_path / "pool.tflite")
     ops = tflite_ops(path)
     assert ("AVERAGE_POOL_2D", ["int8"]) in ops
     assert all("float32" not in d for n, d in ops if n not in _INTERFACE), ops
@@ -196,11 +198,9 @@ def test_average_pool_without_an_int8_kernel_is_named(litert, tmp_path, caplog):
     gen = torch.Generator().manual_seed(0)
     calib = [torch.randn(16, 3, 9, 9, generator=gen) for _ in range(2)]
     net = _pool_net(torch.nn.AvgPool2d(3, 2, 1, count_include_pad=False))
-    with _one_thread(), caplog.at_level("WARNING", logger="quantaware.export.tflite"):
-        q = quantaware.quantize(net, presets.INT8, calib, calib[0][:1])
-        path = quantaware.export_tflite(q, tmp_path / "pool.tflite", calib[0][:1])
-        report = quantaware.verify(path, q, [torch.randn(16, 3, 9, 9, generator=gen)],
-                                   backend="litert")
+    with caplog.at_level("WARNING", logger="quantaware.export.tflite"):
+        _, _, report = _round_trip(net, calib, [torch.randn(16, 3, 9, 9, generator=gen)],
+                                   tmp_path / "pool.tflite")
     assert "aten.avg_pool2d.default in float32" in caplog.text
     assert report.cosine > 0.9999 and report.top1_agreement == 1.0
 
@@ -216,11 +216,8 @@ def test_layer_check_reads_square_images_in_litert_layout(litert, tmp_path):
                           nn.Flatten(), nn.Linear(8 * 8 * 8, 4)).eval()
     gen = torch.Generator().manual_seed(1)
     calib = [torch.randn(16, 3, 8, 8, generator=gen) for _ in range(2)]
-    with _one_thread():
-        q = quantaware.quantize(model, presets.INT8, calib, calib[0][:1])
-        path = quantaware.export_tflite(q, tmp_path / "square.tflite", calib[0][:1])
-        report = quantaware.verify(path, q, [torch.randn(8, 3, 8, 8, generator=gen)],
-                                   backend="litert")
+    _, _, report = _round_trip(model, calib, [torch.randn(8, 3, 8, 8, generator=gen)],
+                               tmp_path / "square.tflite")
     assert report.max_error_lsb == 0.0
     assert report.layers_checked >= 3 and report.first_divergent_layer is None, str(report)
 
@@ -323,10 +320,8 @@ def test_conv1d_network_with_4_bit_weights_is_exact(litert, tmp_path):
     torch.manual_seed(1)
     calib = [torch.randn(32, 1, 40, generator=gen) for _ in range(2)]
     data = [torch.randn(32, 1, 40, generator=gen) for _ in range(2)]
-    with _one_thread():
-        q = quantaware.quantize(MNIST1DCNN(width=8).eval(), presets.W4A8, calib, calib[0][:1])
-        path = quantaware.export_tflite(q, tmp_path / "mnist1d.tflite", calib[0][:1])
-        report = quantaware.verify(path, q, data, backend="litert")
+    _, path, report = _round_trip(MNIST1DCNN(width=8).eval(), calib, data,
+                                  tmp_path / "mnist1d.tflite", presets.W4A8)
     assert all("float32" not in d for n, d in tflite_ops(path) if n not in _INTERFACE)
     assert report.max_error_lsb == 0.0 and report.top1_agreement == 1.0
 

@@ -239,6 +239,16 @@ def _float_weights_between_qdq(proto: onnx.ModelProto) -> list[str]:
     return found
 
 
+def _inferred_shapes(proto: onnx.ModelProto) -> dict[str, list[int | None]]:
+    """Every tensor's inferred shape (``None`` for a dynamic dimension)."""
+    inferred = onnx.shape_inference.infer_shapes(proto)
+    shapes = {}
+    for info in [*inferred.graph.value_info, *inferred.graph.input]:
+        dims = info.type.tensor_type.shape.dim
+        shapes[info.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+    return shapes
+
+
 def _explicit_ceil_pooling(proto: onnx.ModelProto) -> int:
     """Write ``AveragePool(ceil_mode=1)`` as a floor-mode pool with the overhang as
     end padding left out of the count.
@@ -257,11 +267,7 @@ def _explicit_ceil_pooling(proto: onnx.ModelProto) -> int:
              if n.op_type == "AveragePool" and _attr(n, "ceil_mode", 0)]
     if not pools:
         return 0
-    inferred = onnx.shape_inference.infer_shapes(proto)
-    shapes = {}
-    for info in [*inferred.graph.value_info, *inferred.graph.input]:
-        dims = info.type.tensor_type.shape.dim
-        shapes[info.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+    shapes = _inferred_shapes(proto)
     done = 0
     for node in pools:
         if _attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
@@ -317,11 +323,7 @@ def _space_to_depth_stems(proto: onnx.ModelProto) -> int:
     input's zero point, so it dequantizes to 0.0 like the conv's own padding.
     Returns the number of convs rewritten.
     """
-    inferred = onnx.shape_inference.infer_shapes(proto)
-    shapes = {}
-    for info in [*inferred.graph.value_info, *inferred.graph.input]:
-        dims = info.type.tensor_type.shape.dim
-        shapes[info.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+    shapes = _inferred_shapes(proto)
     inits = {i.name: i for i in proto.graph.initializer}
     producers = {o: n for n in proto.graph.node for o in n.output}
     nodes, done = [], 0
