@@ -249,6 +249,96 @@ def test_matmul_between_activations_becomes_quant_matmul():
     assert all(isinstance(q, nn.Identity) for q in mm[0].input_quantizers)
 
 
+class Decoder(nn.Module):
+    """Upsampling in every spelling: a module, a functional call with a size read from
+    another tensor's shape, nearest and bilinear."""
+
+    def __init__(self, antialias: bool = False):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.c = nn.Conv2d(8, 4, 1)
+        self.up = nn.Upsample(scale_factor=2, mode="nearest")
+        self.antialias = antialias
+
+    def forward(self, x):
+        y = F.relu(self.a(x))
+        z = F.interpolate(self.b(y), scale_factor=0.5, mode="bilinear",
+                          antialias=self.antialias)
+        z = F.interpolate(z, size=y.shape[-2:], mode="bilinear", align_corners=True)
+        return self.c(self.up(z))
+
+
+def test_upsampling_is_quantized_and_keeps_the_layers_around_it_integer():
+    from quantaware.nn.resize import QuantUpsample
+
+    prepared = quantaware.prepare(Decoder(), presets.INT8, X1)
+    ups = {n: m for n, m in prepared.named_modules() if isinstance(m, QuantUpsample)}
+    assert len(ups) == 3, prepared.code
+    nearest = prepared.get_submodule("up")
+    assert isinstance(nearest, QuantUpsample) and nearest.output_quantizer is None
+    # the conv before each resize quantizes its own output (it runs as an integer kernel)
+    assert prepared.b.output_quantizer is not None
+    bilinear = [m for m in ups.values() if m.mode == "bilinear"]
+    assert bilinear[0].input_source is prepared.b.output_quantizer
+    assert bilinear[1].input_source is bilinear[0].output_quantizer
+    # nearest copies codes: c reads the grid of the resize before it
+    assert nearest.input_source is bilinear[1].output_quantizer
+    assert prepared.c.input_quantizer is None
+    assert prepared.c.input_source is bilinear[1].output_quantizer
+    quantaware.calibrate(prepared, [torch.randn(4, 3, 8, 8)])
+    x = torch.randn(2, 3, 6, 10)  # the traced size is not baked in
+    seen = []
+    handle = prepared.up.register_forward_hook(lambda _m, _i, out: seen.append(out))
+    with torch.no_grad():
+        out = prepared(x)
+    handle.remove()
+    assert out.shape == (2, 4, 12, 20)
+    grid = bilinear[1].output_quantizer
+    assert torch.equal(seen[0], grid(seen[0]))  # the nearest copy is on its input's grid
+
+
+def test_an_upsampling_module_used_twice_gets_a_module_per_use():
+    """A decoder's one nn.Upsample at every level: each use resizes on its own input's
+    grid (one shared module would put the second level on the first level's grid)."""
+    from quantaware.nn.resize import QuantUpsample
+
+    class TwoLevels(nn.Module):
+        def __init__(self, mode: str):
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+            self.b = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+            self.c = nn.Conv2d(8, 4, 1)
+            self.up = nn.Upsample(scale_factor=2, mode=mode)
+            with torch.no_grad():
+                self.b.weight.mul_(5)
+
+        def forward(self, x):
+            y = torch.relu(self.a(x))
+            return self.c(self.up(y) + self.up(self.up(torch.relu(self.b(y)))))
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 8, 8)
+    for mode in ("nearest", "bilinear"):
+        prepared = quantaware.prepare(TwoLevels(mode), presets.INT8, X1)
+        ups = [m for m in prepared.modules() if isinstance(m, QuantUpsample)]
+        assert len(ups) == 3 and len({id(m) for m in ups}) == 3, mode
+        quantaware.calibrate(prepared, [x])
+        add = next(m for m in prepared.modules() if isinstance(m, QuantAdd))
+        sources = [add.input_source_of(i) for i in range(2)]
+        if mode == "nearest":  # copies: the add reads the two convs' own grids
+            assert sources == [prepared.a.output_quantizer, prepared.b.output_quantizer]
+            assert float(sources[0].scale) != float(sources[1].scale)
+
+
+def test_antialiased_resize_stays_float():
+    from quantaware.nn.resize import QuantUpsample
+
+    prepared = quantaware.prepare(Decoder(antialias=True), presets.INT8, X1)
+    ups = [m for m in prepared.modules() if isinstance(m, QuantUpsample)]
+    assert len(ups) == 2  # the antialiased downsampling is left as it is
+    assert sum("interpolate(" in line for line in prepared.code.splitlines()) == 1
+
+
 # -- fallback and bad input ------------------------------------------------------------
 
 

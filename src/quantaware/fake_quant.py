@@ -217,6 +217,17 @@ class FakeQuantizer(nn.Module):
         scale, zero_point = self.qparams(x)
         return self.fake_quantize_with(x, scale, zero_point)
 
+    def requantize(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` rounded onto this quantizer's current grid without observing it: the
+        output of an op that keeps its input's grid (a resize). Until the quantizer
+        is calibrated (or quantizing), ``x`` passes unchanged."""
+        if self.exporting:
+            return self._export_forward(x)
+        if not bool(self.fake_quant_enabled) or not bool(self.calibrated):
+            return x
+        scale, zero_point = self.qparams(x)
+        return self.fake_quantize_with(x, scale, zero_point)
+
     def fake_quantize_activated(self, x: torch.Tensor, upper: float) -> torch.Tensor | None:
         """This quantizer applied to ``clamp(x, 0, upper)`` (a fused ReLU/ReLU6) in
         one go, or ``None`` when it must see the activation's output (observing,

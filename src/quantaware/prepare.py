@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import inspect
 import logging
 import operator
 import warnings
@@ -48,6 +49,7 @@ from quantaware.fusion import can_fold, fold_bn
 from quantaware.nn.base import ChannelClip, QuantMixin
 from quantaware.nn.functional import QuantAdd, QuantCat, QuantMatmul, _MultiInputQuant
 from quantaware.nn.registry import quantized_type, supported_types
+from quantaware.nn.resize import RESIZE_MODES, QuantUpsample
 
 __all__ = ["UnsupportedLayerError", "prepare", "quantizers"]
 
@@ -64,6 +66,9 @@ _PASSTHROUGH_FUNCS = {F.max_pool1d, F.max_pool2d, torch.flatten, F.dropout, torc
                       torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze}
 _PASSTHROUGH_METHODS = {"view", "reshape", "flatten", "permute", "transpose", "contiguous",
                         "squeeze", "unsqueeze"}
+_INTERPOLATE_FUNCS = {F.interpolate, F.upsample}
+# Set on a quantized layer called on inputs of different grids (see _place_quantizers).
+MIXED_INPUT_GRIDS = "_quantaware_mixed_input_grids"
 _ADD_FUNCS = {operator.add, torch.add, operator.iadd}
 _MATMUL_FUNCS = {operator.matmul, torch.matmul, torch.bmm}
 
@@ -242,6 +247,44 @@ def _rewrite_functional(gm: fx.GraphModule, config: QuantConfig) -> None:
         gm.graph.erase_node(node)
 
 
+def _rewrite_resizes(gm: fx.GraphModule, config: QuantConfig) -> None:
+    """Upsampling becomes a :class:`QuantUpsample` (resizing on its input's grid), so
+    the layer before it, the resize and the layer after it all stay integer."""
+    swapped: set[str] = set()
+    # Read every resize before swapping any: an nn.Upsample may be used at several nodes.
+    for node, resize in [(n, _interpolation(gm, n)) for n in gm.graph.nodes]:
+        if (resize is None or resize["mode"] not in RESIZE_MODES or resize["antialias"]
+                or not node.args or not _is_tensor(node.args[0]) or not _is_tensor(node)
+                or not node.meta["tensor_meta"].dtype.is_floating_point):
+            continue
+        if any(isinstance(resize[k], fx.Node) for k in ("scale_factor", "mode", "align_corners")):
+            continue
+        specs = config.resolve(node.target if node.op == "call_module" else node.name)
+        act_spec = specs[1] if specs else None
+        if not isinstance(act_spec, QuantSpec) or act_spec.dynamic:
+            continue
+        size = resize["size"]
+        dynamic_size = isinstance(size, fx.Node) or (
+            isinstance(size, list | tuple) and any(isinstance(s, fx.Node) for s in size))
+        module = QuantUpsample(act_spec, None if dynamic_size else size,
+                               resize["scale_factor"], resize["mode"], resize["align_corners"],
+                               resize["recompute_scale_factor"])
+        if node.op == "call_module" and node.target not in swapped:
+            gm.add_submodule(node.target, module)  # an nn.Upsample: swapped in place
+            swapped.add(node.target)
+            continue
+        # A functional resize, or an nn.Upsample used again (a decoder's one upsampling
+        # module at every level): a module per use, each on its own input's grid.
+        name = _unique_name(gm, node.name)
+        gm.add_submodule(name, module)
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_module(name, args=(node.args[0],),
+                                       kwargs={"size": size} if dynamic_size else {})
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+
+
 def _activation_of(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
     module = _module(gm, node)
     if isinstance(module, nn.ReLU) or (node.op == "call_method" and node.target == "relu"):
@@ -273,6 +316,28 @@ def _fuse_activations(gm: fx.GraphModule) -> None:
         gm.graph.erase_node(user)
 
 
+def _interpolation(gm: fx.GraphModule, node: fx.Node) -> dict[str, Any] | None:
+    """The ``F.interpolate`` arguments (``input`` aside) of an upsampling node
+    (``F.interpolate``/``F.upsample`` or an ``nn.Upsample`` module), else ``None``."""
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        if not isinstance(module, nn.Upsample):
+            return None
+        return {"size": module.size, "scale_factor": module.scale_factor, "mode": module.mode,
+                "align_corners": module.align_corners,
+                "recompute_scale_factor": module.recompute_scale_factor, "antialias": False}
+    if node.op != "call_function" or node.target not in _INTERPOLATE_FUNCS:
+        return None
+    try:
+        bound = inspect.signature(F.interpolate).bind(*node.args, **node.kwargs)
+    except TypeError:
+        return None
+    bound.apply_defaults()
+    args = dict(bound.arguments)
+    args.pop("input")
+    return args
+
+
 def _is_passthrough(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "call_module":
         return isinstance(gm.get_submodule(node.target), _PASSTHROUGH_MODULES)
@@ -284,6 +349,7 @@ def _is_passthrough(gm: fx.GraphModule, node: fx.Node) -> bool:
 def _place_quantizers(gm: fx.GraphModule) -> None:
     """Quantize every tensor once: drop input quantizers of already-quantized inputs."""
     source: dict[fx.Node, nn.Module | None] = {}
+    visited: set[str] = set()
     for node in gm.graph.nodes:
         module = _module(gm, node)
         if isinstance(module, _MultiInputQuant):
@@ -295,10 +361,17 @@ def _place_quantizers(gm: fx.GraphModule) -> None:
         elif isinstance(module, QuantMixin):
             src = source.get(node.args[0]) if node.args else None
             own = module.input_quantizer
+            if node.target in visited and own is None and src is not module.input_source:
+                # One layer called on tensors of different grids (a head shared by the
+                # levels of a feature pyramid): each call reads its own input's grid.
+                module.__dict__[MIXED_INPUT_GRIDS] = True
+            visited.add(node.target)
             if src is not None and isinstance(own, FakeQuantizer) and src.spec == own.spec:
                 module.input_quantizer = None
                 module.set_input_source(src)
-            source[node] = module.output_quantizer
+            # A nearest resize copies codes: its output is on its input's grid.
+            source[node] = (module.input_source if isinstance(module, QuantUpsample)
+                            and module.output_quantizer is None else module.output_quantizer)
         elif _is_passthrough(gm, node) and node.args:
             source[node] = source.get(node.args[0])
         else:
@@ -465,6 +538,7 @@ def prepare(
             isinstance(r.activation, QuantSpec) for r in config.overrides
         ):
             _rewrite_functional(gm, config)
+            _rewrite_resizes(gm, config)
         _fuse_activations(gm)
         _place_quantizers(gm)
         _share_input_quantizers(gm)

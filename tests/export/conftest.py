@@ -88,3 +88,40 @@ def preset_exports(float_model, calib_data, export_dir, example_input):
             path = quantaware.export_onnx(model, export_dir / f"{name}.onnx", example_input)
             out[name] = (model, path)
     return out
+
+
+class UpsamplingNet(torch.nn.Module):
+    """A small encoder-decoder: a strided conv, bilinear upsampling back to the skip
+    connection's size (read from its shape at run time), a concatenation, max
+    pooling and an ``nn.Upsample`` in nearest mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.enc = nn.Conv2d(3, 8, 3, padding=1)
+        self.down = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.mid = nn.Conv2d(16, 8, 1)
+        self.fuse = nn.Conv2d(16, 8, 3, padding=1)
+        self.up = nn.Upsample(scale_factor=2, mode="nearest")
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import torch.nn.functional as F
+
+        skip = F.relu(self.enc(x))
+        y = self.mid(F.relu(self.down(skip)))
+        y = F.interpolate(y, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+        y = F.relu(self.fuse(torch.cat([y, skip], 1)))
+        return self.head(self.up(F.max_pool2d(y, 2)))
+
+
+@pytest.fixture(scope="session")
+def upsampling_int8():
+    """``(quantized UpsamplingNet, fresh data)``: inputs of odd size (12x14 -> 6x7)."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    calib = [torch.randn(16, 3, 12, 14, generator=gen) for _ in range(2)]
+    data = [torch.randn(32, 3, 12, 14, generator=gen)]
+    with _one_thread():
+        q = quantaware.quantize(UpsamplingNet().eval(), presets.INT8, calib, calib[0][:1])
+    return q, data

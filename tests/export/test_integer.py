@@ -137,6 +137,79 @@ def test_activation_matmul_is_bit_exact(tmp_path):
     assert any("matmul" in name for name in _assert_bit_exact(q, x, tmp_path))
 
 
+class _Upsampling(nn.Module):
+    """Bilinear resizes at several scales, corners aligned or not, and a 1-d one."""
+
+    def __init__(self, align_corners: bool) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.c = nn.Conv1d(8, 4, 1)
+        self.align = align_corners
+
+    def forward(self, x):
+        import torch.nn.functional as F
+
+        y = F.relu6(self.a(x))
+        y = F.interpolate(y, scale_factor=2, mode="bilinear", align_corners=self.align)
+        y = F.interpolate(self.b(y), size=(11, 13), mode="bilinear", align_corners=self.align)
+        y = F.interpolate(y.flatten(2), scale_factor=1.5, mode="linear",
+                          align_corners=self.align)
+        return self.c(y)
+
+
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_bilinear_resize_on_one_grid_rounds_ties_as_onnxruntime(tmp_path, align_corners):
+    """A resize whose output grid equals its input's (a ReLU6 range on both sides)
+    puts interpolated values on exact rounding ties; ONNX Runtime's float32 order of
+    operations decides them, and the reference computes in that order."""
+    from quantaware.nn.resize import QuantUpsample
+
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 3, 5, 7, generator=gen)
+    q = quantaware.quantize(_Upsampling(align_corners).eval(), presets.INT8, [x], x[:1])
+    resizes = [m for m in q.modules() if isinstance(m, QuantUpsample)]
+    assert len(resizes) == 3
+    first = resizes[0]
+    first.output_quantizer.load_qparams(first.input_source.scale, first.input_source.zero_point)
+    data = torch.randn(32, 3, 5, 7, generator=gen)
+    _assert_bit_exact(q, data, tmp_path)
+    if not align_corners:  # weights 1/4, 3/4: ties occur, and float order decides them
+        assert not np.array_equal(_torch(q, data), _ort(tmp_path / "m.onnx", data))
+
+
+class _SharedHead(nn.Module):
+    """One conv applied to two feature maps on different grids (a shared detection head)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Conv2d(8, 4, 1)
+        with torch.no_grad():
+            self.b.weight.mul_(4)
+
+    def forward(self, x):
+        y = torch.relu(self.a(x))
+        return self.head(y) + self.head(self.b(y))
+
+
+def test_a_layer_shared_by_inputs_on_different_grids_falls_back(tmp_path):
+    """Each call of the shared conv reads its own input's grid; the reference has no
+    one set of input qparams for it, says so, and verify stays exact elsewhere."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 3, 6, 6, generator=gen)
+    q = quantaware.quantize(_SharedHead().eval(), presets.INT8, [x], x[:1])
+    with integer_arithmetic(q) as emulation:
+        reasons = dict(emulation.fallback)
+    assert "different qparams" in reasons["head"], reasons
+    path = quantaware.export_onnx(q, tmp_path / "shared.onnx", x[:1])
+    report = quantaware.verify(path, q, [torch.randn(32, 3, 6, 6, generator=gen)])
+    assert report.max_error_lsb <= 1 + 1e-3 and report.cosine > 0.9999, str(report)
+    # the head's quantizers run twice: no one tensor to compare them with
+    assert report.first_divergent_layer is None, str(report)
+
+
 def test_layers_without_integer_kernel_fall_back_and_are_listed(int8_model):
     model = copy.deepcopy(int8_model)
     model.get_submodule("dw").activation = ChannelClip(torch.full((32,), 4.0))

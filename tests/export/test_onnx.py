@@ -162,6 +162,26 @@ def test_conv_after_unfused_relu_runs_as_integer_kernel(tmp_path):
     assert ops["QLinearConv"] == 3, ops
 
 
+def test_layers_around_upsampling_run_as_integer_kernels(upsampling_int8, tmp_path):
+    """Every conv of an encoder-decoder stays integer: the layer before a bilinear
+    resize quantizes its output (ONNX Runtime interpolates the dequantized codes in
+    float and quantizes the result, as the torch model does) and a nearest resize
+    copies int8 codes (its output is marked as quantized on its input's grid)."""
+    model, data = upsampling_int8
+    path = quantaware.export_onnx(model, tmp_path / "upsampling.onnx", data[0][:1])
+    optimized = tmp_path / "optimized.onnx"
+    _ort_session(path, optimized_model_filepath=str(optimized))
+    ops = Counter(n.op_type for n in onnx.load(str(optimized)).graph.node)
+    assert ops["QLinearConv"] == 5 and ops["QLinearConcat"] == 1, ops
+    # (a float Concat remains: the resize's size, read from the skip's shape)
+    assert not {"Conv", "FusedConv", "NchwcConv"} & set(ops), ops
+    report = quantaware.verify(path, model, data)
+    assert report.reference == "integer" and report.fake_quant_layers == 0, str(report)
+    assert report.max_error_lsb == 0.0 and report.top1_agreement == 1.0, str(report)
+    # the copy's QuantizeLinear is not taken for the quantizer's own tensor
+    assert report.first_divergent_layer is None and report.layers_checked >= 7, str(report)
+
+
 def test_int8_file_is_much_smaller_than_float(int8_path, float_path, float_model):
     assert sum(p.numel() for p in float_model.parameters()) >= 100_000
     int8_size, float_size = os.path.getsize(int8_path), os.path.getsize(float_path)

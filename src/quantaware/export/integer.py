@@ -20,6 +20,9 @@ Runtime's kernel for it computes, bit for bit:
   ``round(a_q * (a_scale / c_scale) + (b_q * (b_scale / c_scale) + k))``.
 - ``QLinearGlobalAveragePool``: ``round(float32(sum(x_q) - n x_zp) *
   (x_scale / (y_scale n))) + y_zp``.
+- ``DequantizeLinear -> Resize -> QuantizeLinear`` (bilinear upsampling): the float32
+  interpolation in ONNX Runtime's order of operations, which decides exact ties;
+  a nearest ``Resize`` copies int8 codes.
 
 With ``kernels="litert"`` the arithmetic is LiteRT's (XNNPACK's int8 kernels) for
 a file from :func:`quantaware.export_tflite`: convolutions, fully connected layers
@@ -30,7 +33,9 @@ concatenation writes straight onto the concatenation's grid, and any other
 concatenation input on another grid is requantized with an 8-bit-fraction
 multiplier, rounding half up; ``AVERAGE_POOL_2D`` averages int8 codes on its
 input's grid (rounding half away from zero) and is requantized onto the pool's
-grid the same way.
+grid the same way; ``RESIZE_BILINEAR`` interpolates int8 codes with 11-bit
+weights (rounding half up) on a grid the converter reconciles with the layer
+around it.
 
 Layers ONNX Runtime does not run as one of these integer kernels (float ops,
 dynamic quantization, SmoothQuant inputs, concat/average pooling that rescale)
@@ -54,6 +59,7 @@ import contextlib
 import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -65,7 +71,9 @@ from quantaware.nn.conv import _QuantConvNd
 from quantaware.nn.functional import QuantAdd, QuantCat, QuantMatmul
 from quantaware.nn.linear import QuantLinear
 from quantaware.nn.pool import QuantAdaptiveAvgPool2d, QuantAvgPool2d
+from quantaware.nn.resize import NEAREST_MODES, QuantUpsample
 from quantaware.nn.weighted import BIAS_QMAX, BIAS_QMIN, WeightQuantMixin
+from quantaware.prepare import MIXED_INPUT_GRIDS
 from quantaware.primitives import quantize
 
 __all__ = ["IntegerEmulation", "fake_quant_arithmetic", "integer_arithmetic"]
@@ -272,7 +280,8 @@ def _from_int8_codes(qp: _QParams, code: torch.Tensor) -> torch.Tensor:
     return (code - int8_code(qp.zero_point, qp.qmin)).to(_F32) * qp.scale
 
 
-def _xnnpack_add_forward(module: QuantAdd, qa: _QParams, qb: _QParams, qc: _QParams):
+def _xnnpack_add_forward(module: QuantAdd, qa: _QParams, qb: _QParams, qc: _QParams,
+                         own_output: bool = True):
     """LiteRT's int8 ADD (XNNPACK ``qs8-vadd``): fixed-point multipliers of about
     21 bits for ``a_scale / c_scale`` and ``b_scale / c_scale`` with a common
     shift, ``asr(bias + a_q * ma + b_q * mb, shift)`` (rounding half up), then the
@@ -298,8 +307,8 @@ def _xnnpack_add_forward(module: QuantAdd, qa: _QParams, qb: _QParams, qc: _QPar
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         a, b = self._quantize_inputs((a, b))
         ca, cb = _int8_codes(qa, a), _int8_codes(qb, b)  # as the kernel reads them
-        out = torch.clamp((bias + ca * ma + cb * mb) >> shift, lo, hi)
-        return self.output_quantizer(out.to(_F32) * qc.scale)
+        out = torch.clamp((bias + ca * ma + cb * mb) >> shift, lo, hi).to(_F32) * qc.scale
+        return self.output_quantizer(out) if own_output else out
 
     return forward
 
@@ -393,6 +402,128 @@ def _litert_avg_pool_forward(module: QuantAvgPool2d, qin: _QParams, qout: _QPara
     return forward
 
 
+def _onnxruntime_resize_taps(size_in: int, size_out: int, scale: float | None,
+                             align_corners: bool) -> tuple[torch.Tensor, ...]:
+    """ONNX Runtime's bilinear source indices and weights along one axis, in float32
+    as its ``SetupUpsampleBilinear`` computes them: the source coordinate (half-pixel
+    ``(i + 0.5) / scale - 0.5`` or corners aligned ``i (in - 1) / (out - 1)``;
+    ``scale = out / in`` unless the file gives it), clamped; ``lo = trunc``,
+    ``hi = min(lo + 1, in - 1)``; weights ``|c - hi|`` for ``lo`` and ``|c - lo|`` for
+    ``hi``, both 0.5 where ``lo == hi``."""
+    index = torch.arange(size_out, dtype=_F32)
+    scale32 = torch.tensor(size_out, dtype=_F32) / torch.tensor(size_in, dtype=_F32) \
+        if scale is None else torch.tensor(scale, dtype=_F32)
+    if bool(scale32 == 1.0):
+        pos = index
+    elif align_corners:
+        pos = index * float(size_in - 1) / float(size_out - 1) if size_out > 1 \
+            else torch.zeros_like(index)
+    else:
+        pos = (index + 0.5) / scale32 - 0.5
+    pos = pos.clamp(0.0, size_in - 1)
+    lo = pos.to(torch.int64).clamp(max=size_in - 1)
+    hi = torch.clamp(lo + 1, max=size_in - 1)
+    w_lo, w_hi = (pos - hi.to(_F32)).abs(), (pos - lo.to(_F32)).abs()
+    same = lo == hi
+    w_lo[same], w_hi[same] = 0.5, 0.5
+    return lo, hi, w_lo, w_hi
+
+
+def _onnxruntime_resize_forward(module: QuantUpsample, qin: _QParams, qout: _QParams):
+    """ONNX Runtime's ``DequantizeLinear -> Resize -> QuantizeLinear`` (linear mode)
+    in its float32 order: ``((c11 X11 + c21 X21) + c12 X12) + c22 X22`` with each
+    weight a float32 product ``dx * dy``, then ``round_half_even(y / scale)``. Where
+    the two grids coincide (a ReLU6 range on both sides), interpolated values often
+    sit on exact rounding ties, and this order decides them."""
+    align = bool(module.align_corners)
+
+    def forward(self, x: torch.Tensor, size=None) -> torch.Tensor:
+        x = self._quantize_input(x)
+        flat = x.dim() == 3
+        value = (qin.codes(x) * qin.scale).to(_F32)  # DequantizeLinear
+        value = value.unsqueeze(-2) if flat else value
+        out_shape = self.resize(x[:1, :1], size).shape
+        out_h, out_w = (1, out_shape[-1]) if flat else out_shape[-2:]
+        factor = self.scale_factor if size is None and self.size is None \
+            and not self.recompute_scale_factor else None
+        if isinstance(factor, (int, float)):
+            factor = (factor, factor)
+        factors = (None, None) if factor is None else (
+            (1.0, float(factor[-1])) if flat else (float(factor[-2]), float(factor[-1])))
+        y0, y1, dy2, dy1 = _onnxruntime_resize_taps(value.shape[-2], out_h, factors[0], align)
+        x0, x1, dx2, dx1 = _onnxruntime_resize_taps(value.shape[-1], out_w, factors[1], align)
+        rows = [value.index_select(-2, y) for y in (y0, y1)]
+        x11, x21, x12, x22 = (r.index_select(-1, c) for r in rows for c in (x0, x1))
+        dy1, dy2 = dy1[:, None], dy2[:, None]
+        out = (dx2 * dy2) * x11 + (dx1 * dy2) * x21
+        out = out + (dx2 * dy1) * x12
+        out = out + (dx1 * dy1) * x22
+        out = qout.output(out / qout.scale)
+        return self.output_quantizer(out.squeeze(-2) if flat else out)
+
+    return forward
+
+
+def _xnnpack_resize_taps(size_in: int, size_out: int, align_corners: bool
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """XNNPACK's bilinear source rows (or columns) and weights along one axis: the
+    float32 source coordinate (half-pixel centres, or corners aligned), clamped;
+    ``lo = trunc``, ``hi = min(lo + 1, size_in - 1)``, and the fraction as an
+    11-bit weight ``lrintf(2048 * fraction)``."""
+    index = torch.arange(size_out, dtype=_F32)
+    if align_corners and size_out > 1:
+        scale = torch.tensor(size_in - 1, dtype=_F32) / torch.tensor(size_out - 1, dtype=_F32)
+        pos = index * scale
+    else:
+        scale = torch.tensor(size_in, dtype=_F32) / torch.tensor(size_out, dtype=_F32)
+        pos = (index * scale + (0.5 * scale - 0.5)).clamp(0.0, size_in - 1)
+    lo = pos.to(torch.int64)  # the coordinate is >= 0: truncation is floor
+    weight = torch.round((pos - lo.to(_F32)) * 2048.0).to(torch.int64)
+    return lo, torch.clamp(lo + 1, max=size_in - 1), weight
+
+
+def _litert_resize_forward(module: QuantUpsample, qin: _QParams, qout: _QParams,
+                           placement: str):
+    """LiteRT's int8 RESIZE_BILINEAR (XNNPACK's ``ibilinear`` kernel) keeps its input's
+    grid. With 11-bit weights ``a`` (columns) and ``b`` (rows): ``top = tl * 2048 +
+    (tr - tl) a``, ``bottom`` alike, ``(top * 2048 + (bottom - top) b + 2^21) >> 22``
+    (rounding half up); 0 of 3496 codes differ from LiteRT's. A 1-d linear resize
+    runs as a bilinear one over a height of one. Where the resize's two grids
+    differ, ``placement`` says where the converter reconciles them (see
+    :func:`_litert_grids`): ``"onto"`` (the layer before writes onto the output
+    grid), ``"before"`` or ``"after"`` (a requantizing QUANTIZE, :class:`_Requantize`,
+    before or after the resize)."""
+    if module.mode not in ("bilinear", "linear"):
+        return f"{module.mode} resize (LiteRT's int8 resize is bilinear or nearest)"
+    step = None if placement == "onto" else _Requantize.between(qin, qout)
+    if isinstance(step, str):
+        return f"output: {step}"
+    before, after = (step, None) if placement == "before" else (None, step)
+    grid = qin if placement == "after" else qout
+    align = bool(module.align_corners)
+
+    def forward(self, x: torch.Tensor, size=None) -> torch.Tensor:
+        x = self._quantize_input(x)
+        flat = x.dim() == 3  # (N, C, L): a height of one
+        out_h, out_w = self.resize(x[:1, :1], size).shape[-2:] if not flat else \
+            (1, self.resize(x[:1, :1], size).shape[-1])
+        code = _int8_codes(qin if placement == "before" else grid,
+                           x.unsqueeze(-2) if flat else x)
+        if before is not None:
+            code = before(code)
+        y0, y1, wy = _xnnpack_resize_taps(code.shape[-2], out_h, align)
+        x0, x1, wx = _xnnpack_resize_taps(code.shape[-1], out_w, align)
+        rows = [code.index_select(-2, y) for y in (y0, y1)]
+        tl, tr, bl, br = (r.index_select(-1, c) for r in rows for c in (x0, x1))
+        top = (tl << 11) + (tr - tl) * wx
+        bottom = (bl << 11) + (br - bl) * wx
+        out = ((top << 11) + (bottom - top) * wy[:, None] + (1 << 21)) >> 22
+        out = _from_int8_codes(qout, out if after is None else after(out))
+        return self.output_quantizer(out.squeeze(-2) if flat else out)
+
+    return forward
+
+
 def _litert_quantize_forward(quantizer: FakeQuantizer) -> Callable[..., torch.Tensor] | None:
     """LiteRT's QUANTIZE of a float tensor (XNNPACK's f32 -> int8 convert):
     ``round_half_even(x * float32(1 / scale))``, a multiplication by the
@@ -439,13 +570,17 @@ def _global_pool_forward(module: QuantAdaptiveAvgPool2d, qin: _QParams, qout: _Q
 
 
 def _plan(module: nn.Module, kernels: str = "onnxruntime",
-          onto: nn.Module | None = None,
-          on_grid: frozenset[int] = frozenset()) -> Callable[..., torch.Tensor] | str | None:
+          onto: nn.Module | None = None, on_grid: frozenset[int] = frozenset(),
+          placement: str = "before") -> Callable[..., torch.Tensor] | str | None:
     """The integer-exact forward for ``module``, a reason it has none, or ``None``
     for modules that are not quantized layers. ``onto``: the quantizer whose grid
-    a weighted layer writes its output on instead of its own (LiteRT's
-    concatenation inputs, see :func:`_concatenation_inputs`); ``on_grid``: a
-    concatenation's inputs written that way."""
+    a layer writes its output on instead of its own (LiteRT's concatenation and
+    bilinear resize inputs, see :func:`_litert_grids`); ``on_grid``: a
+    concatenation's inputs written that way; ``placement``: where a resize's grids
+    are reconciled (see :func:`_litert_resize_forward`)."""
+    if isinstance(module, QuantMixin) and module.__dict__.get(MIXED_INPUT_GRIDS):
+        return ("called on inputs with different qparams (one layer shared by several "
+                "call sites)")
     if isinstance(module, WeightQuantMixin) and isinstance(module, _QuantConvNd | QuantLinear):
         wq = module.weight_quantizer
         if not isinstance(wq, FakeQuantizer) or not bool(wq.fake_quant_enabled):
@@ -487,7 +622,11 @@ def _plan(module: nn.Module, kernels: str = "onnxruntime",
         if isinstance(module, QuantMatmul):
             return _matmul_forward(module, *qps)
         if kernels == "litert":
-            return _xnnpack_add_forward(module, *qps)
+            if onto is not None:
+                qps[-1] = _static_qparams(onto)
+                if isinstance(qps[-1], str):
+                    return f"output: {qps[-1]}"
+            return _xnnpack_add_forward(module, *qps, own_output=onto is None)
         return _add_forward(module, *qps)
     if isinstance(module, QuantAdaptiveAvgPool2d) or (isinstance(module, QuantAvgPool2d)
                                                        and kernels == "litert"):
@@ -503,44 +642,90 @@ def _plan(module: nn.Module, kernels: str = "onnxruntime",
         if isinstance(module, QuantAvgPool2d):
             return _litert_avg_pool_forward(module, qin, qout)
         return _global_pool_forward(module, qin, qout)
+    if isinstance(module, QuantUpsample):
+        qin = _static_qparams(module.input_source)
+        if isinstance(qin, str):
+            return f"input: {qin}"
+        if module.mode in NEAREST_MODES:
+            return type(module).forward  # codes copied: exact everywhere
+        qout = _static_qparams(module.output_quantizer)
+        if isinstance(qout, str):
+            return f"output: {qout}"
+        if kernels == "litert":
+            return _litert_resize_forward(module, qin, qout, placement)
+        return _onnxruntime_resize_forward(module, qin, qout)
     if isinstance(module, QuantMixin) and (module.output_quantizer is not None
                                            or module.input_quantizer is not None):
         return f"{type(module).__name__} has no integer-exact emulation"
     return None
 
 
-def _concatenation_inputs(model: nn.Module) -> tuple[dict[str, nn.Module],
-                                                      dict[str, frozenset[int]]]:
-    """Weighted layers whose output feeds only a concatenation, mapped to the
-    concatenation's output quantizer; and per concatenation, the indices of its
-    inputs that come from such layers.
+@dataclass
+class _LiteRTGrids:
+    """Where LiteRT's converter puts tensors on another layer's grid.
 
-    LiteRT's concatenation needs one grid on all inputs, and its converter has
-    such a layer requantize its accumulators straight onto the concatenation's
-    grid (one rounding, where the torch model rounds onto the layer's own grid
-    and then onto the concatenation's). Other inputs on another grid get a
-    requantizing QUANTIZE (see :func:`_xnnpack_concatenation_forward`).
+    Attributes:
+        onto: layer name -> the quantizer whose grid the layer writes its output on.
+        on_grid: concatenation name -> the indices of its inputs written that way.
+        placement: bilinear resize name -> ``"onto"``, ``"before"`` or ``"after"``
+            (see :func:`_litert_resize_forward`).
+    """
+
+    onto: dict[str, nn.Module] = field(default_factory=dict)
+    on_grid: dict[str, frozenset[int]] = field(default_factory=dict)
+    placement: dict[str, str] = field(default_factory=dict)
+
+
+def _litert_grids(model: nn.Module) -> _LiteRTGrids:
+    """The grids LiteRT's converter merges, read from the traced graph.
+
+    LiteRT's concatenation needs one grid on all inputs, and its int8 bilinear
+    resize one grid on input and output. The converter has a weighted layer whose
+    output feeds only a concatenation requantize its accumulators straight onto the
+    concatenation's grid (one rounding, where the torch model rounds onto the
+    layer's own grid and then onto the concatenation's); other inputs on another
+    grid get a requantizing QUANTIZE (see :func:`_xnnpack_concatenation_forward`).
+    Before a 2-d bilinear resize, a 2-d conv or an add that feeds only the resize
+    writes onto the resize's output grid; any other input is requantized onto it
+    first, and a 1-d resize (behind reshapes) resizes on its input's grid and is
+    requantized after (measured on each case against LiteRT's tensors).
     """
     from torch import fx
 
+    grids = _LiteRTGrids()
     if not isinstance(model, fx.GraphModule):
-        return {}, {}
-    found = {}
+        return grids
     inputs: dict[str, set[int]] = {}
+
+    def single_use(arg: Any) -> nn.Module | None:
+        if not isinstance(arg, fx.Node) or arg.op != "call_module" or len(arg.users) != 1:
+            return None
+        return model.get_submodule(arg.target)
+
     for node in model.graph.nodes:
-        if node.op != "call_module" or not isinstance(model.get_submodule(node.target),
-                                                       QuantCat):
+        if node.op != "call_module":
             continue
-        cat = model.get_submodule(node.target)
-        for index, arg in enumerate(node.args):
-            if not isinstance(arg, fx.Node) or arg.op != "call_module" or len(arg.users) != 1:
-                continue
-            layer = model.get_submodule(arg.target)
-            if (isinstance(layer, WeightQuantMixin) and layer.output_quantizer is not None
-                    and cat.input_source_of(index) is layer.output_quantizer):
-                found[arg.target] = cat.output_quantizer
-                inputs.setdefault(node.target, set()).add(index)
-    return found, {name: frozenset(indices) for name, indices in inputs.items()}
+        consumer = model.get_submodule(node.target)
+        if isinstance(consumer, QuantCat):
+            for index, arg in enumerate(node.args):
+                layer = single_use(arg)
+                if (isinstance(layer, WeightQuantMixin) and layer.output_quantizer is not None
+                        and consumer.input_source_of(index) is layer.output_quantizer):
+                    grids.onto[arg.target] = consumer.output_quantizer
+                    inputs.setdefault(node.target, set()).add(index)
+        elif isinstance(consumer, QuantUpsample) and consumer.output_quantizer is not None:
+            layer = single_use(node.args[0])
+            two_d = "tensor_meta" in node.meta and len(node.meta["tensor_meta"].shape) == 4
+            if (two_d and layer is not None and layer.output_quantizer is not None
+                    and consumer.input_source is layer.output_quantizer
+                    and (isinstance(layer, QuantAdd) or (isinstance(layer, _QuantConvNd)
+                                                         and len(layer.kernel_size) == 2))):
+                grids.onto[node.args[0].target] = consumer.output_quantizer
+                grids.placement[node.target] = "onto"
+            else:
+                grids.placement[node.target] = "before" if two_d else "after"
+    grids.on_grid = {name: frozenset(indices) for name, indices in inputs.items()}
+    return grids
 
 
 _MARK = "_quantaware_integer_forward"
@@ -600,10 +785,12 @@ def integer_arithmetic(model: nn.Module,
     report = IntegerEmulation()
     # (module, the instance forward it had before: set by an enclosing block, or None)
     patched: list[tuple[nn.Module, object]] = []
-    onto, on_grid = _concatenation_inputs(model) if kernels == "litert" else ({}, {})
+    grids = _litert_grids(model) if kernels == "litert" else _LiteRTGrids()
     try:
         for name, module in model.named_modules():
-            plan = _plan(module, kernels, onto.get(name), on_grid.get(name, frozenset()))
+            plan = _plan(module, kernels, grids.onto.get(name),
+                         grids.on_grid.get(name, frozenset()),
+                         grids.placement.get(name, "before"))
             if plan is None and kernels == "litert" and type(module) is FakeQuantizer:
                 plan = _litert_quantize_forward(module)
                 if plan is not None:  # a quantizer, not a layer: not counted

@@ -67,6 +67,9 @@ def first_divergence(rows: list[LayerDiff], max_lsb: int = 1) -> LayerDiff | Non
 
 
 _Key = tuple[float, int]
+# ONNX ops that only copy or rearrange values (a nearest Resize among them).
+_COPYING_OPS = frozenset({"Resize", "MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze",
+                          "Unsqueeze", "Identity"})
 
 
 def _quantize_nodes(proto: onnx.ModelProto, names: set[str]) -> list[tuple[str, str, _Key]]:
@@ -81,9 +84,21 @@ def _quantize_nodes(proto: onnx.ModelProto, names: set[str]) -> list[tuple[str, 
     def value(name: str) -> np.ndarray | None:
         return numpy_helper.to_array(consts[name]) if name in consts else None
 
+    producers = {out: n for n in proto.graph.node for out in n.output}
+
+    def regrids(node: onnx.NodeProto) -> bool:
+        """Whether ``node`` quantizes codes copied by value-preserving ops (a nearest
+        resize, max pooling, reshapes) back onto the grid they were dequantized from:
+        a quantizer's codes again, not a tensor of its own."""
+        producer = producers.get(node.input[0])
+        while producer is not None and producer.op_type in _COPYING_OPS:
+            producer = producers.get(producer.input[0])
+        return (producer is not None and producer.op_type == "DequantizeLinear"
+                and producer.input[1] == node.input[1])
+
     found = []
     for node in proto.graph.node:
-        if node.op_type != "QuantizeLinear" or len(node.input) < 2:
+        if node.op_type != "QuantizeLinear" or len(node.input) < 2 or regrids(node):
             continue
         scale = node.input[1]
         name = scale[: -len(_SCALE_SUFFIX)] if scale.endswith(_SCALE_SUFFIX) else None
@@ -128,9 +143,11 @@ def _disambiguate(pairs: list[tuple[str, str, _Key]], quantizers: dict[str, Fake
 def _torch_codes(model: nn.Module, quantizers: dict[str, FakeQuantizer],
                  batch: Any) -> dict[str, np.ndarray]:
     codes: dict[str, np.ndarray] = {}
+    calls: dict[str, int] = {}
 
     def hook(name: str, q: FakeQuantizer):
         def record(_module, _inputs, output):
+            calls[name] = calls.get(name, 0) + 1
             scale = q.scale.reshape(-1)[0] if q.scale.dim() else q.scale
             value = torch.round(output.detach().float() / scale) + q.zero_point.float()
             codes[name] = value.cpu().numpy().astype(np.int64)
@@ -144,7 +161,8 @@ def _torch_codes(model: nn.Module, quantizers: dict[str, FakeQuantizer],
     finally:
         for handle in handles:
             handle.remove()
-    return codes
+    # A quantizer of a layer called at several sites has no one tensor to compare.
+    return {name: value for name, value in codes.items() if calls[name] == 1}
 
 
 def activation_quantizers(model: nn.Module) -> dict[str, FakeQuantizer]:

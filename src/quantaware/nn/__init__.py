@@ -7,6 +7,7 @@ from quantaware.nn.functional import QuantAdd, QuantCat, QuantMatmul
 from quantaware.nn.linear import QuantLinear
 from quantaware.nn.pool import QuantAdaptiveAvgPool2d, QuantAvgPool2d
 from quantaware.nn.registry import quantized_type, register, supported_types
+from quantaware.nn.resize import QuantUpsample
 
 __all__ = [
     "ConvBn1d",
@@ -22,6 +23,7 @@ __all__ = [
     "QuantEmbedding",
     "QuantLinear",
     "QuantMatmul",
+    "QuantUpsample",
     "quantized_type",
     "register",
     "supported_types",
