@@ -330,6 +330,32 @@ def test_an_upsampling_module_used_twice_gets_a_module_per_use():
             assert float(sources[0].scale) != float(sources[1].scale)
 
 
+@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
+def test_an_upsampled_model_output_is_resized_in_float(mode):
+    """Nothing integer reads a segmentation model's full-size output: quantizing it
+    would add a quantize/dequantize pair on the largest tensor, so the resize runs in
+    float on the dequantized input (the conv before it stays integer)."""
+    from quantaware.nn.resize import QuantUpsample
+
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            return F.interpolate(self.b(torch.relu(self.a(x))), scale_factor=4, mode=mode)
+
+    prepared = quantaware.prepare(Head(), presets.INT8, X1)
+    up = next(m for m in prepared.modules() if isinstance(m, QuantUpsample))
+    assert up.output_quantizer is None and not up.requantize_output
+    assert up.input_source is prepared.b.output_quantizer  # b runs as an integer kernel
+    quantaware.calibrate(prepared, [torch.randn(4, 3, 8, 8)])
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        expected = F.interpolate(prepared.b(prepared.a(x)), scale_factor=4, mode=mode)
+        assert torch.equal(prepared(x), expected)
+
+
 def test_antialiased_resize_stays_float():
     from quantaware.nn.resize import QuantUpsample
 

@@ -405,9 +405,33 @@ def _drop_unused_output_quantizers(gm: fx.GraphModule,
                 used.add(id(src))
     for node in gm.graph.nodes:
         module = _module(gm, node)
-        if (isinstance(module, QuantMixin) and isinstance(module.output_quantizer, FakeQuantizer)
-                and id(module.output_quantizer) not in used):
+        if isinstance(module, QuantUpsample) and not _feeds_integer_op(gm, node):
+            # Nothing integer reads the resized tensor (a segmentation model's
+            # full-size output): resize the dequantized input in float instead of
+            # quantizing and dequantizing the largest tensor of the model.
             module.output_quantizer = None
+            module.requantize_output = False
+        elif (isinstance(module, QuantMixin)
+              and isinstance(module.output_quantizer, FakeQuantizer)
+              and id(module.output_quantizer) not in used):
+            module.output_quantizer = None
+
+
+def _feeds_integer_op(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether a quantized layer reads ``node``'s output on its grid (directly or
+    through value-preserving ops) rather than quantizing it itself."""
+    for user in node.users:
+        module = _module(gm, user)
+        if isinstance(module, _MultiInputQuant):
+            if any(arg is node and isinstance(module.input_quantizers[i], nn.Identity)
+                   for i, arg in enumerate(user.args)):
+                return True
+        elif isinstance(module, QuantMixin):
+            if user.args and user.args[0] is node and module.input_quantizer is None:
+                return True
+        elif _is_passthrough(gm, user) and _feeds_integer_op(gm, user):
+            return True
+    return False
 
 
 def _share_input_quantizers(gm: fx.GraphModule) -> None:

@@ -178,6 +178,27 @@ def test_bilinear_resize_on_one_grid_rounds_ties_as_onnxruntime(tmp_path, align_
         assert not np.array_equal(_torch(q, data), _ort(tmp_path / "m.onnx", data))
 
 
+@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
+def test_upsampled_float_output_is_bit_exact(tmp_path, mode):
+    """A resize at the model's output runs in float on the dequantized input; the
+    reference interpolates in ONNX Runtime's float32 order, so even the float
+    outputs are identical (interpolated plateaus make arg-max ties)."""
+    class Head(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            y = self.b(torch.relu(self.a(x)))
+            return torch.nn.functional.interpolate(y, scale_factor=4, mode=mode)
+
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 3, 5, 7, generator=gen)
+    q = quantaware.quantize(Head().eval(), presets.INT8, [x], x[:1])
+    _assert_bit_exact(q, torch.randn(32, 3, 5, 7, generator=gen), tmp_path)
+
+
 class _SharedHead(nn.Module):
     """One conv applied to two feature maps on different grids (a shared detection head)."""
 

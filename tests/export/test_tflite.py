@@ -214,77 +214,61 @@ def test_upsampling_is_integer_and_exact(litert, upsampling_int8, tmp_path):
     assert report.first_divergent_layer is None and report.layers_checked >= 6, str(report)
 
 
-@pytest.mark.parametrize("align_corners", [False, True])
-def test_bilinear_resize_weights_match_litert(litert, tmp_path, align_corners):
-    """Sizes that are not multiples of each other (8x10 -> 19x23), corners aligned
-    or not: LiteRT's codes and the integer reference agree."""
-    import torch.nn.functional as F
-    from torch import nn
+class _Resizes(torch.nn.Module):
+    """Bilinear resizes after the model's input, an add and a concatenation, to sizes
+    that are not multiples of their inputs' (8x10 -> 19x23), corners aligned or not,
+    and one of the model's output."""
 
-    class Resize(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
-
-        def forward(self, x):
-            y = F.interpolate(F.relu(self.a(x)), size=(19, 23), mode="bilinear",
-                              align_corners=align_corners)
-            return self.b(y)
-
-    torch.manual_seed(0)
-    gen = torch.Generator().manual_seed(0)
-    calib = [torch.randn(16, 3, 8, 10, generator=gen) for _ in range(2)]
-    _, _, report = _round_trip(Resize().eval(), calib,
-                               [torch.randn(16, 3, 8, 10, generator=gen)],
-                               tmp_path / "resize.tflite")
-    assert report.max_error_lsb == 0.0 and report.integer_layers == 3, str(report)
-    assert report.first_divergent_layer is None, str(report)
-
-
-class _BeforeResize(torch.nn.Module):
-    """A bilinear resize after an add, a concatenation or the model's input, or a 1-d
-    linear resize after a Conv1d."""
-
-    def __init__(self, producer: str) -> None:
+    def __init__(self) -> None:
         super().__init__()
         nn = torch.nn
-        conv = nn.Conv1d if producer == "conv1d" else nn.Conv2d
-        self.producer = producer
-        self.a, self.c = conv(3, 8, 3, padding=1), conv(8, 8, 3, padding=1)
-        self.b = conv(16 if producer == "cat" else 8, 4, 3, padding=1)
+        self.a, self.c, self.d = (nn.Conv2d(3, 8, 3, padding=1) if i == 0 else
+                                  nn.Conv2d(8, 8, 3, padding=1) for i in range(3))
+        self.e, self.f, self.g = nn.Conv2d(3, 4, 1), nn.Conv2d(8, 4, 1), nn.Conv2d(16, 4, 1)
 
     def forward(self, x):
         import torch.nn.functional as F
 
-        if self.producer == "input":
-            return self.b(self.c(self.a(F.interpolate(x, scale_factor=2, mode="bilinear"))))
+        size = (19, 23)
+        r0 = F.interpolate(x, size=size, mode="bilinear")
         y = F.relu(self.a(x))
-        if self.producer == "add":
-            y = y + self.c(y)
-        elif self.producer == "cat":
-            y = torch.cat([y, self.c(y)], 1)
-        mode = "linear" if self.producer == "conv1d" else "bilinear"
-        return self.b(F.interpolate(y, scale_factor=2, mode=mode))
+        r1 = F.interpolate(y + self.c(y), size=size, mode="bilinear", align_corners=True)
+        r2 = F.interpolate(torch.cat([y, self.d(y)], 1), size=size, mode="bilinear")
+        out = self.e(r0) + self.f(r1) + self.g(r2)
+        return F.interpolate(out, scale_factor=2, mode="bilinear")
 
 
-@pytest.mark.parametrize("producer", ["add", "cat", "input", "conv1d"])
-def test_bilinear_resize_after_any_layer_is_exact(litert, tmp_path, producer):
-    """LiteRT's converter reconciles the resize's two grids by where its input comes
-    from: an add writes onto the resize's output grid; a concatenation or the model's
-    input is requantized onto it first; a 1-d resize (behind reshapes) resizes on its
-    input's grid and is requantized after. The reference follows each."""
+class _Resize1d(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Conv1d(3, 8, 3, padding=1), torch.nn.Conv1d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = torch.relu(self.a(x))
+        return self.b(torch.nn.functional.interpolate(y, scale_factor=2, mode="linear"))
+
+
+@pytest.mark.parametrize("model,shape", [(_Resizes, (3, 8, 10)), (_Resize1d, (3, 20))],
+                         ids=["2d", "1d"])
+def test_bilinear_resize_after_any_layer_is_exact(litert, tmp_path, model, shape):
+    """LiteRT's converter reconciles a resize's two grids by where its input comes
+    from: a conv or an add writes onto the resize's output grid; a concatenation or
+    the model's input is requantized onto it first; a 1-d resize (behind reshapes)
+    resizes on its input's grid and is requantized after; a resize of the model's
+    output (float in the torch model) still resizes int8 codes, on its input's grid.
+    XNNPACK interpolates codes with 11-bit weights. The reference follows each."""
     from quantaware.export.tflite import tflite_ops
 
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
-    shape = (3, 20) if producer == "conv1d" else (3, 7, 9)
     calib = [torch.randn(16, *shape, generator=gen) for _ in range(2)]
-    _, path, report = _round_trip(_BeforeResize(producer).eval(), calib,
+    _, path, report = _round_trip(model().eval(), calib,
                                   [torch.randn(32, *shape, generator=gen)],
                                   tmp_path / "resize.tflite")
     assert ("RESIZE_BILINEAR", ["int8", "int32"]) in tflite_ops(path)
-    assert report.fake_quant_layers == 0 and report.max_error_lsb == 0.0, str(report)
-    assert report.top1_agreement == 1.0 and report.first_divergent_layer is None, str(report)
+    assert report.fake_quant_layers == 0 and report.top1_agreement == 1.0, str(report)
+    assert report.max_error_lsb in (0.0, None) and report.cosine > 1 - 1e-9, str(report)
+    assert report.first_divergent_layer is None, str(report)
 
 
 def test_average_pool_without_an_int8_kernel_is_named(litert, tmp_path, caplog):

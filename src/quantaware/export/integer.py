@@ -429,12 +429,13 @@ def _onnxruntime_resize_taps(size_in: int, size_out: int, scale: float | None,
     return lo, hi, w_lo, w_hi
 
 
-def _onnxruntime_resize_forward(module: QuantUpsample, qin: _QParams, qout: _QParams):
+def _onnxruntime_resize_forward(module: QuantUpsample, qin: _QParams, qout: _QParams | None):
     """ONNX Runtime's ``DequantizeLinear -> Resize -> QuantizeLinear`` (linear mode)
     in its float32 order: ``((c11 X11 + c21 X21) + c12 X12) + c22 X22`` with each
     weight a float32 product ``dx * dy``, then ``round_half_even(y / scale)``. Where
     the two grids coincide (a ReLU6 range on both sides), interpolated values often
-    sit on exact rounding ties, and this order decides them."""
+    sit on exact rounding ties, and this order decides them. Without ``qout`` (nothing
+    integer reads the output) the float32 result is the output."""
     align = bool(module.align_corners)
 
     def forward(self, x: torch.Tensor, size=None) -> torch.Tensor:
@@ -458,8 +459,9 @@ def _onnxruntime_resize_forward(module: QuantUpsample, qin: _QParams, qout: _QPa
         out = (dx2 * dy2) * x11 + (dx1 * dy2) * x21
         out = out + (dx2 * dy1) * x12
         out = out + (dx1 * dy1) * x22
-        out = qout.output(out / qout.scale)
-        return self.output_quantizer(out.squeeze(-2) if flat else out)
+        if qout is not None:
+            out = self.output_quantizer(qout.output(out / qout.scale))
+        return out.squeeze(-2) if flat else out
 
     return forward
 
@@ -482,7 +484,7 @@ def _xnnpack_resize_taps(size_in: int, size_out: int, align_corners: bool
     return lo, torch.clamp(lo + 1, max=size_in - 1), weight
 
 
-def _litert_resize_forward(module: QuantUpsample, qin: _QParams, qout: _QParams,
+def _litert_resize_forward(module: QuantUpsample, qin: _QParams, qout: _QParams | None,
                            placement: str):
     """LiteRT's int8 RESIZE_BILINEAR (XNNPACK's ``ibilinear`` kernel) keeps its input's
     grid. With 11-bit weights ``a`` (columns) and ``b`` (rows): ``top = tl * 2048 +
@@ -492,9 +494,12 @@ def _litert_resize_forward(module: QuantUpsample, qin: _QParams, qout: _QParams,
     differ, ``placement`` says where the converter reconciles them (see
     :func:`_litert_grids`): ``"onto"`` (the layer before writes onto the output
     grid), ``"before"`` or ``"after"`` (a requantizing QUANTIZE, :class:`_Requantize`,
-    before or after the resize)."""
+    before or after the resize). Without ``qout`` (nothing integer reads the output)
+    the converter still resizes int8 codes, on the input's grid."""
     if module.mode not in ("bilinear", "linear"):
         return f"{module.mode} resize (LiteRT's int8 resize is bilinear or nearest)"
+    own_output = qout is not None
+    qout = qin if qout is None else qout
     step = None if placement == "onto" else _Requantize.between(qin, qout)
     if isinstance(step, str):
         return f"output: {step}"
@@ -519,7 +524,8 @@ def _litert_resize_forward(module: QuantUpsample, qin: _QParams, qout: _QParams,
         bottom = (bl << 11) + (br - bl) * wx
         out = ((top << 11) + (bottom - top) * wy[:, None] + (1 << 21)) >> 22
         out = _from_int8_codes(qout, out if after is None else after(out))
-        return self.output_quantizer(out.squeeze(-2) if flat else out)
+        out = out.squeeze(-2) if flat else out
+        return self.output_quantizer(out) if own_output else out
 
     return forward
 
@@ -648,7 +654,8 @@ def _plan(module: nn.Module, kernels: str = "onnxruntime",
             return f"input: {qin}"
         if module.mode in NEAREST_MODES:
             return type(module).forward  # codes copied: exact everywhere
-        qout = _static_qparams(module.output_quantizer)
+        qout = None if module.output_quantizer is None else \
+            _static_qparams(module.output_quantizer)
         if isinstance(qout, str):
             return f"output: {qout}"
         if kernels == "litert":

@@ -34,7 +34,9 @@ class QuantUpsample(QuantMixin, nn.Module):
     ``prepare`` puts one in place of ``nn.Upsample``, ``nn.UpsamplingBilinear2d``,
     ``nn.UpsamplingNearest2d`` and ``F.interpolate`` calls. In a nearest mode the
     module has no output quantizer: the output carries the input's qparams (and is
-    marked as quantized on them in an exported graph).
+    marked as quantized on them in an exported graph). When no quantized layer reads
+    the output (an upsampled model output), ``prepare`` drops the output's
+    quantization: the resize then runs in float on the dequantized input.
 
     Args:
         activation_spec: the quantization of the input (when no earlier layer
@@ -61,6 +63,9 @@ class QuantUpsample(QuantMixin, nn.Module):
         self.size, self.scale_factor, self.mode = size, scale_factor, mode
         self.align_corners, self.recompute_scale_factor = align_corners, recompute_scale_factor
         self.input_quantizer = make_quantizer(activation_spec)
+        # False when nothing integer reads the output (prepare decides): a nearest
+        # resize then leaves its copies unmarked, and the exported resize runs in float.
+        self.requantize_output = True
         if mode not in NEAREST_MODES:
             self.output_quantizer = make_quantizer(activation_spec)
 
@@ -88,7 +93,9 @@ class QuantUpsample(QuantMixin, nn.Module):
         if self.mode not in NEAREST_MODES:
             return self._finish(y)
         grid = self.input_source  # the codes are copied: a no-op but in an exported graph
-        return grid.requantize(y) if isinstance(grid, FakeQuantizer) else y
+        if self.requantize_output and isinstance(grid, FakeQuantizer):
+            return grid.requantize(y)
+        return y
 
     def extra_repr(self) -> str:
         what = f"size={self.size}" if self.size is not None else \
