@@ -356,6 +356,33 @@ def test_an_upsampled_model_output_is_resized_in_float(mode):
         assert torch.equal(prepared(x), expected)
 
 
+def test_a_layer_used_again_keeps_the_input_quantizer_its_first_call_needs():
+    """The first call reads a float tensor (after a sigmoid), the second a quantized
+    conv's output: dropping the shared input quantizer at the second call would leave
+    the first call's input unquantized."""
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            y = self.a(x)
+            return self.head(torch.sigmoid(y)) + self.head(y)
+
+    prepared = quantaware.prepare(Shared(), presets.INT8, X1)
+    assert isinstance(prepared.head.input_quantizer, FakeQuantizer)
+    quantaware.calibrate(prepared, [torch.randn(4, 3, 8, 8)])
+    seen = []
+    handle = prepared.head.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    with torch.no_grad():
+        prepared(torch.randn(2, 3, 8, 8))
+    handle.remove()
+    q = prepared.head.input_quantizer
+    assert torch.equal(seen[0], torch.sigmoid(seen[1]))  # the float input of the first call
+    with torch.no_grad():  # ... is quantized inside the layer, with the shared quantizer
+        assert not torch.equal(q(seen[0]), seen[0])
+
+
 def test_antialiased_resize_stays_float():
     from quantaware.nn.resize import QuantUpsample
 

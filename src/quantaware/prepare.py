@@ -361,12 +361,15 @@ def _place_quantizers(gm: fx.GraphModule) -> None:
         elif isinstance(module, QuantMixin):
             src = source.get(node.args[0]) if node.args else None
             own = module.input_quantizer
-            if node.target in visited and own is None and src is not module.input_source:
+            first = node.target not in visited
+            if not first and own is None and src is not module.input_source:
                 # One layer called on tensors of different grids (a head shared by the
                 # levels of a feature pyramid): each call reads its own input's grid.
                 module.__dict__[MIXED_INPUT_GRIDS] = True
             visited.add(node.target)
-            if src is not None and isinstance(own, FakeQuantizer) and src.spec == own.spec:
+            # A layer used again keeps the input quantizer its first call needs.
+            if (first and src is not None and isinstance(own, FakeQuantizer)
+                    and src.spec == own.spec):
                 module.input_quantizer = None
                 module.set_input_source(src)
             # A nearest resize copies codes: its output is on its input's grid.
