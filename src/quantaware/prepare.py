@@ -303,7 +303,8 @@ def _activation_of(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
 def _fuse_activations(gm: fx.GraphModule) -> None:
     for node in list(gm.graph.nodes):
         module = _module(gm, node)
-        if not isinstance(module, QuantMixin) or module.output_quantizer is None:
+        if (not isinstance(module, QuantMixin) or module.output_quantizer is None
+                or isinstance(module, QuantUpsample)):  # no backend fuses one into a resize
             continue
         if len(node.users) != 1 or module.activation is not None:
             continue

@@ -22,9 +22,10 @@ from quantaware.nn.base import QuantMixin
 
 __all__ = ["NEAREST_MODES", "RESIZE_MODES", "QuantUpsample"]
 
-# F.interpolate's modes an integer backend resizes in int8 ("area" is average pooling).
+# F.interpolate's modes that copy values.
 NEAREST_MODES = frozenset({"nearest", "nearest-exact"})
-# Modes with an int8 resize in ONNX Runtime and LiteRT (bicubic and trilinear stay float).
+# The modes quantized ("area" is average pooling; bicubic and trilinear stay float:
+# LiteRT has no int8 kernel for them).
 RESIZE_MODES = NEAREST_MODES | {"linear", "bilinear"}
 
 
