@@ -402,6 +402,19 @@ def _litert_avg_pool_forward(module: QuantAvgPool2d, qin: _QParams, qout: _QPara
     return forward
 
 
+def _resize_output_size(module: QuantUpsample, x: torch.Tensor, size) -> tuple[int, int]:
+    """``(height, width)`` a resize writes; a 1-d resize ``(N, C, L)`` has a height of one."""
+    shape = module.resize(x[:1, :1], size).shape
+    return (1, shape[-1]) if x.dim() == 3 else (shape[-2], shape[-1])
+
+
+def _corners(t: torch.Tensor, y0: torch.Tensor, y1: torch.Tensor, x0: torch.Tensor,
+             x1: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``t`` at rows/columns ``(y0, x0)``, ``(y0, x1)``, ``(y1, x0)``, ``(y1, x1)``."""
+    rows = [t.index_select(-2, y) for y in (y0, y1)]
+    return tuple(r.index_select(-1, c) for r in rows for c in (x0, x1))
+
+
 def _onnxruntime_resize_taps(size_in: int, size_out: int, scale: float | None,
                              align_corners: bool) -> tuple[torch.Tensor, ...]:
     """ONNX Runtime's bilinear source indices and weights along one axis, in float32
@@ -440,11 +453,10 @@ def _onnxruntime_resize_forward(module: QuantUpsample, qin: _QParams, qout: _QPa
 
     def forward(self, x: torch.Tensor, size=None) -> torch.Tensor:
         x = self._quantize_input(x)
-        flat = x.dim() == 3
+        flat = x.dim() == 3  # (N, C, L): a height of one
         value = (qin.codes(x) * qin.scale).to(_F32)  # DequantizeLinear
         value = value.unsqueeze(-2) if flat else value
-        out_shape = self.resize(x[:1, :1], size).shape
-        out_h, out_w = (1, out_shape[-1]) if flat else out_shape[-2:]
+        out_h, out_w = _resize_output_size(self, x, size)
         factor = self.scale_factor if size is None and self.size is None \
             and not self.recompute_scale_factor else None
         if isinstance(factor, (int, float)):
@@ -453,8 +465,7 @@ def _onnxruntime_resize_forward(module: QuantUpsample, qin: _QParams, qout: _QPa
             (1.0, float(factor[-1])) if flat else (float(factor[-2]), float(factor[-1])))
         y0, y1, dy2, dy1 = _onnxruntime_resize_taps(value.shape[-2], out_h, factors[0], align)
         x0, x1, dx2, dx1 = _onnxruntime_resize_taps(value.shape[-1], out_w, factors[1], align)
-        rows = [value.index_select(-2, y) for y in (y0, y1)]
-        x11, x21, x12, x22 = (r.index_select(-1, c) for r in rows for c in (x0, x1))
+        x11, x21, x12, x22 = _corners(value, y0, y1, x0, x1)
         dy1, dy2 = dy1[:, None], dy2[:, None]
         out = (dx2 * dy2) * x11 + (dx1 * dy2) * x21
         out = out + (dx2 * dy1) * x12
@@ -504,22 +515,19 @@ def _litert_resize_forward(module: QuantUpsample, qin: _QParams, qout: _QParams 
     if isinstance(step, str):
         return f"output: {step}"
     before, after = (step, None) if placement == "before" else (None, step)
-    grid = qin if placement == "after" else qout
+    grid = qout if placement == "onto" else qin  # the grid of the codes read
     align = bool(module.align_corners)
 
     def forward(self, x: torch.Tensor, size=None) -> torch.Tensor:
         x = self._quantize_input(x)
         flat = x.dim() == 3  # (N, C, L): a height of one
-        out_h, out_w = self.resize(x[:1, :1], size).shape[-2:] if not flat else \
-            (1, self.resize(x[:1, :1], size).shape[-1])
-        code = _int8_codes(qin if placement == "before" else grid,
-                           x.unsqueeze(-2) if flat else x)
+        out_h, out_w = _resize_output_size(self, x, size)
+        code = _int8_codes(grid, x.unsqueeze(-2) if flat else x)
         if before is not None:
             code = before(code)
         y0, y1, wy = _xnnpack_resize_taps(code.shape[-2], out_h, align)
         x0, x1, wx = _xnnpack_resize_taps(code.shape[-1], out_w, align)
-        rows = [code.index_select(-2, y) for y in (y0, y1)]
-        tl, tr, bl, br = (r.index_select(-1, c) for r in rows for c in (x0, x1))
+        tl, tr, bl, br = _corners(code, y0, y1, x0, x1)
         top = (tl << 11) + (tr - tl) * wx
         bottom = (bl << 11) + (br - bl) * wx
         out = ((top << 11) + (bottom - top) * wy[:, None] + (1 << 21)) >> 22
