@@ -174,6 +174,12 @@ def test_bilinear_resize_on_one_grid_rounds_ties_as_onnxruntime(tmp_path, align_
     first.output_quantizer.load_qparams(first.input_source.scale, first.input_source.zero_point)
     data = torch.randn(32, 3, 5, 7, generator=gen)
     _assert_bit_exact(q, data, tmp_path)
+    # The resize's output shares its scale constant with its input in the file; the
+    # layer check still finds it (a bilinear resize is not a copy of its input).
+    name = next(n for n, m in q.named_modules() if m is first) + ".output_quantizer"
+    with integer_arithmetic(q):
+        rows = {row.name: row.max_lsb for row in compare_layers(tmp_path / "m.onnx", q, data)}
+    assert rows.get(name) == 0, rows
     if not align_corners:  # weights 1/4, 3/4: ties occur, and float order decides them
         assert not np.array_equal(_torch(q, data), _ort(tmp_path / "m.onnx", data))
 

@@ -67,9 +67,15 @@ def first_divergence(rows: list[LayerDiff], max_lsb: int = 1) -> LayerDiff | Non
 
 
 _Key = tuple[float, int]
-# ONNX ops that only copy or rearrange values (a nearest Resize among them).
-_COPYING_OPS = frozenset({"Resize", "MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze",
+# ONNX ops that only copy or rearrange values (and a Resize in nearest mode).
+_COPYING_OPS = frozenset({"MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze",
                           "Unsqueeze", "Identity"})
+
+
+def _copies(node: onnx.NodeProto) -> bool:
+    if node.op_type == "Resize":
+        return any(a.name == "mode" and a.s == b"nearest" for a in node.attribute)
+    return node.op_type in _COPYING_OPS
 
 
 def _quantize_nodes(proto: onnx.ModelProto, names: set[str]) -> list[tuple[str, str, _Key]]:
@@ -91,7 +97,7 @@ def _quantize_nodes(proto: onnx.ModelProto, names: set[str]) -> list[tuple[str, 
         resize, max pooling, reshapes) back onto the grid they were dequantized from:
         a quantizer's codes again, not a tensor of its own."""
         producer = producers.get(node.input[0])
-        while producer is not None and producer.op_type in _COPYING_OPS:
+        while producer is not None and _copies(producer):
             producer = producers.get(producer.input[0])
         return (producer is not None and producer.op_type == "DequantizeLinear"
                 and producer.input[1] == node.input[1])
