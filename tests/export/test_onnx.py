@@ -373,6 +373,19 @@ def test_exporter_failure_is_an_export_error(tmp_path, monkeypatch):
         quantaware.export_onnx(_tiny_quantized(), target, torch.zeros(1, 4))
     assert list(target.parent.iterdir()) == []
 
+    def wrapped_export(*args, **kwargs):
+        try:
+            raise AssertionError("only 4D inputs are supported")
+        except AssertionError as inner:
+            raise RuntimeError("Failed to convert.\nNext steps: report a bug") from inner
+
+    monkeypatch.setattr(torch.onnx, "export", wrapped_export)
+    with pytest.raises(ExportError) as info:
+        quantaware.export_onnx(_tiny_quantized(), target, torch.zeros(1, 4))
+    message = str(info.value)
+    assert "AssertionError: only 4D inputs are supported" in message
+    assert "Failed to convert." in message and "Next steps" not in message
+
 
 def test_export_leaves_the_model_alone(int8_model, int8_snapshot, int8_path):
     """The exporter works on a copy: parameters, buffers and outputs are unchanged."""
@@ -541,3 +554,118 @@ def test_ceil_mode_average_pooling_is_exact_in_onnx_runtime(tmp_path, pool):
 
 def _attr_value(node: onnx.NodeProto, name: str):
     return next(onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name)
+
+
+class _Encoder(nn.Module):
+    """Token ids -> a transformer encoder with a learned position table -> logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(50, 32)
+        self.position = nn.Parameter(torch.randn(1, 12, 32) * 0.1)
+        layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(ids) + self.position).mean(1))
+
+
+def _encoder_data() -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randint(0, 50, (8, 12), generator=gen) for _ in range(4)]
+
+
+def test_batch_one_example_exports_a_model_that_runs_at_any_batch(tmp_path):
+    """torch.export specializes a size-1 dimension: traced at batch 1,
+    nn.MultiheadAttention's head split kept the batch as the constant 1 and the
+    file failed at every other batch size ("cannot reshape {12,8,96} to
+    {12,1,3,32}")."""
+    torch.manual_seed(0)
+    net, data = _Encoder().eval(), _encoder_data()
+    path = quantaware.export_onnx(net, tmp_path / "f.onnx", data[0][:1])
+    with torch.no_grad():
+        for batch in (data[0], data[1][:1]):
+            np.testing.assert_allclose(_session_output(path, batch), net(batch).numpy(),
+                                       atol=1e-5)
+    q = quantaware.quantize(net, presets.INT8, data, data[0][:1])
+    report = quantaware.verify(quantaware.export_onnx(q, tmp_path / "q.onnx", data[0][:1]),
+                               q, data)
+    assert report.passed and report.max_error_lsb <= 1.0, str(report)
+
+
+def test_a_model_that_pins_its_batch_still_exports(tmp_path):
+    """A model whose batch is fixed by a reshape cannot trace at batch 2: the file
+    is exported at the example's batch, as before."""
+
+    class Pinned(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(12, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x.reshape(1, 12))
+
+    net, x = Pinned().eval(), torch.randn(1, 3, 4)
+    path = quantaware.export_onnx(net, tmp_path / "p.onnx", x)
+    with torch.no_grad():
+        np.testing.assert_allclose(_session_output(path, x), net(x).numpy(), atol=1e-6)
+
+
+def test_quantized_constant_is_stored_as_integer_codes(tmp_path):
+    """A learned table added to an activation (a position embedding) is stored as
+    its int8 codes, not quantized at run time; OpenVINO failed to compile the
+    QuantizeLinear of a constant before an integer Add."""
+    torch.manual_seed(0)
+    net, data = _Encoder().eval(), _encoder_data()
+    q = quantaware.quantize(net, presets.INT8, data, data[0][:1])
+    path = quantaware.export_onnx(q, tmp_path / "q.onnx", data[0][:1])
+    model = onnx.load(str(path))
+    inits = {i.name: i for i in model.graph.initializer}
+    assert "position" not in inits
+    quantize_inputs = {n.input[0] for n in model.graph.node if n.op_type == "QuantizeLinear"}
+    assert not quantize_inputs & set(inits)
+    (codes,) = [numpy_helper.to_array(i) for i in model.graph.initializer
+                if list(i.dims) == [1, 12, 32]]
+    quantizer = q.add.input_quantizers[1]  # the position table's quantizer
+    assert codes.dtype == np.uint8
+    with torch.no_grad():
+        expected = quantizer(q.position).numpy()
+    np.testing.assert_array_equal(
+        (codes.astype(np.float32) - float(quantizer.zero_point)) * float(quantizer.scale),
+        expected)
+    pytest.importorskip("openvino")
+    report = quantaware.verify(path, q, data, backend="openvino")
+    assert report.passed and report.max_error_lsb <= 1.0, str(report)
+
+
+@pytest.mark.parametrize("rank", [2, 3, 4])
+@pytest.mark.parametrize("mask", [None, "bool", "float", "causal"])
+def test_attention_of_any_rank_exports(tmp_path, rank, mask):
+    """torch's scaled_dot_product_attention takes (..., L, E) inputs; the ONNX
+    translation only 4-d ones ("only 4D query, key, and value are supported")."""
+
+    class Attention(nn.Module):
+        def __init__(self, attn_mask: torch.Tensor | None, causal: bool) -> None:
+            super().__init__()
+            self.attn_mask, self.causal = attn_mask, causal
+
+        def forward(self, q, k, v):
+            return nn.functional.scaled_dot_product_attention(
+                q, k, v, attn_mask=self.attn_mask, is_causal=self.causal)
+
+    gen = torch.Generator().manual_seed(rank)
+    shape = (2, 3, 5, 6)[4 - rank:]
+    q, k, v = (torch.randn(*shape, generator=gen) for _ in range(3))
+    attn_mask = None
+    if mask == "bool":
+        attn_mask = torch.rand(*shape[:-1], 5, generator=gen) > 0.3
+        attn_mask[..., 0] = True
+    elif mask == "float":
+        attn_mask = torch.randn(5, 5, generator=gen)
+    net = Attention(attn_mask, mask == "causal").eval()
+    path = quantaware.export_onnx(net, tmp_path / "a.onnx", (q, k, v), dynamic_batch=False)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    out = session.run(None, dict(zip(names, (q.numpy(), k.numpy(), v.numpy()), strict=True)))[0]
+    np.testing.assert_allclose(out, net(q, k, v).numpy(), atol=1e-5)

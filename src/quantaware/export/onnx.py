@@ -148,6 +148,55 @@ def _fold_float_biases(proto: onnx.ModelProto) -> int:
 _SHAPE_OPS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze")
 
 
+def _quantize_constants(proto: onnx.ModelProto) -> int:
+    """Store the integer codes of a quantized float constant instead of quantizing it
+    at run time: ``QuantizeLinear(constant)`` becomes an integer initializer.
+
+    A learned tensor that is an activation of the graph (a transformer's position
+    embedding added to the token embeddings) reaches the export as a float
+    constant behind a quantizer. The codes are computed with the same
+    ``QuantizeLinear`` arithmetic, so the values are identical; the file stores
+    them in their integer type, and OpenVINO, which fails to compile a
+    ``QuantizeLinear`` of a constant feeding an integer ``Add``, runs it.
+    Returns the number of constants quantized.
+    """
+    from onnx import numpy_helper
+
+    from quantaware.primitives import quantize
+
+    inits = {i.name: i for i in proto.graph.initializer}
+    outputs = {o.name for o in proto.graph.output}
+    used = [name for n in proto.graph.node for name in n.input]
+    folded, keep, new_inits = 0, [], []
+    for node in proto.graph.node:
+        if (node.op_type == "QuantizeLinear" and node.domain in ("", "ai.onnx")
+                and len(node.input) == 3 and all(name in inits for name in node.input)
+                and inits[node.input[0]].data_type == onnx.TensorProto.FLOAT
+                and node.output[0] not in outputs):
+            x, scale, zero_point = (numpy_helper.to_array(inits[n]) for n in node.input)
+            if zero_point.dtype.kind in "iu" and zero_point.dtype.itemsize <= 2:
+                info = np.iinfo(zero_point.dtype)
+                axis = _attr(node, "axis", 1) % max(x.ndim, 1) if scale.ndim == 1 else None
+                codes = quantize(torch.from_numpy(x.copy()), torch.from_numpy(scale.copy()),
+                                 torch.from_numpy(zero_point.astype(np.int64)),
+                                 int(info.min), int(info.max), axis=axis)
+                new_inits.append(numpy_helper.from_array(
+                    codes.numpy().astype(zero_point.dtype), node.output[0]))
+                folded += 1
+                continue
+        keep.append(node)
+    if folded:
+        del proto.graph.node[:]
+        proto.graph.node.extend(keep)
+        proto.graph.initializer.extend(new_inits)
+        still_used = {name for n in keep for name in n.input} | outputs
+        unused = [i for i in proto.graph.initializer
+                  if i.name not in still_used and i.name in used]
+        for init in unused:
+            proto.graph.initializer.remove(init)
+    return folded
+
+
 def _sink_dequantize_through_reshapes(proto: onnx.ModelProto) -> int:
     """Reshape quantized tensors before dequantizing them: ``DQ -> Reshape`` becomes
     ``Reshape -> DQ`` (exact: a per-tensor ``DequantizeLinear`` is elementwise).
@@ -426,6 +475,42 @@ def _dynamic_shapes(example_inputs: tuple) -> tuple:
                  for x in example_inputs)
 
 
+def _export_failure(exc: BaseException) -> str:
+    """The root cause of a failed ``torch.onnx.export``, without the exporter's advice."""
+    root = exc
+    while root.__cause__ is not None:
+        root = root.__cause__
+    message = str(root).strip() or type(root).__name__
+    if root is exc:
+        return message[:2000]
+    context = (str(exc).splitlines() or [""])[0][:300]
+    return f"{type(root).__name__}: {message[:1500]} (while exporting: {context})"
+
+
+def _batch_of_two(example_inputs: tuple) -> tuple | None:
+    """The example inputs repeated to batch 2 when every one has batch 1, else None.
+
+    ``torch.export`` specializes a dimension of size 1: traced at batch 1, a
+    reshape inside the model (``nn.MultiheadAttention``'s head split, for one) can
+    keep the batch as the constant 1 while the file's input is dynamic, and the
+    file then fails at any other batch size.
+    """
+    tensors = [x for x in example_inputs if isinstance(x, torch.Tensor) and x.dim() > 0]
+    if not tensors or any(x.shape[0] != 1 for x in tensors):
+        return None
+    return tuple(torch.cat([x, x]) if isinstance(x, torch.Tensor) and x.dim() > 0 else x
+                 for x in example_inputs)
+
+
+def _batch_is_dynamic(proto: onnx.ModelProto) -> bool:
+    """Whether every input of rank >= 1 has a symbolic first dimension."""
+    for value in proto.graph.input:
+        dims = value.type.tensor_type.shape.dim
+        if dims and not dims[0].dim_param:
+            return False
+    return True
+
+
 def export_onnx(
     model: nn.Module,
     path: str | os.PathLike,
@@ -477,24 +562,38 @@ def export_onnx(
         "verbose": False,
         "optimize": False,
     }
+    traced_inputs = [example_inputs]
     if dynamic_batch:
         kwargs["dynamic_shapes"] = _dynamic_shapes(example_inputs)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
-                _quiet_logger("torch.onnx"):
-            warnings.simplefilter("ignore")
-            program = torch.onnx.export(export_model, example_inputs, **kwargs)
-    except Exception as exc:
-        raise ExportError(
-            f"torch.onnx.export failed for {type(model).__name__}: {type(exc).__name__}: "
-            f"{str(exc)[:2000]}"
-        ) from exc
+        two = _batch_of_two(example_inputs)
+        if two is not None:
+            traced_inputs.insert(0, two)
+    program = None
+    for attempt, inputs in enumerate(traced_inputs):
+        last = attempt == len(traced_inputs) - 1
+        try:
+            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                    _quiet_logger("torch.onnx"):
+                warnings.simplefilter("ignore")
+                program = torch.onnx.export(export_model, inputs, **kwargs)
+        except Exception as exc:
+            if not last:
+                continue
+            raise ExportError(
+                f"torch.onnx.export failed for {type(model).__name__}: "
+                f"{type(exc).__name__}: {_export_failure(exc)}"
+            ) from exc
+        # Traced at batch 2, a model that pins its batch size exports with a
+        # fixed batch of 2: trace the given example instead.
+        if last or _batch_is_dynamic(program.model_proto):
+            break
     # The default optimizer folds Cast(float16 weight) into a float32 initializer
     # for small weights; fold only scalar constants (zero-point casts, shapes) and
     # leave the rest to ONNX Runtime's own constant folding at load time.
     proto = onnxscript.optimizer.optimize(program.model_proto,
                                           input_size_limit=_FOLD_INPUT_SIZE_LIMIT)
     _fold_float_biases(proto)
+    _quantize_constants(proto)
     _sink_dequantize_through_reshapes(proto)
     _explicit_ceil_pooling(proto)
     if space_to_depth:

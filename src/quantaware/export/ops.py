@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import onnx
 import torch
+from onnxscript import ir
 from onnxscript import opset21 as op
 
 from quantaware.primitives import dequantize, quantize, storage_dtype
@@ -156,7 +157,43 @@ def _cast_float_onnx(x):
     return op.Cast(x, to=onnx.TensorProto.FLOAT)
 
 
+def _attention_onnx(query, key, value, attn_mask=None, dropout_p: float = 0.0,
+                    is_causal: bool = False, scale: float | None = None,
+                    enable_gqa: bool = False):
+    """``scaled_dot_product_attention`` of any rank from 2 to 4.
+
+    torch accepts ``(..., L, E)`` inputs; the ONNX translation only 4-D ones. Size-1
+    dimensions are prepended (which keeps a mask's broadcasting against the
+    attention weights) and dropped again from the result.
+    """
+    from onnxscript.function_libs.torch_lib.ops.nn import aten_scaled_dot_product_attention
+
+    rank = max(len(query.shape), len(key.shape), len(value.shape))
+    if rank > 4:
+        raise ValueError(
+            f"scaled_dot_product_attention on {rank}-d inputs has no ONNX translation: "
+            "fold the leading dimensions into one (at most 4-d inputs)"
+        )
+    def as_4d(x):
+        if x is None or len(x.shape) == 4:
+            return x
+        ones = [1] * (4 - len(x.shape))
+        y = op.Unsqueeze(x, op.Constant(value_ints=list(range(len(ones)))))
+        # the translation reads ranks and dtypes while tracing
+        y.shape, y.dtype = ir.Shape([*ones, *x.shape]), x.dtype
+        return y
+
+    mask = attn_mask if attn_mask is None or len(attn_mask.shape) <= 2 else as_4d(attn_mask)
+    out = aten_scaled_dot_product_attention(
+        as_4d(query), as_4d(key), as_4d(value), mask, dropout_p=dropout_p,
+        is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+    if rank == 4:
+        return out
+    return op.Squeeze(out, op.Constant(value_ints=list(range(4 - rank))))
+
+
 TRANSLATION_TABLE = {
+    torch.ops.aten.scaled_dot_product_attention.default: _attention_onnx,
     torch.ops.quantaware.quantize_dequantize.default: _qdq_onnx,
     torch.ops.quantaware.dequantize.default: _dq_onnx,
     torch.ops.quantaware.dequantize_symmetric.default: _dq_symmetric_onnx,
