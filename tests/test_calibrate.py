@@ -161,6 +161,32 @@ def test_dict_batches_are_keyword_inputs():
     assert out.shape == (5, 3)
 
 
+class PositionalModel(KeywordModel):
+    pass
+
+
+def test_positional_inputs_in_the_first_place_of_a_batch():
+    torch.manual_seed(0)
+    example = (torch.zeros(1, 4), torch.zeros(1, 2))
+    gen = torch.Generator().manual_seed(0)
+    batches = [((torch.randn(5, 4, generator=gen), torch.randn(5, 2, generator=gen) * 7),
+                torch.zeros(5)) for _ in range(3)]
+    model = quantaware.calibrate(quantaware.prepare(PositionalModel(), presets.INT8, example),
+                                 batches)
+    extra = torch.cat([b[0][1] for b in batches])
+    assert float(model.get_submodule("b").input_quantizer.scale) == pytest.approx(
+        (float(extra.max()) - float(extra.min())) / 255, rel=1e-5)
+
+
+def test_inputs_given_as_input_and_label_get_a_hint():
+    """``(x, extra)`` is an input and its label; the model's missing argument is
+    reported with the batch convention."""
+    model = quantaware.prepare(PositionalModel(), presets.INT8,
+                               (torch.zeros(1, 4), torch.zeros(1, 2)))
+    with pytest.raises(TypeError, match=r"missing 1 required.*\(\(x1, x2\), y\)"):
+        quantaware.calibrate(model, [(torch.zeros(5, 4), torch.zeros(5, 2))])
+
+
 def test_numpy_batches_are_accepted():
     data = _data()
     ref = quantaware.calibrate(_prepared(), data)

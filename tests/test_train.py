@@ -70,6 +70,34 @@ def test_unpack_batch_conventions() -> None:
         unpack_batch(())
     with pytest.raises(TypeError, match="cannot use a batch"):
         unpack_batch("x")
+    extra = torch.ones(2, 5)
+    inputs, labels = unpack_batch([[x, extra], y])  # as a DataLoader collates ((x, e), y)
+    assert isinstance(inputs, tuple) and inputs[0] is x and inputs[1] is extra and labels is y
+    with pytest.raises(ValueError, match="empty tuple"):
+        unpack_batch(((), y))
+
+
+class _TwoInputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 2), nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
+        return self.a(x) + self.b(extra)
+
+
+def test_positional_inputs_train_and_evaluate() -> None:
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    data = [((torch.randn(8, 3, generator=gen), torch.randn(8, 5, generator=gen)),
+             torch.randint(0, 2, (8,), generator=gen)) for _ in range(4)]
+    model = _TwoInputs()
+    history = fit(model, data, epochs=2, lr=1e-2)
+    assert len(history) == 2
+    logits, labels = predict_logits(model, data)
+    with torch.no_grad():
+        expected = torch.cat([model(*inputs) for inputs, _ in data])
+    assert torch.equal(logits, expected) and labels.shape == (32,)
 
 
 class _KwargModel(nn.Module):

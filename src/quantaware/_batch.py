@@ -2,7 +2,10 @@
 
 A batch is a tensor (the model input), a tuple/list whose first element is the
 model input (so ``(x, y)`` pairs work), or a mapping of keyword inputs
-(transformers). NumPy arrays are accepted wherever tensors are.
+(transformers). A model with several positional inputs takes them as a tuple/list
+in that first place: ``((image, metadata), y)``, as a ``DataLoader`` collates a
+dataset of ``((image, metadata), y)`` samples. NumPy arrays are accepted wherever
+tensors are.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ LABEL_KEYS = ("label", "labels", "target", "targets", "y")
 def unpack_batch(batch: Any) -> tuple[Any, torch.Tensor | None]:
     """Split a batch into ``(inputs, labels)``; ``labels`` is None when absent.
 
-    ``inputs`` is a tensor, or a dict of keyword arguments for the model (the
-    label entry, one of :data:`LABEL_KEYS`, is taken out of dict batches).
+    ``inputs`` is a tensor, a tuple of positional inputs, or a dict of keyword
+    arguments for the model (the label entry, one of :data:`LABEL_KEYS`, is taken
+    out of dict batches).
 
     Example:
         >>> import torch
@@ -41,7 +45,13 @@ def unpack_batch(batch: Any) -> tuple[Any, torch.Tensor | None]:
         return _as_tensor(batch), None
     if isinstance(batch, tuple | list) and batch:
         labels = _as_tensor(batch[1]) if len(batch) > 1 else None
-        return _as_tensor(batch[0]), labels
+        inputs = batch[0]
+        if isinstance(inputs, tuple | list):
+            if not inputs:
+                raise ValueError("a batch's inputs are an empty tuple/list; give the "
+                                 "model's positional inputs, ((x1, x2), y)")
+            return tuple(_as_tensor(x) for x in inputs), labels
+        return _as_tensor(inputs), labels
     if isinstance(batch, Mapping):
         label_keys = [k for k in LABEL_KEYS if k in batch]
         if len(label_keys) > 1:
@@ -72,9 +82,14 @@ def split_batch(batch: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
         >>> args, kwargs = split_batch((torch.zeros(2, 3), torch.tensor([0, 1])))
         >>> args[0].shape, kwargs
         (torch.Size([2, 3]), {})
+        >>> args, _ = split_batch(((torch.zeros(2, 3), torch.ones(2, 5)), torch.tensor([0, 1])))
+        >>> [tuple(a.shape) for a in args]
+        [(2, 3), (2, 5)]
     """
     inputs, _ = unpack_batch(batch)
-    return ((), inputs) if isinstance(inputs, dict) else ((inputs,), {})
+    if isinstance(inputs, dict):
+        return (), inputs
+    return (inputs if isinstance(inputs, tuple) else (inputs,)), {}
 
 
 def to_device(args: tuple, kwargs: dict, device: torch.device) -> tuple[tuple, dict]:
@@ -96,6 +111,15 @@ def check_finite(args: tuple, kwargs: dict, where: str,
                 f"{where} contains {bad} NaN/Inf value(s) (input shape "
                 f"{tuple(value.shape)}); remove or clean those samples"
             )
+
+
+def call_hint(exc: TypeError) -> str:
+    """Advice for a ``TypeError`` raised calling a model with a batch's inputs."""
+    if "argument" not in str(exc):
+        return ""
+    return (" (a batch's first element is the model input and the second its label: "
+            "give a model with several positional inputs ((x1, x2), y) batches, or "
+            "dicts of keyword inputs)")
 
 
 def model_device(model: torch.nn.Module) -> torch.device:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from quantaware._batch import check_finite, model_device, split_batch, to_device
+from quantaware._batch import call_hint, check_finite, model_device, split_batch, to_device
 from quantaware.config import QuantConfig
 from quantaware.observers import CalibrationError
 
@@ -71,6 +71,11 @@ def calibrate(model: nn.Module, data: Iterable[Any], num_batches: int | None = N
                     model(*args, **kwargs)
                 except CalibrationError as exc:
                     raise CalibrationError(f"calibration batch {seen}: {exc}") from exc
+                except TypeError as exc:
+                    hint = call_hint(exc)
+                    if not hint or seen:
+                        raise
+                    raise TypeError(f"calibration batch {seen}: {exc}{hint}") from exc
                 seen += 1
     finally:
         model.train(was_training)

@@ -42,7 +42,7 @@ __all__ = ["LABEL_KEYS", "evaluate_accuracy", "fit", "predict_logits", "unpack_b
 
 logger = logging.getLogger(__name__)
 
-Inputs = torch.Tensor | dict[str, torch.Tensor]
+Inputs = torch.Tensor | tuple[torch.Tensor, ...] | dict[str, torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -56,6 +56,8 @@ def _model_device(model: nn.Module) -> torch.device:
 def _forward(model: nn.Module, inputs: Inputs, device: torch.device) -> torch.Tensor:
     if isinstance(inputs, dict):
         return model(**{k: v.to(device) for k, v in inputs.items()})
+    if isinstance(inputs, tuple):
+        return model(*(x.to(device) for x in inputs))
     return model(inputs.to(device))
 
 

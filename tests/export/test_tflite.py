@@ -456,3 +456,33 @@ def test_embedding_model_with_keyword_batches(litert, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     samples, cosine = result.stdout.split()[-2:]
     assert int(samples) == 16 and float(cosine) > 0.999
+
+
+class _ImageAndVector(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.vec = torch.nn.Linear(5, 8)
+        self.head = torch.nn.Linear(8, 4)
+
+    def forward(self, image: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
+        pooled = torch.nn.functional.adaptive_avg_pool2d(torch.relu(self.conv(image)), 1)
+        return self.head(pooled.flatten(1) + torch.relu(self.vec(vector)))
+
+
+def test_positional_inputs_verify_layer_by_layer(litert, tmp_path):
+    """Batches of ``((image, vector), label)``: both backends are fed both inputs
+    and the layer check runs the torch model on both (it called the model with
+    the tuple as one argument)."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    batches = [((torch.randn(8, 3, 8, 8, generator=gen), torch.randn(8, 5, generator=gen)),
+                torch.zeros(8)) for _ in range(3)]
+    example = tuple(x[:1] for x in batches[0][0])
+    q = quantaware.quantize(_ImageAndVector().eval(), presets.INT8, batches, example)
+    for backend, path in (
+            ("onnxruntime", quantaware.export_onnx(q, tmp_path / "m.onnx", example)),
+            ("litert", quantaware.export_tflite(q, tmp_path / "m.tflite", example))):
+        report = quantaware.verify(path, q, batches, backend=backend)
+        assert report.num_samples == 24 and report.layers_checked >= 5, str(report)
+        assert report.max_error_lsb == 0.0 and report.first_divergent_layer is None, str(report)

@@ -329,7 +329,7 @@ def _litert_layers(path: Path, model: nn.Module, batch: Any, threads: int,
         return [], len(quantizers)
     sizes = [i.shape[0] for i in session.get_inputs()]
     sample = tuple(a[:max(n, 1)] for a, n in zip(args, sizes, strict=False))
-    ref = _torch_codes(model, quantizers, sample if len(sample) > 1 else sample[0])
+    ref = _torch_codes(model, quantizers, (sample,))
     shift = {name: -int8_code(0, q.qmin) for name, q in quantizers.items()}
     wanted = {name: (float(q.scale), int(q.zero_point) - shift[name], ref[name] - shift[name])
               for name, q in quantizers.items() if name in ref}
