@@ -107,3 +107,20 @@ def test_quantizers_sharing_a_scale_but_not_a_zero_point_are_told_apart(tmp_path
     report = quantaware.verify(path, q, [x])
     assert report.layers_checked == 4 and report.first_divergent_layer is None, report
     assert report.max_error_lsb == 0.0, report
+
+
+def test_saturated_low_bit_codes_are_read_after_their_clip(tmp_path):
+    """A 4-bit activation saturates in a Clip after its QuantizeLinear; the layer
+    check read the unclipped codes and reported a false divergence wherever
+    values fell outside the calibrated range."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
+                        nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    gen = torch.Generator().manual_seed(0)
+    q = quantaware.quantize(net, presets.W4A4, [torch.randn(64, 8, generator=gen) * 0.2],
+                            torch.zeros(1, 8))
+    path = quantaware.export_onnx(q, tmp_path / "w4a4.onnx", torch.zeros(1, 8))
+    wide = torch.randn(32, 8, generator=gen) * 3  # far outside the calibrated range
+    rows = compare_layers(path, q, wide)
+    assert len(rows) >= 5
+    assert first_divergence(rows) is None, first_divergence(rows)

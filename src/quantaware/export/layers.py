@@ -102,6 +102,19 @@ def _quantize_nodes(proto: onnx.ModelProto, names: set[str]) -> list[tuple[str, 
         return (producer is not None and producer.op_type == "DequantizeLinear"
                 and producer.input[1] == node.input[1])
 
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in proto.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+
+    def codes_of(node: onnx.NodeProto) -> str:
+        """The quantizer's codes: a format narrower than its storage (4-bit, narrow
+        range) saturates in a ``Clip`` after the ``QuantizeLinear``."""
+        users = consumers.get(node.output[0], [])
+        if len(users) == 1 and users[0].op_type == "Clip":
+            return users[0].output[0]
+        return node.output[0]
+
     found = []
     for node in proto.graph.node:
         if node.op_type != "QuantizeLinear" or len(node.input) < 2 or regrids(node):
@@ -114,7 +127,7 @@ def _quantize_nodes(proto: onnx.ModelProto, names: set[str]) -> list[tuple[str, 
         zp = value(node.input[2]) if len(node.input) > 2 and node.input[2] else np.zeros(1)
         if s is None or zp is None or s.size != 1 or zp.size != 1:
             continue
-        found.append((name, node.output[0], (float(np.float32(s.item())), int(zp.item()))))
+        found.append((name, codes_of(node), (float(np.float32(s.item())), int(zp.item()))))
     return found
 
 
