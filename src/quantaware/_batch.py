@@ -92,6 +92,48 @@ def split_batch(batch: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
     return (inputs if isinstance(inputs, tuple) else (inputs,)), {}
 
 
+def input_args(inputs: Any) -> tuple[Any, ...]:
+    """The positional arguments for ``inputs`` (a dict's values in order).
+
+    Example:
+        >>> import torch
+        >>> len(input_args((torch.zeros(1, 3), torch.zeros(1, 5)))), len(input_args(torch.zeros(1)))
+        (2, 1)
+    """
+    if isinstance(inputs, Mapping):
+        return tuple(inputs.values())
+    return tuple(inputs) if isinstance(inputs, tuple | list) else (inputs,)
+
+
+def slice_inputs(inputs: Any, start: int, stop: int) -> Any:
+    """Samples ``start:stop`` of a tensor, a tuple of tensors or a dict of tensors.
+
+    Example:
+        >>> import torch
+        >>> slice_inputs({"ids": torch.arange(6).reshape(3, 2)}, 1, 3)["ids"].tolist()
+        [[2, 3], [4, 5]]
+    """
+    if isinstance(inputs, Mapping):
+        return {k: v[start:stop] for k, v in inputs.items()}
+    if isinstance(inputs, tuple | list):
+        return tuple(v[start:stop] for v in inputs)
+    return inputs[start:stop]
+
+
+def inputs_size(inputs: Any) -> int:
+    """The number of samples in a batch's inputs (the first dimension)."""
+    return int(input_args(inputs)[0].shape[0])
+
+
+def input_shapes(inputs: Any) -> Any:
+    """The shapes of a batch's inputs, for messages."""
+    if isinstance(inputs, Mapping):
+        return {k: tuple(v.shape) for k, v in inputs.items()}
+    if isinstance(inputs, tuple | list):
+        return tuple(tuple(v.shape) for v in inputs)
+    return tuple(inputs.shape)
+
+
 def to_device(args: tuple, kwargs: dict, device: torch.device) -> tuple[tuple, dict]:
     """Move tensor arguments to ``device``."""
     def move(v: Any) -> Any:

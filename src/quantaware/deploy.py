@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 from quantaware import presets
+from quantaware._batch import input_args, inputs_size, slice_inputs
 from quantaware._spec import load_spec
 from quantaware.config import LayerOverride, QuantConfig
 
@@ -144,8 +145,7 @@ def quantize_for_backend(model: nn.Module, calib: list[Any], example: Any,
         float_layers = TRANSFORMER_FLOAT_LAYERS if transformer else 0
     if float_layers < 0:
         raise ValueError(f"float_layers must be >= 0, got {float_layers}")
-    args = tuple(example.values()) if isinstance(example, dict) else (
-        example if isinstance(example, tuple) else (example,))
+    args = input_args(example)
 
     def ptq(cfg: QuantConfig) -> nn.Module:
         prepared = prepare(model, cfg, args)
@@ -191,14 +191,11 @@ UNLABELED_CROPS = 256
 
 
 def _batches(x: Any, size: int) -> list[Any]:
-    if isinstance(x, dict):
-        n = next(iter(x.values())).shape[0]
-        return [{k: v[i:i + size] for k, v in x.items()} for i in range(0, n, size)]
-    return [x[i:i + size] for i in range(0, x.shape[0], size)]
+    return [slice_inputs(x, i, i + size) for i in range(0, inputs_size(x), size)]
 
 
 def _first(batch: Any, n: int = 1) -> Any:
-    return {k: v[:n] for k, v in batch.items()} if isinstance(batch, dict) else batch[:n]
+    return slice_inputs(batch, 0, n)
 
 
 def _images(name: str, model: nn.Module, num_calib: int, num_eval: int,

@@ -50,6 +50,7 @@ from typing import Any
 
 import numpy as np
 
+from quantaware._batch import input_args
 from quantaware.deploy import ModelSource, load_model_source, quantize_for_backend
 
 __all__ = ["DISTILLED", "ORT_QUANTIZER_VARIANTS", "VARIANTS", "backend_variants", "benchmark",
@@ -67,11 +68,12 @@ DISTILL_LR = 1e-5
 def _numpy_feed(batch: Any, names: Sequence[str]) -> dict[str, np.ndarray]:
     if isinstance(batch, dict):
         return {k: v.detach().cpu().numpy() for k, v in batch.items() if k in names}
-    return {names[0]: batch.detach().cpu().numpy()}
+    return {name: v.detach().cpu().numpy()
+            for name, v in zip(names, input_args(batch), strict=False)}
 
 
 def _example_args(example: Any) -> tuple:
-    return tuple(example.values()) if isinstance(example, dict) else (example,)
+    return input_args(example)
 
 
 class _Reader:
@@ -257,9 +259,15 @@ def time_interleaved(sessions: dict[Any, Any], feeds: dict[Any, dict[str, np.nda
 
 def _batch_of(source: ModelSource, batch: int) -> Any:
     first = source.evaluate[0]
+
+    def repeat(v: Any) -> Any:
+        return v[:1].repeat(batch, *([1] * (v.dim() - 1)))
+
     if isinstance(first, dict):
-        return {k: v[:1].repeat(batch, 1) for k, v in first.items()}
-    return first[:1].repeat(batch, *([1] * (first.dim() - 1)))
+        return {k: repeat(v) for k, v in first.items()}
+    if isinstance(first, tuple | list):
+        return tuple(repeat(v) for v in first)
+    return repeat(first)
 
 
 def benchmark(models: Sequence[str], batches: Sequence[int] = (1, 16), threads: int = 2,

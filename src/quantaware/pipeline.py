@@ -327,7 +327,7 @@ def _run_qat(float_model: nn.Module, calib: Any, train: Any, cfg: dict[str, Any]
         start = int(state["epoch"])
         say(f"  resuming QAT after epoch {start}")
     else:
-        calibrate(model, calib.inputs)
+        calibrate(model, calib.unlabeled)
     teacher = float_model.eval()
     for epoch in range(start + 1, q["epochs"] + 1):
         model.train()
@@ -516,7 +516,7 @@ def run_pipeline(path: str | os.PathLike, fast: bool = False, out: str | None = 
         if cfg["deploy"]["verify"]:
             import quantaware
 
-            report = quantaware.verify(onnx_path, torch_model, evaluation.inputs,
+            report = quantaware.verify(onnx_path, torch_model, evaluation.unlabeled,
                                        num_batches=4, threads=cfg["threads"])
             passed = (report.cosine >= 0.99 if model.tokenizer is not None
                       else report.passed())

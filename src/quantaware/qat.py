@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from quantaware._batch import input_args
 from quantaware.config import QuantConfig
 from quantaware.fake_quant import FakeQuantizer
 from quantaware.fusion import can_fold
@@ -129,7 +130,7 @@ class DistillationLoss(nn.Module):
         teacher.eval()
         with torch.no_grad():
             teacher_logits = (teacher(**inputs) if isinstance(inputs, dict)
-                              else teacher(inputs))
+                              else teacher(*input_args(inputs)))
         teacher.train(was_training)
         return distillation_loss(student_logits, teacher_logits, labels,
                                  self.temperature, self.weight)

@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from quantaware._batch import inputs_size, slice_inputs
 from quantaware._spec import load_spec
 
 __all__ = ["BUILTIN_DATA", "DataSource", "LabelsError", "LoadedModel", "SourceError", "load_data",
@@ -114,6 +115,12 @@ class DataSource:
         return [b[0] for b in self.batches] if self.labeled else list(self.batches)
 
     @property
+    def unlabeled(self) -> list[Any]:
+        """The batches without labels, as quantaware's APIs take them (several
+        positional inputs as ``((x1, x2),)``, not as an input and its label)."""
+        return [(x,) if isinstance(x, tuple) else x for x in self.inputs]
+
+    @property
     def labels(self) -> torch.Tensor | None:
         """All labels, concatenated (``None`` for unlabelled data)."""
         return torch.cat([b[1].reshape(-1) for b in self.batches]) if self.labeled else None
@@ -121,8 +128,7 @@ class DataSource:
     @property
     def example(self) -> Any:
         """The first sample of the first batch, as a batch of one."""
-        first = self.inputs[0]
-        return {k: v[:1] for k, v in first.items()} if isinstance(first, dict) else first[:1]
+        return slice_inputs(self.inputs[0], 0, 1)
 
     @property
     def num_samples(self) -> int:
@@ -130,9 +136,7 @@ class DataSource:
 
 
 def _batch_size(inputs: Any) -> int:
-    if isinstance(inputs, dict):
-        return int(next(iter(inputs.values())).shape[0])
-    return int(inputs.shape[0])
+    return inputs_size(inputs)
 
 
 # -- models --------------------------------------------------------------------------
@@ -333,8 +337,7 @@ def _split(x: Any, y: torch.Tensor | None, batch_size: int) -> list[Any]:
     n = _batch_size(x)
     out = []
     for i in range(0, n, batch_size):
-        part = ({k: v[i:i + batch_size] for k, v in x.items()} if isinstance(x, dict)
-                else x[i:i + batch_size])
+        part = slice_inputs(x, i, i + batch_size)
         out.append(part if y is None else (part, y[i:i + batch_size]))
     return out
 
@@ -360,9 +363,15 @@ def _user_batches(spec: str, items: Iterable[Any], limit: int | None) -> tuple[l
             if not x or not all(isinstance(v, torch.Tensor) for v in x.values()):
                 raise SourceError(f"{spec}: batch {i} is a dict whose values are not all "
                                   "tensors")
+        elif isinstance(x, tuple):
+            if not all(isinstance(v, torch.Tensor) and v.dim() > 0 for v in x) or len(
+                    {v.shape[0] for v in x}) != 1:
+                raise SourceError(f"{spec}: batch {i}'s inputs are not tensors with one batch "
+                                  f"size (shapes {[getattr(v, 'shape', v) for v in x]})")
         elif not isinstance(x, torch.Tensor):
             raise SourceError(f"{spec}: batch {i} is a {type(x).__name__}; yield tensors, "
-                              "(inputs, labels) pairs or dicts of tensors")
+                              "(inputs, labels) pairs, ((x1, x2), labels) for several "
+                              "inputs, or dicts of tensors")
         if isinstance(x, torch.Tensor) and x.dim() == 0:
             raise SourceError(f"{spec}: batch {i} is a 0-d tensor; yield batches (N, ...)")
         if labeled is not None and this_labeled != labeled:
@@ -389,7 +398,7 @@ def _truncate(batches: list[Any], labeled: bool, limit: int | None) -> list[Any]
         n = _batch_size(x)
         if seen + n > limit:
             keep = limit - seen
-            cut = ({k: v[:keep] for k, v in x.items()} if isinstance(x, dict) else x[:keep])
+            cut = slice_inputs(x, 0, keep)
             out.append((cut, b[1][:keep]) if labeled else cut)
             break
         out.append(b)

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from quantaware._batch import input_args, input_shapes, slice_inputs
 from quantaware.config import QuantConfig
 from quantaware.sources import DataSource, LoadedModel, SourceError
 
@@ -47,9 +48,7 @@ Progress = Callable[[str], None]
 
 
 def _args(example: Any) -> tuple:
-    if isinstance(example, dict):
-        return tuple(example.values())
-    return example if isinstance(example, tuple) else (example,)
+    return input_args(example)
 
 
 def choose_config(module: nn.Module, preset: str | None = None,
@@ -88,8 +87,7 @@ def _check_runs(module: nn.Module, data: DataSource) -> None:
         with torch.no_grad():
             module(*_args(example))
     except Exception as exc:
-        shapes = ({k: tuple(v.shape) for k, v in example.items()} if isinstance(example, dict)
-                  else tuple(example.shape))
+        shapes = input_shapes(example)
         raise SourceError(
             f"the model fails on the data from {data.name} (one sample of shape {shapes}): "
             f"{type(exc).__name__}: {exc}. Check the model's expected input or the "
@@ -113,7 +111,7 @@ def quantize_model(model: LoadedModel, calib: DataSource, preset: str | None = N
     _check_runs(module, calib)
     config = choose_config(module, preset, method)
     with torch.no_grad():
-        quantized = quantize_for_backend(module, calib.inputs, calib.example, config=config)
+        quantized = quantize_for_backend(module, calib.unlabeled, calib.example, config=config)
     return quantized, getattr(quantized, "quantaware_config", config)
 
 
@@ -188,10 +186,11 @@ def _feed(session: Any, inputs: Any) -> dict[str, np.ndarray]:
             inputs = dict(zip(names, inputs.values(), strict=True))
         values = inputs
     else:
-        if len(names) != 1:
+        args = input_args(inputs)
+        if len(names) != len(args):
             raise SourceError(f"the ONNX model takes {len(names)} inputs {names}; the data "
-                              "gives one tensor per batch")
-        values = {names[0]: inputs}
+                              f"gives {len(args)} per batch")
+        values = dict(zip(names, args, strict=True))
     feed = {}
     for name in names:
         array = np.ascontiguousarray(values[name].detach().cpu().numpy()
@@ -225,7 +224,7 @@ def _latency_ms(session: Any, feed: dict[str, np.ndarray], runs: int) -> float:
 
 
 def _one(inputs: Any) -> Any:
-    return {k: v[:1] for k, v in inputs.items()} if isinstance(inputs, dict) else inputs[:1]
+    return slice_inputs(inputs, 0, 1)
 
 
 def compare_onnx(float_path: str | Path, quantized_path: str | Path, data: DataSource,
@@ -363,7 +362,7 @@ def run_quantize(model: LoadedModel, calib: DataSource, out: str | Path,
         import quantaware
 
         say("verifying the INT8 file against the torch model")
-        report_ = quantaware.verify(int8_path, quantized, data.inputs, num_batches=8,
+        report_ = quantaware.verify(int8_path, quantized, data.unlabeled, num_batches=8,
                                     threads=threads)
         # Embeddings have no classes: their check is the cosine, not the arg-max.
         passed = (report_.cosine >= 0.99 if model.tokenizer is not None

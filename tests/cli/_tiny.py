@@ -18,3 +18,26 @@ def model() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv1d(1, 8, 3, padding=1, bias=False), nn.BatchNorm1d(8), nn.ReLU(),
                          nn.Flatten(), nn.Linear(128, 4)).eval()
+
+
+class _TwoInputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(1, 8, 3, padding=1)
+        self.side = nn.Linear(3, 8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, signal: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.conv(signal)).mean(2) + torch.relu(self.side(side)))
+
+
+def two() -> nn.Module:
+    """A model with two positional inputs (named like a rich emoji code, ``:two:``)."""
+    torch.manual_seed(0)
+    return _TwoInputs().eval()
+
+
+def two_batches() -> list[tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]]:
+    gen = torch.Generator().manual_seed(0)
+    return [((torch.randn(16, 1, 16, generator=gen), torch.randn(16, 3, generator=gen)),
+             torch.randint(0, 4, (16,), generator=gen)) for _ in range(4)]

@@ -294,3 +294,22 @@ def test_bad_data_sources(tmp_path, capsys):
     code, err = quantize(f"{__name__}:wrong_shape")
     assert code == 2 and "fails on the data" in err and "(1, 3, 32, 32)" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_model_with_two_positional_inputs(tmp_path):
+    """Batches of ((signal, side), labels) from a MODULE:FUNCTION source: calibrated,
+    exported with two inputs, compared and verified; the spec's ":two" is printed
+    as text, not as an emoji."""
+    out = tmp_path / "out"
+    code, stdout, stderr = run_cli([
+        "quantize", "--model", "tests.cli._tiny:two", "--data", "tests.cli._tiny:two_batches",
+        "--threads", "1", "--out", str(out)])
+    assert code == 0, stderr
+    assert "tests.cli._tiny:two:" in stdout
+    results = json.loads((out / "results.json").read_text())
+    int8 = results["evaluation"]["models"][1]
+    assert int8["top1_agreement"] >= 90.0
+    assert results["verify"]["max_error_lsb"] == 0.0, results["verify"]
+    session = ort.InferenceSession(str(out / "model-int8.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    assert [tuple(i.shape[1:]) for i in session.get_inputs()] == [(1, 16), (3,)]

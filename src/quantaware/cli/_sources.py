@@ -88,7 +88,7 @@ def load_data(args: argparse.Namespace, spec: str, model: Any, split: str,
 def console() -> Any:
     from rich.console import Console
 
-    return Console(width=None if sys.stdout.isatty() else 110)
+    return Console(width=None if sys.stdout.isatty() else 110, emoji=False)
 
 
 @contextmanager
@@ -99,24 +99,26 @@ def status(con: Any, first: str) -> Iterator[Callable[[str], None]]:
         print(first, file=sys.stderr)
         yield lambda msg: print(msg, file=sys.stderr)
         return
+    from rich.markup import escape
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     with Progress(SpinnerColumn(finished_text="[green]done"), TextColumn("{task.description}"),
                   TimeElapsedColumn(), console=con) as progress:
-        current = [progress.add_task(first, total=1)]
+        current = [progress.add_task(escape(first), total=1)]
 
         def update(message: str) -> None:
             progress.update(current[0], completed=1)
-            current[0] = progress.add_task(message, total=1)
+            current[0] = progress.add_task(escape(message), total=1)
 
         yield update
         progress.update(current[0], completed=1)
 
 
 def print_table(con: Any, title: str, rows: list[list[str]]) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=title)
+    table = Table(title=escape(title))
     for i, head in enumerate(rows[0]):
         table.add_column(head, justify="left" if i == 0 else "right")
     for row in rows[1:]:

@@ -128,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
             check_backend(backend)
     except ImportError as exc:
         raise UsageError(str(exc)) from exc
-    console = Console(width=None if sys.stdout.isatty() else 160)
+    console = Console(width=None if sys.stdout.isatty() else 160, emoji=False)
     def save(rows: list[dict[str, Any]]) -> None:
         if args.json:  # after every model, so a long run keeps what it measured
             write_json(rows, args.json)

@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
 
     from quantaware import demo
 
-    console = Console(width=None if sys.stdout.isatty() else 100)
+    console = Console(width=None if sys.stdout.isatty() else 100, emoji=False)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                   console=console, transient=not console.is_terminal) as progress:
         task = progress.add_task("starting", total=None)

@@ -141,10 +141,12 @@ def results_table(result: PredictResult) -> Table:
         >>> [column.header for column in table.columns][:3], table.row_count
         (['model', 'precision', 'model FPS'], 2)
     """
+    from rich.markup import escape
     from rich.table import Table
 
     two = len(result.models) > 1
-    table = Table(title=f"{result.frames} frames from {result.source} ({result.source_kind}), "
+    table = Table(title=f"{result.frames} frames from {escape(str(result.source))} "
+                  f"({result.source_kind}), "
                   f"{result.input_size}x{result.input_size} input, batch 1, "
                   f"{result.threads} ONNX Runtime threads",
                   caption="model FPS and latency: ONNX Runtime run only; end-to-end: decode + "
@@ -213,8 +215,8 @@ def run(args: argparse.Namespace) -> int:
     if suffix in IMAGE_EXTENSIONS + VIDEO_EXTENSIONS and suffix not in VIDEO_WRITERS:
         raise UsageError(f"--save takes a folder (for JPEG frames) or a video file ending in "
                          f"{', '.join(VIDEO_WRITERS)}; got {args.save!r}")
-    console = Console(width=None if sys.stdout.isatty() else 160)
-    progress = _LazyProgress(Console(stderr=True))
+    console = Console(width=None if sys.stdout.isatty() else 160, emoji=False)
+    progress = _LazyProgress(Console(stderr=True, emoji=False))
     try:
         result = predict(args.model, args.source, labels=args.labels, size=args.size,
                          resize=args.resize, mean=args.mean or IMAGENET_MEAN,

@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, KeyError) as exc:
         raise UsageError(str(exc.args[0] if exc.args else exc)) from exc
 
-    console = Console(width=None if sys.stdout.isatty() else 100)
+    console = Console(width=None if sys.stdout.isatty() else 100, emoji=False)
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("loss {task.fields[loss]:.4f}  acc {task.fields[acc]:.2f}%"),
                         console=console, transient=not console.is_terminal)

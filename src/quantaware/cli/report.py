@@ -43,6 +43,6 @@ def run(args: argparse.Namespace) -> int:
         out = write_report(args.out, payload)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
-    console = Console()
+    console = Console(emoji=False)
     console.print(f"report written to {out} (summary: {out.with_suffix('.md')})")
     return 0

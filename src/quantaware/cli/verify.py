@@ -11,6 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from quantaware._batch import input_args
 from quantaware.backends import BACKENDS
 from quantaware.cli import UsageError
 from quantaware.deploy import BUILTIN_MODELS
@@ -58,6 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
+    from rich.markup import escape
 
     import quantaware
     from quantaware import presets
@@ -69,8 +71,8 @@ def run(args: argparse.Namespace) -> int:
         check_backend(args.backend)
     except ImportError as exc:
         raise UsageError(str(exc)) from exc
-    console = Console(width=None if sys.stdout.isatty() else 100)
-    with console.status(f"loading {args.model}") as status:
+    console = Console(width=None if sys.stdout.isatty() else 100, emoji=False)
+    with console.status(f"loading {escape(args.model)}") as status:
         try:
             source = load_model_source(args.model, args.num_calib, args.num_eval,
                                        size=args.size,
@@ -78,8 +80,7 @@ def run(args: argparse.Namespace) -> int:
         except (ValueError, KeyError) as exc:
             raise UsageError(str(exc)) from exc
         config = presets.get(args.preset) if args.preset else default_config(source.model)
-        example = (tuple(source.example.values()) if isinstance(source.example, dict)
-                   else (source.example,))
+        example = input_args(source.example)
         status.update(f"quantizing with {config.name}")
         qmodel = quantize_for_backend(source.model, source.calib, example, config=config)
         status.update("exporting")
@@ -92,8 +93,8 @@ def run(args: argparse.Namespace) -> int:
         status.update(f"running {args.backend} and torch")
         report = quantaware.verify(path, qmodel, source.evaluate, reference=args.reference,
                                    backend=args.backend)
-    console.print(f"[bold]{source.name}[/bold] ({config.name}) -> {path}")
-    console.print(str(report))
+    console.print(f"[bold]{escape(source.name)}[/bold] ({config.name}) -> {escape(str(path))}")
+    console.print(escape(str(report)))
     if args.json:
         from quantaware.deploy_bench import write_json
 
