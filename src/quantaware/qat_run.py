@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from quantaware import distributed as qdist
 from quantaware import presets
+from quantaware._batch import input_args, unpack_batch
 from quantaware._spec import load_spec
 from quantaware.calibrate import calibrate
 from quantaware.checkpoint import load_checkpoint, save_checkpoint
@@ -173,6 +174,17 @@ def _param_groups(model: nn.Module, s: QATRunSettings) -> list[dict[str, Any]]:
     return groups
 
 
+def _example(sample: Any) -> Any:
+    """One dataset sample's input as a batch of one: a tensor, or a tuple of the
+    positional inputs of a sample ``((x1, x2), y)``."""
+    if isinstance(sample, tuple | list):
+        return tuple(torch.as_tensor(v).unsqueeze(0) for v in sample)
+    if not isinstance(sample, torch.Tensor):
+        raise ValueError(f"dataset samples must be (x, y) with x a tensor or a tuple of "
+                         f"tensors, got x of type {type(sample).__name__}")
+    return sample.unsqueeze(0)
+
+
 def run_qat(settings: QATRunSettings,
             on_event: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Run (or resume) QAT; returns the summary also written to ``OUT/results.json``.
@@ -194,7 +206,7 @@ def run_qat(settings: QATRunSettings,
     test_loader = DataLoader(test_set, batch_size=256)
     float_model = _float_model(s, train_set, test_loader, out)
     float_acc = evaluate_accuracy(float_model, test_loader)
-    example = train_set[0][0].unsqueeze(0)
+    example = _example(train_set[0][0])
 
     model = prepare_qat(float_model, config, example)
     qdist.sync_observers(model)
@@ -254,11 +266,13 @@ def run_qat(settings: QATRunSettings,
         total = correct = 0
         loss_sum = 0.0
         t0 = time.perf_counter()
-        for step, (x, y) in enumerate(loader, 1):
-            logits = train_model(x)
+        for step, batch in enumerate(loader, 1):
+            inputs, y = unpack_batch(batch)
+            args = input_args(inputs)
+            logits = train_model(*args)
             if s.distill:
                 with torch.no_grad():
-                    teacher = float_model(x)
+                    teacher = float_model(*args)
                 loss = distillation_loss(logits, teacher, y, s.temperature, s.distill_weight)
             else:
                 loss = nn.functional.cross_entropy(logits, y)

@@ -41,3 +41,23 @@ def two_batches() -> list[tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]
     gen = torch.Generator().manual_seed(0)
     return [((torch.randn(16, 1, 16, generator=gen), torch.randn(16, 3, generator=gen)),
              torch.randint(0, 4, (16,), generator=gen)) for _ in range(4)]
+
+
+class _TwoInputSet(torch.utils.data.Dataset):
+    """Samples ``((signal, side), label)``."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        self.signal = torch.randn(n, 1, 16, generator=gen)
+        self.side = torch.randn(n, 3, generator=gen)
+        self.label = (self.signal.mean((1, 2)) > 0).long() + 2 * (self.side[:, 0] > 0).long()
+
+    def __len__(self) -> int:
+        return len(self.label)
+
+    def __getitem__(self, i: int) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+        return (self.signal[i], self.side[i]), self.label[i]
+
+
+def two_datasets() -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset]:
+    return _TwoInputSet(128, 0), _TwoInputSet(64, 1)

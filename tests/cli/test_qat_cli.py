@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -9,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import onnx
 import pytest
 import torch
 
@@ -117,3 +119,16 @@ def test_bad_spec_is_a_usage_error(tmp_path, capsys):
     code = main(["qat", "--data", "no_such_data", "--out", str(tmp_path)])
     assert code == 2
     assert "module:function" in capsys.readouterr().err
+
+
+def test_qat_of_a_model_with_two_positional_inputs(tmp_path, capsys):
+    """Dataset samples ((signal, side), label): trained, exported with both inputs
+    and verified."""
+    out = tmp_path / "two"
+    code = main(["qat", "--data", "tests.cli._tiny:two_datasets", "--model",
+                 "tests.cli._tiny:two", "--preset", "INT8", "--epochs", "1", "--out", str(out),
+                 "--threads", "1", "--batch-size", "16", "--distill"])
+    assert code == 0, capsys.readouterr().err
+    results = json.loads((out / "results.json").read_text())
+    assert results["onnx_top1_agreement"] == 1.0
+    assert len(onnx.load(str(out / "model.onnx")).graph.input) == 2
