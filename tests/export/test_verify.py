@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -12,6 +13,7 @@ from torch import nn
 import quantaware
 from quantaware import presets
 from quantaware.export import VerifyReport
+from quantaware.export.verify import _agreement
 
 pytestmark = [
     pytest.mark.usefixtures("single_thread"),
@@ -248,3 +250,39 @@ def test_one_lsb_difference_passes(qdq_path):
     report = quantaware.verify(qdq_path, OneStepLower(), _level_batches())
     assert report.passed()
     assert str(report).startswith("verify: PASS")
+
+
+def test_dense_maps_agree_position_by_position_over_the_class_axis():
+    """(N, C, H, W) logits: the arg-max is taken over the classes, per pixel; it was
+    taken over the width, where an upsampled map has ties everywhere."""
+    gen = np.random.default_rng(0)
+    ref = gen.standard_normal((2, 3, 4, 4)).astype(np.float32)
+    out = ref.copy()
+    pixel = out[0, :, 1, 2]
+    out[0, :, 1, 2] = pixel[::-1] + np.arange(3) * 10  # a different class wins here
+    assert ref[0, :, 1, 2].argmax() != out[0, :, 1, 2].argmax()
+    assert _agreement([ref], [out]).top1 == pytest.approx(1 - 1 / 32)
+    width_ties = np.repeat(ref[..., :1], 4, axis=3)  # equal along the width
+    assert _agreement([width_ties], [width_ties + 1e-7 * gen.random(ref.shape,
+                                                                    np.float32)]).top1 == 1.0
+
+
+def test_segmentation_model_agrees_with_its_fake_quant_forward(tmp_path):
+    class Segmenter(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.down = nn.Conv2d(3, 16, 3, 2, 1)
+            self.head = nn.Conv2d(16, 5, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            logits = self.head(torch.relu(self.down(x)))
+            return nn.functional.interpolate(logits, scale_factor=2, mode="bilinear")
+
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    data = [torch.randn(8, 3, 16, 16, generator=gen) for _ in range(2)]
+    q = quantaware.quantize(Segmenter().eval(), presets.INT8, data, data[0][:1])
+    report = quantaware.verify(quantaware.export_onnx(q, tmp_path / "s.onnx", data[0][:1]),
+                               q, data)
+    assert report.passed() and report.top1_agreement == 1.0, str(report)
+    assert report.fake_quant_top1_agreement >= 0.99, str(report)

@@ -66,7 +66,11 @@ class VerifyReport:
 
     Attributes:
         num_samples: samples compared.
-        top1_agreement: fraction (0..1) of samples with the same arg-max class.
+        top1_agreement: fraction (0..1) of samples with the same arg-max class
+            (over the last axis; a sequence of scores agrees when every position
+            does). For dense maps ``(N, C, H, W, ...)``, as segmentation models
+            output, the fraction of positions whose arg-max over the class axis
+            ``C`` agrees.
         cosine: mean cosine similarity of per-sample outputs.
         min_cosine: the worst sample's cosine similarity.
         max_abs_error: largest absolute difference.
@@ -226,7 +230,10 @@ def _agreement(refs: list[np.ndarray], outs: list[np.ndarray],
         cos = np.where(denom > 0, (a * b).sum(1) / np.maximum(denom, 1e-30),
                        np.where(np.abs(a - b).max(1) == 0, 1.0, 0.0))
         cosines.append(cos)
-        if ref.ndim >= 2:  # a sample agrees when every position's arg-max agrees
+        if ref.ndim >= 4:  # dense maps (N, C, H, W, ...): positions, class axis 1
+            same = (ref.argmax(1) == out.argmax(1)).reshape(n, -1)
+            agree += float(same.mean(axis=1).sum())
+        elif ref.ndim >= 2:  # a sample agrees when every position's arg-max agrees
             same = (ref.argmax(-1) == out.argmax(-1)).reshape(n, -1)
             agree += int(same.all(axis=1).sum())
         else:
