@@ -477,9 +477,10 @@ def _dynamic_shapes(example_inputs: tuple) -> tuple:
 
 def _export_failure(exc: BaseException) -> str:
     """The root cause of a failed ``torch.onnx.export``, without the exporter's advice."""
-    root = exc
-    while root.__cause__ is not None:
+    root, seen = exc, {id(exc)}
+    while root.__cause__ is not None and id(root.__cause__) not in seen:
         root = root.__cause__
+        seen.add(id(root))
     message = str(root).strip() or type(root).__name__
     if root is exc:
         return message[:2000]
