@@ -6,6 +6,7 @@ import contextlib
 
 import pytest
 import torch
+from torch import nn
 
 import quantaware
 from quantaware import presets
@@ -125,3 +126,27 @@ def upsampling_int8():
     with _one_thread():
         q = quantaware.quantize(UpsamplingNet().eval(), presets.INT8, calib, calib[0][:1])
     return q, data
+
+
+class _TwoHeads(nn.Module):
+    """Class scores and a box regression from one trunk, as a dict or a tuple."""
+
+    def __init__(self, as_dict: bool = False) -> None:
+        super().__init__()
+        self.trunk = nn.Linear(6, 16)
+        self.classes = nn.Linear(16, 4)
+        self.boxes = nn.Linear(16, 4)
+        self.as_dict = as_dict
+
+    def forward(self, x: torch.Tensor) -> object:
+        h = torch.relu(self.trunk(x))
+        out = (self.classes(h), self.boxes(h))
+        return {"classes": out[0], "boxes": out[1]} if self.as_dict else out
+
+
+def _two_heads(tmp_path, as_dict: bool = False):
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    data = [torch.randn(16, 6, generator=gen) for _ in range(3)]
+    q = quantaware.quantize(_TwoHeads(as_dict).eval(), presets.INT8, data, data[0][:1])
+    return q, quantaware.export_onnx(q, tmp_path / "heads.onnx", data[0][:1]), data

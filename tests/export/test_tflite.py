@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from tests.export.conftest import INPUT_SHAPE, _one_thread
+from tests.export.conftest import INPUT_SHAPE, _one_thread, _two_heads
 
 import quantaware
 from quantaware import presets
@@ -486,3 +486,11 @@ def test_positional_inputs_verify_layer_by_layer(litert, tmp_path):
         report = quantaware.verify(path, q, batches, backend=backend)
         assert report.num_samples == 24 and report.layers_checked >= 5, str(report)
         assert report.max_error_lsb == 0.0 and report.first_divergent_layer is None, str(report)
+
+
+def test_every_output_is_compared_in_the_files_order(litert, tmp_path):
+    """Two heads of the same shape: LiteRT's outputs come in the model's order."""
+    q, _, data = _two_heads(tmp_path)
+    path = quantaware.export_tflite(q, tmp_path / "heads.tflite", data[0][:1])
+    report = quantaware.verify(path, q, data, backend="litert")
+    assert report.num_outputs == 2 and report.max_error_lsb == 0.0, str(report)

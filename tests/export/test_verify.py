@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from tests.export.conftest import _two_heads
 from torch import nn
 
 import quantaware
@@ -286,3 +287,33 @@ def test_segmentation_model_agrees_with_its_fake_quant_forward(tmp_path):
                                q, data)
     assert report.passed() and report.top1_agreement == 1.0, str(report)
     assert report.fake_quant_top1_agreement >= 0.99, str(report)
+
+
+@pytest.mark.parametrize("as_dict", [False, True], ids=["tuple", "dict"])
+def test_every_output_is_compared(tmp_path, as_dict):
+    q, path, data = _two_heads(tmp_path, as_dict)
+    report = quantaware.verify(path, q, data)
+    assert report.num_outputs == 2 and report.passed(), str(report)
+    assert report.max_error_lsb == 0.0 and "2 outputs" in str(report)
+
+
+def test_a_wrong_second_output_fails(tmp_path):
+    """Only the first output was compared: a file whose second head computes
+    something else passed."""
+    q, path, data = _two_heads(tmp_path)
+    model = onnx.load(str(path))
+    weight = next(i for i in model.graph.initializer if i.name == "boxes._qweight")
+    values = onnx.numpy_helper.to_array(weight).copy()
+    values[0] = -values[0]  # the first box coordinate comes out negated
+    weight.CopyFrom(onnx.numpy_helper.from_array(values, weight.name))
+    onnx.save(model, str(path))
+    report = quantaware.verify(path, q, data)
+    assert not report.passed() and report.max_error_lsb > 1, str(report)
+    assert report.min_cosine < 0.9999, str(report)
+
+
+def test_output_count_mismatch_is_an_error(tmp_path):
+    q, _, data = _two_heads(tmp_path)
+    single = quantaware.export_onnx(nn.Linear(6, 4), tmp_path / "one.onnx", data[0][:1])
+    with pytest.raises(ValueError, match="2 outputs and the onnxruntime file 1"):
+        quantaware.verify(single, q, data)

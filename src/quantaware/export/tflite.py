@@ -439,8 +439,8 @@ def tflite_ops(path: str | os.PathLike) -> list[tuple[str, list[str]]]:
     return rows
 
 
-def output_scale(path: str | os.PathLike) -> float | None:
-    """The quantization step of the first output of a ``.tflite`` file (read at
+def output_scale(path: str | os.PathLike, index: int = 0) -> float | None:
+    """The quantization step of output ``index`` of a ``.tflite`` file (read at
     its ``DEQUANTIZE`` for a float interface), or ``None`` for a float output.
 
     Example:
@@ -458,7 +458,7 @@ def output_scale(path: str | os.PathLike) -> float | None:
 
     model = flatbuffer_utils.read_model_from_bytearray(bytearray(Path(path).read_bytes()))
     graph = model.subgraphs[0]
-    index = graph.outputs[0]
+    index = graph.outputs[index]
     for op in graph.operators:
         code = model.operatorCodes[op.opcodeIndex]
         if index in list(op.outputs) and max(

@@ -31,7 +31,7 @@ import itertools
 import json
 import logging
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +94,10 @@ class VerifyReport:
         fake_quant_cosine: mean cosine similarity with the fake-quant forward.
         backend: the inference backend that ran the ONNX file
             (:data:`quantaware.backends.BACKENDS`).
+        num_outputs: outputs compared. With several (a tuple, list or dict of
+            tensors), a sample agrees when it agrees on every output, its cosine is
+            its worst output's, and the error is the worst output's (in its own
+            quantization steps).
     """
 
     num_samples: int
@@ -113,6 +117,7 @@ class VerifyReport:
     fake_quant_cosine: float | None = None
     layers_unavailable: int = 0
     backend: str = "onnxruntime"
+    num_outputs: int = 1
 
     def passed(self, min_agreement: float = 0.99, max_lsb: float = 1.0) -> bool:
         """True if agreement and (where quantized) the LSB error are within bounds."""
@@ -157,7 +162,8 @@ class VerifyReport:
         else:
             reference = "torch fake-quant forward"
         lines = [
-            f"verify: {verdict} on {self.num_samples} samples{where}",
+            f"verify: {verdict} on {self.num_samples} samples{where}"
+            + (f", {self.num_outputs} outputs" if self.num_outputs > 1 else ""),
             f"  reference        {reference}",
             f"  top-1 agreement  {100 * self.top1_agreement:.2f}%",
             f"  cosine           {self.cosine:.6f} (min {self.min_cosine:.6f})",
@@ -171,10 +177,15 @@ class VerifyReport:
         return "\n".join(lines)
 
 
-def _output_scale(model_proto: onnx.ModelProto) -> float | None:
-    """Scale of the DequantizeLinear that produces the first graph output, if any."""
+def _output_scales(model_proto: onnx.ModelProto) -> list[float | None]:
+    """:func:`_output_scale` of every graph output, in order."""
+    return [_output_scale(model_proto, i) for i in range(len(model_proto.graph.output))]
+
+
+def _output_scale(model_proto: onnx.ModelProto, index: int = 0) -> float | None:
+    """Scale of the DequantizeLinear that produces graph output ``index``, if any."""
     graph = model_proto.graph
-    out_name = graph.output[0].name
+    out_name = graph.output[index].name
     producers = {o: n for n in graph.node for o in n.output}
     inits = {i.name: i for i in graph.initializer}
     consts = {n.output[0]: n for n in graph.node if n.op_type == "Constant"}
@@ -193,14 +204,18 @@ def _output_scale(model_proto: onnx.ModelProto) -> float | None:
     return float(np.max(scale)) if scale.size else None
 
 
-def _first_output(out: Any) -> torch.Tensor:
-    while isinstance(out, tuple | list):
-        out = out[0]
-    if isinstance(out, dict):
-        out = next(iter(out.values()))
+def _all_outputs(out: Any) -> list[torch.Tensor]:
+    """The model's output tensors in the order the exported file lists them
+    (tuples and lists in order, dicts by insertion, ``ModelOutput`` as its tuple)."""
+    if isinstance(out, torch.Tensor):
+        return [out]
     if hasattr(out, "to_tuple"):  # transformers ModelOutput
-        out = out.to_tuple()[0]
-    return out
+        out = out.to_tuple()
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, tuple | list):
+        return [t for item in out for t in _all_outputs(item)]
+    return []
 
 
 @dataclass(frozen=True)
@@ -210,11 +225,48 @@ class _Agreement:
     cosine: float
     min_cosine: float
     max_abs_error: float
+    per_sample: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))
+    per_sample_cosine: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))
+    scale: float | None = None  # quantization step of the output the error is from
+    outputs: int = 1
 
 
-def _agreement(refs: list[np.ndarray], outs: list[np.ndarray],
-               backend: str = "onnxruntime") -> _Agreement:
-    agree = total = 0
+def _agreement(refs: list[Any], outs: list[Any], backend: str = "onnxruntime",
+               scales: list[float | None] | None = None) -> _Agreement:
+    """Agreement over batches; a batch is one array or a list of the model's outputs.
+
+    With several outputs a sample agrees when it agrees on every output and its
+    cosine is its worst output's. ``scales`` are the outputs' quantization steps
+    (``None`` for a float output); the error reported is the worst output's: the
+    largest error in LSBs among quantized outputs, else the largest absolute error.
+    """
+    refs = [r if isinstance(r, list) else [r] for r in refs]
+    outs = [o if isinstance(o, list) else [o] for o in outs]
+    if refs and outs and len(refs[0]) != len(outs[0]):
+        raise ValueError(
+            f"the torch model gives {len(refs[0])} outputs and the {backend} file "
+            f"{len(outs[0])}; is this the model the file was exported from?")
+    count = len(refs[0]) if refs else 0
+    scales = list(scales or [])[:count]
+    scales += [None] * (count - len(scales))
+    parts = [_one_agreement([r[j] for r in refs], [o[j] for o in outs], backend,
+                            scales[j]) for j in range(count)]
+    if len(parts) == 1:
+        return parts[0]
+    quantized = [p for p in parts if p.scale is not None]
+    worst = (max(quantized, key=lambda p: p.max_abs_error / p.scale) if quantized
+             else max(parts, key=lambda p: p.max_abs_error))
+    samples = np.stack([p.per_sample for p in parts]).min(axis=0)
+    cosines = np.stack([p.per_sample_cosine for p in parts]).min(axis=0)
+    return _Agreement(parts[0].num_samples, float(samples.mean()), float(cosines.mean()),
+                      float(cosines.min()), worst.max_abs_error, samples, cosines,
+                      worst.scale, len(parts))
+
+
+def _one_agreement(refs: list[np.ndarray], outs: list[np.ndarray],
+                   backend: str = "onnxruntime", scale: float | None = None) -> _Agreement:
+    agree: list[np.ndarray] = []
+    total = 0
     cosines: list[np.ndarray] = []
     max_err = 0.0
     for ref, out in zip(refs, outs, strict=True):
@@ -232,25 +284,27 @@ def _agreement(refs: list[np.ndarray], outs: list[np.ndarray],
         cosines.append(cos)
         if ref.ndim >= 4:  # dense maps (N, C, H, W, ...): positions, class axis 1
             same = (ref.argmax(1) == out.argmax(1)).reshape(n, -1)
-            agree += float(same.mean(axis=1).sum())
+            agree.append(same.mean(axis=1))
         elif ref.ndim >= 2:  # a sample agrees when every position's arg-max agrees
             same = (ref.argmax(-1) == out.argmax(-1)).reshape(n, -1)
-            agree += int(same.all(axis=1).sum())
+            agree.append(same.all(axis=1).astype(np.float64))
         else:
-            agree += n
+            agree.append(np.ones(n))
         total += n
     all_cos = np.concatenate(cosines)
-    return _Agreement(total, agree / total, float(all_cos.mean()), float(all_cos.min()),
-                      max_err)
+    per_sample = np.concatenate(agree)
+    return _Agreement(total, float(per_sample.sum()) / total, float(all_cos.mean()),
+                      float(all_cos.min()), max_err, per_sample, all_cos, scale)
 
 
-def _torch_outputs(model: nn.Module, batches: list[Any]) -> list[np.ndarray]:
+def _torch_outputs(model: nn.Module, batches: list[Any]) -> list[list[np.ndarray]]:
     device = model_device(model)
     outs = []
     for batch in batches:
         args, kwargs = to_device(*split_batch(batch), device)
         with torch.no_grad():
-            outs.append(_first_output(model(*args, **kwargs)).detach().float().cpu().numpy())
+            outs.append([t.detach().float().cpu().numpy()
+                         for t in _all_outputs(model(*args, **kwargs))])
     return outs
 
 
@@ -429,7 +483,7 @@ def verify(
 
         proto = None
         session = create_backend_session(onnx_path, backend, threads)
-        scale = output_scale(onnx_path)
+        scales = [output_scale(onnx_path, i) for i in range(len(session.get_outputs()))]
     else:
         try:
             proto = onnx.load(str(onnx_path))
@@ -440,13 +494,14 @@ def verify(
                 f"{onnx_path} holds no ONNX graph (empty or truncated file); export it again"
             )
         session = create_backend_session(proto.SerializeToString(), backend, threads)
-        scale = _output_scale(proto)
+        scales = _output_scales(proto)
     batches = list(itertools.islice(data, num_batches))
     if not batches:
         raise ValueError("verify got no data: pass an iterable with at least one batch")
     input_names = [i.name for i in session.get_inputs()]
     parameters = _forward_parameters(model)
-    outs = [session.run(None, _feed(batch, input_names, parameters))[0] for batch in batches]
+    outs = [list(session.run(None, _feed(batch, input_names, parameters)))
+            for batch in batches]
 
     def layer_rows() -> tuple[list[LayerDiff], int]:
         if proto is None:
@@ -455,7 +510,7 @@ def verify(
 
     model.eval()
     with fake_quant_arithmetic(model):
-        fake = _agreement(_torch_outputs(model, batches), outs, backend)
+        fake = _agreement(_torch_outputs(model, batches), outs, backend, scales)
     main, rows, unavailable, max_lsb = fake, [], 0, 1
     integer_layers = fallback_layers = 0
     used = "fake-quant"
@@ -464,7 +519,7 @@ def verify(
             if emulation.emulated or reference == "integer":
                 used = "integer"
                 integer_layers, fallback_layers = len(emulation.emulated), len(emulation.fallback)
-                main = _agreement(_torch_outputs(model, batches), outs, backend)
+                main = _agreement(_torch_outputs(model, batches), outs, backend, scales)
                 # Exact layers must match code for code; float ones within 1 LSB.
                 max_lsb = 0 if emulation.complete else 1
                 if check_layers:
@@ -479,8 +534,8 @@ def verify(
         cosine=main.cosine,
         min_cosine=main.min_cosine,
         max_abs_error=main.max_abs_error,
-        max_error_lsb=None if scale is None else main.max_abs_error / scale,
-        output_scale=scale,
+        max_error_lsb=None if main.scale is None else main.max_abs_error / main.scale,
+        output_scale=main.scale,
         layers_checked=len(rows),
         first_divergent_layer=None if first is None else first.name,
         first_divergent_lsb=None if first is None else first.max_lsb,
@@ -491,4 +546,5 @@ def verify(
         fake_quant_cosine=fake.cosine if used == "integer" else None,
         layers_unavailable=unavailable,
         backend=backend,
+        num_outputs=main.outputs,
     )
