@@ -134,3 +134,20 @@ def test_unlabelled_training_data_is_refused_for_training(tmp_path):
                   deploy={"targets": []})
     with pytest.raises(PipelineError, match=r"baseline\.train needs labelled data"):
         run_pipeline(path, out=str(tmp_path / "out"))
+
+
+def test_model_with_two_positional_inputs(tmp_path):
+    """Baseline training, PTQ, QAT and deploy of a model whose batches are
+    ((signal, side), labels)."""
+    path = _write(tmp_path, {
+        "model": {"source": "tests.cli._tiny:two"},
+        "data": {"train": "tests.cli._tiny:two_batches", "num_calibration": 32,
+                 "num_evaluation": 32, "batch_size": 16},
+        "baseline": {"train": {"epochs": 1}}, "qat": {"epochs": 1, "lr": 1e-4},
+        "evaluation": {"latency_runs": 2}, "deploy": {"verify": True}})
+    results = run_pipeline(path, out=str(tmp_path / "out"), say=lambda message: None)
+    assert results["steps"]["baseline"]["trained"]
+    for step in ("ptq", "qat"):
+        report = results["evaluation"][step]["verify"]
+        assert report["passed"] and report["max_error_lsb"] == 0.0, report
+    assert Path(results["files"]["qat_onnx"]).is_file()

@@ -120,6 +120,32 @@ def slice_inputs(inputs: Any, start: int, stop: int) -> Any:
     return inputs[start:stop]
 
 
+def take_inputs(inputs: Any, index: torch.Tensor) -> Any:
+    """Samples ``index`` (a 1-d index tensor) of a tensor, tuple or dict of tensors."""
+    if isinstance(inputs, Mapping):
+        return {k: v[index] for k, v in inputs.items()}
+    if isinstance(inputs, tuple | list):
+        return tuple(v[index] for v in inputs)
+    return inputs[index]
+
+
+def cat_inputs(parts: list[Any]) -> Any:
+    """Batches' inputs (tensors, tuples or dicts of tensors) joined along the batch.
+
+    Example:
+        >>> import torch
+        >>> a, b = (torch.zeros(2, 3), torch.ones(2)), (torch.zeros(1, 3), torch.ones(1))
+        >>> [tuple(t.shape) for t in cat_inputs([a, b])]
+        [(3, 3), (3,)]
+    """
+    first = parts[0]
+    if isinstance(first, Mapping):
+        return {k: torch.cat([p[k] for p in parts]) for k in first}
+    if isinstance(first, tuple | list):
+        return tuple(torch.cat([p[i] for p in parts]) for i in range(len(first)))
+    return torch.cat(parts)
+
+
 def inputs_size(inputs: Any) -> int:
     """The number of samples in a batch's inputs (the first dimension)."""
     return int(input_args(inputs)[0].shape[0])

@@ -51,6 +51,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from quantaware._batch import cat_inputs, input_args, inputs_size, take_inputs
+
 __all__ = ["PipelineError", "load_pipeline", "run_pipeline", "validate"]
 
 Event = Callable[[str], None]
@@ -258,11 +260,12 @@ class _State:
 def _loader_batches(data: Any, seed: int, epoch: int) -> list[Any]:
     """The training batches in a shuffled order that depends on seed and epoch only."""
     gen = torch.Generator().manual_seed(seed * 1000003 + epoch)
-    xs = torch.cat([b[0] for b in data.batches])
+    xs = cat_inputs([b[0] for b in data.batches])
     ys = torch.cat([b[1] for b in data.batches])
-    order = torch.randperm(xs.shape[0], generator=gen)
-    size = data.batches[0][0].shape[0]
-    return [(xs[order[i:i + size]], ys[order[i:i + size]]) for i in range(0, len(order), size)]
+    order = torch.randperm(inputs_size(xs), generator=gen)
+    size = inputs_size(data.batches[0][0])
+    return [(take_inputs(xs, order[i:i + size]), ys[order[i:i + size]])
+            for i in range(0, len(order), size)]
 
 
 def _accuracy(model: nn.Module, data: Any) -> float | None:
@@ -303,6 +306,14 @@ class _Shuffled:
         return iter(_loader_batches(self.data, self.seed, self.epoch))
 
 
+def _call(model: nn.Module, inputs: Any) -> Any:
+    """``model`` on a batch's inputs: a tensor, a tuple of positional inputs or a dict
+    of keyword inputs."""
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    return model(*input_args(inputs))
+
+
 def _run_qat(float_model: nn.Module, calib: Any, train: Any, cfg: dict[str, Any],
              out: Path, say: Event) -> nn.Module:
     from quantaware import presets
@@ -315,7 +326,7 @@ def _run_qat(float_model: nn.Module, calib: Any, train: Any, cfg: dict[str, Any]
     config = presets.get(preset)
     if not train.labeled:
         raise PipelineError(f"qat needs labelled training data; {train.name} has no labels")
-    model = prepare_qat(float_model, config, (calib.example,))
+    model = prepare_qat(float_model, config, input_args(calib.example))
     ckpt_dir = out / "qat"
     latest = latest_checkpoint(ckpt_dir)
     opt = torch.optim.AdamW(model.parameters(), lr=q["lr"], weight_decay=0.0)
@@ -333,10 +344,10 @@ def _run_qat(float_model: nn.Module, calib: Any, train: Any, cfg: dict[str, Any]
         model.train()
         total = loss_sum = 0.0
         for x, y in _loader_batches(train, cfg["seed"], 10_000 + epoch):
-            logits = model(x)
+            logits = _call(model, x)
             if q["distill"]:
                 with torch.no_grad():
-                    soft = teacher(x)
+                    soft = _call(teacher, x)
                 loss = distillation_loss(logits, soft, y, q["temperature"])
             else:
                 loss = nn.functional.cross_entropy(logits, y)
@@ -468,7 +479,7 @@ def run_pipeline(path: str | os.PathLike, fast: bool = False, out: str | None = 
             from quantaware.qat import prepare_qat
 
             preset = cfg["qat"]["preset"] or cfg["quantization"]["preset"] or "INT8"
-            qat_model = prepare_qat(module, presets.get(preset), (calib.example,))
+            qat_model = prepare_qat(module, presets.get(preset), input_args(calib.example))
             qat_model.load_state_dict(load_checkpoint(qat_path)["model"])
             qat_model.eval()
             qat_result = done
