@@ -72,10 +72,6 @@ def _numpy_feed(batch: Any, names: Sequence[str]) -> dict[str, np.ndarray]:
             for name, v in zip(names, input_args(batch), strict=False)}
 
 
-def _example_args(example: Any) -> tuple:
-    return input_args(example)
-
-
 class _Reader:
     """``onnxruntime.quantization.CalibrationDataReader`` over our calibration batches."""
 
@@ -112,7 +108,7 @@ def build_variants(source: ModelSource, out_dir: str | os.PathLike,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {v: out / f"{source.name}-{v}.onnx" for v in VARIANTS}
-    args = _example_args(source.example)
+    args = input_args(source.example)
     on_step(f"{source.name}: export fp32")
     export_onnx(source.model, paths["fp32"], args)
     on_step(f"{source.name}: quantaware PTQ + export")
@@ -158,7 +154,7 @@ def build_litert_variants(source: ModelSource, out_dir: str | os.PathLike,
     same torch models as the ONNX files; static shapes of ``source.example``)."""
     from quantaware.export.tflite import export_tflite
 
-    args = _example_args(source.example)
+    args = input_args(source.example)
     out = Path(out_dir)
     models = {"fp32": source.model, **torch_models}
     return {v: export_tflite(m, out / f"{source.name}-{v}.tflite", args)

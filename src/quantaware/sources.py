@@ -132,11 +132,7 @@ class DataSource:
 
     @property
     def num_samples(self) -> int:
-        return sum(_batch_size(x) for x in self.inputs)
-
-
-def _batch_size(inputs: Any) -> int:
-    return inputs_size(inputs)
+        return sum(inputs_size(x) for x in self.inputs)
 
 
 # -- models --------------------------------------------------------------------------
@@ -334,7 +330,7 @@ def _builtin(name: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _split(x: Any, y: torch.Tensor | None, batch_size: int) -> list[Any]:
-    n = _batch_size(x)
+    n = inputs_size(x)
     out = []
     for i in range(0, n, batch_size):
         part = slice_inputs(x, i, i + batch_size)
@@ -377,11 +373,11 @@ def _user_batches(spec: str, items: Iterable[Any], limit: int | None) -> tuple[l
         if labeled is not None and this_labeled != labeled:
             raise SourceError(f"{spec}: some batches carry labels and some do not (batch {i})")
         labeled = this_labeled
-        if this_labeled and item[1].reshape(-1).shape[0] != _batch_size(x):
-            raise SourceError(f"{spec}: batch {i} has {_batch_size(x)} inputs but "
+        if this_labeled and item[1].reshape(-1).shape[0] != inputs_size(x):
+            raise SourceError(f"{spec}: batch {i} has {inputs_size(x)} inputs but "
                               f"{item[1].numel()} labels")
         batches.append(item)
-        seen += _batch_size(x)
+        seen += inputs_size(x)
         if limit is not None and seen >= limit:
             break
     if not batches:
@@ -395,7 +391,7 @@ def _truncate(batches: list[Any], labeled: bool, limit: int | None) -> list[Any]
     out, seen = [], 0
     for b in batches:
         x = b[0] if labeled else b
-        n = _batch_size(x)
+        n = inputs_size(x)
         if seen + n > limit:
             keep = limit - seen
             cut = slice_inputs(x, 0, keep)

@@ -47,10 +47,6 @@ QUANTIZED_FORMAT = "quantaware-quantized-v1"
 Progress = Callable[[str], None]
 
 
-def _args(example: Any) -> tuple:
-    return input_args(example)
-
-
 def choose_config(module: nn.Module, preset: str | None = None,
                   method: str | None = None) -> QuantConfig:
     """The preset named ``preset`` (default: the measured default for ``module``),
@@ -85,7 +81,7 @@ def _check_runs(module: nn.Module, data: DataSource) -> None:
     example = data.example
     try:
         with torch.no_grad():
-            module(*_args(example))
+            module(*input_args(example))
     except Exception as exc:
         shapes = input_shapes(example)
         raise SourceError(
@@ -121,12 +117,12 @@ def export_model(module: nn.Module, path: str | Path, example: Any,
     if file_format == "tflite":
         from quantaware.export.tflite import export_tflite
 
-        return export_tflite(module, path, _args(example))
+        return export_tflite(module, path, input_args(example))
     if file_format != "onnx":
         raise ValueError(f"unknown export format {file_format!r}; choose onnx or tflite")
     from quantaware.export.onnx import export_onnx
 
-    return export_onnx(module, path, _args(example))
+    return export_onnx(module, path, input_args(example))
 
 
 def save_quantized(path: str | Path, quantized: nn.Module, config: QuantConfig,
@@ -153,7 +149,7 @@ def load_quantized(path: str | Path, model: LoadedModel, example: Any) -> nn.Mod
                           f"(format {payload.get('format')!r})")
     config = QuantConfig.from_dict(payload["config"])
     prepared = prepare(model.require_torch("loading a quantized checkpoint"), config,
-                       _args(example))
+                       input_args(example))
     state = payload["state_dict"]
     modules = dict(prepared.named_modules())
     for key, value in state.items():  # SmoothQuant factors are buffers added after prepare
@@ -223,10 +219,6 @@ def _latency_ms(session: Any, feed: dict[str, np.ndarray], runs: int) -> float:
     return float(np.median(times)) / 1e6
 
 
-def _one(inputs: Any) -> Any:
-    return slice_inputs(inputs, 0, 1)
-
-
 def compare_onnx(float_path: str | Path, quantized_path: str | Path, data: DataSource,
                  threads: int = 2, latency_runs: int = 30,
                  progress: Progress | None = None,
@@ -285,8 +277,8 @@ def compare_onnx(float_path: str | Path, quantized_path: str | Path, data: DataS
             row["accuracy"] = 100.0 * float(np.mean(out.argmax(1) == labels))
         if progress:
             progress(f"timing {label}")
-        row["latency_ms_batch1"] = _latency_ms(session, _feed(session, _one(batches[0])),
-                                               latency_runs)
+        one = _feed(session, slice_inputs(batches[0], 0, 1))
+        row["latency_ms_batch1"] = _latency_ms(session, one, latency_runs)
         row["batch"] = int(next(iter(_feed(session, batches[0]).values())).shape[0])
         row["latency_ms_batch"] = _latency_ms(session, _feed(session, batches[0]),
                                               max(3, latency_runs // 3))

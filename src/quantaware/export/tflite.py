@@ -49,7 +49,7 @@ from quantaware.export.integer import int8_code
 from quantaware.export.onnx import ExportError, _export_copy, _quiet_logger
 from quantaware.primitives import dequantize
 
-__all__ = ["export_tflite", "output_scale", "tflite_ops"]
+__all__ = ["export_tflite", "output_scale", "output_scales", "tflite_ops"]
 
 log = logging.getLogger(__name__)
 
@@ -439,9 +439,9 @@ def tflite_ops(path: str | os.PathLike) -> list[tuple[str, list[str]]]:
     return rows
 
 
-def output_scale(path: str | os.PathLike, index: int = 0) -> float | None:
-    """The quantization step of output ``index`` of a ``.tflite`` file (read at
-    its ``DEQUANTIZE`` for a float interface), or ``None`` for a float output.
+def output_scales(path: str | os.PathLike) -> list[float | None]:
+    """The quantization step of each output of a ``.tflite`` file (read at its
+    ``DEQUANTIZE`` for a float interface), ``None`` for a float output.
 
     Example:
         >>> import torch, tempfile, os
@@ -450,7 +450,7 @@ def output_scale(path: str | os.PathLike, index: int = 0) -> float | None:
         >>> x = torch.randn(16, 4)
         >>> q = quantize(net, presets.INT8, [x], x[:1])
         >>> p = export_tflite(q, os.path.join(tempfile.mkdtemp(), "m.tflite"), x[:1])
-        >>> output_scale(p) > 0
+        >>> output_scales(p)[0] > 0
         True
     """
     from ai_edge_litert import schema_py_generated as schema
@@ -458,17 +458,24 @@ def output_scale(path: str | os.PathLike, index: int = 0) -> float | None:
 
     model = flatbuffer_utils.read_model_from_bytearray(bytearray(Path(path).read_bytes()))
     graph = model.subgraphs[0]
-    index = graph.outputs[index]
+    dequantized = {}  # a DEQUANTIZE's output -> its int8 input
     for op in graph.operators:
         code = model.operatorCodes[op.opcodeIndex]
-        if index in list(op.outputs) and max(
-                code.builtinCode, code.deprecatedBuiltinCode) == schema.BuiltinOperator.DEQUANTIZE:
-            index = op.inputs[0]
-            break
-    quant = graph.tensors[index].quantization
-    if quant is None or quant.scale is None or len(quant.scale) == 0:
-        return None
-    return float(np.max(quant.scale))
+        if max(code.builtinCode,
+               code.deprecatedBuiltinCode) == schema.BuiltinOperator.DEQUANTIZE:
+            dequantized[op.outputs[0]] = op.inputs[0]
+    scales: list[float | None] = []
+    for index in graph.outputs:
+        quant = graph.tensors[dequantized.get(index, index)].quantization
+        has_scale = quant is not None and quant.scale is not None and len(quant.scale) > 0
+        scales.append(float(np.max(quant.scale)) if has_scale else None)
+    return scales
+
+
+def output_scale(path: str | os.PathLike) -> float | None:
+    """The quantization step of the first output of a ``.tflite`` file, or ``None``
+    for a float output (:func:`output_scales` for every output)."""
+    return output_scales(path)[0]
 
 
 def _torch_layouts(value: np.ndarray, shape: tuple[int, ...]) -> list[np.ndarray]:

@@ -178,30 +178,29 @@ class VerifyReport:
 
 
 def _output_scales(model_proto: onnx.ModelProto) -> list[float | None]:
-    """:func:`_output_scale` of every graph output, in order."""
-    return [_output_scale(model_proto, i) for i in range(len(model_proto.graph.output))]
-
-
-def _output_scale(model_proto: onnx.ModelProto, index: int = 0) -> float | None:
-    """Scale of the DequantizeLinear that produces graph output ``index``, if any."""
+    """The scale of the DequantizeLinear that produces each graph output (``None``
+    for a float output or a scale computed at run time), in output order."""
     graph = model_proto.graph
-    out_name = graph.output[index].name
     producers = {o: n for n in graph.node for o in n.output}
     inits = {i.name: i for i in graph.initializer}
     consts = {n.output[0]: n for n in graph.node if n.op_type == "Constant"}
-    node = producers.get(out_name)
-    while node is not None and node.op_type in ("Identity", "Reshape", "Flatten"):
-        node = producers.get(node.input[0])
-    if node is None or node.op_type != "DequantizeLinear":
-        return None
-    scale_name = node.input[1]
-    if scale_name in inits:
-        scale = numpy_helper.to_array(inits[scale_name])
-    elif scale_name in consts:
-        scale = numpy_helper.to_array(consts[scale_name].attribute[0].t)
-    else:
-        return None  # computed at run time (dynamic quantization)
-    return float(np.max(scale)) if scale.size else None
+
+    def scale_of(out_name: str) -> float | None:
+        node = producers.get(out_name)
+        while node is not None and node.op_type in ("Identity", "Reshape", "Flatten"):
+            node = producers.get(node.input[0])
+        if node is None or node.op_type != "DequantizeLinear":
+            return None
+        scale_name = node.input[1]
+        if scale_name in inits:
+            scale = numpy_helper.to_array(inits[scale_name])
+        elif scale_name in consts:
+            scale = numpy_helper.to_array(consts[scale_name].attribute[0].t)
+        else:
+            return None  # computed at run time (dynamic quantization)
+        return float(np.max(scale)) if scale.size else None
+
+    return [scale_of(output.name) for output in graph.output]
 
 
 def _all_outputs(out: Any) -> list[torch.Tensor]:
@@ -479,11 +478,11 @@ def verify(
     if num_batches is not None and num_batches < 1:
         raise ValueError(f"num_batches must be positive or None, got {num_batches}")
     if litert:
-        from quantaware.export.tflite import output_scale
+        from quantaware.export.tflite import output_scales
 
         proto = None
         session = create_backend_session(onnx_path, backend, threads)
-        scales = [output_scale(onnx_path, i) for i in range(len(session.get_outputs()))]
+        scales = output_scales(onnx_path)
     else:
         try:
             proto = onnx.load(str(onnx_path))
