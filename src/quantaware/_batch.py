@@ -105,6 +105,16 @@ def input_args(inputs: Any) -> tuple[Any, ...]:
     return tuple(inputs) if isinstance(inputs, tuple | list) else (inputs,)
 
 
+def map_inputs(inputs: Any, fn: Any) -> Any:
+    """``fn`` applied to every tensor of a batch's inputs, keeping their structure
+    (a tensor, a tuple of positional inputs or a dict of keyword inputs)."""
+    if isinstance(inputs, Mapping):
+        return {k: fn(v) for k, v in inputs.items()}
+    if isinstance(inputs, tuple | list):
+        return tuple(fn(v) for v in inputs)
+    return fn(inputs)
+
+
 def slice_inputs(inputs: Any, start: int, stop: int) -> Any:
     """Samples ``start:stop`` of a tensor, a tuple of tensors or a dict of tensors.
 
@@ -113,20 +123,12 @@ def slice_inputs(inputs: Any, start: int, stop: int) -> Any:
         >>> slice_inputs({"ids": torch.arange(6).reshape(3, 2)}, 1, 3)["ids"].tolist()
         [[2, 3], [4, 5]]
     """
-    if isinstance(inputs, Mapping):
-        return {k: v[start:stop] for k, v in inputs.items()}
-    if isinstance(inputs, tuple | list):
-        return tuple(v[start:stop] for v in inputs)
-    return inputs[start:stop]
+    return map_inputs(inputs, lambda v: v[start:stop])
 
 
 def take_inputs(inputs: Any, index: torch.Tensor) -> Any:
     """Samples ``index`` (a 1-d index tensor) of a tensor, tuple or dict of tensors."""
-    if isinstance(inputs, Mapping):
-        return {k: v[index] for k, v in inputs.items()}
-    if isinstance(inputs, tuple | list):
-        return tuple(v[index] for v in inputs)
-    return inputs[index]
+    return map_inputs(inputs, lambda v: v[index])
 
 
 def cat_inputs(parts: list[Any]) -> Any:
@@ -153,11 +155,7 @@ def inputs_size(inputs: Any) -> int:
 
 def input_shapes(inputs: Any) -> Any:
     """The shapes of a batch's inputs, for messages."""
-    if isinstance(inputs, Mapping):
-        return {k: tuple(v.shape) for k, v in inputs.items()}
-    if isinstance(inputs, tuple | list):
-        return tuple(tuple(v.shape) for v in inputs)
-    return tuple(inputs.shape)
+    return map_inputs(inputs, lambda v: tuple(v.shape))
 
 
 def to_device(args: tuple, kwargs: dict, device: torch.device) -> tuple[tuple, dict]:

@@ -50,7 +50,7 @@ from typing import Any
 
 import numpy as np
 
-from quantaware._batch import input_args
+from quantaware._batch import input_args, map_inputs
 from quantaware.deploy import ModelSource, load_model_source, quantize_for_backend
 
 __all__ = ["DISTILLED", "ORT_QUANTIZER_VARIANTS", "VARIANTS", "backend_variants", "benchmark",
@@ -254,16 +254,8 @@ def time_interleaved(sessions: dict[Any, Any], feeds: dict[Any, dict[str, np.nda
 
 
 def _batch_of(source: ModelSource, batch: int) -> Any:
-    first = source.evaluate[0]
-
-    def repeat(v: Any) -> Any:
-        return v[:1].repeat(batch, *([1] * (v.dim() - 1)))
-
-    if isinstance(first, dict):
-        return {k: repeat(v) for k, v in first.items()}
-    if isinstance(first, tuple | list):
-        return tuple(repeat(v) for v in first)
-    return repeat(first)
+    return map_inputs(source.evaluate[0],
+                      lambda v: v[:1].repeat(batch, *([1] * (v.dim() - 1))))
 
 
 def benchmark(models: Sequence[str], batches: Sequence[int] = (1, 16), threads: int = 2,
