@@ -20,7 +20,8 @@ def _needs(module: str) -> None:
         pytest.skip(f"needs {module}")
 
 
-@pytest.mark.parametrize("name", ["digits", "mnist1d", "mobilenet_v2"])
+@pytest.mark.parametrize("name", ["digits", "mnist1d",
+                                  pytest.param("mobilenet_v2", marks=pytest.mark.slow)])
 def test_example_pipeline_runs_fast(name, tmp_path, capsys):
     if name == "mnist1d":
         _needs("mnist1d")
