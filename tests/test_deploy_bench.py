@@ -99,3 +99,52 @@ def test_results_table_has_a_backend_column_for_several_backends():
     assert "ONNX Runtime deployment" in single and "backend" not in single
     both = render([{**row, "backend": "onnxruntime"}, {**row, "backend": "openvino"}])
     assert "backend" in both and "openvino" in both and "as onnxruntime runs it" in both
+
+
+def test_fidelity_scores_every_output_and_takes_the_worst():
+    rng = np.random.default_rng(0)
+    logits, boxes = rng.normal(size=(8, 5)), rng.normal(size=(8, 4))
+    assert fidelity("image", [logits, boxes], [logits, boxes]) == pytest.approx(1.0)
+    # A negated second head: the first output alone would read 1.0.
+    assert fidelity("image", [logits, boxes], [logits, -boxes]) < 0.5
+    assert fidelity("text", [boxes], [boxes * 2.0]) == pytest.approx(1.0)
+    flipped = fidelity_details("text", [boxes, boxes], [boxes, boxes[::-1]])
+    assert flipped == fidelity_details("text", boxes, boxes[::-1])
+    assert flipped["neighbour_agreement"] < 1.0
+    # A class-less head (one score per sample) is scored by cosine, not top-1.
+    score = rng.normal(size=8)
+    assert fidelity("image", score, score) == pytest.approx(1.0)
+    assert fidelity("image", score, -score) == pytest.approx(-1.0)
+    assert math.isnan(fidelity_details("image", score, score)["agreement_confident"])
+    with pytest.raises(ValueError, match="as many outputs"):
+        fidelity("image", [logits, boxes], [logits])
+    with pytest.raises(ValueError, match="output 1: shape"):
+        fidelity("image", [logits, boxes], [logits, boxes[:, :2]])
+
+
+def test_dense_map_fidelity_is_per_pixel_over_the_classes():
+    rng = np.random.default_rng(1)
+    seg = rng.normal(size=(2, 3, 4, 5)) * 5.0
+    assert fidelity("image", seg, seg) == 1.0
+    swapped = seg[:, ::-1]
+    agree = np.mean(seg.argmax(1) == swapped.argmax(1))
+    assert fidelity("image", seg, swapped) == pytest.approx(agree)
+    assert fidelity_details("image", seg, seg) == {"agreement_confident": 1.0}
+
+
+def test_outputs_collects_every_output_over_the_batches():
+    from quantaware.deploy_bench import _outputs
+
+    class Session:
+        def get_inputs(self):
+            return [type("I", (), {"name": "x"})()]
+
+        def run(self, names, feed):
+            x = feed["x"]
+            return [x * 2.0, x.sum(1)]
+
+    import torch
+
+    batches = [torch.ones(2, 3), torch.zeros(1, 3)]
+    first, second = _outputs(Session(), batches)
+    assert first.shape == (3, 3) and second.tolist() == [3.0, 3.0, 0.0]

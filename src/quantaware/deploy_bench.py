@@ -27,9 +27,9 @@ Latency is the median of many ``session.run`` calls after warm-up, taken
 interleaved (one run of each variant per round, A B C D A B C D ...) so that
 machine noise hits every variant alike; with several backends, every
 backend's variants take part in the same rounds. Fidelity compares each
-variant's output with the fp32 file's output in the first backend listed: top-1
+variant's outputs with the fp32 file's outputs in the first backend listed: top-1
 agreement for image models, mean cosine similarity of the embeddings for text
-models.
+models; a model with several outputs is scored by its worst one.
 
 Example:
     >>> rows = benchmark(["resnet18"], quick=True)  # doctest: +SKIP
@@ -183,56 +183,104 @@ def _sessions(paths: dict[str, dict[str, Path]], threads: int,
             for b in backends for v in backend_variants(list(paths[b]), b)}
 
 
-def _outputs(session: Any, batches: list[Any]) -> np.ndarray:
+def _outputs(session: Any, batches: list[Any]) -> list[np.ndarray]:
+    """Every output of ``session`` over ``batches``, each concatenated over the batches."""
     names = [i.name for i in session.get_inputs()]
-    return np.concatenate([session.run(None, _numpy_feed(b, names))[0] for b in batches])
+    runs = [session.run(None, _numpy_feed(b, names)) for b in batches]
+    return [np.concatenate([run[k] for run in runs]) for k in range(len(runs[0]))]
 
 
-def fidelity(kind: str, reference: np.ndarray, output: np.ndarray) -> float:
-    """Top-1 agreement (``kind="image"``) or mean cosine similarity (``"text"``).
+Outputs = np.ndarray | Sequence[np.ndarray]
 
-    Example:
-        >>> a = np.array([[1.0, 0.0], [0.0, 1.0]])
-        >>> fidelity("image", a, a[::-1]), fidelity("text", a, a)
-        (0.0, 1.0)
-    """
-    if kind == "image":
-        return float(np.mean(reference.argmax(1) == output.argmax(1)))
-    ref, out = reference.astype(np.float64), output.astype(np.float64)
+
+def _pairs(reference: Outputs, output: Outputs) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``(reference, output)`` array pairs, one per model output."""
+    refs = [reference] if isinstance(reference, np.ndarray) else list(reference)
+    outs = [output] if isinstance(output, np.ndarray) else list(output)
+    if not refs or len(refs) != len(outs):
+        raise ValueError(f"fidelity needs as many outputs as the reference has: got "
+                         f"{len(outs)} against {len(refs)}")
+    for k, (r, o) in enumerate(zip(refs, outs, strict=True)):
+        if r.shape != o.shape:
+            raise ValueError(f"output {k}: shape {o.shape} differs from the reference's "
+                             f"{r.shape}")
+    return list(zip(refs, outs, strict=True))
+
+
+def _has_classes(a: np.ndarray) -> bool:
+    """True if ``a`` has a class axis (axis 1, more than one entry) to take a top-1 over."""
+    return a.ndim >= 2 and a.shape[1] > 1
+
+
+def _cosine(reference: np.ndarray, output: np.ndarray) -> float:
+    """Mean over samples of the cosine between their flattened outputs."""
+    n = len(reference)
+    ref = reference.reshape(n, -1).astype(np.float64)
+    out = output.reshape(n, -1).astype(np.float64)
     cos = (ref * out).sum(1) / np.maximum(
         np.linalg.norm(ref, axis=1) * np.linalg.norm(out, axis=1), 1e-30)
     return float(cos.mean())
 
 
-def fidelity_details(kind: str, reference: np.ndarray, output: np.ndarray) -> dict[str, float]:
+def fidelity(kind: str, reference: Outputs, output: Outputs) -> float:
+    """Top-1 agreement (``kind="image"``) or mean cosine similarity (``"text"``).
+
+    ``reference`` and ``output`` are one array or one array per model output; a
+    model with several outputs scores its worst one. Top-1 is taken over axis 1
+    (per pixel for dense maps ``(N, C, H, W)``); an image model's output without
+    a class axis (one score per sample) is scored by cosine.
+
+    Example:
+        >>> a = np.array([[1.0, 0.0], [0.0, 1.0]])
+        >>> fidelity("image", a, a[::-1]), fidelity("text", a, a)
+        (0.0, 1.0)
+        >>> fidelity("image", [a, a], [a, a[::-1]])  # the second head disagrees
+        0.0
+    """
+    scores = [float(np.mean(r.argmax(1) == o.argmax(1)))
+              if kind == "image" and _has_classes(r) else _cosine(r, o)
+              for r, o in _pairs(reference, output)]
+    return min(scores)
+
+
+def fidelity_details(kind: str, reference: Outputs, output: Outputs) -> dict[str, float]:
     """The second fidelity figure: confident-crop agreement or neighbour agreement.
 
-    For ``kind="image"``: top-1 agreement over the samples where the reference is
-    confident (max softmax >= 0.5), key ``agreement_confident`` (NaN if none is).
+    For ``kind="image"``: top-1 agreement over the samples (pixels, for dense
+    maps) where the reference is confident (max softmax >= 0.5), key
+    ``agreement_confident`` (NaN if none is, or no output has a class axis).
     For ``kind="text"``: the fraction of samples whose most similar *other*
     sample (cosine of the embeddings) is unchanged, key ``neighbour_agreement``.
+    With several outputs, the worst one.
 
     Example:
         >>> e = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
         >>> fidelity_details("text", e, e)
         {'neighbour_agreement': 1.0}
     """
+    pairs = _pairs(reference, output)
     if kind == "image":
-        z = reference.astype(np.float64)
-        z = np.exp(z - z.max(1, keepdims=True))
-        confident = (z / z.sum(1, keepdims=True)).max(1) >= 0.5
-        same = reference.argmax(1) == output.argmax(1)
-        return {"agreement_confident":
-                float(same[confident].mean()) if confident.any() else float("nan")}
+        scores = []
+        for ref, out in pairs:
+            if not _has_classes(ref):
+                continue
+            z = ref.astype(np.float64)
+            z = np.exp(z - z.max(1, keepdims=True))
+            confident = (z / z.sum(1, keepdims=True)).max(1) >= 0.5
+            same = ref.argmax(1) == out.argmax(1)
+            if confident.any():
+                scores.append(float(same[confident].mean()))
+        return {"agreement_confident": min(scores) if scores else float("nan")}
 
     def neighbours(e: np.ndarray) -> np.ndarray:
-        e = e.astype(np.float64)
+        e = e.reshape(len(e), -1).astype(np.float64)
         e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-30)
         sim = e @ e.T
         np.fill_diagonal(sim, -np.inf)
         return sim.argmax(1)
 
-    return {"neighbour_agreement": float(np.mean(neighbours(reference) == neighbours(output)))}
+    return {"neighbour_agreement": min(float(np.mean(neighbours(r) == neighbours(o)))
+                                       for r, o in pairs)}
 
 
 def time_interleaved(sessions: dict[Any, Any], feeds: dict[Any, dict[str, np.ndarray]],

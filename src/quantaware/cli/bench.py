@@ -94,8 +94,9 @@ def results_table(rows: list[dict[str, Any]]):
     table = Table(title=title,
                   caption=f"latency: median ms, interleaved runs; ratio: latency / FP32{ratio}; "
                   f"fidelity: top-1 agreement with FP32{reference} (images) "
-                  "or mean embedding cosine (text); fidelity 2: agreement where FP32 is "
-                  "confident (max softmax >= 0.5) or nearest-neighbour agreement (text); "
+                  "or mean embedding cosine (text), the worst output of a multi-output "
+                  "model; fidelity 2: agreement where FP32 is confident (max softmax "
+                  ">= 0.5) or nearest-neighbour agreement (text); "
                   f"verify: {verified} vs quantaware's torch model running ONNX Runtime's "
                   "integer arithmetic (in brackets: vs its fake-quant forward)")
     headers = ("model", "batch", *(("backend",) if several else ()), "variant", "latency ms",
