@@ -311,3 +311,28 @@ def test_float_model_has_nothing_to_emulate():
     with integer_arithmetic(model) as emulation:
         assert emulation.emulated == [] and emulation.fallback == []
         assert not emulation.complete
+
+
+def test_litert_ceil_mode_pool_is_emulated_where_no_window_hangs_over():
+    """LiteRT's file of a ceil_mode pool traced at 8x8 is the floor-mode pool: the
+    reference emulates it, and refuses inputs where a window would hang over. Traced
+    at 9x9 (the converter pads and rescales) it names why it is not emulated."""
+    def pooled(size):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(),
+                            nn.AvgPool2d(2, 2, ceil_mode=True)).eval()
+        x = torch.randn(8, 3, size, size)
+        return quantaware.quantize(net, presets.INT8, [x], x[:1]), x
+
+    q, x = pooled(8)
+    with integer_arithmetic(q, "litert") as emulation:
+        q(x)
+        with pytest.raises(ValueError, match="window hanging over"):
+            q(torch.randn(2, 3, 9, 9))
+    assert emulation.complete, emulation.fallback
+    q, _ = pooled(9)
+    with integer_arithmetic(q, "litert") as emulation:
+        pass
+    assert [reason for _, reason in emulation.fallback] == [
+        "average pooling whose last ceil_mode window hangs over the input (LiteRT pads "
+        "and rescales it)"]

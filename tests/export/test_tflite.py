@@ -167,13 +167,17 @@ def _pool_net(pool):
 @pytest.mark.parametrize("pool", [
     torch.nn.AvgPool2d(2), torch.nn.AvgPool2d((2, 3), (2, 1)),
     torch.nn.AvgPool2d(3, 1, 1), torch.nn.AvgPool2d(3, 2, 1),
-], ids=["2x2", "2x3-stride-2x1", "3x3-pad-1", "3x3-stride-2-pad-1"])
+    torch.nn.AvgPool2d(3, 2, 1, ceil_mode=True),
+    torch.nn.AvgPool2d(3, 2, ceil_mode=True, count_include_pad=False),
+], ids=["2x2", "2x3-stride-2x1", "3x3-pad-1", "3x3-stride-2-pad-1", "ceil-mode-pad-1",
+        "ceil-mode-uncounted"])
 def test_average_pooling_is_integer_and_exact(litert, tmp_path, pool):
     """LiteRT averages int8 codes on the input's grid (TFLite's kernel, rounding half
     away from zero) and requantizes onto the pool's grid. A padded pool is exported
     as an explicit zero pad and an unpadded pool: lowered as one op, the converter
     requantized the padded input onto the (narrower) output grid and clipped it,
-    20-47 LSB off."""
+    20-47 LSB off. A ceil_mode pool with no window hanging over the 9x9 input is
+    the floor-mode pool (as one op in ceil mode: 20 LSB and 2 LSB off)."""
     from quantaware.export.integer import integer_arithmetic
     from quantaware.export.tflite import tflite_ops
 

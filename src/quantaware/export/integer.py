@@ -70,7 +70,7 @@ from quantaware.nn.base import QuantMixin
 from quantaware.nn.conv import _QuantConvNd
 from quantaware.nn.functional import QuantAdd, QuantCat, QuantMatmul
 from quantaware.nn.linear import QuantLinear
-from quantaware.nn.pool import QuantAdaptiveAvgPool2d, QuantAvgPool2d
+from quantaware.nn.pool import QuantAdaptiveAvgPool2d, QuantAvgPool2d, ceil_mode_matters
 from quantaware.nn.resize import NEAREST_MODES, QuantUpsample
 from quantaware.nn.weighted import BIAS_QMAX, BIAS_QMIN, WeightQuantMixin
 from quantaware.prepare import MIXED_INPUT_GRIDS
@@ -367,13 +367,23 @@ def _xnnpack_concatenation_forward(module: QuantCat, qps: list[_QParams],
     return forward
 
 
-def _litert_avg_pool_forward(module: QuantAvgPool2d, qin: _QParams, qout: _QParams):
+def _litert_avg_pool_forward(module: QuantAvgPool2d, qin: _QParams, qout: _QParams,
+                             input_size: tuple[int, ...] | None = None):
     """LiteRT's int8 AVERAGE_POOL_2D (TFLite's kernel: XNNPACK has no int8 average
     pooling) keeps the input's grid: the sum of the window's int8 codes divided by
     the number of values averaged, rounding half away from zero. When the pool's
-    own grid differs, a QUANTIZE (:class:`_Requantize`) moves the result onto it."""
-    if module.ceil_mode or module.divisor_override:
-        return "average pooling with ceil_mode or divisor_override"
+    own grid differs, a QUANTIZE (:class:`_Requantize`) moves the result onto it.
+    A ``ceil_mode`` pool is emulated where no window hangs over the traced input
+    (``input_size``): :func:`quantaware.export_tflite` writes it in floor mode."""
+    if module.divisor_override:
+        return "average pooling with divisor_override"
+    ceil_mode = bool(module.ceil_mode)
+    if ceil_mode and input_size is None:
+        return "average pooling with ceil_mode on an input of unknown size"
+    if ceil_mode and ceil_mode_matters(module.kernel_size, module.stride, module.padding,
+                                       input_size):
+        return ("average pooling whose last ceil_mode window hangs over the input "
+                "(LiteRT pads and rescales it)")
     if module.padding and not module.count_include_pad:
         # LiteRT runs it as a 'same'-padded pool or as a float composite, by shape.
         return "average pooling that leaves its padding out of the count"
@@ -387,6 +397,12 @@ def _litert_avg_pool_forward(module: QuantAvgPool2d, qin: _QParams, qout: _QPara
     zi = int8_code(qin.zero_point, qin.qmin)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if ceil_mode and ceil_mode_matters(kernel, stride, padding, x.shape):
+            raise ValueError(
+                f"the integer emulation of this ceil_mode average pool holds for inputs "
+                f"whose windows all lie on the input, as the traced {tuple(input_size)} "
+                f"does; {tuple(x.shape)} has a window hanging over it (a LiteRT file's "
+                f"input size is the example's: feed inputs of that size)")
         code = _int8_codes(qin, self._quantize_input(x)).to(_F64)
         if padding:  # an explicit pad with the zero point's code (export_tflite's form)
             ph, pw = (padding, padding) if isinstance(padding, int) else padding
@@ -585,13 +601,15 @@ def _global_pool_forward(module: QuantAdaptiveAvgPool2d, qin: _QParams, qout: _Q
 
 def _plan(module: nn.Module, kernels: str = "onnxruntime",
           onto: nn.Module | None = None, on_grid: frozenset[int] = frozenset(),
-          placement: str = "before") -> Callable[..., torch.Tensor] | str | None:
+          placement: str = "before",
+          input_size: tuple[int, ...] | None = None) -> Callable[..., torch.Tensor] | str | None:
     """The integer-exact forward for ``module``, a reason it has none, or ``None``
     for modules that are not quantized layers. ``onto``: the quantizer whose grid
     a layer writes its output on instead of its own (LiteRT's concatenation and
     bilinear resize inputs, see :func:`_litert_grids`); ``on_grid``: a
     concatenation's inputs written that way; ``placement``: where a resize's grids
-    are reconciled (see :func:`_litert_resize_forward`)."""
+    are reconciled (see :func:`_litert_resize_forward`); ``input_size``: the
+    layer's input shape in the traced graph, if known."""
     if isinstance(module, QuantMixin) and module.__dict__.get(MIXED_INPUT_GRIDS):
         return ("called on inputs with different qparams (one layer shared by several "
                 "call sites)")
@@ -654,7 +672,7 @@ def _plan(module: nn.Module, kernels: str = "onnxruntime",
         if blocker is not None:
             return blocker
         if isinstance(module, QuantAvgPool2d):
-            return _litert_avg_pool_forward(module, qin, qout)
+            return _litert_avg_pool_forward(module, qin, qout, input_size)
         return _global_pool_forward(module, qin, qout)
     if isinstance(module, QuantUpsample):
         qin = _static_qparams(module.input_source)
@@ -684,11 +702,13 @@ class _LiteRTGrids:
         on_grid: concatenation name -> the indices of its inputs written that way.
         placement: bilinear resize name -> ``"onto"``, ``"before"`` or ``"after"``
             (see :func:`_litert_resize_forward`).
+        input_size: layer name -> the shape of its (first) input in the traced graph.
     """
 
     onto: dict[str, nn.Module] = field(default_factory=dict)
     on_grid: dict[str, frozenset[int]] = field(default_factory=dict)
     placement: dict[str, str] = field(default_factory=dict)
+    input_size: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
 
 def _litert_grids(model: nn.Module) -> _LiteRTGrids:
@@ -721,6 +741,10 @@ def _litert_grids(model: nn.Module) -> _LiteRTGrids:
         if node.op != "call_module":
             continue
         consumer = model.get_submodule(node.target)
+        source = node.args[0] if node.args else None
+        if isinstance(source, fx.Node) and "tensor_meta" in source.meta and \
+                hasattr(source.meta["tensor_meta"], "shape"):
+            grids.input_size[node.target] = tuple(source.meta["tensor_meta"].shape)
         if isinstance(consumer, QuantCat):
             for index, arg in enumerate(node.args):
                 layer = single_use(arg)
@@ -805,7 +829,7 @@ def integer_arithmetic(model: nn.Module,
         for name, module in model.named_modules():
             plan = _plan(module, kernels, grids.onto.get(name),
                          grids.on_grid.get(name, frozenset()),
-                         grids.placement.get(name, "before"))
+                         grids.placement.get(name, "before"), grids.input_size.get(name))
             if plan is None and kernels == "litert" and type(module) is FakeQuantizer:
                 plan = _litert_quantize_forward(module)
                 if plan is not None:  # a quantizer, not a layer: not counted

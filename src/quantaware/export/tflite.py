@@ -47,6 +47,7 @@ from torch import fx, nn
 
 from quantaware.export.integer import int8_code
 from quantaware.export.onnx import ExportError, _export_copy, _quiet_logger
+from quantaware.nn.pool import ceil_mode_matters
 from quantaware.primitives import dequantize
 
 __all__ = ["export_tflite", "output_scale", "output_scales", "tflite_ops"]
@@ -185,12 +186,24 @@ class _Rewriter:
         self.graph.eliminate_dead_code()
         self.gm.recompile()
 
+    def shape_of(self, node: Any) -> tuple[int, ...] | None:
+        """The traced shape of ``node``, looking through the quantize/dequantize pairs
+        this rewriter inserts (they carry no shape); ``None`` if unknown."""
+        qdq = (self.qd.quantize_per_tensor.default, self.qd.dequantize_per_tensor.default)
+        while isinstance(node, fx.Node) and "val" not in node.meta and node.target in qdq:
+            node = node.args[0]
+        if isinstance(node, fx.Node) and isinstance(node.meta.get("val"), torch.Tensor):
+            return tuple(node.meta["val"].shape)
+        return None
+
     def pad_before_pooling(self) -> None:
         """An average pool whose padding counts as zeros becomes an explicit zero pad
         (on the input's grid) and an unpadded pool. Lowered as it is, the converter
         pads and then requantizes the padded input onto the pool's output grid,
         clipping values before the average; unpadded, it averages on the input's
-        grid and requantizes the result."""
+        grid and requantizes the result. A ``ceil_mode`` pool with no window hanging
+        over the input (:func:`quantaware.nn.pool.ceil_mode_matters`) is the same
+        pool in floor mode, and is written as one."""
         for node in list(self.graph.nodes):
             if node.op != "call_function" or _aten_name(node.target) != "avg_pool2d":
                 continue
@@ -200,6 +213,21 @@ class _Rewriter:
             padding = args.get("padding", 0)
             ph, pw = (padding, padding) if isinstance(padding, int) else (
                 (padding[0], padding[0]) if len(padding) == 1 else padding)
+            size = self.shape_of(args["input"])
+            counted = not (ph or pw) or args.get("count_include_pad", True)
+            if args.get("ceil_mode", False) and counted and size is not None and \
+                    not ceil_mode_matters(args["kernel_size"], args.get("stride"), padding, size):
+                # No window hangs over the input, so floor mode is the same pool, which
+                # the converter lowers without ceil mode's pad and rescaling MUL. With
+                # no padding, leaving padding out of the count changes nothing either.
+                # (Padding left out of the count stays as written: the converter
+                # lowers that to an int8 pool in ceil mode only.)
+                args["ceil_mode"] = False
+                if not (ph or pw):
+                    args["count_include_pad"] = True
+                node.args = tuple(args.get(n, d) for n, d in zip(
+                    names, (None, None, [], 0, False, True, None), strict=True))
+                node.kwargs = {}
             if not (ph or pw) or not args.get("count_include_pad", True) or \
                     args.get("ceil_mode", False):
                 continue

@@ -4,6 +4,8 @@ values is itself on the grid, so it shares its input's qparams."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -11,6 +13,35 @@ from quantaware.config import QuantSpec
 from quantaware.fake_quant import make_quantizer
 from quantaware.nn.base import QuantMixin
 from quantaware.nn.registry import register
+
+
+def _pair(value: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(value, int):
+        return value, value
+    values = tuple(value)
+    return (values[0], values[0]) if len(values) == 1 else (values[0], values[1])
+
+
+def ceil_mode_matters(kernel_size: int | Sequence[int], stride: int | Sequence[int] | None,
+                      padding: int | Sequence[int], size: Sequence[int]) -> bool:
+    """True if a 2-d pool with ``ceil_mode=True`` over an input of spatial ``size``
+    ``(H, W)`` writes more outputs than with ``ceil_mode=False`` (a last window that
+    hangs over the input). Otherwise both compute the same windows and divisors.
+
+    Example:
+        >>> ceil_mode_matters(2, 2, 0, (8, 8)), ceil_mode_matters(2, 2, 0, (9, 9))
+        (False, True)
+    """
+    kernel, pad = _pair(kernel_size), _pair(padding)
+    step = _pair(stride) if stride else kernel  # nn.AvgPool2d's stride defaults to its kernel
+
+    def outputs(length: int, k: int, s: int, p: int, ceil: bool) -> int:
+        n = (length + 2 * p - k + (s - 1 if ceil else 0)) // s + 1
+        # torch drops a last window that would start in the right padding
+        return n - 1 if ceil and (n - 1) * s >= length + p else n
+
+    return any(outputs(n, k, s, p, True) != outputs(n, k, s, p, False)
+               for n, k, s, p in zip(tuple(size)[-2:], kernel, step, pad, strict=True))
 
 
 class _QuantPool(QuantMixin):
