@@ -46,6 +46,7 @@ from quantaware.config import (
 )
 from quantaware.fake_quant import FakeQuantizer
 from quantaware.fusion import can_fold, fold_bn
+from quantaware.nn.attention import make_traceable
 from quantaware.nn.base import ChannelClip, QuantMixin
 from quantaware.nn.functional import QuantAdd, QuantCat, QuantMatmul, _MultiInputQuant
 from quantaware.nn.registry import quantized_type, supported_types
@@ -543,7 +544,7 @@ def prepare(
         )
     example_inputs = _as_tuple(example_inputs)
     _check_overrides(model, config)
-    model = copy.deepcopy(model)
+    model = make_traceable(copy.deepcopy(model))
     if quantized_type(type(model)) is not None and hasattr(model, "weight"):
         # A bare layer: tracing would inline its forward and leave no module to swap.
         model = nn.Sequential(model)
