@@ -336,3 +336,26 @@ def test_litert_ceil_mode_pool_is_emulated_where_no_window_hangs_over():
     assert [reason for _, reason in emulation.fallback] == [
         "average pooling whose last ceil_mode window hangs over the input (LiteRT pads "
         "and rescales it)"]
+
+
+def test_litert_emulation_of_a_resize_after_max_pooling():
+    """A max pool (no quantizer of its own) before a bilinear resize: reading the
+    LiteRT grids raised AttributeError ('MaxPool2d' has no 'output_quantizer')."""
+    import torch.nn.functional as F
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.pool = nn.Conv2d(1, 4, 3, padding=1), nn.MaxPool2d(2)
+            self.out = nn.Conv2d(4, 2, 1)
+
+        def forward(self, x):
+            y = self.pool(torch.relu(self.conv(x)))
+            return self.out(F.interpolate(y, size=(8, 8), mode="bilinear", align_corners=False))
+
+    torch.manual_seed(0)
+    x = torch.rand(8, 1, 8, 8)
+    q = quantaware.quantize(Net().eval(), presets.INT8, [x], x[:1])
+    with integer_arithmetic(q, "litert") as emulation:
+        assert q(x).shape == (8, 2, 8, 8)
+    assert emulation.complete, emulation.fallback

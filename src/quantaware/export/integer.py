@@ -755,7 +755,7 @@ def _litert_grids(model: nn.Module) -> _LiteRTGrids:
         elif isinstance(consumer, QuantUpsample) and consumer.output_quantizer is not None:
             layer = single_use(node.args[0])
             two_d = "tensor_meta" in node.meta and len(node.meta["tensor_meta"].shape) == 4
-            if (two_d and layer is not None and layer.output_quantizer is not None
+            if (two_d and getattr(layer, "output_quantizer", None) is not None
                     and consumer.input_source is layer.output_quantizer
                     and (isinstance(layer, QuantAdd) or (isinstance(layer, _QuantConvNd)
                                                          and len(layer.kernel_size) == 2))):
