@@ -37,6 +37,9 @@ def _write(tmp_path: Path, data: dict, name: str = "p.yaml") -> Path:
     ({**MINIMAL, "model": "x"}, "model: expected a mapping"),
     ({**MINIMAL, "version": 2}, "version: 2 is not supported"),
     ({**MINIMAL, "fast": {"qat": {"epochs": -1}}}, "fast: qat.epochs: got -1"),
+    ({**MINIMAL, "quantization": {"preset": "INT9"}},
+     "quantization.preset: got 'INT9'; expected a preset name: FP16, INT8, INT8_DYNAMIC"),
+    ({**MINIMAL, "qat": {"preset": "bogus"}}, "qat.preset: got 'bogus'; expected a preset"),
 ])
 def test_validation_names_the_key_and_the_allowed_values(raw, message):
     with pytest.raises(PipelineError, match=message.replace("[", r"\[").replace("]", r"\]")):

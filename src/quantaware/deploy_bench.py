@@ -345,6 +345,14 @@ def benchmark(models: Sequence[str], batches: Sequence[int] = (1, 16), threads: 
 
     if isinstance(distill_steps, bool) or not isinstance(distill_steps, int) or distill_steps < 0:
         raise ValueError(f"distill_steps must be a non-negative integer, got {distill_steps!r}")
+    for name, values, low in (("batches", batches, 1), ("runs", [runs], 1),
+                              ("warmup", [warmup], 0), ("threads", [threads], 1)):
+        if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < low
+                             for v in values):
+            kind = "positive integers" if name == "batches" else (
+                "a positive integer" if low else "a non-negative integer")
+            got = values if name == "batches" else values[0]
+            raise ValueError(f"{name} must be {kind}, got {got!r}")
     if isinstance(backends, str) or not backends or len(set(backends)) != len(backends):
         raise ValueError(f"backends must be a non-empty sequence of distinct names, "
                          f"got {backends!r}")

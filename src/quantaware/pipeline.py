@@ -80,6 +80,18 @@ def _text(value: Any) -> bool:
     return isinstance(value, str) and bool(value.strip())
 
 
+def _preset(value: Any) -> bool:
+    from quantaware import presets
+
+    return _text(value) and value.upper().replace("-", "_") in presets.PRESETS
+
+
+def _preset_names() -> str:
+    from quantaware import presets
+
+    return ", ".join(sorted(presets.PRESETS))
+
+
 # A leaf is (default, check, description); a dict is a section.
 _METHODS = ("minmax", "moving_average", "percentile", "mse", "entropy")
 _TARGETS = ("onnx",)
@@ -111,11 +123,12 @@ SCHEMA: dict[str, Any] = {
         },
     },
     "quantization": {
-        "preset": (None, _text, "a preset name (quantaware presets)"),
+        "preset": (None, _preset, "a preset name: " + _preset_names()),
         "method": (None, lambda v: v in _METHODS, "one of " + ", ".join(_METHODS)),
     },
     "qat": {
-        "preset": (None, _text, "a preset name (default: the quantization preset)"),
+        "preset": (None, _preset, "a preset name (default: the quantization preset): "
+                   + _preset_names()),
         "epochs": (3, _positive_int, "a positive integer"),
         "lr": (1e-4, _positive_float, "a positive number"),
         "distill": (True, lambda v: isinstance(v, bool), "true or false"),

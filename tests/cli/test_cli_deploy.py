@@ -133,3 +133,36 @@ def test_bench_rejects_unknown_backend(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--quick", "--models", "resnet18", "--backend", "tensorrt"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batches", "0"], "--batches must be a positive integer, got 0"),
+    (["--batches", "1", "-1"], "--batches must be a positive integer, got -1"),
+    (["--runs", "0"], "--runs must be a positive integer, got 0"),
+    (["--warmup", "-1"], "--warmup must be a non-negative integer, got -1"),
+])
+def test_bench_rejects_counts_out_of_range(flags, message, capsys):
+    """--batches 0 reported a batch of zero samples as fidelity 1.0; --runs 0 NaN
+    latencies. Both are usage errors now, before any model is built."""
+    assert main(["bench", "--quick", "--models", "resnet18", *flags]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--min-agreement", "2"], "--min-agreement must be between 0 and 1, got 2.0"),
+    (["--min-agreement", "nan"], "--min-agreement must be between 0 and 1, got nan"),
+    (["--preset", "INT9"], "unknown preset 'INT9'"),
+])
+def test_verify_command_rejects_bad_settings(flags, message, capsys):
+    assert main(["verify", "--model", f"{__name__}:tiny_cnn", "--input-shape", "3,16,16",
+                 *flags]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_benchmark_api_rejects_counts_out_of_range():
+    from quantaware.deploy_bench import benchmark
+
+    for kwargs in ({"batches": []}, {"batches": (1, 0)}, {"runs": 0}, {"warmup": -1},
+                   {"threads": 0}):
+        with pytest.raises(ValueError, match="must be"):
+            benchmark(["resnet18"], quick=True, **kwargs)

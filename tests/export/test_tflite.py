@@ -498,3 +498,30 @@ def test_every_output_is_compared_in_the_files_order(litert, tmp_path):
     path = quantaware.export_tflite(q, tmp_path / "heads.tflite", data[0][:1])
     report = quantaware.verify(path, q, data, backend="litert")
     assert report.num_outputs == 2 and report.max_error_lsb == 0.0, str(report)
+
+
+def test_a_tensor_flattened_twice_keeps_its_layout(litert, tmp_path):
+    """One conv output flattened for two linear layers: with one DEQUANTIZE shared
+    by both flattens, the file read one of them in the wrong layout (77 LSB, top-1
+    50%); a tensor that is also resized after a flatten failed to convert."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(1, 8, 3, stride=2, padding=1)
+            self.fc, self.aux = nn.Linear(128, 10), nn.Linear(128, 10)
+            self.up = nn.Conv2d(8, 2, 1)
+
+        def forward(self, x):
+            d = F.relu(self.conv(x))
+            logits = self.fc(d.flatten(1)) + self.aux(d.view(d.size(0), -1))
+            return logits, self.up(F.interpolate(d, scale_factor=2.0, mode="nearest"))
+
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    calib = [torch.rand(32, 1, 8, 8, generator=gen)]
+    _, _, report = _round_trip(Net().eval(), calib, [torch.rand(32, 1, 8, 8, generator=gen)],
+                               tmp_path / "flat.tflite")
+    assert report.max_error_lsb == 0.0 and report.top1_agreement == 1.0, str(report)

@@ -133,6 +133,9 @@ def test_passed_thresholds():
     assert float_output.passed()
     assert "n/a (float output)" in str(float_output)
     assert str(_report(top1_agreement=0.5)).startswith("verify: CHECK")
+    # A file's NaN outputs: argmax reads them as class 0 everywhere, which "agrees".
+    assert not _report(max_abs_error=float("nan"), max_error_lsb=None).passed()
+    assert not _report(cosine=float("nan"), max_error_lsb=None).passed()
 
 
 def test_mismatching_model_gives_low_agreement(int8_path, cnn_factory, calib_data,
@@ -161,6 +164,21 @@ def test_tuple_batches(int8_path, int8_model):
 def test_empty_data_raises(int8_path, int8_model):
     with pytest.raises(ValueError, match="no data"):
         quantaware.verify(int8_path, int8_model, [])
+
+
+def test_non_finite_data_or_model_outputs_are_refused(int8_path, int8_model, cnn_factory,
+                                                      calib_data, example_input):
+    """NaN data, or a model whose outputs are NaN, made verify PASS (an all-NaN
+    output 'agrees' on top-1, and its error read as a float output's)."""
+    data = _batches(2, 5)
+    data[1][0, 0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match="verify batch 1 contains 1 NaN/Inf"):
+        quantaware.verify(int8_path, int8_model, data)
+    broken = quantaware.quantize(cnn_factory(0), presets.INT8, calib_data, example_input)
+    with torch.no_grad():
+        broken.get_submodule("fc2").bias.fill_(float("nan"))
+    with pytest.raises(ValueError, match="torch model's output on verify batch 0 contains"):
+        quantaware.verify(int8_path, broken, _batches(1, 6))
 
 
 def test_model_with_other_output_shape_raises(int8_path):

@@ -121,9 +121,15 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from quantaware.backends import check_backend
-    from quantaware.cli._sources import parse_input_shape
+    from quantaware.cli._sources import parse_input_shape, positive
     from quantaware.deploy_bench import benchmark, write_json
 
+    for batch in args.batches:
+        positive("--batches", batch)
+    positive("--runs", args.runs)
+    positive("--threads", args.threads)
+    if args.warmup < 0:
+        raise UsageError(f"--warmup must be a non-negative integer, got {args.warmup}")
     try:
         for backend in args.backends:
             check_backend(backend)

@@ -67,6 +67,12 @@ def run(args: argparse.Namespace) -> int:
     from quantaware.cli._sources import parse_input_shape
     from quantaware.deploy import default_config, load_model_source, quantize_for_backend
 
+    if not 0.0 <= args.min_agreement <= 1.0:  # NaN fails this too
+        raise UsageError(f"--min-agreement must be between 0 and 1, got {args.min_agreement}")
+    try:
+        preset = presets.get(args.preset) if args.preset else None
+    except KeyError as exc:
+        raise UsageError(exc.args[0]) from exc
     try:
         check_backend(args.backend)
     except ImportError as exc:
@@ -79,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
                                        input_shape=parse_input_shape(args.input_shape))
         except (ValueError, KeyError) as exc:
             raise UsageError(str(exc)) from exc
-        config = presets.get(args.preset) if args.preset else default_config(source.model)
+        config = preset or default_config(source.model)
         example = input_args(source.example)
         status.update(f"quantizing with {config.name}")
         qmodel = quantize_for_backend(source.model, source.calib, example, config=config)

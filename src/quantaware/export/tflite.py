@@ -183,6 +183,7 @@ class _Rewriter:
             self.graph.erase_node(node)
         self.pad_before_pooling()
         self.same_grid()
+        self.dequantize_per_user()
         self.graph.eliminate_dead_code()
         self.gm.recompile()
 
@@ -255,6 +256,22 @@ class _Rewriter:
             with self.graph.inserting_after(q):
                 dq = self.graph.call_function(self.qd.dequantize_per_tensor.default, (q, *args))
             node.replace_all_uses_with(dq, delete_user_cb=lambda user, q=q: user is not q)
+
+
+    def dequantize_per_user(self) -> None:
+        """Give every user of a shared DEQUANTIZE its own copy (PT2E's form, as
+        ``convert_pt2e`` writes it). With one DEQUANTIZE shared by two flattens of
+        a conv output, the converted file read one of them in the wrong layout
+        (77 LSB off)."""
+        for node in list(self.graph.nodes):
+            if node.target is not self.qd.dequantize_per_tensor.default or \
+                    len(node.users) < 2:
+                continue
+            for user in list(node.users)[1:]:
+                with self.graph.inserting_after(node):
+                    copy = self.graph.call_function(node.target, node.args, node.kwargs)
+                copy.meta = dict(node.meta)
+                user.replace_input_with(node, copy)
 
 
 def _aten_name(target: Any) -> str | None:

@@ -30,6 +30,7 @@ import inspect
 import itertools
 import json
 import logging
+import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,7 +42,7 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from quantaware._batch import model_device, split_batch, to_device
+from quantaware._batch import check_finite, model_device, split_batch, to_device
 from quantaware.backends import BackendSession, check_backend, create_backend_session
 from quantaware.export.integer import fake_quant_arithmetic, int8_code, integer_arithmetic
 from quantaware.export.layers import (
@@ -120,10 +121,13 @@ class VerifyReport:
     num_outputs: int = 1
 
     def passed(self, min_agreement: float = 0.99, max_lsb: float = 1.0) -> bool:
-        """True if agreement and (where quantized) the LSB error are within bounds."""
+        """True if agreement and (where quantized) the LSB error are within bounds,
+        and the file's outputs are finite."""
         # Outputs are float32 values (q - zp) * scale: one step can read as 1.00002 LSB.
         lsb_ok = self.max_error_lsb is None or self.max_error_lsb <= max_lsb + 1e-3
-        return self.top1_agreement >= min_agreement and lsb_ok
+        # NaN/Inf in the file's outputs (where the model's are finite) fail.
+        finite = math.isfinite(self.max_abs_error) and math.isfinite(self.cosine)
+        return self.top1_agreement >= min_agreement and lsb_ok and finite
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -497,6 +501,8 @@ def verify(
     batches = list(itertools.islice(data, num_batches))
     if not batches:
         raise ValueError("verify got no data: pass an iterable with at least one batch")
+    for index, batch in enumerate(batches):
+        check_finite(*split_batch(batch), f"verify batch {index}")
     input_names = [i.name for i in session.get_inputs()]
     parameters = _forward_parameters(model)
     outs = [list(session.run(None, _feed(batch, input_names, parameters)))
@@ -509,7 +515,14 @@ def verify(
 
     model.eval()
     with fake_quant_arithmetic(model):
-        fake = _agreement(_torch_outputs(model, batches), outs, backend, scales)
+        expected = _torch_outputs(model, batches)
+        for index, arrays in enumerate(expected):
+            if not all(np.isfinite(a).all() for a in arrays):
+                raise ValueError(
+                    f"the torch model's output on verify batch {index} contains NaN/Inf: "
+                    "there is nothing to compare the file with; check the model's weights "
+                    "(and quantizers) for NaN/Inf and that it runs on this data")
+        fake = _agreement(expected, outs, backend, scales)
     main, rows, unavailable, max_lsb = fake, [], 0, 1
     integer_layers = fallback_layers = 0
     used = "fake-quant"
