@@ -492,3 +492,27 @@ def test_bad_arguments():
         quantaware.prepare(lambda x: x, presets.INT8, torch.randn(1, 2))
     with pytest.raises(TypeError, match="example_inputs"):
         quantaware.prepare(nn.Sequential(nn.Linear(2, 2)), presets.INT8, {"x": 1})
+
+
+def test_functional_average_pools_are_quantized_like_their_modules():
+    """F.avg_pool2d / F.adaptive_avg_pool2d stayed float, and so did the conv before
+    them (its output had no integer consumer)."""
+    from quantaware.nn.pool import QuantAdaptiveAvgPool2d, QuantAvgPool2d
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 4)
+
+        def forward(self, x):
+            y = F.avg_pool2d(torch.relu(self.conv(x)), kernel_size=3, stride=2, padding=1)
+            return self.fc(F.adaptive_avg_pool2d(y, 1).flatten(1))
+
+    torch.manual_seed(0)
+    model, x = Net().eval(), torch.randn(8, 3, 16, 16)
+    q = quantaware.quantize(model, presets.INT8, [x], x[:1])
+    pools = [type(m) for m in q.modules() if isinstance(m, QuantAvgPool2d | QuantAdaptiveAvgPool2d)]
+    assert pools == [QuantAvgPool2d, QuantAdaptiveAvgPool2d]
+    assert q.get_submodule("conv").output_quantizer is not None
+    with torch.no_grad():
+        assert torch.nn.functional.cosine_similarity(q(x), model(x)).min() > 0.999

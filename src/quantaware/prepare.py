@@ -206,6 +206,40 @@ def _swap_modules(gm: fx.GraphModule, config: QuantConfig) -> None:
         done.add(node.target)
 
 
+_POOL_NAMES = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
+               "divisor_override")
+_FUNCTIONAL_POOLS: dict[Any, tuple[type[nn.Module], tuple[str, ...]]] = {
+    F.avg_pool2d: (nn.AvgPool2d, _POOL_NAMES),
+    F.adaptive_avg_pool2d: (nn.AdaptiveAvgPool2d, ("output_size",)),
+}
+
+
+def _pools_as_modules(gm: fx.GraphModule) -> None:
+    """``F.avg_pool2d`` and ``F.adaptive_avg_pool2d`` on 4-d tensors become the
+    equivalent modules, which quantaware quantizes like ``nn.AvgPool2d`` (left
+    functional, the pool and the layer before it stayed float)."""
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in _FUNCTIONAL_POOLS:
+            continue
+        cls, names = _FUNCTIONAL_POOLS[node.target]
+        if not node.args or len(node.args) > 1 + len(names) or \
+                not set(node.kwargs) <= set(names):
+            continue
+        settings = dict(zip(names, node.args[1:], strict=False)) | dict(node.kwargs)
+        source = node.args[0]
+        meta = source.meta.get("tensor_meta") if isinstance(source, fx.Node) else None
+        if (meta is None or not hasattr(meta, "shape") or len(meta.shape) != 4
+                or any(isinstance(v, fx.Node) for v in settings.values())):
+            continue
+        name = _unique_name(gm, node.name)
+        gm.add_submodule(name, cls(**settings))
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_module(name, args=(source,))
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+
+
 def _unique_name(gm: fx.GraphModule, base: str) -> str:
     name, i = base, 1
     while hasattr(gm, name):
@@ -562,6 +596,7 @@ def prepare(
         config = _resolve_edge_layers(config, _weighted_order(gm))
         if config.fold_bn:
             _fold_batchnorms(gm)
+        _pools_as_modules(gm)
         _swap_modules(gm, config)
         if isinstance(config.activation, QuantSpec) or any(
             isinstance(r.activation, QuantSpec) for r in config.overrides
