@@ -135,3 +135,42 @@ def test_verify_on_each_backend(exports, data, record_property):
     assert ov_report.layers_checked + ov_report.layers_unavailable == ort_report.layers_checked
     assert "in openvino" in str(ov_report).splitlines()[0]
     assert ov_report.to_dict()["backend"] == "openvino"
+
+
+def test_mean_over_tokens_before_a_quantizer_runs_in_openvino():
+    """OpenVINO 2026.4 computes LayerNormalization -> ReduceMean(keepdims=0) ->
+    QuantizeLinear wrongly on the CPU (169 codes off ONNX Runtime here, a mean-pooled
+    transformer's head read 35% top-1). The export writes the mean with its
+    dimension kept and then squeezed, which OpenVINO computes as ONNX Runtime does."""
+    pytest.importorskip("openvino")
+    from onnx import TensorProto, helper, numpy_helper
+
+    from quantaware.backends import create_backend_session
+    from quantaware.export.onnx import _reduce_mean_keeping_dims
+
+    rng = np.random.default_rng(0)
+    channels = 32
+    inits = [numpy_helper.from_array(np.array(0.00803159, np.float32), "s"),
+             numpy_helper.from_array(np.array(117, np.uint8), "zp"),
+             numpy_helper.from_array(rng.uniform(0.9, 1.3, channels).astype(np.float32), "g"),
+             numpy_helper.from_array(np.zeros(channels, np.float32), "b"),
+             numpy_helper.from_array(np.array([1], np.int64), "axes")]
+    nodes = [helper.make_node("LayerNormalization", ["x", "g", "b"], ["ln"], axis=-1),
+             helper.make_node("ReduceMean", ["ln", "axes"], ["mean"], keepdims=0),
+             helper.make_node("QuantizeLinear", ["mean", "s", "zp"], ["q"])]
+    graph = helper.make_graph(
+        nodes, "pooled", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 64, 32])],
+        [helper.make_tensor_value_info("q", TensorProto.UINT8, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    feed = {"x": rng.normal(size=(100, 64, channels)).astype(np.float32) * 2}
+
+    def codes(backend: str) -> np.ndarray:
+        session = create_backend_session(model.SerializeToString(), backend, threads=1)
+        return session.run(None, feed)[0].astype(np.int64)
+
+    # As built, OpenVINO 2026.4 reads 169 codes off here.
+    assert _reduce_mean_keeping_dims(model) == 1
+    assert [n.op_type for n in model.graph.node] == [
+        "LayerNormalization", "ReduceMean", "Squeeze", "QuantizeLinear"]
+    assert np.abs(codes("openvino") - codes("onnxruntime")).max() == 0

@@ -245,6 +245,50 @@ def _sink_dequantize_through_reshapes(proto: onnx.ModelProto) -> int:
 _SPACE_TO_DEPTH_MAX_CHANNELS = 4
 
 
+def _reduce_mean_keeping_dims(proto: onnx.ModelProto) -> int:
+    """Write each ``ReduceMean(keepdims=0)`` as ``ReduceMean(keepdims=1)`` and a
+    ``Squeeze`` of the same axes: the same values and shape.
+
+    OpenVINO 2026.4 computes a ``ReduceMean(keepdims=0)`` followed by a
+    ``QuantizeLinear`` (directly, or through a per-channel ``Mul``) wrongly on the
+    CPU, up to 192 codes off ONNX Runtime on a mean over the tokens; with the
+    dimension kept and squeezed it agrees (0 codes). Returns the nodes rewritten.
+    """
+    from onnx import helper, numpy_helper
+
+    nodes, rewritten = [], 0
+    names = {i.name for i in proto.graph.initializer}
+    for node in proto.graph.node:
+        nodes.append(node)
+        if (node.op_type != "ReduceMean" or node.domain not in ("", "ai.onnx")
+                or _attr(node, "keepdims", 1) != 0 or _attr(node, "noop_with_empty_axes", 0)):
+            continue
+        axes_attr = _attr(node, "axes")
+        if axes_attr is not None:  # opset < 18: axes is an attribute
+            axes = f"{node.name or node.output[0]}_axes"
+            while axes in names:
+                axes += "_"
+            names.add(axes)
+            proto.graph.initializer.append(
+                numpy_helper.from_array(np.asarray(axes_attr, np.int64), axes))
+            squeeze_inputs = [axes]
+        else:
+            squeeze_inputs = [node.input[1]] if len(node.input) > 1 and node.input[1] else []
+        out = node.output[0]
+        kept = f"{out}_kept"
+        for a in node.attribute:
+            if a.name == "keepdims":
+                a.i = 1
+        node.output[0] = kept
+        nodes.append(helper.make_node("Squeeze", [kept, *squeeze_inputs], [out],
+                                      name=f"{node.name or out}_squeeze"))
+        rewritten += 1
+    if rewritten:
+        del proto.graph.node[:]
+        proto.graph.node.extend(nodes)
+    return rewritten
+
+
 def _attr(node: onnx.NodeProto, name: str, default=None):
     for a in node.attribute:
         if a.name == name:
@@ -595,6 +639,7 @@ def export_onnx(
                                           input_size_limit=_FOLD_INPUT_SIZE_LIMIT)
     _fold_float_biases(proto)
     _quantize_constants(proto)
+    _reduce_mean_keeping_dims(proto)
     _sink_dequantize_through_reshapes(proto)
     _explicit_ceil_pooling(proto)
     if space_to_depth:
