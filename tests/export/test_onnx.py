@@ -635,7 +635,7 @@ def test_quantized_constant_is_stored_as_integer_codes(tmp_path):
     assert report.passed() and report.max_error_lsb == 0.0, str(report)
     pytest.importorskip("openvino")
     report = quantaware.verify(path, q, data, backend="openvino", check_layers=False)
-    assert report.passed() and report.max_error_lsb <= 1.0, str(report)
+    assert report.passed() and report.max_error_lsb <= 1.0 + 1e-3, str(report)
 
 
 @pytest.mark.parametrize(("rank", "mask"), [(3, None), (3, "bool"), (2, "float"),
