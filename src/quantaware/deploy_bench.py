@@ -345,14 +345,15 @@ def benchmark(models: Sequence[str], batches: Sequence[int] = (1, 16), threads: 
 
     if isinstance(distill_steps, bool) or not isinstance(distill_steps, int) or distill_steps < 0:
         raise ValueError(f"distill_steps must be a non-negative integer, got {distill_steps!r}")
-    for name, values, low in (("batches", batches, 1), ("runs", [runs], 1),
-                              ("warmup", [warmup], 0), ("threads", [threads], 1)):
-        if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < low
-                             for v in values):
-            kind = "positive integers" if name == "batches" else (
-                "a positive integer" if low else "a non-negative integer")
-            got = values if name == "batches" else values[0]
-            raise ValueError(f"{name} must be {kind}, got {got!r}")
+    def counts(value: Any, low: int) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+    if not batches or not all(counts(b, 1) for b in batches):
+        raise ValueError(f"batches must be positive integers, got {batches!r}")
+    for name, value, low in (("runs", runs, 1), ("warmup", warmup, 0), ("threads", threads, 1)):
+        if not counts(value, low):
+            kind = "a positive" if low else "a non-negative"
+            raise ValueError(f"{name} must be {kind} integer, got {value!r}")
     if isinstance(backends, str) or not backends or len(set(backends)) != len(backends):
         raise ValueError(f"backends must be a non-empty sequence of distinct names, "
                          f"got {backends!r}")
