@@ -660,3 +660,17 @@ def test_a_weights_file_given_as_the_model_says_how_to_load_it(tmp_path):
     torch.save(torch.nn.Linear(2, 2).state_dict(), path)
     with pytest.raises(SourceError, match=r"is a file, not a model source.*--weights"):
         load_model(str(path))
+
+
+def test_data_with_nan_or_inf_is_refused_naming_the_batch():
+    """NaN evaluation data gave 'cosine nan' and a results.json with a bare NaN."""
+    from quantaware.sources import DataSource, SourceError
+
+    good, bad = torch.zeros(4, 3), torch.zeros(4, 3)
+    bad[2, 1] = float("nan")
+    with pytest.raises(SourceError, match=r"mine: batch 1 contains 1 NaN/Inf value\(s\)"):
+        DataSource("mine", [(good, torch.zeros(4)), (bad, torch.zeros(4))], labeled=True)
+    with pytest.raises(SourceError, match="batch 0 contains 1 NaN/Inf"):
+        DataSource("pairs", [((good, bad), torch.zeros(4))], labeled=True)
+    ids = torch.zeros(2, 5, dtype=torch.long)  # integer inputs are not checked
+    assert DataSource("text", [{"input_ids": ids}], labeled=False).num_samples == 2

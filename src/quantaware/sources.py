@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from quantaware._batch import inputs_size, slice_inputs
+from quantaware._batch import check_finite, input_args, inputs_size, slice_inputs
 from quantaware._spec import load_spec
 
 __all__ = ["BUILTIN_DATA", "DataSource", "LabelsError", "LoadedModel", "SourceError", "load_data",
@@ -108,6 +108,10 @@ class DataSource:
     labeled: bool
     classes: list[str] | None = field(default=None)
     label_names: list[str] | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        for index, inputs in enumerate(self.inputs):
+            check_finite(input_args(inputs), {}, f"{self.name}: batch {index}", SourceError)
 
     @property
     def inputs(self) -> list[Any]:
