@@ -185,6 +185,19 @@ def _example(sample: Any) -> Any:
     return sample.unsqueeze(0)
 
 
+def _check_labels(y: torch.Tensor, logits: torch.Tensor, step: int) -> None:
+    """Class-index labels within the model's classes (cross-entropy's own error names
+    neither the batch nor the fix)."""
+    if y.dtype.is_floating_point or y.dtype == torch.bool or y.numel() == 0 or logits.dim() < 2:
+        return
+    low, high = int(y.min()), int(y.max())
+    if low < 0 or high >= logits.shape[1]:
+        bad = low if low < 0 else high
+        raise ValueError(f"batch {step} has label {bad}, but the model gives "
+                         f"{logits.shape[1]} class scores (labels must be 0 to "
+                         f"{logits.shape[1] - 1}); fix the labels or the model's output size")
+
+
 def run_qat(settings: QATRunSettings,
             on_event: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Run (or resume) QAT; returns the summary also written to ``OUT/results.json``.
@@ -270,6 +283,7 @@ def run_qat(settings: QATRunSettings,
             inputs, y = unpack_batch(batch)
             args = input_args(inputs)
             logits = train_model(*args)
+            _check_labels(y, logits, step)
             if s.distill:
                 with torch.no_grad():
                     teacher = float_model(*args)
