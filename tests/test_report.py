@@ -6,6 +6,7 @@ import json
 import re
 from html.parser import HTMLParser
 
+import pytest
 import torch
 
 from quantaware import presets, quantize
@@ -73,3 +74,16 @@ def test_report_cli(tmp_path):
     assert main(["report", str(src), "--out", str(tmp_path / "out.html")]) == 0
     assert (tmp_path / "out.html").is_file() and (tmp_path / "out.md").is_file()
     assert main(["report", str(tmp_path / "missing.json")]) == 2
+
+
+@pytest.mark.parametrize(("rows", "message"), [
+    ([{"name": "a"}], "row 0 of the report has no 'variant'"),
+    ([{"variant": "int8"}, "int8"], "row 1 of the report has no 'variant'"),
+    ([{"variant": "int8", "agreement": "high"}], "row 0 of the report: agreement must be a "
+                                                 "number, got 'high'"),
+])
+def test_malformed_rows_are_named_and_nothing_is_written(tmp_path, rows, message):
+    """A row without 'variant' ended in a raw KeyError traceback."""
+    with pytest.raises(ValueError, match=message):
+        write_report(tmp_path / "r.html", {"rows": rows})
+    assert not list(tmp_path.iterdir())

@@ -189,6 +189,16 @@ def write_report(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
     if not isinstance(payload, dict) or not isinstance(payload.get("rows"), list):
         raise ValueError("the report needs a dict with a 'rows' list of variants "
                          "(as written by benchmarks/ptq.py --json)")
+    for index, row in enumerate(payload["rows"]):
+        if not isinstance(row, dict) or "variant" not in row:
+            raise ValueError(f"row {index} of the report has no 'variant' (each row names "
+                             "its variant, as benchmarks/ptq.py --json writes them)")
+        for key in ("agreement", "accuracy", "agreement_confident", "size_bytes"):
+            value = row.get(key)
+            if value is not None and (isinstance(value, bool)
+                                      or not isinstance(value, int | float)):
+                raise ValueError(f"row {index} of the report: {key} must be a number, "
+                                 f"got {value!r}")
     path = Path(path)
     title = html.escape(payload.get("title", "quantaware report"))
     summary = markdown_summary(payload)
