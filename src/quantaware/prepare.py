@@ -49,6 +49,7 @@ from quantaware.fusion import can_fold, fold_bn
 from quantaware.nn.attention import make_traceable
 from quantaware.nn.base import ChannelClip, QuantMixin
 from quantaware.nn.functional import QuantAdd, QuantCat, QuantMatmul, _MultiInputQuant
+from quantaware.nn.pool import QuantAdaptiveAvgPool2d, QuantAvgPool2d
 from quantaware.nn.registry import quantized_type, supported_types
 from quantaware.nn.resize import RESIZE_MODES, QuantUpsample
 
@@ -206,11 +207,10 @@ def _swap_modules(gm: fx.GraphModule, config: QuantConfig) -> None:
         done.add(node.target)
 
 
-_POOL_NAMES = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
-               "divisor_override")
+# The functional pools' arguments after the input, in order: their modules' own.
 _FUNCTIONAL_POOLS: dict[Any, tuple[type[nn.Module], tuple[str, ...]]] = {
-    F.avg_pool2d: (nn.AvgPool2d, _POOL_NAMES),
-    F.adaptive_avg_pool2d: (nn.AdaptiveAvgPool2d, ("output_size",)),
+    F.avg_pool2d: (nn.AvgPool2d, QuantAvgPool2d._ARGS),
+    F.adaptive_avg_pool2d: (nn.AdaptiveAvgPool2d, QuantAdaptiveAvgPool2d._ARGS),
 }
 
 
