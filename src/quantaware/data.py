@@ -23,7 +23,6 @@ Example:
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +30,8 @@ import torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, TensorDataset
+
+from quantaware._files import atomic_path
 
 __all__ = [
     "DIGITS_MEAN",
@@ -168,15 +169,8 @@ def load_mnist1d_split(seed: int = 42) -> tuple[TensorDataset, TensorDataset]:
         args.seed = seed
         made = make_dataset(args)
         data = {k: np.asarray(made[k]) for k in ("x", "y", "x_test", "y_test")}
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".npz.tmp", dir=cache.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **data)
-            os.replace(tmp, cache)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_path(cache) as tmp, open(tmp, "wb") as f:
+            np.savez(f, **data)
 
     def dataset(x: np.ndarray, y: np.ndarray) -> TensorDataset:
         return TensorDataset(torch.as_tensor(x, dtype=torch.float32).reshape(len(x), 1, -1),

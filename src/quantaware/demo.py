@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ import torch
 from torch import nn
 
 from quantaware import presets
+from quantaware._files import write_text
 from quantaware.calibrate import calibrate
 from quantaware.config import QuantConfig
 from quantaware.prepare import prepare
@@ -58,17 +58,7 @@ class DemoSettings:
 
 def write_json_atomic(path: Path, payload: Any) -> None:
     """Write JSON to ``path`` via a temporary file in the same folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".json.tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2)
-            f.write("\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_text(path, json.dumps(payload, indent=2) + "\n")
 
 
 def _quantized(model: nn.Module, config: QuantConfig, calib, example: torch.Tensor,

@@ -51,6 +51,7 @@ from typing import Any
 import numpy as np
 
 from quantaware._batch import input_args, map_inputs
+from quantaware._files import atomic_path, write_text
 from quantaware.deploy import ModelSource, load_model_source, quantize_for_backend
 
 __all__ = ["DISTILLED", "ORT_QUANTIZER_VARIANTS", "VARIANTS", "backend_variants", "benchmark",
@@ -137,14 +138,8 @@ def build_variants(source: ModelSource, out_dir: str | os.PathLike,
         ("ort-dynamic-int8", lambda tmp: quantize_dynamic(
             str(paths["fp32"]), tmp, weight_type=QuantType.QInt8)),
     ):
-        fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=out)
-        os.close(fd)
-        try:
-            run(tmp)
-            os.replace(tmp, paths[variant])
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_path(paths[variant], suffix=".onnx") as tmp:
+            run(str(tmp))
     return paths, torch_models
 
 
@@ -420,15 +415,4 @@ def benchmark(models: Sequence[str], batches: Sequence[int] = (1, 16), threads: 
 
 def write_json(rows: list[dict[str, Any]], path: str | os.PathLike) -> Path:
     """Write ``rows`` as JSON, atomically."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".json.tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(rows, handle, indent=2)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
+    return write_text(path, json.dumps(rows, indent=2))

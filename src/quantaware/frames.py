@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from quantaware._files import new_file_mode, write_bytes
 from quantaware.image_folder import IMAGE_EXTENSIONS, ImageFolder
 
 __all__ = ["CAMERA_FPS", "SLIDESHOW_FPS", "VIDEO_EXTENSIONS", "VIDEO_WRITERS", "Frame",
@@ -250,18 +251,6 @@ def annotate(rgb: np.ndarray, lines: Sequence[str]) -> np.ndarray:
     return bgr
 
 
-def _atomic_write(target: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 class FrameWriter:
     """Annotated BGR frames to a video file or to numbered JPEGs in a folder.
 
@@ -306,7 +295,7 @@ class FrameWriter:
             ok, data = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, 95])
             if not ok:
                 raise RuntimeError(f"OpenCV could not encode frame {self.count} as JPEG")
-            _atomic_write(self.path / f"frame_{self.count:06d}.jpg", data.tobytes())
+            write_bytes(self.path / f"frame_{self.count:06d}.jpg", data.tobytes())
         else:
             if self._video is None:
                 self._open_video(bgr.shape[1], bgr.shape[0])
@@ -335,7 +324,7 @@ class FrameWriter:
             self._video = None
         if self._tmp is not None:
             if success and self.count:
-                os.chmod(self._tmp, 0o644)
+                os.chmod(self._tmp, new_file_mode())
                 os.replace(self._tmp, self.path)
             elif os.path.exists(self._tmp):
                 os.unlink(self._tmp)

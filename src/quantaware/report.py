@@ -27,12 +27,13 @@ import base64
 import html
 import io
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from quantaware._files import write_text
 
 __all__ = ["histograms_from_model", "markdown_summary", "write_report"]
 
@@ -169,18 +170,6 @@ def markdown_summary(payload: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def write_report(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
     """Write ``path`` (HTML, images embedded) and ``path`` with ``.md`` (summary).
 
@@ -221,6 +210,6 @@ def write_report(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
         parts.append(f"<h2>{html.escape(caption)}</h2>"
                      f"<img alt=\"{html.escape(caption)}\" src=\"data:image/png;base64,{data}\">")
     parts.append("</body></html>")
-    _atomic_write(path, "\n".join(parts) + "\n")
-    _atomic_write(path.with_suffix(".md"), summary)
+    write_text(path, "\n".join(parts) + "\n")
+    write_text(path.with_suffix(".md"), summary)
     return path

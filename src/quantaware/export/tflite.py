@@ -36,7 +36,6 @@ import contextlib
 import io
 import logging
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -45,6 +44,7 @@ import numpy as np
 import torch
 from torch import fx, nn
 
+from quantaware._files import write_bytes
 from quantaware.export.integer import int8_code
 from quantaware.export.onnx import ExportError, _export_copy, _quiet_logger
 from quantaware.nn.pool import ceil_mode_matters
@@ -441,16 +441,7 @@ def export_tflite(
                         "no padding gives an int8 AVERAGE_POOL_2D)", name)
     if quantized and not int8_io:
         content = _float_interface(content)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(content)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    write_bytes(path, content)
     log.info("wrote %s (%d bytes)", path, len(content))
     return path
 

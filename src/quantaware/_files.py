@@ -1,0 +1,138 @@
+"""Atomic file writes: a file appears under its final name complete, or not at all.
+
+Every file quantaware writes goes through :func:`atomic_path`: the content is
+written to a hidden temporary file in the target's folder (``.NAME.XXXX.tmp``),
+flushed to disk, given the permissions a newly created file gets (``0666`` minus
+the umask, as ``open`` would) and renamed over the target (``os.replace`` is
+atomic on POSIX). A failure or interrupt removes the temporary file and leaves
+any previous file at the target untouched.
+
+Example:
+    >>> import os, tempfile
+    >>> from pathlib import Path
+    >>> path = Path(tempfile.mkdtemp()) / "out.txt"
+    >>> _ = write_text(path, "hello\\n")
+    >>> path.read_text()
+    'hello\\n'
+    >>> sorted(os.listdir(path.parent))
+    ['out.txt']
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+__all__ = ["atomic_path", "check_writable_dir", "check_writable_file", "new_file_mode",
+           "write_bytes", "write_text"]
+
+
+def new_file_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+    """A temporary path beside ``path`` that becomes ``path`` when the block succeeds.
+
+    The caller writes the whole file to the yielded path (any library that takes a
+    file name will do); on success it is synced and renamed over ``path``. Missing
+    parent folders are created. ``suffix`` is appended to the temporary name for
+    libraries that pick a format from the extension.
+
+    Example:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> target = Path(tempfile.mkdtemp()) / "a.bin"
+        >>> with atomic_path(target) as tmp:
+        ...     _ = tmp.write_bytes(b"ok")
+        >>> target.read_bytes()
+        b'ok'
+    """
+    target = Path(path)
+    check_writable_file(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f"{suffix}.tmp",
+                                dir=target.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.chmod(tmp, new_file_mode())
+        os.replace(tmp, target)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically; return the path."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically; return the path."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def _nearest_existing(path: Path) -> Path:
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return probe
+
+
+def check_writable_file(path: str | os.PathLike, what: str = "") -> None:
+    """Raise ``IsADirectoryError``/``NotADirectoryError``/``PermissionError`` now when
+    ``path`` cannot be written as a file, naming ``what`` (e.g. ``"--json"``).
+
+    Example:
+        >>> import tempfile
+        >>> check_writable_file(tempfile.mkdtemp(), "--json")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        IsADirectoryError: --json: '...' is a folder; give a file name
+    """
+    target = Path(path)
+    label = f"{what}: " if what else ""
+    if target.is_dir():
+        raise IsADirectoryError(f"{label}{str(target)!r} is a folder; give a file name")
+    folder = _nearest_existing(target.parent)
+    if not folder.is_dir():
+        raise NotADirectoryError(
+            f"{label}cannot write {str(target)!r}: {str(folder)!r} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(f"{label}cannot write {str(target)!r}: the folder "
+                              f"{str(folder)!r} is not writable")
+
+
+def check_writable_dir(path: str | os.PathLike, what: str = "") -> None:
+    """Raise ``NotADirectoryError``/``PermissionError`` now when files cannot be written
+    into the folder ``path`` (created later if missing), naming ``what``.
+
+    Example:
+        >>> import tempfile
+        >>> check_writable_dir(tempfile.mkdtemp(), "--out")  # an existing folder is fine
+    """
+    target = Path(path)
+    label = f"{what}: " if what else ""
+    folder = _nearest_existing(target)
+    if folder == target and not folder.is_dir():
+        raise NotADirectoryError(f"{label}{str(folder)!r} is a file; give a folder name")
+    if not folder.is_dir():
+        raise NotADirectoryError(
+            f"{label}cannot create the folder {str(target)!r}: {str(folder)!r} is a file")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(f"{label}cannot write into {str(target)!r}: "
+                              f"{str(folder)!r} is not writable")

@@ -1,0 +1,80 @@
+"""Atomic writes and early output-path checks."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+from quantaware._files import (
+    atomic_path,
+    check_writable_dir,
+    check_writable_file,
+    write_bytes,
+    write_text,
+)
+
+
+def _mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_new_files_get_the_permissions_open_would_give(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        write_bytes(tmp_path / "a.bin", b"x")
+        with atomic_path(tmp_path / "b.onnx") as tmp:
+            tmp.write_bytes(b"y")
+    finally:
+        os.umask(old)
+    assert _mode(tmp_path / "a.bin") == _mode(tmp_path / "b.onnx") == 0o666 & ~umask
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    target = write_text(tmp_path / "results.json", "old")
+    with pytest.raises(RuntimeError, match="boom"), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("boom")
+    assert target.read_text() == "old"
+    assert os.listdir(tmp_path) == ["results.json"]
+
+
+def test_missing_folders_are_created(tmp_path):
+    assert write_text(tmp_path / "a" / "b" / "c.txt", "ok").read_text() == "ok"
+
+
+def test_a_folder_given_for_a_file_is_refused_before_writing(tmp_path):
+    with pytest.raises(IsADirectoryError, match=r"--json: .* is a folder; give a file name"):
+        check_writable_file(tmp_path, "--json")
+    with pytest.raises(IsADirectoryError):
+        write_text(tmp_path, "x")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(NotADirectoryError, match=r"'.*file' is a file, not a folder"):
+        check_writable_file(tmp_path / "file" / "out.json", "--out")
+    check_writable_file(tmp_path / "new" / "out.json")  # a folder to be created is fine
+
+
+def test_a_file_given_for_a_folder_is_refused(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(NotADirectoryError, match=r"--out: '.*file' is a file; give a folder"):
+        check_writable_dir(tmp_path / "file", "--out")
+    with pytest.raises(NotADirectoryError, match=r"cannot create the folder '.*sub'"):
+        check_writable_dir(tmp_path / "file" / "sub", "--out")
+    check_writable_dir(tmp_path)
+    check_writable_dir(tmp_path / "to" / "be" / "made")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into read-only folders")
+def test_a_read_only_folder_is_refused(tmp_path):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        with pytest.raises(PermissionError, match="not writable"):
+            check_writable_file(folder / "x.json", "--json")
+        with pytest.raises(PermissionError, match="not writable"):
+            check_writable_dir(folder / "out", "--out")
+    finally:
+        folder.chmod(0o700)
