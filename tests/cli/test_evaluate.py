@@ -157,7 +157,7 @@ def test_labels_beyond_the_models_classes(quantized, tmp_path):
     save_photo(skdata.coffee(), numbered / "1" / "coffee.png")
     save_photo(skdata.rocket(), numbered / "7" / "rocket.png")
     code, _, stderr = evaluate(quantized, "--data", str(numbered))
-    assert code == 2 and "has label 7 but the model has 4 classes" in stderr
+    assert code == 2 and "has label 7, but the model gives 4 class scores" in stderr
 
 
 def test_class_folders_not_in_the_labels_file(quantized, tmp_path):
@@ -168,7 +168,7 @@ def test_class_folders_not_in_the_labels_file(quantized, tmp_path):
     assert "not in the labels file" in stderr
     code, _, stderr = evaluate(quantized, "--data", str(quantized["photos"]), "--labels",
                                str(tmp_path / "missing.txt"))
-    assert code == 1 and "missing.txt' does not exist" in stderr
+    assert code == 2 and "missing.txt' does not exist" in stderr
 
 
 def test_image_folder_with_a_file_that_is_not_an_image(quantized, tmp_path):
@@ -183,7 +183,7 @@ def test_image_folder_with_a_file_that_is_not_an_image(quantized, tmp_path):
 def test_quantized_file_problems(quantized, tmp_path):
     data = ["--data", str(quantized["photos"] / "cat")]
     code, _, stderr = evaluate(quantized, *data, int8=str(tmp_path / "missing.onnx"))
-    assert code == 1 and "does not exist" in stderr
+    assert code == 2 and "does not exist" in stderr
     (tmp_path / "model.onnx").write_text("not an onnx file")
     code, _, stderr = evaluate(quantized, *data, int8=str(tmp_path / "model.onnx"))
     assert code == 2 and "is not a loadable ONNX model" in stderr

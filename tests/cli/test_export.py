@@ -135,7 +135,7 @@ def test_checkpoints_that_are_not_quantized_models(user, tmp_path):
     code, err = export(user["root"] / "weights.pt")  # a float state dict
     assert code == 2 and "is not a quantized model written by `quantaware quantize`" in err
     code, err = export(tmp_path / "missing.pt")
-    assert code == 1 and "does not exist" in err
+    assert code == 2 and "does not exist" in err
     marker = tmp_path / "ran"
     torch.save({"format": "quantaware-quantized-v1", "config": Exploit(marker)},
                tmp_path / "evil.pt")

@@ -82,3 +82,31 @@ def test_demo_command_prints_table(tmp_path, capsys, monkeypatch):
     for variant in demo.VARIANTS:
         assert variant in out
     assert "5.00x" in out  # qat-int8: 2.0 ms / 0.4 ms speed-up column
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["quantize", "--json", "{tmp}"], "--json: '{tmp}' is a folder; give a file name"),
+    (["quantize", "--out", "{file}"], "--out: '{file}' is a file; give a folder name"),
+    (["quantize", "--out", "{file}/run"], "--out: cannot create the folder"),
+    (["export", "--out", "{tmp}"], "--out: '{tmp}' is a folder; give a file name"),
+    (["evaluate", "--quantized", "q.pt", "--json", "{tmp}"], "--json: '{tmp}' is a folder"),
+])
+def test_unwritable_outputs_are_usage_errors_before_any_work(argv, message, tmp_path, capsys,
+                                                            monkeypatch):
+    import quantaware.cli._sources as common
+
+    def never(*_args, **_kwargs):
+        raise AssertionError("the model was loaded before the output paths were checked")
+
+    monkeypatch.setattr(common, "load_model", never)
+    (tmp_path / "file").write_text("")
+    fill = {"tmp": tmp_path, "file": tmp_path / "file"}
+    argv = [a.format(**fill) for a in argv]
+    assert main([*argv, "--model", "quantaware.models:DigitsCNN", "--data", "digits"]) == 2
+    assert message.format(**fill) in capsys.readouterr().err
+
+
+def test_a_missing_weights_file_is_a_usage_error(tmp_path, capsys):
+    code = main(["quantize", "--model", "quantaware.models:DigitsCNN", "--data", "digits",
+                 "--weights", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "out")])
+    assert code == 2 and "missing.pt' does not exist" in capsys.readouterr().err

@@ -137,7 +137,7 @@ def _error(capsys) -> str:
 
 
 def test_missing_model_file(video, tmp_path, capsys):
-    assert main(["predict", "--model", str(tmp_path / "none.onnx"), "--source", str(video)]) == 1
+    assert main(["predict", "--model", str(tmp_path / "none.onnx"), "--source", str(video)]) == 2
     assert "none.onnx" in (err := _error(capsys)) and "does not exist" in err
 
 
@@ -149,7 +149,7 @@ def test_file_that_is_not_onnx(video, tmp_path, capsys):
 
 
 def test_missing_source(models, tmp_path, capsys):
-    assert main(["predict", "--model", models[0], "--source", str(tmp_path / "gone")]) == 1
+    assert main(["predict", "--model", models[0], "--source", str(tmp_path / "gone")]) == 2
     assert "gone" in (err := _error(capsys)) and "does not exist" in err
 
 
@@ -207,8 +207,14 @@ def test_bad_max_frames_is_a_usage_error(models, video, value, capsys):
     (["--std", "0.2", "0", "0.2"], "--std"),
     (["--size", "64", "--resize", "32"], "--resize"),
     (["--save", "out.png"], "--save"),
+    (["--mean", "0.5", "nan", "0.5"], "--mean values must be finite"),
+    (["--std", "inf", "0.2", "0.2"], "--std values must be finite"),
+    (["--save", "{file}/frames"], "--save: cannot create the folder"),
+    (["--save", "{file}/out.mp4"], "--save: cannot write"),
 ])
-def test_bad_options_are_usage_errors(models, video, extra, message, capsys):
+def test_bad_options_are_usage_errors(models, video, extra, message, capsys, tmp_path):
+    (tmp_path / "file").write_text("")
+    extra = [a.format(file=tmp_path / "file", dir=tmp_path) for a in extra]
     argv = ["predict", "--model", models[0], "--source", str(video), *extra]
     assert main(argv) == 2
     assert message in _error(capsys)

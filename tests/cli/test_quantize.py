@@ -257,7 +257,7 @@ def test_bad_model_sources(tmp_path, capsys):
     code, err = quantize(str(tmp_path / "page.onnx"))
     assert code == 2 and "is not a readable ONNX model" in err
     code, err = quantize(str(tmp_path / "missing.onnx"))
-    assert code == 1 and "does not exist" in err
+    assert code == 2 and "does not exist" in err
     (tmp_path / "broken.py").write_text("import torch\n1 / 0\n")
     code, err = quantize(f"{tmp_path / 'broken.py'}:build")
     assert code == 2 and "failed while importing: ZeroDivisionError" in err
@@ -266,7 +266,7 @@ def test_bad_model_sources(tmp_path, capsys):
     code, err = quantize("resnet18")
     assert code == 2 and "unknown model 'resnet18'" in err
     code, err = quantize("quantaware.models:DigitsCNN", "--weights", str(tmp_path / "no.pt"))
-    assert code == 1 and "no.pt' does not exist" in err
+    assert code == 2 and "no.pt' does not exist" in err
     assert not (tmp_path / "out").exists()
 
 
@@ -285,7 +285,7 @@ def test_bad_data_sources(tmp_path, capsys):
         return code, capsys.readouterr().err
 
     code, err = quantize(str(tmp_path / "photos"))
-    assert code == 1 and "does not exist" in err
+    assert code == 2 and "does not exist" in err
     (tmp_path / "s.txt").write_text("a sentence\n")
     code, err = quantize(str(tmp_path / "s.txt"))
     assert code == 2 and "need the model's tokenizer" in err

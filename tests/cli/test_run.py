@@ -21,7 +21,7 @@ def test_wrong_key_is_a_usage_error_naming_its_path(tmp_path, capsys):
 
 
 def test_missing_file_and_bad_value(tmp_path, capsys):
-    assert main(["run", str(tmp_path / "none.yaml")]) == 1
+    assert main(["run", str(tmp_path / "none.yaml")]) == 2
     assert "none.yaml" in capsys.readouterr().err
     path = tmp_path / "p.yaml"
     path.write_text("model: {source: 'quantaware.models:DigitsCNN'}\ndata: {train: digits}\n"

@@ -45,6 +45,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Refuse output paths that cannot be written before any work starts (a folder given
+    for a file, a file given for a folder, a folder that is not writable)."""
+    from quantaware._files import check_writable_dir, check_writable_file
+
+    checks = [(dest, check_writable_file) for dest in getattr(args, "output_files", ())]
+    checks += [(dest, check_writable_dir) for dest in getattr(args, "output_dirs", ())]
+    for dest, check in checks:
+        value = getattr(args, dest, None)
+        if value is not None:
+            try:
+                check(value, f"--{dest.replace('_', '-')}")
+            except OSError as exc:
+                raise UsageError(str(exc)) from exc
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``quantaware`` command."""
     parser = build_parser()
@@ -55,13 +71,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
+        _check_outputs(args)
         return args.func(args)
-    except UsageError as exc:
+    except (UsageError, FileNotFoundError) as exc:  # a missing input file is a usage error
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 1
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError, OSError) as exc:
+    except (ValueError, TypeError, RuntimeError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "in LiteRT's interpreter.",
     )
     add_arguments(parser)
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, output_files=("json",), output_dirs=("out",))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

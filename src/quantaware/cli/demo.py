@@ -22,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(default: %(default)s)")
     parser.add_argument("--fast", action="store_true",
                         help="a quick, less accurate run (a few epochs) for smoke tests")
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, output_dirs=("out",))
 
 
 def results_table(rows: list[dict[str, Any]], latency_batch: int):

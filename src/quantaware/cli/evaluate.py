@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads")
     parser.add_argument("--runs", type=int, default=30, help="timed runs per latency figure")
     parser.add_argument("--json", metavar="FILE", help="also write the results to FILE")
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, output_files=("json",))
 
 
 def run(args: argparse.Namespace) -> int:

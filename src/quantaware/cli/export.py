@@ -32,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="output format (default: %(default)s)")
     parser.add_argument("--out", required=True, metavar="FILE", help="the file to write")
     parser.add_argument("--json", metavar="FILE", help="also write a summary to FILE")
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, output_files=("out", "json"))
 
 
 def run(args: argparse.Namespace) -> int:

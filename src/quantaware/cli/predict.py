@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from quantaware._files import check_writable_dir, check_writable_file
 from quantaware.cli import UsageError
 
 if TYPE_CHECKING:
@@ -77,7 +79,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="normalisation mean of 0..1 pixels (default: ImageNet's)")
     parser.add_argument("--std", type=float, nargs=3, metavar=("R", "G", "B"),
                         help="normalisation std (default: ImageNet's)")
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, output_files=("json",))
 
 
 class _LazyProgress:
@@ -207,6 +209,9 @@ def run(args: argparse.Namespace) -> int:
 
     if len(args.model) > 2:
         raise UsageError(f"--model takes one model, or two to compare; got {len(args.model)}")
+    for flag, values in (("--mean", args.mean), ("--std", args.std)):
+        if values is not None and not all(math.isfinite(v) for v in values):
+            raise UsageError(f"{flag} values must be finite numbers, got {values}")
     if args.std is not None and min(args.std) <= 0:
         raise UsageError(f"--std values must be > 0, got {args.std}")
     if args.size is not None and args.resize is not None and args.resize < args.size:
@@ -215,6 +220,12 @@ def run(args: argparse.Namespace) -> int:
     if suffix in IMAGE_EXTENSIONS + VIDEO_EXTENSIONS and suffix not in VIDEO_WRITERS:
         raise UsageError(f"--save takes a folder (for JPEG frames) or a video file ending in "
                          f"{', '.join(VIDEO_WRITERS)}; got {args.save!r}")
+    if args.save:
+        check = check_writable_file if suffix in VIDEO_WRITERS else check_writable_dir
+        try:
+            check(args.save, "--save")
+        except OSError as exc:
+            raise UsageError(str(exc)) from exc
     console = Console(width=None if sys.stdout.isatty() else 160, emoji=False)
     progress = _LazyProgress(Console(stderr=True, emoji=False))
     try:

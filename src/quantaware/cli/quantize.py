@@ -38,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="skip the torch vs ONNX Runtime check of the INT8 file")
     parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads")
     parser.add_argument("--json", metavar="FILE", help="also write the results to FILE")
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, output_files=("json",), output_dirs=("out",))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--check", action="store_true",
                         help="only validate the file and print the settings it resolves to")
     parser.add_argument("--json", metavar="FILE", help="also write the results to FILE")
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, output_files=("json",), output_dirs=("out",))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -54,7 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--backend", choices=BACKENDS, default="onnxruntime",
                         help="inference backend that runs the exported file (litert: a .tflite "
                         "export) (default: %(default)s)")
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, output_files=("json",), output_dirs=("out",))
 
 
 def run(args: argparse.Namespace) -> int:
