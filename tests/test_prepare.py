@@ -516,3 +516,56 @@ def test_functional_average_pools_are_quantized_like_their_modules():
     assert q.get_submodule("conv").output_quantizer is not None
     with torch.no_grad():
         assert torch.nn.functional.cosine_similarity(q(x), model(x)).min() > 0.999
+
+
+def _small() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                         nn.LazyLinear(3))
+
+
+def test_an_already_prepared_model_is_refused():
+    x = torch.randn(2, 1, 6, 6)
+    model = _small()
+    model(x)
+    once = quantaware.prepare(model, presets.INT8, x)
+    with pytest.raises(ValueError, match=r"already prepared .* pass the original float model"):
+        quantaware.prepare(once, presets.INT8, x)
+
+
+def test_non_finite_weights_are_named():
+    x = torch.randn(2, 1, 6, 6)
+    model = _small()
+    model(x)
+    with torch.no_grad():
+        model[0].weight[0, 0, 0, 0] = float("nan")
+        model[4].bias[1] = float("inf")
+    with pytest.raises(ValueError, match=r"NaN or Inf values in '0\.weight', '4\.bias'"):
+        quantaware.prepare(model, presets.INT8, x)
+
+
+class _MaskedScores(nn.Module):
+    """A buffer that holds -inf on purpose, as causal attention masks do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+        self.register_buffer("mask", torch.full((4, 4), float("-inf")).triu(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.proj(x) @ self.proj(x).transpose(-1, -2) + self.mask, -1)
+
+
+def test_minus_infinity_in_a_buffer_is_allowed():
+    prepared = quantaware.prepare(_MaskedScores(), presets.INT8, torch.randn(2, 4, 4))
+    assert any(isinstance(m, QuantLinear) for m in prepared.modules())
+
+
+def test_example_inputs_the_model_rejects_are_reported_as_such():
+    model = _small()
+    model(torch.randn(2, 1, 6, 6))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no tracing warning: the inputs are the problem
+        with pytest.raises(ValueError, match=r"fails on the example inputs \(\(2, 3, 6, 6\)\)"
+                                             r": RuntimeError: .*channels"):
+            quantaware.prepare(model, presets.INT8, torch.randn(2, 3, 6, 6))

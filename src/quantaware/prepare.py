@@ -543,6 +543,41 @@ def _prepare_eager(model: nn.Module, config: QuantConfig) -> nn.Module:
     return model
 
 
+def _check_runs(model: nn.Module, example_inputs: tuple) -> None:
+    """Run the float model once, so wrong example inputs are reported as such rather than
+    as a tracing failure."""
+    try:
+        with torch.no_grad():
+            model(*example_inputs)
+    except Exception as exc:  # whatever the model raises
+        shapes = ", ".join(str(tuple(t.shape)) if isinstance(t, torch.Tensor)
+                           else type(t).__name__ for t in example_inputs)
+        raise ValueError(
+            f"the float model fails on the example inputs ({shapes}): {type(exc).__name__}: "
+            f"{str(exc)[:500]}. Pass example inputs the model accepts, e.g. one batch of "
+            "its data") from exc
+
+
+def _check_float_model(model: nn.Module) -> None:
+    """Refuse a model that is already prepared or quantized, or whose weights are not finite
+    (calibration would otherwise fail later with a message about the data)."""
+    found = quantizers(model)
+    if found:
+        raise ValueError(
+            f"the model is already prepared for quantization (it holds {len(found)} "
+            f"quantizers, e.g. {found[0][0]!r}); pass the original float model to prepare "
+            "or quantize, or calibrate/train this one as it is")
+    # Buffers may hold -inf on purpose (attention masks); parameters may not.
+    broken = [name for name, t in model.named_parameters() if not bool(torch.isfinite(t).all())]
+    broken += [name for name, t in model.named_buffers()
+               if t.is_floating_point() and bool(torch.isnan(t).any())]
+    if broken:
+        more = f" and {len(broken) - 3} more" if len(broken) > 3 else ""
+        raise ValueError(
+            f"the float model holds NaN or Inf values in {', '.join(map(repr, broken[:3]))}"
+            f"{more}, so it cannot be quantized; load or train finite weights first")
+
+
 def prepare(
     model: nn.Module,
     config: QuantConfig,
@@ -577,6 +612,7 @@ def prepare(
             f"{type(config).__name__}"
         )
     example_inputs = _as_tuple(example_inputs)
+    _check_float_model(model)
     _check_overrides(model, config)
     model = make_traceable(copy.deepcopy(model))
     if quantized_type(type(model)) is not None and hasattr(model, "weight"):
@@ -584,6 +620,7 @@ def prepare(
         model = nn.Sequential(model)
     training = model.training
     model.eval()
+    _check_runs(model, example_inputs)
     user_config = config
     gm = _trace(model, example_inputs)
     if gm is None:
