@@ -1,11 +1,13 @@
-"""The QAT runner's checks on its training batches."""
+"""The QAT runner's checks on its settings, checkpoints and training batches."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
 
-from quantaware.qat_run import _check_labels
+from quantaware.qat_run import QATRunSettings, _check_labels, _check_same_run
 
 
 def test_labels_outside_the_models_classes_are_named():
@@ -19,3 +21,25 @@ def test_labels_outside_the_models_classes_are_named():
         _check_labels(torch.tensor([0, 12, 1, 2]), logits, 7)
     with pytest.raises(ValueError, match="batch 2 has label -1"):
         _check_labels(torch.tensor([0, -1, 1, 2]), logits, 2)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("lr", float("nan"), "lr must be a positive number, got nan"),
+    ("temperature", 0.0, "temperature must be a positive number"),
+    ("distill_weight", 1.5, r"distill_weight must be in \[0, 1\]"),
+    ("weight_decay", -1e-4, "weight_decay must be a number >= 0"),
+    ("freeze_bn_epoch", -1, "freeze_bn_epoch must be an integer >= 0"),
+    ("freeze_bn_epoch", 1.5, "freeze_bn_epoch must be an integer >= 0"),
+])
+def test_bad_settings_are_refused_before_any_training(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        QATRunSettings(**{field: value})
+
+
+def test_resuming_a_checkpoint_of_another_preset_is_refused(tmp_path):
+    saved = dataclasses.asdict(QATRunSettings(preset="INT8"))
+    _check_same_run(tmp_path / "epoch_001.pt", saved, QATRunSettings(preset="INT8", epochs=3))
+    with pytest.raises(ValueError, match=r"epoch_001\.pt: it was written by a run with preset "
+                                         r"'INT8', this run has 'W4A4'; resume with the same "
+                                         r"--preset, or write to a new --out"):
+        _check_same_run(tmp_path / "epoch_001.pt", saved, QATRunSettings(preset="W4A4"))

@@ -174,8 +174,11 @@ def test_weights_that_would_run_code_are_refused_without_running_it(tmp_path, ho
     else:
         with open(path, "wb") as f:
             pickle.dump(payload, f)
-    with pytest.raises(SourceError, match="would run code"):
+    with pytest.raises(SourceError, match="would run code") as refused:
         load_weights(nn.Sequential(nn.Linear(2, 2)), path)
+    # names what the file would call, and does not pass on torch's advice to load it unsafely
+    assert "weights_only" not in str(refused.value)
+    assert how == "pickle.dump" or "the global exec" in str(refused.value)
     with pytest.raises(SourceError, match="would run code"):
         load_model("quantaware.models:DigitsCNN", path)
     assert not marker.exists()

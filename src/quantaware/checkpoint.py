@@ -18,14 +18,17 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["CheckpointError", "latest_checkpoint", "load_checkpoint", "save_checkpoint"]
+from quantaware._files import atomic_path
+
+__all__ = ["RESUME_FIX", "CheckpointError", "latest_checkpoint", "load_checkpoint",
+           "save_checkpoint"]
 
 
 class CheckpointError(RuntimeError):
@@ -35,38 +38,64 @@ class CheckpointError(RuntimeError):
 def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
     """Write ``payload`` (tensors and plain containers only) to ``path`` atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(payload, f)
     return path
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load a checkpoint safely (``weights_only=True``); raise :class:`CheckpointError`."""
+#: The advice for a truncated epoch checkpoint met when resuming.
+RESUME_FIX = "delete it to resume from the previous epoch's checkpoint"
+
+
+def refused_pickle_detail(exc: BaseException) -> str:
+    r"""What ``torch.load(weights_only=True)`` refused, from its error (e.g. ``Trying to
+    load unsupported GLOBAL posix.system ...``), without torch's advice to retry with
+    ``weights_only=False``, which would run the file's code.
+
+    Example:
+        >>> refused_pickle_detail(RuntimeError("Weights only load failed. Re-running ... "
+        ...     "weights_only=False ...\n\nUnsupported global: GLOBAL os.system\n\nCheck docs"))
+        'it loads the global os.system, which is not a tensor type'
+    """
+    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).splitlines()]
+    for line in lines:
+        found = re.search(r"GLOBAL ([\w.]+)", line)
+        if found:  # the rest of the line is torch's advice on allowlisting it
+            return f"it loads the global {found.group(1)}, which is not a tensor type"
+        if line.startswith("Unsupported"):
+            return line
+    useful = [line for line in lines if line and "weights_only" not in line
+              and not line.startswith("Check the documentation")]
+    return useful[0][:200] if useful else type(exc).__name__
+
+
+def load_checkpoint(path: str | os.PathLike, fix: str = "write it again") -> dict[str, Any]:
+    """Load a checkpoint safely (``weights_only=True``); raise :class:`CheckpointError`.
+
+    ``fix`` is the advice for a truncated or corrupt file (the QAT runners say to delete
+    it and resume from the previous epoch).
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        detail = refused_pickle_detail(exc)
+        if "global" not in detail:  # not a crafted pickle: junk or a cut-off file
+            raise CheckpointError(
+                f"checkpoint {path} is truncated or corrupt ({detail}); {fix}"
+            ) from exc
         raise CheckpointError(
             f"refusing to load {path}: it contains objects other than tensors and plain "
-            "containers (a pickle that could run code on load). Only quantaware checkpoints "
-            f"are accepted; delete the file or resume from another one. Detail: {exc}"
+            "containers (a pickle that could run code on load). Only files quantaware "
+            f"wrote are accepted. Detail: {detail}"
         ) from exc
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError,
             IndexError, TypeError, AttributeError) as exc:  # what torch.load raises on junk
         raise CheckpointError(
             f"checkpoint {path} is truncated or corrupt ({type(exc).__name__}: "
-            f"{str(exc)[:200]}); delete it to resume from the previous epoch's checkpoint"
+            f"{str(exc)[:200]}); {fix}"
         ) from exc
     if not isinstance(payload, dict):
         raise CheckpointError(

@@ -230,6 +230,9 @@ def load_pipeline(path: str | os.PathLike, fast: bool = False) -> dict[str, Any]
         raise ImportError("pipeline files need PyYAML: pip install pyyaml") from exc
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise PipelineError(f"{path}: not a text file ({exc}); give a YAML pipeline "
+                            "file") from exc
     except yaml.YAMLError as exc:
         raise PipelineError(f"{path}: not valid YAML: {exc}") from exc
     try:
@@ -331,7 +334,12 @@ def _run_qat(float_model: nn.Module, calib: Any, train: Any, cfg: dict[str, Any]
              out: Path, say: Event) -> nn.Module:
     from quantaware import presets
     from quantaware.calibrate import calibrate
-    from quantaware.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from quantaware.checkpoint import (
+        RESUME_FIX,
+        latest_checkpoint,
+        load_checkpoint,
+        save_checkpoint,
+    )
     from quantaware.qat import distillation_loss, prepare_qat
 
     q = cfg["qat"]
@@ -345,7 +353,7 @@ def _run_qat(float_model: nn.Module, calib: Any, train: Any, cfg: dict[str, Any]
     opt = torch.optim.AdamW(model.parameters(), lr=q["lr"], weight_decay=0.0)
     start = 0
     if latest is not None:
-        state = load_checkpoint(latest)
+        state = load_checkpoint(latest, fix=RESUME_FIX)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start = int(state["epoch"])

@@ -44,7 +44,7 @@ from quantaware import presets
 from quantaware._batch import input_args, unpack_batch
 from quantaware._spec import load_spec
 from quantaware.calibrate import calibrate
-from quantaware.checkpoint import load_checkpoint, save_checkpoint
+from quantaware.checkpoint import RESUME_FIX, load_checkpoint, save_checkpoint
 from quantaware.fake_quant import FakeQuantizer
 from quantaware.qat import QATSchedule, distillation_loss, prepare_qat
 from quantaware.train import evaluate_accuracy, fit
@@ -103,8 +103,21 @@ class QATRunSettings:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.lr <= 0 or self.float_lr <= 0:
-            raise ValueError("learning rates must be positive")
+        for name in ("lr", "float_lr", "temperature", "scale_lr_factor"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
+        for name in ("distill_weight", "weight_decay"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+        if self.distill_weight > 1:
+            raise ValueError(f"distill_weight must be in [0, 1], got {self.distill_weight!r}")
+        if self.freeze_bn_epoch is not None and (
+                isinstance(self.freeze_bn_epoch, bool) or not isinstance(self.freeze_bn_epoch, int)
+                or self.freeze_bn_epoch < 0):
+            raise ValueError(f"freeze_bn_epoch must be an integer >= 0 (QAT epochs before the "
+                             f"batch-norm statistics freeze), got {self.freeze_bn_epoch!r}")
         if self.data not in BUILTIN_DATA and ":" not in self.data:
             raise ValueError(
                 f"--data must be one of {BUILTIN_DATA} or a 'module:function' spec, got "
@@ -137,6 +150,16 @@ def _builtin_model(data: str) -> nn.Module:
     from quantaware.models import MNIST1DCNN, DigitsCNN
 
     return DigitsCNN() if data == "digits" else MNIST1DCNN()
+
+
+def _check_same_run(path: Path, saved: dict[str, Any], s: QATRunSettings) -> None:
+    """Refuse to resume a checkpoint of a different model, data set or preset."""
+    for name in ("data", "model", "preset"):
+        if name in saved and saved[name] != getattr(s, name):
+            raise ValueError(
+                f"cannot resume from {path}: it was written by a run with {name} "
+                f"{saved[name]!r}, this run has {getattr(s, name)!r}; resume with the same "
+                f"--{name}, or write to a new --out")
 
 
 def _float_model(s: QATRunSettings, train: Dataset, test_loader: DataLoader,
@@ -239,9 +262,10 @@ def run_qat(settings: QATRunSettings,
 
         path = latest_checkpoint(ckpt_dir)
         if path is not None:
-            state = load_checkpoint(path)
+            state = load_checkpoint(path, fix=RESUME_FIX)
             if state.get("format") != CHECKPOINT_FORMAT:
                 raise ValueError(f"{path} is not a quantaware QAT checkpoint")
+            _check_same_run(path, state.get("settings", {}), s)
             log.info("resuming from %s (epoch %d)", path, state["epoch"])
     if state is None:
         calib_sampler = DistributedSampler(train_set, num_replicas=ws, rank=rk, shuffle=False)

@@ -182,9 +182,11 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             if "Weights only load failed" not in detail:  # junk, not a crafted pickle
                 raise SourceError(f"cannot read weights file {str(path)!r}: it is not a torch "
                                   "file (or it is truncated)") from exc
+            from quantaware.checkpoint import refused_pickle_detail
+
             raise SourceError(
                 f"{str(path)!r} is not a plain state dict: loading it would run code "
-                f"({detail.splitlines()[0]}). Save the weights with "
+                f"({refused_pickle_detail(exc)}). Save the weights with "
                 "torch.save(model.state_dict(), path).") from exc
         except Exception as exc:  # torch.load raises many types on corrupt files
             raise SourceError(f"cannot read weights file {str(path)!r} (truncated or not a "

@@ -81,8 +81,10 @@ def test_malicious_checkpoint_is_refused(tmp_path, capsys):
     path = out / "checkpoints" / "epoch_001.pt"
     path.parent.mkdir(parents=True)
     torch.save({"format": "x", "payload": _Exploit()}, path)
-    with pytest.raises(CheckpointError, match="refusing to load"):
+    with pytest.raises(CheckpointError, match="refusing to load") as refused:
         load_checkpoint(path)
+    assert "the global posix.system" in str(refused.value)
+    assert "weights_only" not in str(refused.value)
     code = main(["qat", *TINY, "--epochs", "2", "--out", str(out), "--resume", "--no-export",
                  "--threads", "1"])
     assert code == 1
@@ -132,3 +134,12 @@ def test_qat_of_a_model_with_two_positional_inputs(tmp_path, capsys):
     results = json.loads((out / "results.json").read_text())
     assert results["onnx_top1_agreement"] == 1.0
     assert len(onnx.load(str(out / "model.onnx")).graph.input) == 2
+
+
+@pytest.mark.parametrize("flag, value", [("--temperature", "0"), ("--lr", "nan"),
+                                         ("--freeze-bn-epoch", "-1"), ("--threads", "0")])
+def test_bad_values_are_usage_errors_naming_the_flag(flag, value, tmp_path, capsys):
+    code = main(["qat", "--out", str(tmp_path / "out"), flag, value])
+    assert code == 2
+    assert f"error: {flag} must be" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # refused before the float model was trained

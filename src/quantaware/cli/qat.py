@@ -46,7 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--no-export", action="store_true", help="skip the final ONNX export")
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, output_dirs=("out",))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -56,8 +56,10 @@ def run(args: argparse.Namespace) -> int:
 
     from quantaware import distributed as qdist
     from quantaware.cli import UsageError
+    from quantaware.cli._sources import positive
     from quantaware.qat_run import QATRunSettings, run_qat
 
+    positive("--threads", args.threads)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:
@@ -72,7 +74,11 @@ def run(args: argparse.Namespace) -> int:
 
         presets.get(args.preset)
     except (ValueError, KeyError) as exc:
-        raise UsageError(str(exc.args[0] if exc.args else exc)) from exc
+        message = str(exc.args[0] if exc.args else exc)
+        field = message.split(" ", 1)[0]
+        if hasattr(args, field):  # a settings field named as its command-line flag
+            message = f"--{field.replace('_', '-')}{message[len(field):]}"
+        raise UsageError(message) from exc
 
     console = Console(width=None if sys.stdout.isatty() else 100, emoji=False)
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
