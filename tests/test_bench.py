@@ -123,6 +123,10 @@ def test_missing_and_corrupt_files(tmp_path: Path) -> None:
     with pytest.raises(OnnxModelError, match="cannot parse"):
         file_size(corrupt)
     assert file_size(corrupt, include_external_data=False) == len(b"definitely not a protobuf")
+    tflite = tmp_path / "model.tflite"
+    tflite.write_bytes(b"TFL3")
+    with pytest.raises(OnnxModelError, match=r"model\.tflite' is not an ONNX model"):
+        onnx_session(tflite)
 
 
 def test_missing_external_data_is_reported(exported, tmp_path: Path) -> None:

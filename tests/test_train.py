@@ -124,3 +124,17 @@ def test_evaluation_uses_eval_mode_and_restores_it() -> None:
     predict_logits(model, [TensorDataset(torch.randn(8, 4)).tensors])
     assert torch.equal(model[1].running_mean, before)
     assert model.training
+
+
+@pytest.mark.parametrize("labels, message", [
+    (torch.tensor([0, 3]), "label 3, but the model gives 3 class scores"),
+    (torch.tensor([-1, 0]), "label -1"),
+    (torch.tensor([0.0, 0.5]), "a label is 0.5"),
+    (torch.tensor([True, False]), "integer class-index labels, got bool"),
+])
+def test_accuracy_refuses_labels_that_are_not_class_indices(labels, message) -> None:
+    model = nn.Linear(2, 3)
+    with pytest.raises(ValueError, match=message):
+        evaluate_accuracy(model, [(torch.zeros(2, 2), labels)])
+    whole = torch.tensor([0.0, 2.0])  # integral floats are class indices too
+    assert 0.0 <= evaluate_accuracy(model, [(torch.zeros(2, 2), whole)]) <= 100.0

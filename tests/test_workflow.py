@@ -101,6 +101,26 @@ def test_run_quantize_writes_every_file_and_the_results(quantized_run):
     assert "verifying the INT8 file against the torch model" in messages
 
 
+def test_a_run_stopped_part_way_leaves_no_stale_results(quantized_run, tmp_path, monkeypatch):
+    import shutil
+
+    from quantaware import workflow
+
+    out = tmp_path / "run"
+    shutil.copytree(quantized_run[1], out)
+    (out / "report.html").write_text("an earlier run's report")
+
+    def stopped(*_args, **_kwargs):
+        raise RuntimeError("stopped")
+
+    monkeypatch.setattr(workflow, "compare_onnx", stopped)
+    model = load_model(MODEL)
+    with pytest.raises(RuntimeError, match="stopped"):
+        run_quantize(model, load_data(DATA, model), out, threads=1, latency_runs=3)
+    assert (out / "model-int8.onnx").is_file()  # rewritten by this run...
+    assert not (out / "results.json").exists() and not (out / "report.html").exists()
+
+
 def test_run_quantize_evaluates_on_the_calibration_data_by_default(quantized_run):
     results, out, _ = quantized_run
     evaluation = results["evaluation"]
@@ -317,7 +337,7 @@ def test_compare_onnx_problems(tmp_path, vectors):
     with pytest.raises(SourceError, match="is not a loadable ONNX model"):
         compare_onnx(tmp_path / "text.onnx", ref, labelled, **kwargs)
     too_big = DataSource("d", [(x, labels + 4)], labeled=True)
-    with pytest.raises(SourceError, match="has label 7 but the model has 4 classes"):
+    with pytest.raises(SourceError, match="has label 7, but the model gives 4 class scores"):
         compare_onnx(ref, ref, too_big, **kwargs)
     with pytest.raises(SourceError, match="accuracy needs class scores"):
         compare_onnx(summed, summed, labelled, **kwargs)

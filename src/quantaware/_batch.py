@@ -193,3 +193,33 @@ def model_device(model: torch.nn.Module) -> torch.device:
     for tensor in (*model.parameters(), *model.buffers()):
         return tensor.device
     return torch.device("cpu")
+
+
+def check_class_labels(labels: np.ndarray | torch.Tensor, num_classes: int) -> None:
+    """Refuse labels that are not class indices ``0 .. num_classes - 1`` (top-1 accuracy
+    would silently count them as wrong).
+
+    Example:
+        >>> check_class_labels(np.array([0, 2, 1]), 3)
+        >>> check_class_labels(np.array([0.0, 0.5]), 3)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: accuracy needs class-index labels, but a label is 0.5; ...
+    """
+    values = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else labels
+    values = np.asarray(values).reshape(-1)
+    if values.size == 0:
+        return
+    if values.dtype == bool or not np.issubdtype(values.dtype, np.number):
+        raise ValueError(f"accuracy needs integer class-index labels, got {values.dtype} "
+                         "labels; give labels 0 to num_classes - 1")
+    if not np.all(np.isfinite(values)) or not np.all(values == np.round(values)):
+        bad = values[~(np.isfinite(values) & (values == np.round(values)))][0]
+        raise ValueError(f"accuracy needs class-index labels, but a label is {bad}; give "
+                         "integer labels 0 to num_classes - 1 (not one-hot or soft targets)")
+    low, high = values.min(), values.max()
+    if low < 0 or high >= num_classes:
+        bad = low if low < 0 else high
+        raise ValueError(f"the data has label {int(bad)}, but the model gives {num_classes} "
+                         f"class scores (labels must be 0 to {num_classes - 1}); fix the "
+                         "labels or the model's output size")

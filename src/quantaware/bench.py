@@ -46,7 +46,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from quantaware.train import LABEL_KEYS, unpack_batch
+from quantaware._batch import LABEL_KEYS, check_class_labels, unpack_batch
 
 __all__ = [
     "OnnxModelError",
@@ -205,6 +205,11 @@ def onnx_session(path: PathLike, threads: int = 2) -> Session:
     """
     file = _existing_file(path)
     session_options(threads)  # validates threads before the file is read
+    if file.suffix.lower() in (".tflite", ".xml", ".pt", ".pth", ".safetensors"):
+        raise OnnxModelError(
+            f"{str(file)!r} is not an ONNX model: this runs .onnx files in ONNX Runtime. "
+            "Export the model to ONNX with `quantaware export` (`quantaware verify "
+            "--backend litert|openvino` checks a model on those backends).")
     try:
         return create_session(str(file), threads)
     except Exception as exc:  # onnxruntime raises its own Exception subclasses
@@ -341,6 +346,7 @@ def onnx_accuracy(path: PathLike, loader: Iterable[Any], threads: int = 2) -> fl
             f"expected (N, num_classes) logits matching {labels.shape[0]} labels, got "
             f"shape {logits.shape}; the model's first output must be the logits"
         )
+    check_class_labels(labels, logits.shape[1])
     return 100.0 * float(np.mean(logits.argmax(axis=1) == labels))
 
 

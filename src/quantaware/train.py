@@ -36,7 +36,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from quantaware._batch import LABEL_KEYS, unpack_batch
+from quantaware._batch import LABEL_KEYS, check_class_labels, unpack_batch
 
 __all__ = ["LABEL_KEYS", "evaluate_accuracy", "fit", "predict_logits", "unpack_batch"]
 
@@ -221,5 +221,6 @@ def evaluate_accuracy(model: nn.Module, loader: Iterable[Any]) -> float:
             f"expected (N, num_classes) logits matching {labels.shape[0]} labels, got "
             f"shape {tuple(logits.shape)}; the model must return one logit row per sample"
         )
+    check_class_labels(labels, logits.shape[1])
     correct = (logits.argmax(dim=1) == labels.reshape(-1)).sum().item()
     return 100.0 * correct / labels.shape[0]

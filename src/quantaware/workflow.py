@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from quantaware._batch import input_args, input_shapes, slice_inputs
+from quantaware._batch import check_class_labels, input_args, input_shapes, slice_inputs
 from quantaware.config import QuantConfig
 from quantaware.sources import DataSource, LoadedModel, SourceError
 
@@ -269,11 +269,11 @@ def compare_onnx(float_path: str | Path, quantized_path: str | Path, data: DataS
             if out.shape[1] < 2:
                 raise SourceError(f"{path.name} gives {out.shape[1]} output(s) per sample; "
                                   "accuracy needs class scores")
-            if labels.max(initial=0) >= out.shape[1]:
-                raise SourceError(
-                    f"the data has label {int(labels.max())} but the model has "
-                    f"{out.shape[1]} classes; the class folders do not match the model's "
-                    "outputs")
+            try:
+                check_class_labels(labels, out.shape[1])
+            except ValueError as exc:
+                raise SourceError(f"{exc} (for image folders: the class folders do not "
+                                  "match the model's outputs)") from exc
             row["accuracy"] = 100.0 * float(np.mean(out.argmax(1) == labels))
         if progress:
             progress(f"timing {label}")
@@ -329,10 +329,15 @@ def run_quantize(model: LoadedModel, calib: DataSource, out: str | Path,
     out: pass separate data for an honest figure). With ``verify`` the INT8 file
     is checked against the torch model (:func:`quantaware.verify`). With
     ``report`` an HTML report (and Markdown summary) is written beside it.
+    ``results.json`` is written last: a folder without one holds an unfinished run.
     """
     from quantaware.deploy_bench import write_json
 
     out = Path(out)
+    # results.json is written last and describes the files beside it: a run stopped part
+    # way leaves none, rather than an earlier run's that no longer matches the files.
+    for stale in ("results.json", "report.html", "report.md"):
+        (out / stale).unlink(missing_ok=True)
     say = progress or (lambda _msg: None)
     say(f"calibrating on {calib.num_samples} samples from {calib.name}")
     quantized, config = quantize_model(model, calib, preset, method)
