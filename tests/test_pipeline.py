@@ -62,6 +62,10 @@ def test_load_pipeline_reports_the_file(tmp_path):
     bad.write_text("model: [unclosed\n")
     with pytest.raises(PipelineError, match="not valid YAML"):
         load_pipeline(bad)
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(bytes(range(256)))
+    with pytest.raises(PipelineError, match=r"binary\.yaml: not a text file"):
+        load_pipeline(binary)
     with pytest.raises(FileNotFoundError, match=r"missing\.yaml"):
         load_pipeline(tmp_path / "missing.yaml")
 

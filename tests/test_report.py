@@ -74,6 +74,8 @@ def test_report_cli(tmp_path):
     assert main(["report", str(src), "--out", str(tmp_path / "out.html")]) == 0
     assert (tmp_path / "out.html").is_file() and (tmp_path / "out.md").is_file()
     assert main(["report", str(tmp_path / "missing.json")]) == 2
+    (tmp_path / "binary.json").write_bytes(bytes(range(256)))
+    assert main(["report", str(tmp_path / "binary.json")]) == 2
 
 
 @pytest.mark.parametrize(("rows", "message"), [

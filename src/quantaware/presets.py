@@ -91,6 +91,8 @@ def get(name: str) -> QuantConfig:
         >>> get("int8").name
         'INT8'
     """
+    if not isinstance(name, str):
+        raise TypeError(f"a preset name must be a string, e.g. 'INT8'; got {name!r}")
     key = name.upper().replace("-", "_")
     if key not in PRESETS:
         raise KeyError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")

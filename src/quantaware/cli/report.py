@@ -19,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", default="quantaware-report.html", metavar="FILE",
                         help="HTML file to write; the summary goes next to it as .md "
                         "(default: %(default)s)")
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, output_files=("out",))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -33,8 +33,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"results file {source} not found; write one with "
                          "`python benchmarks/ptq.py --json FILE`")
     try:
-        payload = json.loads(source.read_text())
-    except json.JSONDecodeError as exc:
+        payload = json.loads(source.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UsageError(f"{source} is not valid JSON ({exc}); pass the file written by "
                          "--json") from exc
     if isinstance(payload, list):  # a bare list of rows (e.g. the demo's results.json)
