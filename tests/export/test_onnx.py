@@ -668,3 +668,31 @@ def test_attention_of_any_rank_exports(tmp_path, rank, mask):
     names = [i.name for i in session.get_inputs()]
     out = session.run(None, dict(zip(names, (q.numpy(), k.numpy(), v.numpy()), strict=True)))[0]
     np.testing.assert_allclose(out, net(q, k, v).numpy(), atol=1e-5)
+
+
+class _DictOutputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(4, 3)
+        self.proj = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> dict:
+        return {"logits": self.head(x), "aux": {"emb": self.proj(x), "pair": [x * 2, x]}}
+
+
+def test_dict_outputs_keep_their_keys_as_onnx_output_names(tmp_path):
+    torch.manual_seed(0)
+    model, x = _DictOutputs().eval(), torch.randn(16, 4)
+    names = ["logits", "aux.emb", "aux.pair.0", "aux.pair.1"]
+    for variant in (model, quantaware.quantize(model, presets.INT8, [x], x[:1])):
+        path = quantaware.export_onnx(variant, tmp_path / "m.onnx", x[:1])
+        graph = onnx.load(str(path)).graph
+        # the last output is the input passed through: it keeps the exporter's name
+        assert [o.name for o in graph.output][:3] == names[:3]
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        got = dict(zip([o.name for o in graph.output],
+                       session.run(None, {graph.input[0].name: x.numpy()}), strict=True))
+        ref = variant(x)
+        np.testing.assert_allclose(got["aux.pair.0"], (2 * x).numpy(), rtol=0, atol=0.05)
+        assert got["logits"].shape == ref["logits"].shape == (16, 3)
+        assert quantaware.verify(path, variant, [x]).passed()

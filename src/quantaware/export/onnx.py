@@ -19,7 +19,6 @@ import copy
 import io
 import logging
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import onnxscript.optimizer
 import torch
 from torch import nn
 
+from quantaware._files import atomic_path
 from quantaware.fake_quant import FakeQuantizer
 from quantaware.nn.base import QuantMixin
 from quantaware.nn.embedding import QuantEmbedding
@@ -78,6 +78,46 @@ def _export_copy(model: nn.Module) -> nn.Module:
         elif isinstance(module, QuantMixin):
             module.exporting = True
     return model
+
+
+def _output_key_names(outputs: object) -> list[str] | None:
+    """Dotted key paths of a model's outputs (``logits``, ``aux.emb``, ``hidden.0``) when
+    they hold dict keys, else None (plain tensors and tuples keep the exporter's names)."""
+    from torch.utils import _pytree as pytree
+
+    leaves, _ = pytree.tree_flatten_with_path(outputs)
+    if not any(isinstance(k, pytree.MappingKey) for path, _ in leaves for k in path):
+        return None
+    names = []
+    for path, _ in leaves:
+        parts = [str(k.key) if isinstance(k, pytree.MappingKey)
+                 else str(k.idx) if isinstance(k, pytree.SequenceKey)
+                 else str(getattr(k, "name", k)) for k in path]
+        names.append(".".join(parts))
+    return names
+
+
+def _name_outputs(proto: onnx.ModelProto, names: list[str]) -> None:
+    """Rename the graph outputs to ``names`` (the model's dict keys); an output that is a
+    graph input passed through, or a name already taken, keeps its name."""
+    graph = proto.graph
+    if len(names) != len(graph.output):
+        return
+    taken = {t for n in graph.node for t in (*n.input, *n.output)}
+    taken |= {i.name for i in graph.input} | {i.name for i in graph.initializer}
+    inputs = {i.name for i in graph.input}
+    for output, new in zip(graph.output, names, strict=True):
+        old = output.name
+        if old == new or old in inputs or new in taken or not new:
+            continue
+        for node in graph.node:
+            node.output[:] = [new if t == old else t for t in node.output]
+            node.input[:] = [new if t == old else t for t in node.input]
+        for info in graph.value_info:
+            if info.name == old:
+                info.name = new
+        output.name = new
+        taken.add(new)
 
 
 def _strip_debug_info(proto: onnx.ModelProto) -> None:
@@ -644,6 +684,10 @@ def export_onnx(
     _explicit_ceil_pooling(proto)
     if space_to_depth:
         _space_to_depth_stems(proto)
+    with torch.no_grad():
+        names = _output_key_names(export_model(*example_inputs))
+    if names is not None:
+        _name_outputs(proto, names)
     _strip_debug_info(proto)
     proto.producer_name = "quantaware"
     config = getattr(model, "quantaware_config", None)
@@ -663,14 +707,7 @@ def export_onnx(
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     onnx.checker.check_model(proto)
-    fd, tmp = tempfile.mkstemp(suffix=".onnx.tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        onnx.save(proto, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp:
+        onnx.save(proto, str(tmp))
     log.info("exported %s to %s (%d bytes)", type(model).__name__, path, path.stat().st_size)
     return path
