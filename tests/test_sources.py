@@ -663,6 +663,9 @@ def test_a_weights_file_given_as_the_model_says_how_to_load_it(tmp_path):
     torch.save(torch.nn.Linear(2, 2).state_dict(), path)
     with pytest.raises(SourceError, match=r"is a file, not a model source.*--weights"):
         load_model(str(path))
+    (tmp_path / "model.tflite").write_bytes(b"TFL3")
+    with pytest.raises(SourceError, match=r"is a LiteRT file: give the ONNX file"):
+        load_model(str(tmp_path / "model.tflite"))
 
 
 def test_data_with_nan_or_inf_is_refused_naming_the_batch():

@@ -296,6 +296,11 @@ def load_model(spec: str, weights: str | os.PathLike | None = None) -> LoadedMod
                               "carries its own weights")
         return _hf_folder(path)
     if ":" not in spec:
+        if path.is_file() and path.suffix.lower() == ".tflite":
+            raise SourceError(
+                f"{spec!r} is a LiteRT file: give the ONNX file or the torch model it was "
+                "exported from (MODULE:FUNCTION); LiteRT files are checked with `quantaware "
+                "verify --backend litert`")
         if path.is_file():
             raise SourceError(
                 f"{spec!r} is a file, not a model source: give MODULE:FUNCTION (or "
