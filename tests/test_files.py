@@ -78,3 +78,24 @@ def test_a_read_only_folder_is_refused(tmp_path):
             check_writable_dir(folder / "out", "--out")
     finally:
         folder.chmod(0o700)
+
+
+def test_temporaries_of_killed_writers_are_removed_by_the_next_write(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        orphan = tmp_path / f".out.json.{dead.stdout.strip()}.abc123.tmp"
+        running = tmp_path / f".out.json.{alive.pid}.def456.tmp"
+        other = tmp_path / f".other.json.{dead.stdout.strip()}.abc123.tmp"
+        for path in (orphan, running, other):
+            path.write_text("half")
+        write_text(tmp_path / "out.json", "{}")
+        assert not orphan.exists()
+        assert running.exists() and other.exists()  # a live writer's, another target's
+    finally:
+        alive.kill()
+        alive.wait()

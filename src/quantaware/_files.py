@@ -1,11 +1,12 @@
 """Atomic file writes: a file appears under its final name complete, or not at all.
 
 Every file quantaware writes goes through :func:`atomic_path`: the content is
-written to a hidden temporary file in the target's folder (``.NAME.XXXX.tmp``),
+written to a hidden temporary file in the target's folder (``.NAME.PID.XXXX.tmp``),
 flushed to disk, given the permissions a newly created file gets (``0666`` minus
 the umask, as ``open`` would) and renamed over the target (``os.replace`` is
 atomic on POSIX). A failure or interrupt removes the temporary file and leaves
-any previous file at the target untouched.
+any previous file at the target untouched; the temporary file of a process killed
+outright (``kill -9``) is removed by the next write of the same target.
 
 Example:
     >>> import os, tempfile
@@ -21,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import tempfile
 from collections.abc import Iterator
@@ -57,7 +59,8 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     target = Path(path)
     check_writable_file(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f"{suffix}.tmp",
+    _remove_orphans(target)
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=f"{suffix}.tmp",
                                 dir=target.parent)
     os.close(fd)
     tmp = Path(name)
@@ -70,6 +73,22 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+def _remove_orphans(target: Path) -> None:
+    """Delete temporary files of ``target`` left by processes that were killed while
+    writing it (their PID is in the name and no longer runs)."""
+    for tmp in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
+        pid = tmp.name[len(target.name) + 2:].split(".", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        except OSError:  # the process exists (owned by another user)
+            continue
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
