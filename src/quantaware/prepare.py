@@ -46,7 +46,7 @@ from quantaware.config import (
 )
 from quantaware.fake_quant import FakeQuantizer
 from quantaware.fusion import can_fold, fold_bn
-from quantaware.nn.attention import make_traceable
+from quantaware.nn.attention import _batched, _unbatched_like, make_traceable
 from quantaware.nn.base import ChannelClip, QuantMixin
 from quantaware.nn.functional import QuantAdd, QuantCat, QuantMatmul, _MultiInputQuant
 from quantaware.nn.pool import QuantAdaptiveAvgPool2d, QuantAvgPool2d
@@ -65,7 +65,8 @@ _RELU6_FUNCS = {F.relu6}
 _PASSTHROUGH_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.Flatten, nn.Dropout, nn.Identity,
                         nn.Unflatten)
 _PASSTHROUGH_FUNCS = {F.max_pool1d, F.max_pool2d, torch.flatten, F.dropout, torch.reshape,
-                      torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze}
+                      torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze,
+                      _batched, _unbatched_like}
 _PASSTHROUGH_METHODS = {"view", "reshape", "flatten", "permute", "transpose", "contiguous",
                         "squeeze", "unsqueeze"}
 _INTERPOLATE_FUNCS = {F.interpolate, F.upsample}

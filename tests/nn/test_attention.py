@@ -114,6 +114,30 @@ def test_encoder_layers_are_quantized_and_verify_in_onnx_runtime(tmp_path):
     assert report.max_error_lsb is not None and report.max_error_lsb <= 1.0 + 1e-3, str(report)
 
 
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_the_attention_output_is_quantized_once_and_emulated_exactly(batch_first):
+    """The output projection fed the residual add through the layout function, which
+    hid it: the add quantized the tensor itself and out_proj had no integer form in
+    the reference."""
+    from quantaware.export.integer import integer_arithmetic
+    from quantaware.nn.functional import QuantAdd
+
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=batch_first).eval()
+    shape = (4, 6, 16) if batch_first else (6, 4, 16)
+    calib = [torch.randn(*shape) for _ in range(2)]
+    q = quantaware.quantize(layer, presets.INT8, calib, calib[0][:1] if batch_first
+                            else calib[0][:, :1])
+    out_proj = q.get_submodule("self_attn.out_proj")
+    assert out_proj.output_quantizer is not None
+    add = next(m for m in q.modules() if isinstance(m, QuantAdd)
+               and any(m.input_source_of(i) is out_proj.output_quantizer for i in range(2)))
+    assert sum(isinstance(quantizer, nn.Identity) for quantizer in add.input_quantizers) >= 1
+    with torch.no_grad(), integer_arithmetic(q) as emulation:
+        q(calib[1])
+    assert "self_attn.out_proj" in emulation.emulated, emulation.fallback
+
+
 def test_attention_without_a_traceable_form_stays_float_with_a_warning():
     class Net(nn.Module):
         def __init__(self) -> None:
