@@ -48,6 +48,7 @@ from quantaware.fake_quant import FakeQuantizer
 from quantaware.fusion import can_fold, fold_bn
 from quantaware.nn.attention import _batched, _unbatched_like, make_traceable
 from quantaware.nn.base import ChannelClip, QuantMixin
+from quantaware.nn.conv import _QuantConvNd
 from quantaware.nn.functional import QuantAdd, QuantCat, QuantMatmul, _MultiInputQuant
 from quantaware.nn.pool import QuantAdaptiveAvgPool2d, QuantAvgPool2d
 from quantaware.nn.registry import quantized_type, supported_types
@@ -453,7 +454,12 @@ def _drop_unused_output_quantizers(gm: fx.GraphModule,
             module.requantize_output = False
         elif (isinstance(module, QuantMixin)
               and isinstance(module.output_quantizer, FakeQuantizer)
-              and id(module.output_quantizer) not in used):
+              and id(module.output_quantizer) not in used
+              and not isinstance(module, _QuantConvNd)):
+            # A conv keeps its output quantizer: backends run a conv as an integer
+            # kernel only when its output is quantized (ONNX Runtime has no int8 conv
+            # with float output), so before a float activation (Hardswish, SiLU) or
+            # a squeeze-excitation multiply the conv would otherwise run in float.
             module.output_quantizer = None
 
 
