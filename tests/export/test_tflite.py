@@ -525,3 +525,30 @@ def test_a_tensor_flattened_twice_keeps_its_layout(litert, tmp_path):
     _, _, report = _round_trip(Net().eval(), calib, [torch.rand(32, 1, 8, 8, generator=gen)],
                                tmp_path / "flat.tflite")
     assert report.max_error_lsb == 0.0 and report.top1_agreement == 1.0, str(report)
+
+
+def test_hardswish_runs_in_xnnpack_between_integer_convs(litert, tmp_path):
+    """LiteRT's int8 HARD_SWISH has no XNNPACK kernel: the interpreter ran it itself and
+    split the graph. It is written as dequantize -> float32 HARD_SWISH -> quantize (on
+    the same grids), and the convs around it stay integer."""
+    from ai_edge_litert.interpreter import Interpreter
+    from torch import nn
+
+    from quantaware.export.tflite import tflite_ops
+
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Hardswish(), nn.Conv2d(8, 8, 1),
+                        nn.Hardswish(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    calib = [torch.randn(32, 3, 8, 8, generator=gen)]
+    _, path, report = _round_trip(net.eval(), calib, [torch.randn(32, 3, 8, 8, generator=gen)],
+                                  tmp_path / "hardswish.tflite")
+    assert report.passed() and report.max_error_lsb <= 1.0, str(report)
+    ops = tflite_ops(path)
+    assert ("HARD_SWISH", ["float32"]) in [(n, d[:1]) for n, d in ops], ops
+    for name, dtypes in ops:
+        if name in {"CONV_2D", "FULLY_CONNECTED"}:
+            assert "float32" not in dtypes, (name, dtypes)
+    interpreter = Interpreter(str(path))
+    interpreter.allocate_tensors()
+    assert [o["op_name"] for o in interpreter._get_ops_details()].count("DELEGATE") == 1

@@ -289,61 +289,101 @@ def _int8_grid(zero_point: int, qmin: int, qmax: int) -> tuple[int, int, int]:
         "quantize activations to 8 bits (INT8, W4A8) for LiteRT, or export to ONNX")
 
 
-def _float_interface(content: bytes) -> bytes:
-    """Give an int8-interface model float32 inputs and outputs (``QUANTIZE`` after
-    each int8 input, ``DEQUANTIZE`` before each int8 output)."""
-    from ai_edge_litert import schema_py_generated as schema
-    from ai_edge_litert.tools import flatbuffer_utils
+class _Flatbuffer:
+    """Edits of a ``.tflite`` file's main graph (the other subgraphs are composites'
+    decompositions)."""
 
-    model = flatbuffer_utils.read_model_from_bytearray(bytearray(content))
-    graph = model.subgraphs[0]  # the main graph; others are composites' decompositions
+    def __init__(self, content: bytes) -> None:
+        from ai_edge_litert import schema_py_generated as schema
+        from ai_edge_litert.tools import flatbuffer_utils
 
-    def opcode(builtin: int) -> int:
-        for i, code in enumerate(model.operatorCodes):
-            if max(code.builtinCode, code.deprecatedBuiltinCode) == builtin:
+        self.schema, self.utils = schema, flatbuffer_utils
+        self.model = flatbuffer_utils.read_model_from_bytearray(bytearray(content))
+        self.graph = self.model.subgraphs[0]
+
+    def content(self) -> bytes:
+        return bytes(self.utils.convert_object_to_bytearray(self.model))
+
+    def builtin(self, index: int) -> int:
+        code = self.model.operatorCodes[index]
+        return max(code.builtinCode, code.deprecatedBuiltinCode)
+
+    def opcode(self, builtin: int) -> int:
+        for i in range(len(self.model.operatorCodes)):
+            if self.builtin(i) == builtin:
                 return i
-        code = schema.OperatorCodeT()
+        code = self.schema.OperatorCodeT()
         code.builtinCode = builtin
         code.deprecatedBuiltinCode = builtin
         code.version = 2  # int8 <-> float32
-        model.operatorCodes.append(code)
-        return len(model.operatorCodes) - 1
+        self.model.operatorCodes.append(code)
+        return len(self.model.operatorCodes) - 1
 
-    def float_twin(index: int, suffix: str) -> int:
-        old = graph.tensors[index]
-        twin = schema.TensorT()
+    def float_twin(self, index: int, suffix: str) -> int:
+        old = self.graph.tensors[index]
+        twin = self.schema.TensorT()
         twin.shape = old.shape
         twin.shapeSignature = old.shapeSignature
-        twin.type = schema.TensorType.FLOAT32
+        twin.type = self.schema.TensorType.FLOAT32
         twin.name = (old.name.decode() if isinstance(old.name, bytes) else old.name) + suffix
         twin.buffer = 0
-        graph.tensors.append(twin)
-        return len(graph.tensors) - 1
+        self.graph.tensors.append(twin)
+        return len(self.graph.tensors) - 1
 
-    def op(code: int, inputs: list[int], outputs: list[int]) -> Any:
-        new = schema.OperatorT()
-        new.opcodeIndex = code
+    def op(self, builtin: int, inputs: list[int], outputs: list[int]) -> Any:
+        new = self.schema.OperatorT()
+        new.opcodeIndex = self.opcode(builtin)
         new.inputs = inputs
         new.outputs = outputs
         return new
 
+
+def _float_interface(content: bytes) -> bytes:
+    """Give an int8-interface model float32 inputs and outputs (``QUANTIZE`` after
+    each int8 input, ``DEQUANTIZE`` before each int8 output)."""
+    fb = _Flatbuffer(content)
+    graph, ops, int8 = fb.graph, fb.schema.BuiltinOperator, fb.schema.TensorType.INT8
     remap: dict[int, int] = {}
     before, after = [], []
     for pos, index in enumerate(graph.inputs):
-        if graph.tensors[index].type == schema.TensorType.INT8:
-            twin = float_twin(index, "_float")
-            before.append(op(opcode(schema.BuiltinOperator.QUANTIZE), [twin], [index]))
+        if graph.tensors[index].type == int8:
+            twin = fb.float_twin(index, "_float")
+            before.append(fb.op(ops.QUANTIZE, [twin], [index]))
             graph.inputs[pos] = remap[index] = twin
     for pos, index in enumerate(graph.outputs):
-        if graph.tensors[index].type == schema.TensorType.INT8:
-            twin = float_twin(index, "_float")
-            after.append(op(opcode(schema.BuiltinOperator.DEQUANTIZE), [index], [twin]))
+        if graph.tensors[index].type == int8:
+            twin = fb.float_twin(index, "_float")
+            after.append(fb.op(ops.DEQUANTIZE, [index], [twin]))
             graph.outputs[pos] = remap[index] = twin
     graph.operators = before + list(graph.operators) + after
-    for signature in model.signatureDefs or []:
+    for signature in fb.model.signatureDefs or []:
         for tensor_map in [*(signature.inputs or []), *(signature.outputs or [])]:
             tensor_map.tensorIndex = remap.get(tensor_map.tensorIndex, tensor_map.tensorIndex)
-    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+    return fb.content()
+
+
+def _float_hardswish(content: bytes) -> bytes:
+    """Run each int8 ``HARD_SWISH`` as ``DEQUANTIZE`` -> float32 ``HARD_SWISH`` ->
+    ``QUANTIZE`` (same grids). XNNPACK has no int8 hardswish: the int8 op ran in the
+    interpreter's own kernel, slowly, and split the graph between XNNPACK and it (a
+    conv -> Hardswish -> conv block took 3x the float file's time)."""
+    fb = _Flatbuffer(content)
+    graph, ops, int8 = fb.graph, fb.schema.BuiltinOperator, fb.schema.TensorType.INT8
+    rewritten = []
+    for op in graph.operators:
+        if (fb.builtin(op.opcodeIndex) != ops.HARD_SWISH
+                or any(graph.tensors[i].type != int8 for i in (*op.inputs, *op.outputs))):
+            rewritten.append(op)
+            continue
+        (x,), (y,) = op.inputs, op.outputs
+        x_float, y_float = fb.float_twin(x, "_dequantized"), fb.float_twin(y, "_float")
+        rewritten += [fb.op(ops.DEQUANTIZE, [x], [x_float]),
+                      fb.op(ops.HARD_SWISH, [x_float], [y_float]),
+                      fb.op(ops.QUANTIZE, [y_float], [y])]
+    if len(rewritten) == len(graph.operators):
+        return content
+    graph.operators = rewritten
+    return fb.content()
 
 
 def _composites(content: bytes) -> list[str]:
@@ -439,6 +479,8 @@ def export_tflite(
             log.warning("LiteRT runs %s in float32: its converter wrote it as a composite op "
                         "with no int8 kernel (for average pooling: count_include_pad=True or "
                         "no padding gives an int8 AVERAGE_POOL_2D)", name)
+    if quantized:
+        content = _float_hardswish(content)
     if quantized and not int8_io:
         content = _float_interface(content)
     write_bytes(path, content)
