@@ -336,3 +336,11 @@ def test_output_count_mismatch_is_an_error(tmp_path):
     single = quantaware.export_onnx(nn.Linear(6, 4), tmp_path / "one.onnx", data[0][:1])
     with pytest.raises(ValueError, match="2 outputs and the onnxruntime file 1"):
         quantaware.verify(single, q, data)
+
+
+def test_data_of_another_shape_is_named(int8_path, int8_model):
+    """ONNX Runtime's own message named neither the batch nor the file's shape."""
+    x = torch.randn(4, 5, 7, 7)
+    with pytest.raises(ValueError, match=r"onnxruntime could not run .* on verify batch 0: "
+                                         r"given \w+ \(4, 5, 7, 7\), the file takes \w+ \(N, "):
+        quantaware.verify(int8_path, int8_model, [x], check_layers=False)

@@ -416,6 +416,12 @@ def _layer_rows(backend: str, onnx_path: Path, proto: onnx.ModelProto, model: nn
 REFERENCES = ("auto", "integer", "fake-quant")
 
 
+def _shape_text(shape: Any) -> str:
+    """``(N, 1, 8, 8)``: a backend's input shape, dynamic dimensions as ``N``."""
+    dims = ["N" if d is None or isinstance(d, str) else str(d) for d in (shape or [])]
+    return f"({', '.join(dims)})"
+
+
 def verify(
     onnx_path: str | Path,
     model: nn.Module,
@@ -505,8 +511,21 @@ def verify(
         check_finite(*split_batch(batch), f"verify batch {index}")
     input_names = [i.name for i in session.get_inputs()]
     parameters = _forward_parameters(model)
-    outs = [list(session.run(None, _feed(batch, input_names, parameters)))
-            for batch in batches]
+
+    def run(index: int, batch: Any) -> list[np.ndarray]:
+        feed = _feed(batch, input_names, parameters)
+        try:
+            return list(session.run(None, feed))
+        except Exception as exc:  # each backend raises its own types
+            given = ", ".join(f"{k} {tuple(np.shape(v))}" for k, v in feed.items())
+            takes = ", ".join(f"{i.name} {_shape_text(i.shape)}" for i in session.get_inputs())
+            detail = " ".join(str(exc).split())[:300]
+            raise ValueError(
+                f"{backend} could not run {Path(onnx_path).name} on verify batch {index}: "
+                f"given {given}, the file takes {takes} ({detail}); pass data shaped like "
+                "the example the model was exported with") from exc
+
+    outs = [run(index, batch) for index, batch in enumerate(batches)]
 
     def layer_rows() -> tuple[list[LayerDiff], int]:
         if proto is None:
