@@ -60,7 +60,8 @@ def test_a_file_given_for_a_folder_is_refused(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(NotADirectoryError, match=r"--out: '.*file' is a file; give a folder"):
         check_writable_dir(tmp_path / "file", "--out")
-    with pytest.raises(NotADirectoryError, match=r"cannot create the folder '.*sub'"):
+    with pytest.raises(NotADirectoryError,
+                       match=r"cannot write into '.*sub': '.*file' is a file, not a folder"):
         check_writable_dir(tmp_path / "file" / "sub", "--out")
     check_writable_dir(tmp_path)
     check_writable_dir(tmp_path / "to" / "be" / "made")

@@ -127,13 +127,7 @@ def check_writable_file(path: str | os.PathLike, what: str = "") -> None:
     label = f"{what}: " if what else ""
     if target.is_dir():
         raise IsADirectoryError(f"{label}{str(target)!r} is a folder; give a file name")
-    folder = _nearest_existing(target.parent)
-    if not folder.is_dir():
-        raise NotADirectoryError(
-            f"{label}cannot write {str(target)!r}: {str(folder)!r} is a file, not a folder")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise PermissionError(f"{label}cannot write {str(target)!r}: the folder "
-                              f"{str(folder)!r} is not writable")
+    _check_folder(target.parent, f"{label}cannot write {str(target)!r}")
 
 
 def check_writable_dir(path: str | os.PathLike, what: str = "") -> None:
@@ -146,12 +140,16 @@ def check_writable_dir(path: str | os.PathLike, what: str = "") -> None:
     """
     target = Path(path)
     label = f"{what}: " if what else ""
-    folder = _nearest_existing(target)
-    if folder == target and not folder.is_dir():
-        raise NotADirectoryError(f"{label}{str(folder)!r} is a file; give a folder name")
-    if not folder.is_dir():
-        raise NotADirectoryError(
-            f"{label}cannot create the folder {str(target)!r}: {str(folder)!r} is a file")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise PermissionError(f"{label}cannot write into {str(target)!r}: "
-                              f"{str(folder)!r} is not writable")
+    if target.exists() and not target.is_dir():
+        raise NotADirectoryError(f"{label}{str(target)!r} is a file; give a folder name")
+    _check_folder(target, f"{label}cannot write into {str(target)!r}")
+
+
+def _check_folder(folder: Path, failure: str) -> None:
+    """Raise with ``failure`` as the message's start unless ``folder`` (created later
+    if missing) can take new files."""
+    existing = _nearest_existing(folder)
+    if not existing.is_dir():
+        raise NotADirectoryError(f"{failure}: {str(existing)!r} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"{failure}: the folder {str(existing)!r} is not writable")

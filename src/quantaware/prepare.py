@@ -529,6 +529,7 @@ def _trace(model: nn.Module, example_inputs: tuple) -> fx.GraphModule | None:
         ShapeProp(gm).propagate(*example_inputs)
         return gm
     except Exception as exc:  # torch.fx raises many exception types
+        _check_runs(model, example_inputs)  # the inputs may be what failed, not tracing
         warnings.warn(
             f"torch.fx could not trace {type(model).__name__} ({type(exc).__name__}: {exc}); "
             "quantizing its modules only, so functional adds/concats stay float. Make "
@@ -551,8 +552,8 @@ def _prepare_eager(model: nn.Module, config: QuantConfig) -> nn.Module:
 
 
 def _check_runs(model: nn.Module, example_inputs: tuple) -> None:
-    """Run the float model once, so wrong example inputs are reported as such rather than
-    as a tracing failure."""
+    """Run the float model once after a tracing failure, so wrong example inputs are
+    reported as such rather than as a tracing problem."""
     try:
         with torch.no_grad():
             model(*example_inputs)
@@ -627,7 +628,6 @@ def prepare(
         model = nn.Sequential(model)
     training = model.training
     model.eval()
-    _check_runs(model, example_inputs)
     user_config = config
     gm = _trace(model, example_inputs)
     if gm is None:

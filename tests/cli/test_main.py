@@ -87,7 +87,7 @@ def test_demo_command_prints_table(tmp_path, capsys, monkeypatch):
 @pytest.mark.parametrize("argv, message", [
     (["quantize", "--json", "{tmp}"], "--json: '{tmp}' is a folder; give a file name"),
     (["quantize", "--out", "{file}"], "--out: '{file}' is a file; give a folder name"),
-    (["quantize", "--out", "{file}/run"], "--out: cannot create the folder"),
+    (["quantize", "--out", "{file}/run"], "--out: cannot write into"),
     (["export", "--out", "{tmp}"], "--out: '{tmp}' is a folder; give a file name"),
     (["evaluate", "--quantized", "q.pt", "--json", "{tmp}"], "--json: '{tmp}' is a folder"),
 ])

@@ -209,7 +209,7 @@ def test_bad_max_frames_is_a_usage_error(models, video, value, capsys):
     (["--save", "out.png"], "--save"),
     (["--mean", "0.5", "nan", "0.5"], "--mean values must be finite"),
     (["--std", "inf", "0.2", "0.2"], "--std values must be finite"),
-    (["--save", "{file}/frames"], "--save: cannot create the folder"),
+    (["--save", "{file}/frames"], "--save: cannot write into"),
     (["--save", "{file}/out.mp4"], "--save: cannot write"),
 ])
 def test_bad_options_are_usage_errors(models, video, extra, message, capsys, tmp_path):
