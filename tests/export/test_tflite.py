@@ -552,3 +552,37 @@ def test_hardswish_runs_in_xnnpack_between_integer_convs(litert, tmp_path):
     interpreter = Interpreter(str(path))
     interpreter.allocate_tensors()
     assert [o["op_name"] for o in interpreter._get_ops_details()].count("DELEGATE") == 1
+
+
+def test_float_linear_weights_are_stored_as_int8_codes(litert, tmp_path, monkeypatch):
+    """A linear layer whose output feeds a float op runs in float32 in LiteRT, and the
+    converter folded its weights to float32: 4x the bytes of the codes they came from.
+    They are stored as int8 codes behind a DEQUANTIZE, and the file computes the same."""
+    from ai_edge_litert.interpreter import Interpreter
+    from torch import nn
+
+    from quantaware.export import tflite
+    from quantaware.export.tflite import tflite_ops
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 10)).eval()
+    x = torch.randn(32, 64)
+    with _one_thread():
+        q = quantaware.quantize(net, presets.INT8, [x], x[:1])
+        path = quantaware.export_tflite(q, tmp_path / "int8.tflite", x[:1])
+        monkeypatch.setattr(tflite, "_int8_float_weights", lambda content: content)
+        folded = quantaware.export_tflite(q, tmp_path / "folded.tflite", x[:1])
+    assert path.stat().st_size < folded.stat().st_size - 3 * 256 * 64 * 0.9
+    assert ("DEQUANTIZE", ["int8"]) in tflite_ops(path)
+    outputs = []
+    for file in (path, folded):
+        interpreter = Interpreter(str(file))
+        interpreter.allocate_tensors()
+        ops = [o["op_name"] for o in interpreter._get_ops_details()]
+        assert ops.count("DELEGATE") == 1, ops
+        interpreter.set_tensor(interpreter.get_input_details()[0]["index"], x[:1].numpy())
+        interpreter.invoke()
+        outputs.append(interpreter.get_tensor(interpreter.get_output_details()[0]["index"]))
+    np.testing.assert_array_equal(*outputs)
+    report = quantaware.verify(path, q, [x], backend="litert")
+    assert report.passed() and report.max_error_lsb == 0.0, str(report)

@@ -362,6 +362,80 @@ def _float_interface(content: bytes) -> bytes:
     return fb.content()
 
 
+def _int8_float_weights(content: bytes) -> bytes:
+    """Store the float32 weights of float ``FULLY_CONNECTED`` ops (a linear layer whose
+    output feeds a float op: GELU, LayerNorm) as the int8 codes they were dequantized
+    from, with a ``DEQUANTIZE`` that XNNPACK unpacks once at load time. The converter
+    folds such weights to float32, 4x the bytes. Only weights whose per-row codes
+    rebuild them bit for bit are rewritten, so the file computes the same values."""
+    fb = _Flatbuffer(content)
+    graph, schema = fb.graph, fb.schema
+    users: dict[int, int] = {}
+    for op in graph.operators:
+        for index in op.inputs:
+            users[index] = users.get(index, 0) + 1
+    buffer_users: dict[int, int] = {}
+    for tensor in graph.tensors:
+        buffer_users[tensor.buffer] = buffer_users.get(tensor.buffer, 0) + 1
+    rewritten = []
+    for op in graph.operators:
+        if (fb.builtin(op.opcodeIndex) == schema.BuiltinOperator.FULLY_CONNECTED
+                and len(op.inputs) > 1 and users.get(op.inputs[1]) == 1):
+            codes = _exact_int8_rows(fb, graph.tensors[op.inputs[1]], buffer_users)
+            if codes is not None:
+                rewritten.append(_dequantized_weight(fb, op, *codes))
+        rewritten.append(op)
+    if len(rewritten) == len(graph.operators):
+        return content
+    graph.operators = rewritten
+    return fb.content()
+
+
+def _exact_int8_rows(fb: _Flatbuffer, tensor: Any,
+                     buffer_users: dict[int, int]) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(codes, row_scales)`` of a constant float32 2-d weight that is exactly
+    ``codes * row_scales`` with symmetric int8 codes reaching +-127 in each row."""
+    schema = fb.schema
+    if (tensor.type != schema.TensorType.FLOAT32 or not tensor.buffer
+            or buffer_users.get(tensor.buffer) != 1 or tensor.shape is None
+            or len(tensor.shape) != 2):
+        return None
+    raw = fb.model.buffers[tensor.buffer].data
+    if raw is None or len(raw) != 4 * int(np.prod(tensor.shape)):
+        return None
+    weight = np.frombuffer(bytes(bytearray(raw)), np.float32).reshape(tuple(tensor.shape))
+    scales = (np.abs(weight).max(axis=1) / np.float32(127)).astype(np.float32)
+    scales[scales == 0] = 1.0
+    codes = np.round(weight / scales[:, None])
+    if not np.array_equal((codes * scales[:, None]).astype(np.float32), weight):
+        return None
+    return codes.astype(np.int8), scales
+
+
+def _dequantized_weight(fb: _Flatbuffer, op: Any, codes: np.ndarray,
+                        scales: np.ndarray) -> Any:
+    """Point ``op``'s weight input at a ``DEQUANTIZE`` of int8 ``codes``; return that op."""
+    schema, graph = fb.schema, fb.graph
+    old = graph.tensors[op.inputs[1]]
+    buffer = schema.BufferT()
+    buffer.data = codes.tobytes()
+    fb.model.buffers.append(buffer)
+    fb.model.buffers[old.buffer].data = None  # the float32 copy is no longer read
+    quantization = schema.QuantizationParametersT()
+    quantization.scale = scales.tolist()
+    quantization.zeroPoint = [0] * len(scales)
+    quantization.quantizedDimension = 0
+    int8 = schema.TensorT()
+    int8.shape, int8.type = old.shape, schema.TensorType.INT8
+    int8.name = (old.name.decode() if isinstance(old.name, bytes) else old.name) + "_int8"
+    int8.buffer, int8.quantization = len(fb.model.buffers) - 1, quantization
+    graph.tensors.append(int8)
+    old.buffer = 0  # now computed by the DEQUANTIZE
+    dequantize = fb.op(schema.BuiltinOperator.DEQUANTIZE, [len(graph.tensors) - 1],
+                       [op.inputs[1]])
+    return dequantize
+
+
 def _float_hardswish(content: bytes) -> bytes:
     """Run each int8 ``HARD_SWISH`` as ``DEQUANTIZE`` -> float32 ``HARD_SWISH`` ->
     ``QUANTIZE`` (same grids). XNNPACK has no int8 hardswish: the int8 op ran in the
@@ -480,7 +554,7 @@ def export_tflite(
                         "with no int8 kernel (for average pooling: count_include_pad=True or "
                         "no padding gives an int8 AVERAGE_POOL_2D)", name)
     if quantized:
-        content = _float_hardswish(content)
+        content = _int8_float_weights(_float_hardswish(content))
     if quantized and not int8_io:
         content = _float_interface(content)
     write_bytes(path, content)
