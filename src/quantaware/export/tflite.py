@@ -374,9 +374,10 @@ def _int8_float_weights(content: bytes) -> bytes:
     for op in graph.operators:
         for index in op.inputs:
             users[index] = users.get(index, 0) + 1
-    buffer_users: dict[int, int] = {}
-    for tensor in graph.tensors:
-        buffer_users[tensor.buffer] = buffer_users.get(tensor.buffer, 0) + 1
+    buffer_users: dict[int, int] = {}  # over every subgraph: composites share buffers
+    for subgraph in fb.model.subgraphs:
+        for tensor in subgraph.tensors:
+            buffer_users[tensor.buffer] = buffer_users.get(tensor.buffer, 0) + 1
     rewritten = []
     for op in graph.operators:
         if (fb.builtin(op.opcodeIndex) == schema.BuiltinOperator.FULLY_CONNECTED
