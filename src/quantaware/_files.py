@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 __all__ = ["atomic_path", "check_writable_dir", "check_writable_file", "new_file_mode",
-           "write_bytes", "write_text"]
+           "write_bytes", "write_json", "write_text"]
 
 
 def new_file_mode() -> int:
@@ -73,6 +73,13 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+def write_json(path: str | os.PathLike, payload: object) -> Path:
+    """Write ``payload`` as indented JSON (with a final newline) atomically; return the path."""
+    import json
+
+    return write_text(path, json.dumps(payload, indent=2) + "\n")
 
 
 def _remove_orphans(target: Path) -> None:

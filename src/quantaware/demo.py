@@ -14,7 +14,6 @@ Example:
 from __future__ import annotations
 
 import copy
-import json
 import os
 import time
 from collections.abc import Callable
@@ -27,7 +26,7 @@ import torch
 from torch import nn
 
 from quantaware import presets
-from quantaware._files import write_text
+from quantaware._files import write_json
 from quantaware.calibrate import calibrate
 from quantaware.config import QuantConfig
 from quantaware.prepare import prepare
@@ -58,7 +57,7 @@ class DemoSettings:
 
 def write_json_atomic(path: Path, payload: Any) -> None:
     """Write JSON to ``path`` via a temporary file in the same folder."""
-    write_text(path, json.dumps(payload, indent=2) + "\n")
+    write_json(path, payload)
 
 
 def _quantized(model: nn.Module, config: QuantConfig, calib, example: torch.Tensor,

@@ -39,7 +39,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import tempfile
@@ -51,7 +50,8 @@ from typing import Any
 import numpy as np
 
 from quantaware._batch import input_args, map_inputs
-from quantaware._files import atomic_path, write_text
+from quantaware._files import atomic_path
+from quantaware._files import write_json as _write_json
 from quantaware.deploy import ModelSource, load_model_source, quantize_for_backend
 
 __all__ = ["DISTILLED", "ORT_QUANTIZER_VARIANTS", "VARIANTS", "backend_variants", "benchmark",
@@ -415,4 +415,4 @@ def benchmark(models: Sequence[str], batches: Sequence[int] = (1, 16), threads: 
 
 def write_json(rows: list[dict[str, Any]], path: str | os.PathLike) -> Path:
     """Write ``rows`` as JSON, atomically."""
-    return write_text(path, json.dumps(rows, indent=2))
+    return _write_json(path, rows)
