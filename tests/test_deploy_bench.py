@@ -146,5 +146,31 @@ def test_outputs_collects_every_output_over_the_batches():
     import torch
 
     batches = [torch.ones(2, 3), torch.zeros(1, 3)]
-    first, second = _outputs(Session(), batches)
+    first, second = _outputs(Session(), batches, ["x"])
     assert first.shape == (3, 3) and second.tolist() == [3.0, 3.0, 0.0]
+
+
+def test_outputs_feed_keyword_inputs_to_numbered_inputs_in_forward_order():
+    """A LiteRT file numbers its inputs; a dict batch (a transformer's input_ids and
+    attention_mask) goes to them in the order of the model's forward parameters,
+    whatever the dict's order."""
+    import torch
+
+    from quantaware._batch import forward_parameters
+    from quantaware.deploy_bench import _outputs
+
+    class Model(torch.nn.Module):
+        def forward(self, input_ids, attention_mask):
+            return input_ids * attention_mask
+
+    class Session:
+        def get_inputs(self):
+            return [type("I", (), {"name": f"serving_default_args_{k}"})() for k in (0, 1)]
+
+        def run(self, names, feed):
+            assert sorted(feed) == ["serving_default_args_0", "serving_default_args_1"], feed
+            return [feed["serving_default_args_0"] * 10 + feed["serving_default_args_1"]]
+
+    batch = {"attention_mask": torch.tensor([[1, 0]]), "input_ids": torch.tensor([[7, 8]])}
+    (out,) = _outputs(Session(), [batch], forward_parameters(Model()))
+    assert out.tolist() == [[71, 80]]

@@ -10,7 +10,8 @@ tensors are.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import inspect
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -223,3 +224,38 @@ def check_class_labels(labels: np.ndarray | torch.Tensor, num_classes: int) -> N
         raise ValueError(f"the data has label {int(bad)}, but the model gives {num_classes} "
                          f"class scores (labels must be 0 to {num_classes - 1}); fix the "
                          "labels or the model's output size")
+
+
+def forward_parameters(model: torch.nn.Module) -> list[str]:
+    """The names of ``model.forward``'s parameters, in order ([] when unknown)."""
+    try:
+        return list(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return []
+
+
+def backend_feed(batch: Any, input_names: Sequence[str],
+                 parameters: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """The feed of an exported file for ``batch``: its inputs as NumPy arrays by name.
+
+    Keyword inputs go by name; where the file's inputs carry none of those names
+    (LiteRT numbers them), by their position in ``parameters`` (the model's
+    ``forward`` parameters, :func:`forward_parameters`), the order they were
+    exported in. Positional inputs go in order.
+
+    Example:
+        >>> import torch
+        >>> batch = {"mask": torch.ones(1, 4), "ids": torch.zeros(1, 4), "label": torch.tensor([1])}
+        >>> sorted(backend_feed(batch, ["ids", "mask"]))
+        ['ids', 'mask']
+        >>> feed = backend_feed(batch, ["args_0", "args_1"], ["ids", "mask"])
+        >>> feed["args_1"].tolist()
+        [[1.0, 1.0, 1.0, 1.0]]
+    """
+    args, kwargs = split_batch(batch)
+    if kwargs and parameters and not set(kwargs) & set(input_names):
+        args = tuple(kwargs[name] for name in parameters if name in kwargs)
+    if args:
+        return {name: np.asarray(a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else a)
+                for name, a in zip(input_names, args, strict=False)}
+    return {k: v.detach().cpu().numpy() for k, v in kwargs.items() if k in input_names}

@@ -49,7 +49,7 @@ from typing import Any
 
 import numpy as np
 
-from quantaware._batch import input_args, map_inputs
+from quantaware._batch import backend_feed, forward_parameters, input_args, map_inputs
 from quantaware._files import atomic_path
 from quantaware._files import write_json as _write_json
 from quantaware.deploy import ModelSource, load_model_source, quantize_for_backend
@@ -66,18 +66,11 @@ DISTILLED = "quantaware-int8-distilled"
 DISTILL_LR = 1e-5
 
 
-def _numpy_feed(batch: Any, names: Sequence[str]) -> dict[str, np.ndarray]:
-    if isinstance(batch, dict):
-        return {k: v.detach().cpu().numpy() for k, v in batch.items() if k in names}
-    return {name: v.detach().cpu().numpy()
-            for name, v in zip(names, input_args(batch), strict=False)}
-
-
 class _Reader:
     """``onnxruntime.quantization.CalibrationDataReader`` over our calibration batches."""
 
     def __init__(self, batches: list[Any], names: Sequence[str]) -> None:
-        self._feeds = iter([_numpy_feed(b, names) for b in batches])
+        self._feeds = iter([backend_feed(b, names) for b in batches])
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self._feeds, None)
@@ -178,10 +171,11 @@ def _sessions(paths: dict[str, dict[str, Path]], threads: int,
             for b in backends for v in backend_variants(list(paths[b]), b)}
 
 
-def _outputs(session: Any, batches: list[Any]) -> list[np.ndarray]:
-    """Every output of ``session`` over ``batches``, each concatenated over the batches."""
+def _outputs(session: Any, batches: list[Any], parameters: list[str]) -> list[np.ndarray]:
+    """Every output of ``session`` over ``batches``, each concatenated over the batches
+    (``parameters``: the model's forward parameters, for files with numbered inputs)."""
     names = [i.name for i in session.get_inputs()]
-    runs = [session.run(None, _numpy_feed(b, names)) for b in batches]
+    runs = [session.run(None, backend_feed(b, names, parameters)) for b in batches]
     return [np.concatenate([run[k] for run in runs]) for k in range(len(runs[0]))]
 
 
@@ -383,7 +377,9 @@ def benchmark(models: Sequence[str], batches: Sequence[int] = (1, 16), threads: 
                         "verify_fake_quant_top1": report.fake_quant_top1_agreement}
             sessions = _sessions(paths, threads, backends)
             on_step(f"{source.name}: fidelity")
-            results = {key: _outputs(s, source.evaluate) for key, s in sessions.items()}
+            parameters = forward_parameters(source.model)
+            results = {key: _outputs(s, source.evaluate, parameters)
+                       for key, s in sessions.items()}
             reference = results[backends[0], "fp32"]
             fid = {key: fidelity(source.kind, reference, out) for key, out in results.items()}
             details = {key: fidelity_details(source.kind, reference, out)
@@ -391,7 +387,7 @@ def benchmark(models: Sequence[str], batches: Sequence[int] = (1, 16), threads: 
             for batch in batches:
                 on_step(f"{source.name}: timing batch {batch}")
                 sample = _batch_of(source, batch)
-                feeds = {key: _numpy_feed(sample, [i.name for i in s.get_inputs()])
+                feeds = {key: backend_feed(sample, [i.name for i in s.get_inputs()], parameters)
                          for key, s in sessions.items()}
                 latency = time_interleaved(sessions, feeds, runs, warmup)
                 for backend, variant in sessions:

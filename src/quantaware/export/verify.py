@@ -26,7 +26,6 @@ of a tie can round the other way, and a deep network amplifies such flips.
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import json
 import logging
@@ -42,7 +41,14 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from quantaware._batch import check_finite, model_device, split_batch, to_device
+from quantaware._batch import (
+    backend_feed,
+    check_finite,
+    forward_parameters,
+    model_device,
+    split_batch,
+    to_device,
+)
 from quantaware.backends import BackendSession, check_backend, create_backend_session
 from quantaware.export.integer import fake_quant_arithmetic, int8_code, integer_arithmetic
 from quantaware.export.layers import (
@@ -311,27 +317,6 @@ def _torch_outputs(model: nn.Module, batches: list[Any]) -> list[list[np.ndarray
     return outs
 
 
-def _feed(batch: Any, input_names: list[str],
-          parameters: list[str] | None = None) -> dict[str, np.ndarray]:
-    """The backend feed for ``batch``. Keyword inputs go by name; where the file's
-    inputs carry none of those names (LiteRT numbers them), by their position in
-    ``parameters`` (the model's ``forward`` parameters)."""
-    args, kwargs = split_batch(batch)
-    if kwargs and parameters and not set(kwargs) & set(input_names):
-        args = tuple(kwargs[name] for name in parameters if name in kwargs)
-    if args:
-        return {name: a.detach().cpu().numpy()
-                for name, a in zip(input_names, args, strict=False)}
-    return {k: v.detach().cpu().numpy() for k, v in kwargs.items() if k in input_names}
-
-
-def _forward_parameters(model: nn.Module) -> list[str]:
-    try:
-        return list(inspect.signature(model.forward).parameters)
-    except (TypeError, ValueError):
-        return []
-
-
 def _exposed_codes(proto: onnx.ModelProto, tensors: list[str], feed: dict[str, np.ndarray],
                    expected: list[np.ndarray], threads: int) -> dict[str, np.ndarray] | None:
     """``tensors`` read from OpenVINO with them added as graph outputs, or ``None``
@@ -367,7 +352,7 @@ def _openvino_layers(proto: onnx.ModelProto, model: nn.Module, batch: Any, threa
     found = _quantize_nodes(proto, set(quantizers))
     if not found:
         return [], 0
-    feed = _feed(batch, [i.name for i in session.get_inputs()])
+    feed = backend_feed(batch, [i.name for i in session.get_inputs()])
     expected = session.run([o.name for o in proto.graph.output], feed)
     tensors = [tensor for _, tensor, _ in found]
     values = _exposed_codes(proto, tensors, feed, expected, threads)
@@ -510,10 +495,10 @@ def verify(
     for index, batch in enumerate(batches):
         check_finite(*split_batch(batch), f"verify batch {index}")
     input_names = [i.name for i in session.get_inputs()]
-    parameters = _forward_parameters(model)
+    parameters = forward_parameters(model)
 
     def run(index: int, batch: Any) -> list[np.ndarray]:
-        feed = _feed(batch, input_names, parameters)
+        feed = backend_feed(batch, input_names, parameters)
         try:
             return list(session.run(None, feed))
         except Exception as exc:  # each backend raises its own types
