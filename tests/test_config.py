@@ -336,3 +336,18 @@ def test_preset_contents():
     assert presets.INT8_DYNAMIC.activation.dynamic
     assert presets.FP16.weight == FloatSpec() and presets.FP16.activation is None
     assert presets.W8.activation is None
+
+
+def test_integer_output_rules_round_trip_and_leave_specs_alone():
+    cfg = presets.INT8.with_overrides(LayerOverride("head", skip=True),
+                                      LayerOverride("*", integer_output=True),
+                                      LayerOverride("*.key", integer_output=False))
+    assert cfg.integer_output("layer.0.query") and not cfg.integer_output("layer.0.key")
+    # a rule that sets only integer_output neither un-skips nor re-specs a layer
+    assert cfg.resolve("head") is None
+    assert cfg.resolve("layer.0.query") == presets.INT8.resolve("layer.0.query")
+    again = QuantConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again == cfg
+    assert "integer_output" not in LayerOverride("x").to_dict()
+    with pytest.raises(ConfigError, match="integer_output"):
+        LayerOverride("x", integer_output="yes")

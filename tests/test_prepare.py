@@ -569,3 +569,29 @@ def test_example_inputs_the_model_rejects_are_reported_as_such():
         with pytest.raises(ValueError, match=r"fails on the example inputs \(\(2, 3, 6, 6\)\)"
                                              r": RuntimeError: .*channels"):
             quantaware.prepare(model, presets.INT8, torch.randn(2, 3, 6, 6))
+
+
+class _LinearGelu(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+def test_integer_output_keeps_the_output_quantizer_before_a_float_op():
+    """A Linear read only by GELU loses its output quantizer unless the config asks
+    to keep it integer; the rule changes nothing else."""
+    x = torch.randn(4, 8)
+    plain = quantaware.prepare(_LinearGelu(), presets.INT8, x)
+    assert plain.fc1.output_quantizer is None
+    config = presets.INT8.with_overrides(LayerOverride("fc1", integer_output=True))
+    kept = quantaware.prepare(_LinearGelu(), config, x)
+    assert isinstance(kept.fc1.output_quantizer, FakeQuantizer)
+    assert isinstance(kept.fc2.input_quantizer, FakeQuantizer)  # GELU's output: its own grid
+    assert kept.quantaware_config == config
+    # an output-only rule matching every layer asks to quantize nothing it cannot
+    everything = presets.INT8.with_overrides(LayerOverride("*", integer_output=True))
+    assert isinstance(quantaware.prepare(_LinearGelu(), everything, x).fc1.output_quantizer,
+                      FakeQuantizer)

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 
+from quantaware import presets
 from quantaware.deploy import (
     default_config,
+    integer_output_layers,
     load_model_source,
     most_sensitive_linears,
     quantize_for_backend,
@@ -73,3 +78,53 @@ def test_most_sensitive_linear_keeps_float_inputs_and_is_recorded():
 def test_model_source_defaults_and_bad_counts():
     with pytest.raises(ValueError, match="num_eval must be a positive integer"):
         load_model_source("torch.nn:Identity", 4, 0, input_shape=(3,))
+
+
+class TwoBranches(torch.nn.Module):
+    """Two Linears read only by float ops (GELU, LayerNorm); one input feature, zero
+    but for one huge sample, reaches only ``spiky``, whose int8 output grid it
+    stretches so far that the other outputs round badly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.good, self.spiky = torch.nn.Linear(8, 16), torch.nn.Linear(8, 16)
+        self.norm = torch.nn.LayerNorm(16)
+        with torch.no_grad():
+            self.good.weight[:, 0] = 0
+            self.spiky.weight[:, 0] = 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.good(x)) + self.norm(self.spiky(x))
+
+
+def two_branch_data() -> list[torch.Tensor]:
+    x = torch.randn(4096, 8, generator=torch.Generator().manual_seed(0))
+    x[:, 0] = 0
+    x[0, 0] = 200
+    return [x[i:i + 1024] for i in range(0, 4096, 1024)]
+
+
+def test_litert_keeps_int8_outputs_where_they_cost_little():
+    """For LiteRT, a layer before float ops keeps its int8 output when its SQNR on
+    the calibration data is high (``good``: 40 dB) and not when it is low
+    (``spiky``: 23 dB); the choice is recorded in the config. ONNX Runtime's
+    default keeps neither."""
+    net, calib = TwoBranches().eval(), two_branch_data()
+    q = quantize_for_backend(net, calib, calib[0][:1], backend="litert", config=presets.INT8)
+    assert [(r.pattern, r.integer_output) for r in q.quantaware_config.overrides] == [
+        ("good", True)]
+    assert q.good.output_quantizer is not None and q.spiky.output_quantizer is None
+    ort = quantize_for_backend(net, calib, calib[0][:1], config=presets.INT8)
+    assert ort.good.output_quantizer is None and not ort.quantaware_config.overrides
+
+    def ptq(cfg):
+        return quantize_for_backend(net, calib, calib[0][:1], config=cfg)
+
+    example = (calib[0][:1],)
+    assert integer_output_layers(net, presets.INT8, example, ptq, calib,
+                                 min_sqnr_db=-math.inf) == ["good", "spiky"]
+    assert integer_output_layers(net, presets.INT8, example, ptq, calib,
+                                 min_sqnr_db=math.inf) == []
+    with pytest.raises(ValueError, match="measured backends"):
+        quantize_for_backend(net, calib, calib[0][:1], backend="tflite")

@@ -306,9 +306,17 @@ class LayerOverride:
         weight: spec for matching layers' weights (``None``: float weights).
         activation: spec for matching layers' activations (``None``: float).
         skip: keep matching layers entirely in float.
+        integer_output: ``True`` keeps a matching layer's output quantized even
+            where only float ops read it (a Linear before GELU or softmax), so a
+            backend that has no integer kernel with a float output (LiteRT) still
+            runs the layer as an integer kernel; ``False`` lets such an output
+            quantizer go (the default); ``None`` leaves it to earlier rules. A rule
+            that sets only this leaves the layer's specs and ``skip`` as they are.
 
     Example:
         >>> LayerOverride("features.0", skip=True).matches("features.0")
+        True
+        >>> LayerOverride("*.query", integer_output=True).to_dict()["integer_output"]
         True
     """
 
@@ -316,6 +324,7 @@ class LayerOverride:
     weight: Spec | _Inherit | None = INHERIT
     activation: Spec | _Inherit | None = INHERIT
     skip: bool = False
+    integer_output: bool | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.pattern, str) or not self.pattern:
@@ -324,6 +333,9 @@ class LayerOverride:
             )
         if not isinstance(self.skip, bool):
             raise ConfigError(f"LayerOverride.skip must be true or false, got {self.skip!r}")
+        if self.integer_output is not None and not isinstance(self.integer_output, bool):
+            raise ConfigError(f"LayerOverride.integer_output must be true, false or null, got "
+                              f"{self.integer_output!r}")
         for name in ("weight", "activation"):
             value = getattr(self, name)
             if value is not INHERIT:
@@ -332,20 +344,30 @@ class LayerOverride:
     def matches(self, name: str) -> bool:
         return fnmatch.fnmatchcase(name, self.pattern)
 
+    @property
+    def output_only(self) -> bool:
+        """Whether the rule sets nothing but ``integer_output``."""
+        return (self.integer_output is not None and not self.skip
+                and self.weight is INHERIT and self.activation is INHERIT)
+
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"pattern": self.pattern, "skip": self.skip}
         for name in ("weight", "activation"):
             value = getattr(self, name)
             if value is not INHERIT:
                 out[name] = None if value is None else value.to_dict()
+        if self.integer_output is not None:
+            out["integer_output"] = self.integer_output
         return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LayerOverride:
-        _reject_unknown("LayerOverride", data, {"pattern", "weight", "activation", "skip"})
+        _reject_unknown("LayerOverride", data,
+                        {"pattern", "weight", "activation", "skip", "integer_output"})
         if "pattern" not in data:
             raise ConfigError("LayerOverride needs a 'pattern' (a module-name glob)")
-        kwargs: dict[str, Any] = {"pattern": data["pattern"], "skip": data.get("skip", False)}
+        kwargs: dict[str, Any] = {"pattern": data["pattern"], "skip": data.get("skip", False),
+                                  "integer_output": data.get("integer_output")}
         for name in ("weight", "activation"):
             if name in data:
                 kwargs[name] = _spec_from_dict(data[name])
@@ -401,7 +423,7 @@ class QuantConfig:
         weight, activation = self.weight, self.activation
         skipped = False
         for rule in self.overrides:  # in order: a later matching rule overrides an earlier one
-            if not rule.matches(module_name):
+            if not rule.matches(module_name) or rule.output_only:
                 continue
             skipped = rule.skip
             if rule.weight is not INHERIT:
@@ -411,6 +433,22 @@ class QuantConfig:
         if skipped or (weight is None and activation is None):
             return None
         return weight, activation
+
+    def integer_output(self, module_name: str) -> bool:
+        """Whether ``module_name`` keeps its output quantized where only float ops read
+        it: the last matching rule that sets ``integer_output`` decides (default no).
+
+        Example:
+            >>> from quantaware import presets
+            >>> cfg = presets.INT8.with_overrides(LayerOverride("*.query", integer_output=True))
+            >>> cfg.integer_output("layer.0.query"), cfg.integer_output("layer.0.key")
+            (True, False)
+        """
+        keep = False
+        for rule in self.overrides:
+            if rule.integer_output is not None and rule.matches(module_name):
+                keep = rule.integer_output
+        return keep
 
     def to_dict(self) -> dict[str, Any]:
         return {

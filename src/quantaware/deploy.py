@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -48,12 +49,20 @@ import torch
 from torch import nn
 
 from quantaware import presets
-from quantaware._batch import input_args, inputs_size, slice_inputs
+from quantaware._batch import input_args, inputs_size, slice_inputs, split_batch
 from quantaware._spec import load_spec
-from quantaware.config import LayerOverride, QuantConfig
+from quantaware.config import LayerOverride, QuantConfig, QuantSpec
 
-__all__ = ["BACKENDS", "BUILTIN_MODELS", "ModelSource", "default_config", "load_model_source",
-           "most_sensitive_linears", "quantize_for_backend"]
+__all__ = [
+    "BACKENDS",
+    "BUILTIN_MODELS",
+    "ModelSource",
+    "default_config",
+    "integer_output_layers",
+    "load_model_source",
+    "most_sensitive_linears",
+    "quantize_for_backend",
+]
 
 SMOOTHQUANT_ALPHA = 0.8
 # Transformers: Linear layers kept float, the most sensitive on the calibration data.
@@ -63,7 +72,15 @@ SENSITIVITY_BATCHES = 2
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("onnxruntime-x86",)
+BACKENDS = ("onnxruntime-x86", "litert")
+
+# LiteRT has no integer kernel with a float output: a layer whose output only float
+# ops read runs in float32 unless its output stays int8. quantize_for_backend keeps
+# it int8 where int8 rounding of it costs little, an SQNR of at least this on the
+# calibration data (dB). all-MiniLM-L6-v2: the FFN down-projections, whose outputs
+# carry the residual stream's outlier channels, measure 15-19 dB; every other
+# Linear 27-39 dB.
+INTEGER_OUTPUT_MIN_SQNR_DB = 25.0
 
 # Residual/mask adds and attention matmuls stay float in transformers: prepare
 # names functional ops "add", "add_1", ..., "iadd", "matmul", "matmul_1", ...
@@ -122,6 +139,11 @@ def quantize_for_backend(model: nn.Module, calib: list[Any], example: Any,
                          float_layers: int | None = None) -> nn.Module:
     """PTQ with the measured defaults: :func:`default_config`, SmoothQuant for transformers.
 
+    With ``backend="litert"`` the layers whose outputs only float ops read keep
+    those outputs int8 where that costs little (:func:`integer_output_layers`), so
+    LiteRT runs them as integer kernels rather than in float32; the returned
+    model's ``quantaware_config`` records them as ``integer_output`` overrides.
+
     For transformers the ``float_layers`` (default :data:`TRANSFORMER_FLOAT_LAYERS`)
     Linear layers that are most sensitive on the calibration data
     (:func:`most_sensitive_linears`) stay float; the returned model's
@@ -136,9 +158,11 @@ def quantize_for_backend(model: nn.Module, calib: list[Any], example: Any,
         torch.Size([16, 8])
     """
     from quantaware.calibrate import calibrate
-    from quantaware.prepare import prepare
+    from quantaware.prepare import _glob_escape, prepare
     from quantaware.smoothquant import smooth_quant
 
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; measured backends: {BACKENDS}")
     config = config or default_config(model, backend)
     transformer = config.name == "INT8_TRANSFORMER"
     if float_layers is None:
@@ -153,6 +177,10 @@ def quantize_for_backend(model: nn.Module, calib: list[Any], example: Any,
             smooth_quant(prepared, calib, alpha=SMOOTHQUANT_ALPHA)
         return calibrate(prepared, calib)
 
+    if backend == "litert" and isinstance(config.activation, QuantSpec):
+        config = config.with_overrides(*(
+            LayerOverride(_glob_escape(name), integer_output=True)
+            for name in integer_output_layers(model, config, args, ptq, calib)))
     quantized = ptq(config)
     if float_layers:
         names = most_sensitive_linears(quantized, calib[:SENSITIVITY_BATCHES], float_layers)
@@ -160,6 +188,67 @@ def quantize_for_backend(model: nn.Module, calib: list[Any], example: Any,
         quantized = ptq(config.with_overrides(*(LayerOverride(n, activation=None)
                                                 for n in names)))
     return quantized
+
+
+def integer_output_layers(model: nn.Module, config: QuantConfig, example: tuple[Any, ...],
+                          ptq: Callable[[QuantConfig], nn.Module], calib: list[Any],
+                          min_sqnr_db: float = INTEGER_OUTPUT_MIN_SQNR_DB) -> list[str]:
+    """The layers whose outputs only float ops read (``config`` drops their output
+    quantizers) and whose int8 output costs at most ``min_sqnr_db`` of SQNR on
+    ``calib``: the ones worth keeping integer for a backend without integer kernels
+    that return float (LiteRT).
+
+    ``ptq`` quantizes ``model`` with a config (prepare, calibrate); the candidates'
+    SQNR is measured on ``calib`` with every output quantizer kept.
+
+    Example:
+        >>> import torch
+        >>> from quantaware import presets, quantize
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.GELU())
+        >>> x = torch.randn(64, 4)
+        >>> ptq = lambda cfg: quantize(net, cfg, [x], x[:1])
+        >>> integer_output_layers(net, presets.INT8, (x[:1],), ptq, [x])
+        ['0']
+    """
+    from quantaware.prepare import prepare
+
+    def outputs(prepared: nn.Module) -> set[str]:
+        return {name for name, m in prepared.named_modules()
+                if isinstance(getattr(m, "output_quantizer", None), nn.Module)}
+
+    kept = config.with_overrides(LayerOverride("*", integer_output=True))
+    candidates = outputs(prepare(model, kept, example)) - outputs(prepare(model, config, example))
+    if not candidates:
+        return []
+    quantized = ptq(kept)
+    power = {name: torch.zeros(2, dtype=torch.float64) for name in candidates}
+
+    def record(name: str) -> Callable[..., None]:
+        def hook(_: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+            x = args[0].detach().double()
+            power[name] += torch.stack([x.square().sum(), (out.detach().double() - x)
+                                        .square().sum()])
+        return hook
+
+    modules = dict(quantized.named_modules())
+    handles = [modules[name].output_quantizer.register_forward_hook(record(name))
+               for name in sorted(candidates)]
+    try:
+        with torch.no_grad():
+            for batch in calib:
+                args, kwargs = split_batch(batch)
+                quantized(*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    kept_names = []
+    for name in sorted(candidates):
+        signal, noise = power[name].tolist()
+        sqnr = math.inf if noise == 0 else 10 * math.log10(max(signal, 1e-300) / noise)
+        log.info("%s: int8 output SQNR %.1f dB", name, sqnr)
+        if sqnr >= min_sqnr_db:
+            kept_names.append(name)
+    return kept_names
 
 
 @dataclass

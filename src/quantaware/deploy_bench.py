@@ -17,11 +17,12 @@ cores), and optionally in OpenVINO (:mod:`quantaware.backends`):
 
 With ``backends=("onnxruntime", "openvino")`` the fp32 and quantaware files
 (not ONNX Runtime's quantizer outputs) are also timed in OpenVINO, float layers
-in float32; each row names its ``backend``. With ``"litert"`` the fp32 and
-quantaware models are also exported as LiteRT files
-(:func:`quantaware.export_tflite`: full-integer, the same scales) and timed in
-LiteRT's interpreter; the files have the static batch of the example input (1),
-so a batch of B is B invocations.
+in float32; each row names its ``backend``. With ``"litert"`` the fp32 model and
+the quantaware models are also exported as LiteRT files
+(:func:`quantaware.export_tflite`, the models' own scales) and timed in LiteRT's
+interpreter; ``quantaware-int8`` is quantized for LiteRT there
+(``quantize_for_backend(..., backend="litert")``). The files have the static
+batch of the example input (1), so a batch of B is B invocations.
 
 Latency is the median of many ``session.run`` calls after warm-up, taken
 interleaved (one run of each variant per round, A B C D A B C D ...) so that
@@ -137,16 +138,23 @@ def build_variants(source: ModelSource, out_dir: str | os.PathLike,
 
 
 def build_litert_variants(source: ModelSource, out_dir: str | os.PathLike,
-                          torch_models: dict[str, Any]) -> dict[str, Path]:
-    """LiteRT files of the fp32 model and of quantaware's quantized models (the
-    same torch models as the ONNX files; static shapes of ``source.example``)."""
+                          torch_models: dict[str, Any]) -> tuple[dict[str, Path], dict[str, Any]]:
+    """LiteRT files of the fp32 model and of quantaware's quantized models (static
+    shapes of ``source.example``), and the torch models they come from.
+
+    ``quantaware-int8`` is quantized again for LiteRT
+    (:func:`~quantaware.deploy.quantize_for_backend` with ``backend="litert"``: layers
+    before float ops keep int8 outputs where that costs little); the other models
+    (distilled) are the ONNX files' own."""
     from quantaware.export.tflite import export_tflite
 
     args = input_args(source.example)
     out = Path(out_dir)
-    models = {"fp32": source.model, **torch_models}
-    return {v: export_tflite(m, out / f"{source.name}-{v}.tflite", args)
-            for v, m in models.items()}
+    models = {**torch_models, "quantaware-int8": quantize_for_backend(
+        source.model, source.calib, args, backend="litert").eval()}
+    paths = {v: export_tflite(m, out / f"{source.name}-{v}.tflite", args)
+             for v, m in {"fp32": source.model, **models}.items()}
+    return paths, models
 
 
 def backend_variants(variants: Sequence[str], backend: str) -> list[str]:
@@ -361,12 +369,14 @@ def benchmark(models: Sequence[str], batches: Sequence[int] = (1, 16), threads: 
                 source = load_model_source(spec, input_shape=input_shape)
             onnx_paths, torch_models = build_variants(source, folder, on_step, distill_steps)
             paths = {b: onnx_paths for b in backends}
+            backend_models = {b: torch_models for b in backends}
             if "litert" in backends:
-                on_step(f"{source.name}: LiteRT export")
-                paths["litert"] = build_litert_variants(source, folder, torch_models)
+                on_step(f"{source.name}: LiteRT PTQ + export")
+                paths["litert"], backend_models["litert"] = build_litert_variants(
+                    source, folder, torch_models)
             checked = {}
             for backend in backends:
-                for variant, qmodel in torch_models.items():
+                for variant, qmodel in backend_models[backend].items():
                     on_step(f"{source.name}: verify {variant} in {backend}")
                     report = verify(paths[backend][variant], qmodel, source.evaluate,
                                     threads=threads, check_layers=False, backend=backend)

@@ -120,7 +120,7 @@ def _check_overrides(model: nn.Module, config: QuantConfig) -> None:
     modules = dict(model.named_modules())
     for rule in config.overrides:
         matched = [n for n in modules if n and rule.matches(n)]
-        if rule.skip or not matched:
+        if rule.skip or rule.output_only or not matched:
             continue
         leaves = [n for n in matched if not any(True for _ in modules[n].children())]
         if leaves and not any(quantized_type(type(modules[n])) for n in leaves):
@@ -384,7 +384,7 @@ def _is_passthrough(gm: fx.GraphModule, node: fx.Node) -> bool:
     return node.op == "call_method" and node.target in _PASSTHROUGH_METHODS
 
 
-def _place_quantizers(gm: fx.GraphModule) -> None:
+def _place_quantizers(gm: fx.GraphModule, config: QuantConfig) -> None:
     """Quantize every tensor once: drop input quantizers of already-quantized inputs."""
     source: dict[fx.Node, nn.Module | None] = {}
     visited: set[str] = set()
@@ -417,7 +417,7 @@ def _place_quantizers(gm: fx.GraphModule) -> None:
             source[node] = source.get(node.args[0])
         else:
             source[node] = None
-    _drop_unused_output_quantizers(gm, source)
+    _drop_unused_output_quantizers(gm, source, config)
 
 
 def _graph_outputs(gm: fx.GraphModule) -> list[fx.Node]:
@@ -429,10 +429,12 @@ def _graph_outputs(gm: fx.GraphModule) -> list[fx.Node]:
 
 
 def _drop_unused_output_quantizers(gm: fx.GraphModule,
-                                   source: dict[fx.Node, nn.Module | None]) -> None:
+                                   source: dict[fx.Node, nn.Module | None],
+                                   config: QuantConfig) -> None:
     """An output quantizer whose tensor only feeds float ops (softmax, GELU, LayerNorm,
     a float residual add) would add a Q/DQ pair that nothing integer consumes: it
-    costs time and precision, so it goes. Quantizers that reach a graph output stay."""
+    costs time and precision, so it goes. Quantizers that reach a graph output stay,
+    and so do those of layers the config gives ``integer_output``."""
     used = {id(q) for q in (source.get(n) for n in _graph_outputs(gm)) if q is not None}
     for node in gm.graph.nodes:
         module = _module(gm, node)
@@ -455,7 +457,8 @@ def _drop_unused_output_quantizers(gm: fx.GraphModule,
         elif (isinstance(module, QuantMixin)
               and isinstance(module.output_quantizer, FakeQuantizer)
               and id(module.output_quantizer) not in used
-              and not isinstance(module, _QuantConvNd)):
+              and not isinstance(module, _QuantConvNd)
+              and not (node.op == "call_module" and config.integer_output(node.target))):
             # A conv keeps its output quantizer: backends run a conv as an integer
             # kernel only when its output is quantized (ONNX Runtime has no int8 conv
             # with float output), so before a float activation (Hardswish, SiLU) or
@@ -648,7 +651,7 @@ def prepare(
             _rewrite_functional(gm, config)
             _rewrite_resizes(gm, config)
         _fuse_activations(gm)
-        _place_quantizers(gm)
+        _place_quantizers(gm, config)
         _share_input_quantizers(gm)
         gm.graph.lint()
         gm.recompile()

@@ -586,3 +586,27 @@ def test_float_linear_weights_are_stored_as_int8_codes(litert, tmp_path, monkeyp
     np.testing.assert_array_equal(*outputs)
     report = quantaware.verify(path, q, [x], backend="litert")
     assert report.passed() and report.max_error_lsb == 0.0, str(report)
+
+
+def test_litert_quantization_runs_layers_before_float_ops_as_int8_kernels(litert, tmp_path):
+    """Quantized for LiteRT, the Linear before GELU keeps its int8 output, so LiteRT
+    runs it as an int8 FULLY_CONNECTED (with the ONNX Runtime default it is a float32
+    one on dequantized weights); the layer whose int8 output would cost too much
+    stays float32. The file computes what the torch model computes."""
+    from tests.test_text_and_defaults import TwoBranches, two_branch_data
+
+    from quantaware.deploy import quantize_for_backend
+    from quantaware.export.tflite import tflite_ops
+
+    net, calib = TwoBranches().eval(), two_branch_data()
+    fcs = {}
+    for backend in ("onnxruntime-x86", "litert"):
+        q = quantize_for_backend(net, calib, calib[0][:1], backend=backend,
+                                 config=presets.INT8).eval()
+        with _one_thread():
+            path = quantaware.export_tflite(q, tmp_path / f"{backend}.tflite", calib[0][:1])
+        fcs[backend] = sorted(dtypes[0] for name, dtypes in tflite_ops(path)
+                              if name == "FULLY_CONNECTED")
+    assert fcs == {"onnxruntime-x86": ["float32", "float32"], "litert": ["float32", "int8"]}
+    report = quantaware.verify(path, q, [c[:256] for c in calib], backend="litert", threads=1)
+    assert report.passed() and report.reference == "integer" and report.max_error_lsb == 0

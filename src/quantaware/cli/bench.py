@@ -24,8 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(median after warm-up, spinning disabled) and compare their outputs with FP32. "
         "With --backend onnxruntime openvino the FP32 and quantaware INT8 files are also "
         "timed in OpenVINO (float layers in float32), in the same rounds; with litert "
-        "they are exported as full-integer LiteRT files (same scales, batch 1) and timed "
-        "in LiteRT's interpreter.",
+        "FP32 and quantaware INT8 (quantized for LiteRT: layers before float ops keep "
+        "int8 outputs where that costs little) are exported as LiteRT files (the "
+        "models' own scales, batch 1) and timed in LiteRT's interpreter.",
     )
     add_arguments(parser)
     parser.set_defaults(func=run, output_files=("json",), output_dirs=("out",))
