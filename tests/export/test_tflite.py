@@ -588,6 +588,50 @@ def test_float_linear_weights_are_stored_as_int8_codes(litert, tmp_path, monkeyp
     assert report.passed() and report.max_error_lsb == 0.0, str(report)
 
 
+class _Embedder(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(1000, 64)
+        self.norm, self.head = torch.nn.LayerNorm(64), torch.nn.Linear(64, 10)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.embed(ids)).mean(1))
+
+
+def test_quantized_embedding_tables_are_stored_as_int8_rows(litert, tmp_path, monkeypatch):
+    """A quantized embedding table, folded to float32 by the converter, is stored as
+    its int8 codes with a scale per row, which LiteRT's lookup dequantizes: a quarter
+    of the bytes, and the file computes the same values."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from quantaware.deploy import quantize_for_backend
+    from quantaware.export import tflite
+    from quantaware.export.tflite import tflite_ops
+
+    ids = torch.randint(0, 1000, (64, 12), generator=torch.Generator().manual_seed(0))
+    q = quantize_for_backend(_Embedder().eval(), [ids[:32], ids[32:]], ids[:1])
+    with _one_thread():
+        path = quantaware.export_tflite(q, tmp_path / "int8.tflite", ids[:1])
+        monkeypatch.setattr(tflite, "_int8_float_weights", lambda content: content)
+        folded = quantaware.export_tflite(q, tmp_path / "folded.tflite", ids[:1])
+    assert ("EMBEDDING_LOOKUP", ["int32", "int8"]) in tflite_ops(path)
+    assert ("EMBEDDING_LOOKUP", ["int32", "float32"]) in tflite_ops(folded)
+    assert path.stat().st_size < folded.stat().st_size - 3 * 1000 * 64 * 0.9
+    outputs = []
+    for file in (path, folded):
+        interpreter = Interpreter(str(file))
+        interpreter.allocate_tensors()
+        for k in range(4):
+            detail = interpreter.get_input_details()[0]
+            interpreter.set_tensor(detail["index"], ids[k:k + 1].numpy().astype(detail["dtype"]))
+            interpreter.invoke()
+            outputs.append(interpreter.get_tensor(interpreter.get_output_details()[0]["index"]))
+    np.testing.assert_array_equal(np.stack(outputs[:4]), np.stack(outputs[4:]))
+    report = quantaware.verify(path, q, [ids[:16]], backend="litert", threads=1)
+    assert report.passed(), str(report)
+
+
 def test_litert_quantization_runs_layers_before_float_ops_as_int8_kernels(litert, tmp_path):
     """Quantized for LiteRT, the Linear before GELU keeps its int8 output, so LiteRT
     runs it as an int8 FULLY_CONNECTED (with the ONNX Runtime default it is a float32

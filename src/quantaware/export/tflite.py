@@ -365,9 +365,12 @@ def _float_interface(content: bytes) -> bytes:
 def _int8_float_weights(content: bytes) -> bytes:
     """Store the float32 weights of float ``FULLY_CONNECTED`` ops (a linear layer whose
     output feeds a float op: GELU, LayerNorm) as the int8 codes they were dequantized
-    from, with a ``DEQUANTIZE`` that XNNPACK unpacks once at load time. The converter
-    folds such weights to float32, 4x the bytes. Only weights whose per-row codes
-    rebuild them bit for bit are rewritten, so the file computes the same values."""
+    from, with a ``DEQUANTIZE`` that XNNPACK unpacks once at load time, and the tables
+    of ``EMBEDDING_LOOKUP`` (a quantized ``nn.Embedding``) as int8 codes with a scale
+    per row, which LiteRT's lookup dequantizes row by row as it copies them. The
+    converter folds such weights to float32, 4x the bytes. Only weights whose per-row
+    codes rebuild them bit for bit are rewritten, so the file computes the same values
+    (``code * scale`` is exact in float32 either way)."""
     fb = _Flatbuffer(content)
     graph, schema = fb.graph, fb.schema
     users: dict[int, int] = {}
@@ -379,14 +382,21 @@ def _int8_float_weights(content: bytes) -> bytes:
         for tensor in subgraph.tensors:
             buffer_users[tensor.buffer] = buffer_users.get(tensor.buffer, 0) + 1
     rewritten = []
+    changed = False
     for op in graph.operators:
-        if (fb.builtin(op.opcodeIndex) == schema.BuiltinOperator.FULLY_CONNECTED
+        kind = fb.builtin(op.opcodeIndex)
+        if (kind in (schema.BuiltinOperator.FULLY_CONNECTED,
+                     schema.BuiltinOperator.EMBEDDING_LOOKUP)
                 and len(op.inputs) > 1 and users.get(op.inputs[1]) == 1):
             codes = _exact_int8_rows(fb, graph.tensors[op.inputs[1]], buffer_users)
-            if codes is not None:
+            if codes is not None and kind == schema.BuiltinOperator.FULLY_CONNECTED:
                 rewritten.append(_dequantized_weight(fb, op, *codes))
+                changed = True
+            elif codes is not None:
+                _int8_table(fb, graph.tensors[op.inputs[1]], *codes)
+                changed = True
         rewritten.append(op)
-    if len(rewritten) == len(graph.operators):
+    if not changed:
         return content
     graph.operators = rewritten
     return fb.content()
@@ -418,23 +428,38 @@ def _dequantized_weight(fb: _Flatbuffer, op: Any, codes: np.ndarray,
     """Point ``op``'s weight input at a ``DEQUANTIZE`` of int8 ``codes``; return that op."""
     schema, graph = fb.schema, fb.graph
     old = graph.tensors[op.inputs[1]]
-    buffer = schema.BufferT()
-    buffer.data = codes.tobytes()
-    fb.model.buffers.append(buffer)
-    fb.model.buffers[old.buffer].data = None  # the float32 copy is no longer read
-    quantization = schema.QuantizationParametersT()
-    quantization.scale = scales.tolist()
-    quantization.zeroPoint = [0] * len(scales)
-    quantization.quantizedDimension = 0
     int8 = schema.TensorT()
     int8.shape, int8.type = old.shape, schema.TensorType.INT8
     int8.name = (old.name.decode() if isinstance(old.name, bytes) else old.name) + "_int8"
-    int8.buffer, int8.quantization = len(fb.model.buffers) - 1, quantization
+    int8.buffer, int8.quantization = _row_codes(fb, old, codes, scales)
     graph.tensors.append(int8)
     old.buffer = 0  # now computed by the DEQUANTIZE
     dequantize = fb.op(schema.BuiltinOperator.DEQUANTIZE, [len(graph.tensors) - 1],
                        [op.inputs[1]])
     return dequantize
+
+
+def _int8_table(fb: _Flatbuffer, table: Any, codes: np.ndarray, scales: np.ndarray) -> None:
+    """Make the constant ``table`` of an ``EMBEDDING_LOOKUP`` int8 ``codes`` with a
+    scale per row (LiteRT's hybrid lookup: int8 table, float32 output)."""
+    table.buffer, table.quantization = _row_codes(fb, table, codes, scales)
+    table.type = fb.schema.TensorType.INT8
+
+
+def _row_codes(fb: _Flatbuffer, weight: Any, codes: np.ndarray,
+               scales: np.ndarray) -> tuple[int, Any]:
+    """A new buffer holding ``codes`` in place of ``weight``'s float32 data (which is
+    dropped), and the per-row quantization: ``(buffer index, parameters)``."""
+    schema = fb.schema
+    buffer = schema.BufferT()
+    buffer.data = codes.tobytes()
+    fb.model.buffers.append(buffer)
+    fb.model.buffers[weight.buffer].data = None  # the float32 copy is no longer read
+    quantization = schema.QuantizationParametersT()
+    quantization.scale = scales.tolist()
+    quantization.zeroPoint = [0] * len(scales)
+    quantization.quantizedDimension = 0
+    return len(fb.model.buffers) - 1, quantization
 
 
 def _float_hardswish(content: bytes) -> bytes:
