@@ -439,27 +439,28 @@ class Tagger(nn.Module):
 
 torch.manual_seed(0)
 model = Tagger().eval()
-batches = [{"ids": torch.randint(0, 50, (8, 6)), "scale": torch.rand(8, 6, 1) + 0.5}
+batches = [{"scale": torch.rand(8, 6, 1) + 0.5, "ids": torch.randint(0, 50, (8, 6))}
            for _ in range(2)]
 example = (batches[0]["ids"][:1], batches[0]["scale"][:1])
 q = quantaware.quantize(model, presets.INT8, batches, example)
 path = quantaware.export_tflite(q, sys.argv[1], example)
 report = quantaware.verify(path, q, batches, backend="litert")
-print(report.num_samples, report.cosine)
+print(report.num_samples, report.cosine, report.layers_checked)
 '''
 
 
 def test_embedding_model_with_keyword_batches(litert, tmp_path):
     """In a fresh process the first quantized layer an export runs is an embedding
-    (the export ops were not registered yet), and verify feeds keyword batches to
-    LiteRT's numbered inputs in the order of the model's forward parameters."""
+    (the export ops were not registered yet), and verify feeds keyword batches (in
+    another order than forward's) to LiteRT's numbered inputs in the order of the
+    model's forward parameters, for the outputs and for the layer check."""
     import subprocess
 
     result = subprocess.run([sys.executable, "-c", _TWO_INPUTS, str(tmp_path / "m.tflite")],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    samples, cosine = result.stdout.split()[-2:]
-    assert int(samples) == 16 and float(cosine) > 0.999
+    samples, cosine, layers = result.stdout.split()[-3:]
+    assert int(samples) == 16 and float(cosine) > 0.999 and int(layers) > 0
 
 
 class _ImageAndVector(torch.nn.Module):

@@ -374,7 +374,11 @@ def _litert_layers(path: Path, model: nn.Module, batch: Any, threads: int,
 
     quantizers = activation_quantizers(model)
     args, kwargs = split_batch(batch)
-    if kwargs or not args:
+    if kwargs and not args:  # the file's inputs are numbered in forward's order
+        parameters = forward_parameters(model)
+        if set(kwargs) <= set(parameters):
+            args = tuple(kwargs[name] for name in parameters if name in kwargs)
+    if not args:
         return [], len(quantizers)
     sizes = [i.shape[0] for i in session.get_inputs()]
     sample = tuple(a[:max(n, 1)] for a, n in zip(args, sizes, strict=False))
