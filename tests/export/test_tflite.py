@@ -571,7 +571,7 @@ def test_float_linear_weights_are_stored_as_int8_codes(litert, tmp_path, monkeyp
     with _one_thread():
         q = quantaware.quantize(net, presets.INT8, [x], x[:1])
         path = quantaware.export_tflite(q, tmp_path / "int8.tflite", x[:1])
-        monkeypatch.setattr(tflite, "_int8_float_weights", lambda content: content)
+        monkeypatch.setattr(tflite, "_int8_float_weights", lambda content, *_: content)
         folded = quantaware.export_tflite(q, tmp_path / "folded.tflite", x[:1])
     assert path.stat().st_size < folded.stat().st_size - 3 * 256 * 64 * 0.9
     assert ("DEQUANTIZE", ["int8"]) in tflite_ops(path)
@@ -614,7 +614,7 @@ def test_quantized_embedding_tables_are_stored_as_int8_rows(litert, tmp_path, mo
     q = quantize_for_backend(_Embedder().eval(), [ids[:32], ids[32:]], ids[:1])
     with _one_thread():
         path = quantaware.export_tflite(q, tmp_path / "int8.tflite", ids[:1])
-        monkeypatch.setattr(tflite, "_int8_float_weights", lambda content: content)
+        monkeypatch.setattr(tflite, "_int8_float_weights", lambda content, *_: content)
         folded = quantaware.export_tflite(q, tmp_path / "folded.tflite", ids[:1])
     assert ("EMBEDDING_LOOKUP", ["int32", "int8"]) in tflite_ops(path)
     assert ("EMBEDDING_LOOKUP", ["int32", "float32"]) in tflite_ops(folded)
@@ -633,7 +633,8 @@ def test_quantized_embedding_tables_are_stored_as_int8_rows(litert, tmp_path, mo
     assert report.passed(), str(report)
 
 
-def test_litert_quantization_runs_layers_before_float_ops_as_int8_kernels(litert, tmp_path):
+def test_litert_quantization_runs_layers_before_float_ops_as_int8_kernels(litert, tmp_path,
+                                                                         caplog):
     """Quantized for LiteRT, the Linear before GELU keeps its int8 output, so LiteRT
     runs it as an int8 FULLY_CONNECTED (with the ONNX Runtime default it is a float32
     one on dequantized weights); the layer whose int8 output would cost too much
@@ -644,14 +645,21 @@ def test_litert_quantization_runs_layers_before_float_ops_as_int8_kernels(litert
     from quantaware.export.tflite import tflite_ops
 
     net, calib = TwoBranches().eval(), two_branch_data()
-    fcs = {}
+    fcs, warned = {}, {}
     for backend in ("onnxruntime-x86", "litert"):
         q = quantize_for_backend(net, calib, calib[0][:1], backend=backend,
                                  config=presets.INT8).eval()
-        with _one_thread():
+        caplog.clear()
+        with _one_thread(), caplog.at_level("WARNING", "quantaware.export.tflite"):
             path = quantaware.export_tflite(q, tmp_path / f"{backend}.tflite", calib[0][:1])
+        warned[backend] = [r.getMessage() for r in caplog.records if "float32 on" in
+                           r.getMessage()]
         fcs[backend] = sorted(dtypes[0] for name, dtypes in tflite_ops(path)
                               if name == "FULLY_CONNECTED")
     assert fcs == {"onnxruntime-x86": ["float32", "float32"], "litert": ["float32", "int8"]}
+    # quantized for ONNX Runtime, the export says why and what to do
+    assert len(warned["onnxruntime-x86"]) == 1 and not warned["litert"]
+    assert "2 of the 2 linear layers" in warned["onnxruntime-x86"][0]
+    assert "backend='litert'" in warned["onnxruntime-x86"][0]
     report = quantaware.verify(path, q, [c[:256] for c in calib], backend="litert", threads=1)
     assert report.passed() and report.reference == "integer" and report.max_error_lsb == 0

@@ -362,7 +362,16 @@ def _float_interface(content: bytes) -> bytes:
     return fb.content()
 
 
-def _int8_float_weights(content: bytes) -> bytes:
+def _chose_outputs(model: nn.Module) -> bool:
+    """Whether the model's config decides which layers keep int8 outputs before float
+    ops (``integer_output`` rules, as ``quantize_for_backend(backend="litert")``
+    writes)."""
+    config = getattr(model, "quantaware_config", None)
+    return any(getattr(rule, "integer_output", None) is not None
+               for rule in getattr(config, "overrides", ()))
+
+
+def _int8_float_weights(content: bytes, chose_outputs: bool = True) -> bytes:
     """Store the float32 weights of float ``FULLY_CONNECTED`` ops (a linear layer whose
     output feeds a float op: GELU, LayerNorm) as the int8 codes they were dequantized
     from, with a ``DEQUANTIZE`` that XNNPACK unpacks once at load time, and the tables
@@ -396,10 +405,32 @@ def _int8_float_weights(content: bytes) -> bytes:
                 _int8_table(fb, graph.tensors[op.inputs[1]], *codes)
                 changed = True
         rewritten.append(op)
+    if not chose_outputs:
+        _warn_float_linears(fb)
     if not changed:
         return content
     graph.operators = rewritten
     return fb.content()
+
+
+def _warn_float_linears(fb: _Flatbuffer) -> None:
+    """Warn about linear layers with int8 inputs that run in float32 (their outputs
+    are not quantized because only float ops read them)."""
+    schema, graph = fb.schema, fb.graph
+    dequantized = {op.outputs[0] for op in graph.operators
+                   if fb.builtin(op.opcodeIndex) == schema.BuiltinOperator.DEQUANTIZE}
+    linears = [op for op in graph.operators
+               if fb.builtin(op.opcodeIndex) == schema.BuiltinOperator.FULLY_CONNECTED]
+    floats = sum(op.inputs[0] in dequantized
+                 and graph.tensors[op.inputs[0]].type == schema.TensorType.FLOAT32
+                 for op in linears)
+    if floats:
+        log.warning(
+            "LiteRT runs %d of the %d linear layers in float32 on dequantized int8 inputs: "
+            "only float ops read their outputs, and LiteRT has no int8 kernel with a float "
+            "output. quantaware.deploy.quantize_for_backend(..., backend='litert') keeps "
+            "such outputs int8 where that costs little (or set LayerOverride(name, "
+            "integer_output=True))", floats, len(linears))
 
 
 def _exact_int8_rows(fb: _Flatbuffer, tensor: Any,
@@ -580,7 +611,7 @@ def export_tflite(
                         "with no int8 kernel (for average pooling: count_include_pad=True or "
                         "no padding gives an int8 AVERAGE_POOL_2D)", name)
     if quantized:
-        content = _int8_float_weights(_float_hardswish(content))
+        content = _int8_float_weights(_float_hardswish(content), _chose_outputs(model))
     if quantized and not int8_io:
         content = _float_interface(content)
     write_bytes(path, content)
