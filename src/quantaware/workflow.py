@@ -91,8 +91,13 @@ def _check_runs(module: nn.Module, data: DataSource) -> None:
 
 
 def quantize_model(model: LoadedModel, calib: DataSource, preset: str | None = None,
-                   method: str | None = None) -> tuple[nn.Module, QuantConfig]:
+                   method: str | None = None,
+                   backend: str = "onnxruntime-x86") -> tuple[nn.Module, QuantConfig]:
     """PTQ of a model source on calibration data: ``(quantized model, config used)``.
+
+    ``backend`` is the runtime the model is quantized for
+    (:data:`quantaware.deploy.BACKENDS`; ``"litert"``: layers before float ops keep
+    int8 outputs where that costs little).
 
     Example:
         >>> from quantaware.sources import load_data, load_model
@@ -107,7 +112,8 @@ def quantize_model(model: LoadedModel, calib: DataSource, preset: str | None = N
     _check_runs(module, calib)
     config = choose_config(module, preset, method)
     with torch.no_grad():
-        quantized = quantize_for_backend(module, calib.unlabeled, calib.example, config=config)
+        quantized = quantize_for_backend(module, calib.unlabeled, calib.example, config=config,
+                                         backend=backend)
     return quantized, getattr(quantized, "quantaware_config", config)
 
 
@@ -322,8 +328,12 @@ def run_quantize(model: LoadedModel, calib: DataSource, out: str | Path,
                  evaluate: DataSource | None = None, preset: str | None = None,
                  method: str | None = None, report: bool = False, verify: bool = True,
                  threads: int = 2, latency_runs: int = 30,
-                 progress: Progress | None = None) -> dict[str, Any]:
+                 progress: Progress | None = None,
+                 backend: str = "onnxruntime-x86") -> dict[str, Any]:
     """PTQ, export (float and INT8 ONNX), evaluation and ``results.json`` in ``out``.
+
+    ``backend``: the runtime the INT8 model is quantized for (see
+    :func:`quantize_model`); the ONNX files are evaluated in ONNX Runtime either way.
 
     ``evaluate`` defaults to the calibration data (then the accuracy is not held
     out: pass separate data for an honest figure). With ``verify`` the INT8 file
@@ -340,7 +350,7 @@ def run_quantize(model: LoadedModel, calib: DataSource, out: str | Path,
         (out / stale).unlink(missing_ok=True)
     say = progress or (lambda _msg: None)
     say(f"calibrating on {calib.num_samples} samples from {calib.name}")
-    quantized, config = quantize_model(model, calib, preset, method)
+    quantized, config = quantize_model(model, calib, preset, method, backend)
     module = model.require_torch("quantization")
     say("exporting float and INT8 ONNX")
     float_path = export_model(module, out / "model-fp32.onnx", calib.example)

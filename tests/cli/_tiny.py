@@ -61,3 +61,15 @@ class _TwoInputSet(torch.utils.data.Dataset):
 
 def two_datasets() -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset]:
     return _TwoInputSet(128, 0), _TwoInputSet(64, 1)
+
+
+def gelu_mlp() -> nn.Module:
+    """A linear layer read only by GELU: float32 in LiteRT unless quantized for it."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 4)).eval()
+
+
+def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The training samples of :func:`data` in batches of 32."""
+    x, y = data()[0].tensors
+    return [(x[i:i + 32], y[i:i + 32]) for i in range(0, len(x), 32)]

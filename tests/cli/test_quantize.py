@@ -313,3 +313,33 @@ def test_model_with_two_positional_inputs(tmp_path):
     session = ort.InferenceSession(str(out / "model-int8.onnx"),
                                    providers=["CPUExecutionProvider"])
     assert [tuple(i.shape[1:]) for i in session.get_inputs()] == [(1, 16), (3,)]
+
+
+def test_quantize_for_litert_keeps_the_linear_before_gelu_integer(tmp_path):
+    """--target litert: the linear read only by GELU keeps its int8 output (recorded in
+    the config), so the checkpoint exported to LiteRT runs it as an int8 kernel; the
+    default target leaves it float32 there."""
+    pytest.importorskip("litert_torch")
+    from quantaware.export.tflite import tflite_ops
+
+    fcs = {}
+    for target in ("onnxruntime", "litert"):
+        out = tmp_path / target
+        code, _, stderr = run_cli([
+            "quantize", "--model", "tests.cli._tiny:gelu_mlp", "--data", "tests.cli._tiny:batches",
+            "--num-calib", "128", "--num-eval", "64", "--threads", "1", "--target", target,
+            "--out", str(out)])
+        assert code == 0, stderr
+        rules = json.loads((out / "results.json").read_text())["config"]["overrides"]
+        assert [r.get("integer_output") for r in rules] == ([True] if target == "litert" else [])
+        code, _, stderr = run_cli([
+            "export", "--model", "tests.cli._tiny:gelu_mlp", "--input-shape", "1,16",
+            "--quantized", str(out / "model-int8.pt"), "--format", "tflite",
+            "--out", str(out / "m.tflite")])
+        assert code == 0, stderr
+        fcs[target] = [d[0] for name, d in tflite_ops(out / "m.tflite")
+                       if name == "FULLY_CONNECTED"]
+    assert fcs == {"onnxruntime": ["float32", "int8"], "litert": ["int8", "int8"]}
+    with pytest.raises(SystemExit):
+        main(["quantize", "--model", "tests.cli._tiny:gelu_mlp", "--data",
+              "tests.cli._tiny:batches", "--target", "tensorrt"])

@@ -6,6 +6,9 @@ import argparse
 
 from quantaware.cli import _sources as common
 
+# --target -> quantaware.deploy.BACKENDS
+TARGETS = {"onnxruntime": "onnxruntime-x86", "litert": "litert"}
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
@@ -30,6 +33,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "measured default")
     parser.add_argument("--method", help="activation range method: minmax, moving_average, "
                         "percentile, mse or entropy")
+    parser.add_argument("--target", choices=TARGETS, default="onnxruntime",
+                        help="the runtime the INT8 model is quantized for (default: "
+                        "%(default)s). litert keeps int8 outputs of layers that only float "
+                        "ops read where that costs little (LiteRT has no int8 kernel with "
+                        "a float output); export OUT/model-int8.pt with quantaware export "
+                        "--format tflite. The ONNX files are evaluated in ONNX Runtime "
+                        "either way")
     common.add_image_arguments(parser)
     parser.add_argument("--out", default="quantaware-out", metavar="DIR",
                         help="output folder (default: %(default)s)")
@@ -61,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
             results = run_quantize(model, calib, args.out, evaluate=evaluate,
                                    preset=args.preset, method=args.method,
                                    report=args.report, verify=not args.no_verify,
-                                   threads=args.threads, progress=say)
+                                   threads=args.threads, progress=say,
+                                   backend=TARGETS[args.target])
         except SourceError as exc:
             raise UsageError(str(exc)) from exc
     comparison = results["evaluation"]
