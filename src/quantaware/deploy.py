@@ -193,8 +193,8 @@ def quantize_for_backend(model: nn.Module, calib: list[Any], example: Any,
 def integer_output_layers(model: nn.Module, config: QuantConfig, example: tuple[Any, ...],
                           ptq: Callable[[QuantConfig], nn.Module], calib: list[Any],
                           min_sqnr_db: float = INTEGER_OUTPUT_MIN_SQNR_DB) -> list[str]:
-    """The layers whose outputs only float ops read (``config`` drops their output
-    quantizers) and whose int8 output costs at most ``min_sqnr_db`` of SQNR on
+    """The Linear layers whose outputs only float ops read (``config`` drops their
+    output quantizers) and whose int8 output costs at most ``min_sqnr_db`` of SQNR on
     ``calib``: the ones worth keeping integer for a backend without integer kernels
     that return float (LiteRT).
 
@@ -210,11 +210,15 @@ def integer_output_layers(model: nn.Module, config: QuantConfig, example: tuple[
         >>> integer_output_layers(net, presets.INT8, (x[:1],), ptq, [x])
         ['0']
     """
+    from quantaware.nn import QuantLinear
     from quantaware.prepare import prepare
 
     def outputs(prepared: nn.Module) -> set[str]:
+        # Linear layers only: an int8 attention matmul becomes a FULLY_CONNECTED with
+        # non-constant weights whose requantization the integer reference does not
+        # reproduce, and a residual add's int8 output buys no kernel.
         return {name for name, m in prepared.named_modules()
-                if isinstance(getattr(m, "output_quantizer", None), nn.Module)}
+                if isinstance(m, QuantLinear) and isinstance(m.output_quantizer, nn.Module)}
 
     kept = config.with_overrides(LayerOverride("*", integer_output=True))
     candidates = outputs(prepare(model, kept, example)) - outputs(prepare(model, config, example))
