@@ -457,12 +457,15 @@ def _drop_unused_output_quantizers(gm: fx.GraphModule,
         elif (isinstance(module, QuantMixin)
               and isinstance(module.output_quantizer, FakeQuantizer)
               and id(module.output_quantizer) not in used
-              and not isinstance(module, _QuantConvNd)
+              and not isinstance(module, _QuantConvNd | QuantCat)
               and not (node.op == "call_module" and config.integer_output(node.target))):
             # A conv keeps its output quantizer: backends run a conv as an integer
             # kernel only when its output is quantized (ONNX Runtime has no int8 conv
             # with float output), so before a float activation (Hardswish, SiLU) or
             # a squeeze-excitation multiply the conv would otherwise run in float.
+            # So does a concatenation: LiteRT's converter puts every input of a
+            # concatenation on one grid even where the model concatenates in float,
+            # so it computes the model's values only when that grid is the model's.
             module.output_quantizer = None
 
 

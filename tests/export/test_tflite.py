@@ -663,3 +663,32 @@ def test_litert_quantization_runs_layers_before_float_ops_as_int8_kernels(litert
     assert "backend='litert'" in warned["onnxruntime-x86"][0]
     report = quantaware.verify(path, q, [c[:256] for c in calib], backend="litert", threads=1)
     assert report.passed() and report.reference == "integer" and report.max_error_lsb == 0
+
+
+class _CatBeforeSigmoid(torch.nn.Module):
+    """Two convs of different ranges concatenated, read only by a float op."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.b = torch.nn.Conv2d(3, 8, 3, padding=1)
+        with torch.no_grad():
+            self.b.weight *= 10
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(torch.cat([self.a(x), self.b(x)], 1))
+
+
+def test_concatenation_before_a_float_op_computes_the_models_values(litert, tmp_path):
+    """LiteRT's converter puts every input of a concatenation on one grid. When the
+    concatenation's output was float (only float ops read it), it took the first
+    input's grid and clipped the second conv's outputs to it: top-1 54%. The
+    concatenation keeps its output quantizer, so that grid is the model's own."""
+    x = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    q = quantaware.quantize(_CatBeforeSigmoid().eval(), presets.INT8, [x], x[:1])
+    assert q.cat.output_quantizer is not None
+    with _one_thread():
+        path = quantaware.export_tflite(q, tmp_path / "cat.tflite", x[:1])
+        report = quantaware.verify(path, q, [x], backend="litert", threads=1)
+    assert report.passed() and report.max_abs_error < 1e-6, str(report)
