@@ -234,6 +234,17 @@ def forward_parameters(model: torch.nn.Module) -> list[str]:
         return []
 
 
+def positional(kwargs: Mapping[str, Any], parameters: Sequence[str]) -> tuple[Any, ...]:
+    """Keyword inputs as positional ones, in the order of ``parameters`` (a model's
+    ``forward`` parameters: the order an exported file numbers its inputs in).
+
+    Example:
+        >>> positional({"mask": 1, "ids": 0}, ["ids", "mask"])
+        (0, 1)
+    """
+    return tuple(kwargs[name] for name in parameters if name in kwargs)
+
+
 def backend_feed(batch: Any, input_names: Sequence[str],
                  parameters: Sequence[str] | None = None) -> dict[str, np.ndarray]:
     """The feed of an exported file for ``batch``: its inputs as NumPy arrays by name.
@@ -254,7 +265,7 @@ def backend_feed(batch: Any, input_names: Sequence[str],
     """
     args, kwargs = split_batch(batch)
     if kwargs and parameters and not set(kwargs) & set(input_names):
-        args = tuple(kwargs[name] for name in parameters if name in kwargs)
+        args = positional(kwargs, parameters)
     if args:
         return {name: np.asarray(a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else a)
                 for name, a in zip(input_names, args, strict=False)}

@@ -571,7 +571,7 @@ def test_float_linear_weights_are_stored_as_int8_codes(litert, tmp_path, monkeyp
     with _one_thread():
         q = quantaware.quantize(net, presets.INT8, [x], x[:1])
         path = quantaware.export_tflite(q, tmp_path / "int8.tflite", x[:1])
-        monkeypatch.setattr(tflite, "_int8_float_weights", lambda content, *_: content)
+        monkeypatch.setattr(tflite, "_int8_float_weights", lambda content, **_: content)
         folded = quantaware.export_tflite(q, tmp_path / "folded.tflite", x[:1])
     assert path.stat().st_size < folded.stat().st_size - 3 * 256 * 64 * 0.9
     assert ("DEQUANTIZE", ["int8"]) in tflite_ops(path)
@@ -614,7 +614,7 @@ def test_quantized_embedding_tables_are_stored_as_int8_rows(litert, tmp_path, mo
     q = quantize_for_backend(_Embedder().eval(), [ids[:32], ids[32:]], ids[:1])
     with _one_thread():
         path = quantaware.export_tflite(q, tmp_path / "int8.tflite", ids[:1])
-        monkeypatch.setattr(tflite, "_int8_float_weights", lambda content, *_: content)
+        monkeypatch.setattr(tflite, "_int8_float_weights", lambda content, **_: content)
         folded = quantaware.export_tflite(q, tmp_path / "folded.tflite", ids[:1])
     assert ("EMBEDDING_LOOKUP", ["int32", "int8"]) in tflite_ops(path)
     assert ("EMBEDDING_LOOKUP", ["int32", "float32"]) in tflite_ops(folded)

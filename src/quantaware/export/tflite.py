@@ -371,7 +371,7 @@ def _chose_outputs(model: nn.Module) -> bool:
                for rule in getattr(config, "overrides", ()))
 
 
-def _int8_float_weights(content: bytes, chose_outputs: bool = True) -> bytes:
+def _int8_float_weights(content: bytes, warn_float_linears: bool = False) -> bytes:
     """Store the float32 weights of float ``FULLY_CONNECTED`` ops (a linear layer whose
     output feeds a float op: GELU, LayerNorm) as the int8 codes they were dequantized
     from, with a ``DEQUANTIZE`` that XNNPACK unpacks once at load time, and the tables
@@ -379,7 +379,9 @@ def _int8_float_weights(content: bytes, chose_outputs: bool = True) -> bytes:
     per row, which LiteRT's lookup dequantizes row by row as it copies them. The
     converter folds such weights to float32, 4x the bytes. Only weights whose per-row
     codes rebuild them bit for bit are rewritten, so the file computes the same values
-    (``code * scale`` is exact in float32 either way)."""
+    (``code * scale`` is exact in float32 either way). With ``warn_float_linears``,
+    linear layers that run in float32 on int8 inputs are reported (the file is
+    parsed once for both)."""
     fb = _Flatbuffer(content)
     graph, schema = fb.graph, fb.schema
     users: dict[int, int] = {}
@@ -405,7 +407,7 @@ def _int8_float_weights(content: bytes, chose_outputs: bool = True) -> bytes:
                 _int8_table(fb, graph.tensors[op.inputs[1]], *codes)
                 changed = True
         rewritten.append(op)
-    if not chose_outputs:
+    if warn_float_linears:
         _warn_float_linears(fb)
     if not changed:
         return content
@@ -611,7 +613,8 @@ def export_tflite(
                         "with no int8 kernel (for average pooling: count_include_pad=True or "
                         "no padding gives an int8 AVERAGE_POOL_2D)", name)
     if quantized:
-        content = _int8_float_weights(_float_hardswish(content), _chose_outputs(model))
+        content = _int8_float_weights(_float_hardswish(content),
+                                      warn_float_linears=not _chose_outputs(model))
     if quantized and not int8_io:
         content = _float_interface(content)
     write_bytes(path, content)

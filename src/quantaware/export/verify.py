@@ -46,6 +46,7 @@ from quantaware._batch import (
     check_finite,
     forward_parameters,
     model_device,
+    positional,
     split_batch,
     to_device,
 )
@@ -377,7 +378,7 @@ def _litert_layers(path: Path, model: nn.Module, batch: Any, threads: int,
     if kwargs and not args:  # the file's inputs are numbered in forward's order
         parameters = forward_parameters(model)
         if set(kwargs) <= set(parameters):
-            args = tuple(kwargs[name] for name in parameters if name in kwargs)
+            args = positional(kwargs, parameters)
     if not args:
         return [], len(quantizers)
     sizes = [i.shape[0] for i in session.get_inputs()]
