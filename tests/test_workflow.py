@@ -93,8 +93,11 @@ def test_run_quantize_writes_every_file_and_the_results(quantized_run):
                                 "quantized_checkpoint": str(out / "model-int8.pt"),
                                 "results": str(out / "results.json")}
     assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results))
-    assert set(results) == {"model", "calibration", "config", "evaluation", "files", "verify"}
+    assert set(results) == {"model", "calibration", "config", "target", "evaluation", "files",
+                            "verify"}
     assert results["model"] == MODEL
+    assert results["target"] == "onnxruntime-x86"
+    assert results["evaluation"]["backend"] == "onnxruntime"
     assert results["calibration"] == {"data": DATA, "samples": 48}
     assert results["config"] == default_config(small_cnn()).to_dict()
     assert messages[0] == f"calibrating on 48 samples from {DATA}"
@@ -113,12 +116,19 @@ def test_a_run_stopped_part_way_leaves_no_stale_results(quantized_run, tmp_path,
     def stopped(*_args, **_kwargs):
         raise RuntimeError("stopped")
 
-    monkeypatch.setattr(workflow, "compare_onnx", stopped)
+    monkeypatch.setattr(workflow, "compare_files", stopped)
     model = load_model(MODEL)
     with pytest.raises(RuntimeError, match="stopped"):
         run_quantize(model, load_data(DATA, model), out, threads=1, latency_runs=3)
     assert (out / "model-int8.onnx").is_file()  # rewritten by this run...
     assert not (out / "results.json").exists() and not (out / "report.html").exists()
+
+
+def test_run_quantize_rejects_an_unknown_target_before_any_work(tmp_path):
+    model = load_model(MODEL)
+    with pytest.raises(ValueError, match="unknown backend 'tensorrt'; choose one of"):
+        run_quantize(model, load_data(DATA, model), tmp_path / "out", backend="tensorrt")
+    assert not (tmp_path / "out").exists()
 
 
 def test_run_quantize_evaluates_on_the_calibration_data_by_default(quantized_run):
@@ -315,7 +325,8 @@ def test_compare_onnx_measures_what_numpy_says(tmp_path, vectors):
     assert int8["cosine"] == pytest.approx(float(cos.mean()), rel=1e-5)
     assert fp32["path"] == ref and int8["path"] == quant
     assert int8["size_bytes"] == os.path.getsize(quant) and fp32["batch"] == 16
-    assert "running FP32 (float.onnx) on 40 samples" in lines and "timing INT8" in lines
+    assert "running FP32 (float.onnx) in ONNX Runtime on 40 samples" in lines
+    assert "timing INT8" in lines
 
     unlabelled = DataSource("vectors", [x[:16], x[16:]], labeled=False)
     result = compare_onnx(ref, ref, unlabelled, threads=1, latency_runs=2)

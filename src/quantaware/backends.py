@@ -53,6 +53,7 @@ import numpy as np
 __all__ = [
     "BACKENDS",
     "ONNX_BACKENDS",
+    "RUNTIME_NAMES",
     "BackendSession",
     "LiteRTSession",
     "OpenVINOSession",
@@ -63,6 +64,9 @@ __all__ = [
 ]
 
 BACKENDS = ("onnxruntime", "openvino", "litert")
+
+# How each backend is named in messages and tables.
+RUNTIME_NAMES = {"onnxruntime": "ONNX Runtime", "openvino": "OpenVINO", "litert": "LiteRT"}
 
 # Backends that run ONNX files; "litert" runs .tflite files (quantaware.export_tflite).
 ONNX_BACKENDS = ("onnxruntime", "openvino")

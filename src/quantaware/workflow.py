@@ -1,13 +1,14 @@
-"""Your own model, end to end: PTQ to an INT8 ONNX file, float vs INT8 evaluation.
+"""Your own model, end to end: PTQ to an INT8 file, float vs INT8 evaluation.
 
 What ``quantaware quantize``, ``evaluate`` and ``export`` run (and the pipeline
 file's steps): :func:`quantize_model` calibrates with the measured defaults of
 :mod:`quantaware.deploy` (or a preset and a calibration method);
-:func:`export_model` writes the ONNX files; :func:`compare_onnx` runs a float
-and a quantized ONNX file side by side in ONNX Runtime on the same batches
-(accuracy on labelled data, top-1 agreement and output cosine, file size,
-latency at batch 1 and at the data's batch size); :func:`run_quantize` does all
-of it and writes ``results.json`` (and a report) atomically.
+:func:`export_model` writes ONNX or LiteRT files; :func:`compare_files` runs a
+float and a quantized file side by side in ONNX Runtime, OpenVINO or LiteRT on
+the same batches (accuracy on labelled data, top-1 agreement and output cosine,
+file size, latency at batch 1 and at the data's batch size; :func:`compare_onnx`
+for ONNX Runtime); :func:`run_quantize` does all of it and writes
+``results.json`` (and a report) atomically.
 
 Example:
     >>> import tempfile
@@ -32,12 +33,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from quantaware._batch import check_class_labels, input_args, input_shapes, slice_inputs
+from quantaware._batch import (
+    check_class_labels,
+    input_args,
+    input_shapes,
+    positional,
+    slice_inputs,
+)
 from quantaware.config import QuantConfig
 from quantaware.sources import DataSource, LoadedModel, SourceError
 
-__all__ = ["CALIBRATION_METHODS", "QUANTIZED_FORMAT", "compare_onnx", "export_model",
-           "load_quantized", "quantize_model", "run_quantize"]
+__all__ = ["CALIBRATION_METHODS", "QUANTIZED_FORMAT", "compare_files", "compare_onnx",
+           "export_model", "load_quantized", "quantize_model", "run_quantize"]
 
 log = logging.getLogger(__name__)
 
@@ -177,40 +184,52 @@ def load_quantized(path: str | Path, model: LoadedModel, example: Any) -> nn.Mod
 # -- evaluation in ONNX Runtime ------------------------------------------------------
 
 
-def _feed(session: Any, inputs: Any) -> dict[str, np.ndarray]:
+def _feed(session: Any, inputs: Any,
+          parameters: list[str] | None = None) -> dict[str, np.ndarray]:
+    """The feed of ``session`` for a batch's inputs, cast to the file's input types.
+
+    Keyword inputs go by name; where the file names its inputs otherwise (LiteRT
+    numbers them), in the order of ``parameters`` (the model's ``forward``
+    parameters, the order the file was exported in) or else in the batch's order.
+    """
     names = [i.name for i in session.get_inputs()]
     types = {i.name: i.type for i in session.get_inputs()}
     if isinstance(inputs, dict):
         if set(inputs) != set(names):
             if len(inputs) != len(names):
-                raise SourceError(f"the ONNX model takes inputs {names}; the data gives "
+                raise SourceError(f"the model file takes inputs {names}; the data gives "
                                   f"{sorted(inputs)}")
-            inputs = dict(zip(names, inputs.values(), strict=True))
+            ordered = positional(inputs, parameters) if parameters else ()
+            if len(ordered) != len(inputs):
+                ordered = tuple(inputs.values())
+            inputs = dict(zip(names, ordered, strict=True))
         values = inputs
     else:
         args = input_args(inputs)
         if len(names) != len(args):
-            raise SourceError(f"the ONNX model takes {len(names)} inputs {names}; the data "
+            raise SourceError(f"the model file takes {len(names)} inputs {names}; the data "
                               f"gives {len(args)} per batch")
         values = dict(zip(names, args, strict=True))
     feed = {}
     for name in names:
         array = np.ascontiguousarray(values[name].detach().cpu().numpy()
                                      if isinstance(values[name], torch.Tensor) else values[name])
-        feed[name] = array.astype(np.int64 if "int64" in types[name] else np.float32,
-                                  copy=False)
+        dtype = next((d for d in (np.int64, np.int32) if np.dtype(d).name in types[name]),
+                     np.float32)
+        feed[name] = array.astype(dtype, copy=False)
     return feed
 
 
-def _outputs(session: Any, batches: list[Any]) -> np.ndarray:
+def _outputs(session: Any, batches: list[Any], runtime: str,
+             parameters: list[str] | None = None) -> np.ndarray:
     out = []
     for inputs in batches:
         try:
-            out.append(session.run(None, _feed(session, inputs))[0])
+            out.append(session.run(None, _feed(session, inputs, parameters))[0])
         except SourceError:
             raise
-        except Exception as exc:  # onnxruntime raises its own types
-            raise SourceError(f"ONNX Runtime cannot run the model on this data: {exc}") from exc
+        except Exception as exc:  # each runtime raises its own types
+            raise SourceError(f"{runtime} cannot run the model on this data: {exc}") from exc
     return np.concatenate([o.reshape(o.shape[0], -1) for o in out])
 
 
@@ -229,12 +248,8 @@ def compare_onnx(float_path: str | Path, quantized_path: str | Path, data: DataS
                  threads: int = 2, latency_runs: int = 30,
                  progress: Progress | None = None,
                  names: tuple[str, str] = ("FP32", "INT8")) -> dict[str, Any]:
-    """Float vs quantized ONNX files on the same batches, measured in one run.
-
-    ``names`` label the two rows. Returns a dict with a row per model (``accuracy`` on
-    labelled data, ``size_bytes``,
-    ``latency_ms_batch1``, ``latency_ms_batch``) and the quantized model's
-    ``top1_agreement`` and mean output ``cosine`` against the float model.
+    """Float vs quantized ONNX files on the same batches in ONNX Runtime, measured in
+    one run: :func:`compare_files` with ``backend="onnxruntime"``.
 
     Example:
         >>> import tempfile, os
@@ -249,21 +264,63 @@ def compare_onnx(float_path: str | Path, quantized_path: str | Path, data: DataS
         >>> 0.0 <= row["top1_agreement"] <= 100.0 and row["size_ratio"] < 0.5
         True
     """
-    from quantaware.bench import create_session, file_size
+    return compare_files(float_path, quantized_path, data, "onnxruntime", threads=threads,
+                         latency_runs=latency_runs, progress=progress, names=names)
 
+
+def compare_files(float_path: str | Path, quantized_path: str | Path, data: DataSource,
+                  backend: str = "onnxruntime", threads: int = 2, latency_runs: int = 30,
+                  progress: Progress | None = None,
+                  names: tuple[str, str] = ("FP32", "INT8"),
+                  parameters: list[str] | None = None) -> dict[str, Any]:
+    """Float vs quantized exported files on the same batches in ``backend``, measured
+    in one run.
+
+    ``backend`` is one of :data:`quantaware.backends.BACKENDS`: ONNX files in
+    ``"onnxruntime"`` or ``"openvino"``, ``.tflite`` files
+    (:func:`quantaware.export_tflite`) in ``"litert"``. ``names`` label the two
+    rows; ``parameters`` (the model's ``forward`` parameter names) place keyword
+    inputs on a file's numbered inputs. Returns a dict with a row per model
+    (``accuracy`` on labelled data, ``size_bytes``, ``latency_ms_batch1``,
+    ``latency_ms_batch``) and the quantized model's ``top1_agreement`` and mean
+    output ``cosine`` against the float model. LiteRT files have the static batch
+    they were exported with; a larger batch runs as that many invocations.
+
+    Example:
+        >>> import tempfile, os
+        >>> from quantaware.sources import load_data, load_model
+        >>> m = load_model("quantaware.models:DigitsCNN")
+        >>> d = load_data("digits", m, limit=32)
+        >>> q, _ = quantize_model(m, d)
+        >>> out = tempfile.mkdtemp()
+        >>> f = export_model(m.module, os.path.join(out, "f.onnx"), d.example)
+        >>> i = export_model(q, os.path.join(out, "q.onnx"), d.example)
+        >>> result = compare_files(f, i, d, "onnxruntime", latency_runs=2)
+        >>> result["backend"], result["models"][1]["size_ratio"] < 0.5
+        ('onnxruntime', True)
+    """
+    from quantaware.backends import RUNTIME_NAMES, check_backend, create_backend_session
+    from quantaware.bench import file_size
+
+    check_backend(backend)
+    runtime = RUNTIME_NAMES[backend]
+    kind = "LiteRT" if backend == "litert" else "ONNX"
     batches = data.inputs
     labels = data.labels.numpy() if data.labeled else None
     rows, outputs = [], []
     for label, path in zip(names, (Path(float_path), Path(quantized_path)), strict=True):
         if not path.is_file():
-            raise FileNotFoundError(f"ONNX model {str(path)!r} does not exist")
+            raise FileNotFoundError(f"{kind} model {str(path)!r} does not exist")
         if progress:
-            progress(f"running {label} ({path.name}) on {data.num_samples} samples")
+            progress(f"running {label} ({path.name}) in {runtime} on {data.num_samples} "
+                     "samples")
         try:
-            session = create_session(str(path), threads=threads)
-        except Exception as exc:
-            raise SourceError(f"{str(path)!r} is not a loadable ONNX model: {exc}") from exc
-        out = _outputs(session, batches)
+            session = create_backend_session(str(path), backend, threads=threads)
+        except ImportError:
+            raise
+        except Exception as exc:  # each runtime raises its own types
+            raise SourceError(f"{str(path)!r} is not a loadable {kind} model: {exc}") from exc
+        out = _outputs(session, batches, runtime, parameters)
         outputs.append(out)
         row: dict[str, Any] = {"model": label, "path": str(path), "size_bytes": file_size(path)}
         names_ = data.label_names
@@ -283,10 +340,11 @@ def compare_onnx(float_path: str | Path, quantized_path: str | Path, data: DataS
             row["accuracy"] = 100.0 * float(np.mean(out.argmax(1) == labels))
         if progress:
             progress(f"timing {label}")
-        one = _feed(session, slice_inputs(batches[0], 0, 1))
+        one = _feed(session, slice_inputs(batches[0], 0, 1), parameters)
         row["latency_ms_batch1"] = _latency_ms(session, one, latency_runs)
-        row["batch"] = int(next(iter(_feed(session, batches[0]).values())).shape[0])
-        row["latency_ms_batch"] = _latency_ms(session, _feed(session, batches[0]),
+        full = _feed(session, batches[0], parameters)
+        row["batch"] = int(next(iter(full.values())).shape[0])
+        row["latency_ms_batch"] = _latency_ms(session, full,
                                               max(3, latency_runs // 3))
         rows.append(row)
     ref, out = outputs
@@ -302,7 +360,7 @@ def compare_onnx(float_path: str | Path, quantized_path: str | Path, data: DataS
     quant["speedup_batch1"] = rows[0]["latency_ms_batch1"] / quant["latency_ms_batch1"]
     quant["speedup_batch"] = rows[0]["latency_ms_batch"] / quant["latency_ms_batch"]
     return {"data": data.name, "samples": data.num_samples, "labeled": data.labeled,
-            "threads": threads, "models": rows}
+            "backend": backend, "threads": threads, "models": rows}
 
 
 def comparison_table(result: dict[str, Any]) -> list[list[str]]:
@@ -330,19 +388,36 @@ def run_quantize(model: LoadedModel, calib: DataSource, out: str | Path,
                  threads: int = 2, latency_runs: int = 30,
                  progress: Progress | None = None,
                  backend: str = "onnxruntime-x86") -> dict[str, Any]:
-    """PTQ, export (float and INT8 ONNX), evaluation and ``results.json`` in ``out``.
+    """PTQ, export, evaluation in the target runtime and ``results.json`` in ``out``.
 
-    ``backend``: the runtime the INT8 model is quantized for (see
-    :func:`quantize_model`); the ONNX files are evaluated in ONNX Runtime either way.
+    ``backend``: the runtime the INT8 model is quantized for and runs in
+    (:data:`quantaware.deploy.BACKENDS`). For ``"onnxruntime-x86"`` the float and
+    INT8 models are exported to ONNX (``model-fp32.onnx``, ``model-int8.onnx``) and
+    run in ONNX Runtime; for ``"litert"`` to LiteRT (``model-fp32.tflite``,
+    ``model-int8.tflite``, full-integer, at the example's batch size) and run in
+    LiteRT. ``model-int8.pt`` holds the quantized model for ``quantaware export
+    --quantized``.
 
     ``evaluate`` defaults to the calibration data (then the accuracy is not held
     out: pass separate data for an honest figure). With ``verify`` the INT8 file
-    is checked against the torch model (:func:`quantaware.verify`). With
-    ``report`` an HTML report (and Markdown summary) is written beside it.
-    ``results.json`` is written last: a folder without one holds an unfinished run.
+    is checked against the torch model (:func:`quantaware.verify`) in the same
+    runtime. With ``report`` an HTML report (and Markdown summary) is written beside
+    it. ``results.json`` is written last: a folder without one holds an unfinished
+    run.
     """
+    from quantaware._batch import forward_parameters
+    from quantaware.deploy import BACKENDS
     from quantaware.deploy_bench import write_json
 
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    runtime, suffix = ("litert", "tflite") if backend == "litert" else ("onnxruntime", "onnx")
+    if runtime == "litert":  # before calibrating: the export and the runtime are extras
+        from quantaware.backends import _import_litert
+        from quantaware.export.tflite import _import_litert as _import_converter
+
+        _import_converter()
+        _import_litert()
     out = Path(out)
     # results.json is written last and describes the files beside it: a run stopped part
     # way leaves none, rather than an earlier run's that no longer matches the files.
@@ -352,17 +427,18 @@ def run_quantize(model: LoadedModel, calib: DataSource, out: str | Path,
     say(f"calibrating on {calib.num_samples} samples from {calib.name}")
     quantized, config = quantize_model(model, calib, preset, method, backend)
     module = model.require_torch("quantization")
-    say("exporting float and INT8 ONNX")
-    float_path = export_model(module, out / "model-fp32.onnx", calib.example)
-    int8_path = export_model(quantized, out / "model-int8.onnx", calib.example)
+    say(f"exporting the float and the INT8 model ({suffix})")
+    float_path = export_model(module, out / f"model-fp32.{suffix}", calib.example, suffix)
+    int8_path = export_model(quantized, out / f"model-int8.{suffix}", calib.example, suffix)
     ckpt = save_quantized(out / "model-int8.pt", quantized, config, model.name)
     data = evaluate or calib
-    comparison = compare_onnx(float_path, int8_path, data, threads=threads,
-                              latency_runs=latency_runs, progress=say)
+    parameters = forward_parameters(module)
+    comparison = compare_files(float_path, int8_path, data, runtime, threads=threads,
+                               latency_runs=latency_runs, progress=say, parameters=parameters)
     results: dict[str, Any] = {
         "model": model.name, "calibration": {"data": calib.name, "samples": calib.num_samples},
-        "config": config.to_dict(), "evaluation": comparison,
-        "files": {"float_onnx": str(float_path), "int8_onnx": str(int8_path),
+        "config": config.to_dict(), "target": backend, "evaluation": comparison,
+        "files": {f"float_{suffix}": str(float_path), f"int8_{suffix}": str(int8_path),
                   "quantized_checkpoint": str(ckpt), "results": str(out / "results.json")},
     }
     if verify:
@@ -370,7 +446,7 @@ def run_quantize(model: LoadedModel, calib: DataSource, out: str | Path,
 
         say("verifying the INT8 file against the torch model")
         report_ = quantaware.verify(int8_path, quantized, data.unlabeled, num_batches=8,
-                                    threads=threads)
+                                    threads=threads, backend=runtime)
         # Embeddings have no classes: their check is the cosine, not the arg-max.
         passed = (report_.cosine >= 0.99 if model.tokenizer is not None
                   else report_.passed())

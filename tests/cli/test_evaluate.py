@@ -85,7 +85,7 @@ def onnx_pair(quantized, tmp_path_factory):
 def test_evaluate_onnx_files_prints_both_rows(onnx_pair):
     stdout, _ = onnx_pair
     title = " ".join(stdout.split())  # the table title wraps on narrow consoles
-    assert "model-fp32.onnx vs model-int8.onnx on 5 samples of" in title
+    assert "model-fp32.onnx vs model-int8.onnx in ONNX Runtime on 5 samples of" in title
     rows = [line for line in stdout.splitlines() if "FP32" in line or "INT8" in line]
     assert len(rows) == 2 and "1.00x" in rows[0]
     assert "results written to" in stdout
@@ -132,6 +132,57 @@ def test_evaluate_exports_a_pytorch_model_first(quantized, onnx_pair, tmp_path):
         assert got["accuracy"] == row["accuracy"]
     assert result["models"][1]["top1_agreement"] == want[1]["top1_agreement"]
     assert result["models"][1]["cosine"] == pytest.approx(want[1]["cosine"], abs=1e-6)
+
+
+def test_evaluate_onnx_files_in_openvino(quantized, onnx_pair, tmp_path):
+    pytest.importorskip("openvino")
+    code, stdout, stderr = evaluate(quantized, "--data", str(quantized["photos"]), "--labels",
+                                    str(quantized["labels"]), "--backend", "openvino",
+                                    "--json", str(tmp_path / "r.json"))
+    assert code == 0, stderr
+    assert "model-int8.onnx in OpenVINO on 5 samples" in " ".join(stdout.split())
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["backend"] == "openvino"
+    fp32, int8 = result["models"]
+    assert fp32["accuracy"] == onnx_pair[1]["models"][0]["accuracy"]
+    assert int8["cosine"] > 0.9 and int8["size_bytes"] < fp32["size_bytes"]
+
+
+def test_quantize_and_evaluate_in_litert(quantized, tmp_path):
+    """--target litert writes .tflite files and evaluates them in LiteRT; evaluate runs a
+    .tflite file in LiteRT beside the torch model exported to LiteRT, with the same
+    figures; a .tflite file needs the torch model and the litert backend."""
+    pytest.importorskip("litert_torch")
+    out = tmp_path / "out"
+    data = ["--data", str(quantized["photos"]), "--labels", str(quantized["labels"])]
+    code, stdout, stderr = run_cli([
+        "quantize", "--model", MODEL, "--data", str(quantized["calibration"]),
+        "--eval-data", str(quantized["photos"]), "--labels", str(quantized["labels"]),
+        "--size", "32", "--target", "litert", "--threads", "1", "--out", str(out)])
+    assert code == 0, stderr
+    before = json.loads((out / "results.json").read_text())
+    assert before["target"] == "litert" and before["evaluation"]["backend"] == "litert"
+    assert before["verify"]["backend"] == "litert" and before["verify"]["passed"]
+    int8 = str(out / "model-int8.tflite")
+    code, stdout, stderr = evaluate(quantized, *data, "--json", str(tmp_path / "r.json"),
+                                    model=MODEL, int8=int8)
+    assert code == 0, stderr
+    assert "exporting the float model to LiteRT" in stderr
+    assert "model-int8.tflite in LiteRT on 5 samples" in " ".join(stdout.split())
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["backend"] == "litert"
+    fp32, q = result["models"]
+    assert fp32["accuracy"] == pytest.approx(torch_accuracy(quantized))
+    assert q["accuracy"] == before["evaluation"]["models"][1]["accuracy"]
+    assert q["cosine"] == pytest.approx(before["evaluation"]["models"][1]["cosine"], abs=1e-6)
+    assert q["size_bytes"] == (out / "model-int8.tflite").stat().st_size < fp32["size_bytes"]
+    code, _, stderr = evaluate(quantized, *data, "--backend", "openvino", model=MODEL, int8=int8)
+    assert code == 2 and "--backend openvino runs ONNX files" in stderr
+    code, _, stderr = evaluate(quantized, *data, int8=int8)  # the float model is ONNX
+    assert code == 2 and "pass the torch model as --model" in stderr
+    (tmp_path / "bad.tflite").write_bytes(b"not a flatbuffer")
+    code, _, stderr = evaluate(quantized, *data, model=MODEL, int8=str(tmp_path / "bad.tflite"))
+    assert code == 2 and "is not a loadable LiteRT model" in stderr
 
 
 def test_evaluate_unlabelled_photos(quantized, tmp_path):

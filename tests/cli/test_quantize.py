@@ -60,7 +60,8 @@ def test_quantize_writes_the_files(digits_run):
                                                "model-int8.pt", "results.json"}
     assert not (out / "report.html").exists()  # only with --report
     results = digits_run["results"]
-    assert set(results) == {"model", "calibration", "config", "evaluation", "files", "verify"}
+    assert set(results) == {"model", "calibration", "config", "target", "evaluation", "files",
+                            "verify"}
     assert results["files"] == {
         "float_onnx": str(out / "model-fp32.onnx"), "int8_onnx": str(out / "model-int8.onnx"),
         "quantized_checkpoint": str(out / "model-int8.pt"),
@@ -92,7 +93,7 @@ def test_quantize_results_are_sane(digits_run):
 
 def test_quantize_prints_the_table_and_files(digits_run):
     stdout = digits_run["stdout"]
-    assert "INT8_CNN on 180 samples of digits" in " ".join(stdout.split())
+    assert "INT8_CNN in ONNX Runtime on 180 samples of digits" in " ".join(stdout.split())
     lines = stdout.splitlines()
     assert any("FP32" in line for line in lines) and any("INT8" in line for line in lines)
     assert "-> PASS" in stdout
@@ -144,7 +145,7 @@ def test_quantize_text_model(bert_run):
     assert 0.99 < int8["cosine"] <= 1.0 + 1e-6
     assert int8["size_bytes"] < fp32["size_bytes"] and fp32["batch"] == 4
     assert results["verify"]["passed"] is True and results["verify"]["cosine"] >= 0.99
-    assert "INT8_TRANSFORMER on 6 samples" in " ".join(bert_run["stdout"].split())
+    assert "INT8_TRANSFORMER in ONNX Runtime on 6 samples" in " ".join(bert_run["stdout"].split())
 
 
 def test_report_for_a_text_model(bert_run):
@@ -317,29 +318,42 @@ def test_model_with_two_positional_inputs(tmp_path):
 
 def test_quantize_for_litert_keeps_the_linear_before_gelu_integer(tmp_path):
     """--target litert: the linear read only by GELU keeps its int8 output (recorded in
-    the config), so the checkpoint exported to LiteRT runs it as an int8 kernel; the
-    default target leaves it float32 there."""
+    the config), so it runs as an int8 kernel in the .tflite file the command writes,
+    evaluates and verifies in LiteRT; the default target's checkpoint exported to
+    LiteRT leaves it float32 there."""
     pytest.importorskip("litert_torch")
     from quantaware.export.tflite import tflite_ops
 
-    fcs = {}
+    fcs, results = {}, {}
     for target in ("onnxruntime", "litert"):
         out = tmp_path / target
-        code, _, stderr = run_cli([
+        code, stdout, stderr = run_cli([
             "quantize", "--model", "tests.cli._tiny:gelu_mlp", "--data", "tests.cli._tiny:batches",
             "--num-calib", "128", "--num-eval", "64", "--threads", "1", "--target", target,
             "--out", str(out)])
         assert code == 0, stderr
-        rules = json.loads((out / "results.json").read_text())["config"]["overrides"]
+        results[target] = json.loads((out / "results.json").read_text())
+        rules = results[target]["config"]["overrides"]
         assert [r.get("integer_output") for r in rules] == ([True] if target == "litert" else [])
-        code, _, stderr = run_cli([
-            "export", "--model", "tests.cli._tiny:gelu_mlp", "--input-shape", "1,16",
-            "--quantized", str(out / "model-int8.pt"), "--format", "tflite",
-            "--out", str(out / "m.tflite")])
-        assert code == 0, stderr
-        fcs[target] = [d[0] for name, d in tflite_ops(out / "m.tflite")
-                       if name == "FULLY_CONNECTED"]
+        if target == "litert":
+            assert sorted(p.name for p in out.iterdir()) == [
+                "model-fp32.tflite", "model-int8.pt", "model-int8.tflite", "results.json"]
+            assert "in LiteRT on 64 samples" in stdout and "LiteRT vs torch" in stdout
+            path = out / "model-int8.tflite"
+        else:
+            code, _, stderr = run_cli([
+                "export", "--model", "tests.cli._tiny:gelu_mlp", "--input-shape", "1,16",
+                "--quantized", str(out / "model-int8.pt"), "--format", "tflite",
+                "--out", str(out / "m.tflite")])
+            assert code == 0, stderr
+            path = out / "m.tflite"
+        fcs[target] = [d[0] for name, d in tflite_ops(path) if name == "FULLY_CONNECTED"]
     assert fcs == {"onnxruntime": ["float32", "int8"], "litert": ["int8", "int8"]}
+    litert = results["litert"]
+    assert litert["evaluation"]["backend"] == "litert"
+    assert litert["verify"]["backend"] == "litert" and litert["verify"]["passed"]
+    assert litert["evaluation"]["models"][1]["top1_agreement"] >= 90.0
+    assert results["onnxruntime"]["evaluation"]["backend"] == "onnxruntime"
     with pytest.raises(SystemExit):
         main(["quantize", "--model", "tests.cli._tiny:gelu_mlp", "--data",
               "tests.cli._tiny:batches", "--target", "tensorrt"])

@@ -134,7 +134,10 @@ def write_json(payload: Any, path: str) -> str:
 
 def print_verify(con: Any, label: str, verify: dict[str, Any]) -> None:
     """One line for a verify result dict (``VerifyReport.to_dict()`` plus ``passed``)."""
-    con.print(f"{label}: ONNX Runtime vs torch top-1 {100 * verify['top1_agreement']:.2f}%, "
+    from quantaware.backends import RUNTIME_NAMES
+
+    runtime = RUNTIME_NAMES.get(verify.get("backend", ""), "ONNX Runtime")
+    con.print(f"{label}: {runtime} vs torch top-1 {100 * verify['top1_agreement']:.2f}%, "
               f"max error {verify['max_error_lsb']} LSB -> "
               f"{'PASS' if verify['passed'] else 'CHECK'}")
 

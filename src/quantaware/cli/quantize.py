@@ -1,4 +1,5 @@
-"""``quantaware quantize``: your model + calibration data -> INT8 ONNX, results JSON, report."""
+"""``quantaware quantize``: your model + calibration data -> INT8 ONNX or LiteRT file,
+results JSON, report."""
 
 from __future__ import annotations
 
@@ -12,13 +13,16 @@ TARGETS = {"onnxruntime": "onnxruntime-x86", "litert": "litert"}
 
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
-        "quantize", help="PTQ of your model on your data: INT8 ONNX + results JSON (+ report)",
+        "quantize", help="PTQ of your model on your data: INT8 ONNX or LiteRT file + results "
+        "JSON (+ report)",
         description="Calibrate MODEL on --data (post-training quantization with the measured "
         "default config for CNNs or transformers, or --preset / --method), export the float "
-        "and the INT8 model to ONNX, compare them in ONNX Runtime on --eval-data (accuracy "
-        "on labelled data, top-1 agreement, cosine, size, latency), verify the INT8 file "
-        "against the torch model, and write OUT/results.json (and OUT/report.html with "
-        "--report). Files: OUT/model-fp32.onnx, OUT/model-int8.onnx, OUT/model-int8.pt.",
+        "and the INT8 model for --target (ONNX for ONNX Runtime, .tflite for LiteRT), "
+        "compare them in that runtime on --eval-data (accuracy on labelled data, top-1 "
+        "agreement, cosine, size, latency), verify the INT8 file against the torch model "
+        "there, and write OUT/results.json (and OUT/report.html with --report). Files: "
+        "OUT/model-fp32.onnx and OUT/model-int8.onnx (or .tflite with --target litert), "
+        "OUT/model-int8.pt.",
     )
     common.add_model_arguments(parser)
     parser.add_argument("--data", required=True, metavar="DATA",
@@ -34,24 +38,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--method", help="activation range method: minmax, moving_average, "
                         "percentile, mse or entropy")
     parser.add_argument("--target", choices=TARGETS, default="onnxruntime",
-                        help="the runtime the INT8 model is quantized for (default: "
-                        "%(default)s). litert keeps int8 outputs of layers that only float "
-                        "ops read where that costs little (LiteRT has no int8 kernel with "
-                        "a float output); export OUT/model-int8.pt with quantaware export "
-                        "--format tflite. The ONNX files are evaluated in ONNX Runtime "
-                        "either way")
+                        help="the runtime the INT8 model is quantized for, exported to and "
+                        "evaluated in (default: %(default)s). litert writes full-integer "
+                        ".tflite files (pip install 'quantaware[litert]') and keeps int8 "
+                        "outputs of layers that only float ops read where that costs little "
+                        "(LiteRT has no int8 kernel with a float output)")
     common.add_image_arguments(parser)
     parser.add_argument("--out", default="quantaware-out", metavar="DIR",
                         help="output folder (default: %(default)s)")
     parser.add_argument("--report", action="store_true", help="also write OUT/report.html")
     parser.add_argument("--no-verify", action="store_true",
-                        help="skip the torch vs ONNX Runtime check of the INT8 file")
-    parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads")
+                        help="skip the torch vs runtime check of the INT8 file")
+    parser.add_argument("--threads", type=int, default=2, help="runtime threads")
     parser.add_argument("--json", metavar="FILE", help="also write the results to FILE")
     parser.set_defaults(func=run, output_files=("json",), output_dirs=("out",))
 
 
 def run(args: argparse.Namespace) -> int:
+    from quantaware.backends import RUNTIME_NAMES
     from quantaware.cli import UsageError
     from quantaware.sources import SourceError
     from quantaware.workflow import CALIBRATION_METHODS, comparison_table, run_quantize
@@ -76,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
         except SourceError as exc:
             raise UsageError(str(exc)) from exc
     comparison = results["evaluation"]
-    common.print_table(con, f"{model.name}: {results['config']['name']} on "
+    runtime = RUNTIME_NAMES[comparison["backend"]]
+    common.print_table(con, f"{model.name}: {results['config']['name']} in {runtime} on "
                        f"{comparison['samples']} samples of {comparison['data']}",
                        comparison_table(comparison))
     verify = results.get("verify")
