@@ -31,7 +31,11 @@ def _write(tmp_path: Path, data: dict, name: str = "p.yaml") -> Path:
     ({**MINIMAL, "qat": {"lr": "fast"}}, "qat.lr: got 'fast'; expected a positive number"),
     ({**MINIMAL, "quantization": {"method": "max"}},
      "quantization.method: 'max' is not one of minmax, moving_average, percentile"),
-    ({**MINIMAL, "deploy": {"targets": ["tflite"]}}, "deploy.targets: got ['tflite']"),
+    ({**MINIMAL, "deploy": {"targets": ["tensorrt"]}},
+     "deploy.targets: got ['tensorrt']; expected a list of distinct formats from onnx, tflite"),
+    ({**MINIMAL, "deploy": {"targets": ["onnx", "onnx"]}}, "deploy.targets: got ['onnx', 'onnx']"),
+    ({**MINIMAL, "quantization": {"target": "tensorrt"}},
+     "quantization.target: 'tensorrt' is not one of onnxruntime, litert"),
     ({**MINIMAL, "deploy": {"targets": "onnx"}}, "deploy.targets: got 'onnx'"),
     ({**MINIMAL, "data": {"train": "digits", "batch_size": True}}, "data.batch_size: got True"),
     ({**MINIMAL, "model": "x"}, "model: expected a mapping"),
@@ -158,3 +162,36 @@ def test_model_with_two_positional_inputs(tmp_path):
         report = results["evaluation"][step]["verify"]
         assert report["passed"] and report["max_error_lsb"] == 0.0, report
     assert Path(results["files"]["qat_onnx"]).is_file()
+
+
+def test_deploy_to_litert_quantized_for_it(tmp_path):
+    """quantization.target: litert keeps the int8 output of the linear before GELU, QAT
+    keeps that choice (also when it is loaded as done before), and deploy.targets
+    [onnx, tflite] evaluates and verifies PTQ and QAT in ONNX Runtime and LiteRT."""
+    pytest.importorskip("litert_torch")
+    from quantaware.export.tflite import tflite_ops
+
+    path = _write(tmp_path, {
+        "model": {"source": "tests.cli._tiny:gelu_mlp"},
+        "data": {"train": "tests.cli._tiny:batches", "num_calibration": 64,
+                 "num_evaluation": 64, "batch_size": 32},
+        "quantization": {"target": "litert"},
+        "baseline": {"train": {"epochs": 1}}, "qat": {"epochs": 1, "lr": 1e-4},
+        "evaluation": {"latency_runs": 2}, "deploy": {"targets": ["onnx", "tflite"]}})
+    out = tmp_path / "out"
+    results = run_pipeline(path, out=str(out), say=lambda message: None)
+    assert set(results["evaluation"]) == {"ptq", "qat", "ptq_tflite", "qat_tflite"}
+    for key, result in results["evaluation"].items():
+        backend = "litert" if key.endswith("tflite") else "onnxruntime"
+        assert result["backend"] == backend and result["verify"]["backend"] == backend
+        assert result["verify"]["passed"], (key, result["verify"])
+    assert sorted(results["files"]) == ["float_onnx", "float_tflite", "ptq_onnx", "ptq_tflite",
+                                        "qat_onnx", "qat_tflite", "results"]
+    for step in ("ptq", "qat"):
+        fcs = [d[0] for name, d in tflite_ops(results["files"][f"{step}_tflite"])
+               if name == "FULLY_CONNECTED"]
+        assert fcs == ["int8", "int8"], (step, fcs)
+    messages: list[str] = []
+    again = run_pipeline(path, out=str(out), say=messages.append)
+    assert any("QAT: done before" in m for m in messages)
+    assert again["evaluation"]["qat_tflite"]["verify"]["passed"]

@@ -11,9 +11,11 @@ Six steps, each a section of the file:
 4. ``quantization``: preset and calibration method (PTQ);
 5. ``qat`` (optional): quantization-aware training from the PTQ model, with
    distillation from the float model;
-6. ``evaluation`` and ``deploy``: the float and INT8 ONNX files side by side in
-   ONNX Runtime (accuracy, agreement, size, latency), ``verify`` of each deployed
-   file against its torch model.
+6. ``evaluation`` and ``deploy``: for each of ``deploy.targets`` (``onnx``,
+   ``tflite``) the float and INT8 files side by side in their runtime (ONNX
+   Runtime, LiteRT: accuracy, agreement, size, latency), ``verify`` of each
+   deployed file against its torch model there. ``quantization.target: litert``
+   quantizes for LiteRT (:func:`quantaware.deploy.quantize_for_backend`).
 
 Every step writes its result into ``out`` and records it in
 ``out/pipeline-state.json`` with a fingerprint of the settings it depends on;
@@ -51,7 +53,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from quantaware._batch import cat_inputs, input_args, inputs_size, take_inputs
+from quantaware._batch import (
+    cat_inputs,
+    forward_parameters,
+    input_args,
+    inputs_size,
+    take_inputs,
+)
 
 __all__ = ["PipelineError", "load_pipeline", "run_pipeline", "validate"]
 
@@ -94,7 +102,10 @@ def _preset_names() -> str:
 
 # A leaf is (default, check, description); a dict is a section.
 _METHODS = ("minmax", "moving_average", "percentile", "mse", "entropy")
-_TARGETS = ("onnx",)
+# deploy.targets: file format -> the runtime it is evaluated and verified in.
+_TARGETS = {"onnx": "onnxruntime", "tflite": "litert"}
+# quantization.target: the runtime the INT8 model is quantized for (deploy.BACKENDS).
+_QUANT_TARGETS = {"onnxruntime": "onnxruntime-x86", "litert": "litert"}
 SCHEMA: dict[str, Any] = {
     "name": ("pipeline", _text, "a name for reports"),
     "out": ("pipeline-out", _text, "output folder, relative to the pipeline file"),
@@ -125,6 +136,8 @@ SCHEMA: dict[str, Any] = {
     "quantization": {
         "preset": (None, _preset, "a preset name: " + _preset_names()),
         "method": (None, lambda v: v in _METHODS, "one of " + ", ".join(_METHODS)),
+        "target": ("onnxruntime", lambda v: v in _QUANT_TARGETS,
+                   "one of " + ", ".join(_QUANT_TARGETS) + " (the runtime quantized for)"),
     },
     "qat": {
         "preset": (None, _preset, "a preset name (default: the quantization preset): "
@@ -138,9 +151,10 @@ SCHEMA: dict[str, Any] = {
         "latency_runs": (30, _positive_int, "a positive integer"),
     },
     "deploy": {
-        "targets": (["onnx"], lambda v: isinstance(v, list)
+        "targets": (["onnx"], lambda v: isinstance(v, list) and len(set(v)) == len(v)
                     and all(t in _TARGETS for t in v),
-                    "a list from " + ", ".join(_TARGETS) + " ([] to stop after training)"),
+                    "a list of distinct formats from " + ", ".join(_TARGETS)
+                    + " ([] to stop after training)"),
         "verify": (True, lambda v: isinstance(v, bool), "true or false"),
     },
 }
@@ -330,9 +344,18 @@ def _call(model: nn.Module, inputs: Any) -> Any:
     return model(*input_args(inputs))
 
 
-def _run_qat(float_model: nn.Module, calib: Any, train: Any, cfg: dict[str, Any],
-             out: Path, say: Event) -> nn.Module:
+def _qat_config(cfg: dict[str, Any], ptq_config: Any) -> Any:
+    """The QAT preset, with the PTQ config's integer-output rules (quantized for LiteRT,
+    :func:`quantaware.deploy.quantize_for_backend`)."""
     from quantaware import presets
+
+    config = presets.get(cfg["qat"]["preset"] or cfg["quantization"]["preset"] or "INT8")
+    kept = [rule for rule in ptq_config.overrides if rule.output_only]
+    return config.with_overrides(*kept) if kept else config
+
+
+def _run_qat(float_model: nn.Module, calib: Any, train: Any, cfg: dict[str, Any],
+             out: Path, say: Event, ptq_config: Any) -> nn.Module:
     from quantaware.calibrate import calibrate
     from quantaware.checkpoint import (
         RESUME_FIX,
@@ -343,8 +366,7 @@ def _run_qat(float_model: nn.Module, calib: Any, train: Any, cfg: dict[str, Any]
     from quantaware.qat import distillation_loss, prepare_qat
 
     q = cfg["qat"]
-    preset = q["preset"] or cfg["quantization"]["preset"] or "INT8"
-    config = presets.get(preset)
+    config = _qat_config(cfg, ptq_config)
     if not train.labeled:
         raise PipelineError(f"qat needs labelled training data; {train.name} has no labels")
     model = prepare_qat(float_model, config, input_args(calib.example))
@@ -400,7 +422,7 @@ def run_pipeline(path: str | os.PathLike, fast: bool = False, out: str | None = 
     from quantaware.deploy_bench import write_json
     from quantaware.sources import load_data, load_model, read_labels
     from quantaware.workflow import (
-        compare_onnx,
+        compare_files,
         export_model,
         load_quantized,
         quantize_model,
@@ -482,7 +504,8 @@ def run_pipeline(path: str | os.PathLike, fast: bool = False, out: str | None = 
     else:
         say(f"[4/6] quantization: calibrating on {calib.num_samples} samples")
         ptq, config = quantize_model(model, calib, cfg["quantization"]["preset"],
-                                     cfg["quantization"]["method"])
+                                     cfg["quantization"]["method"],
+                                     _QUANT_TARGETS[cfg["quantization"]["target"]])
         save_quantized(ptq_ckpt, ptq, config, model.name)
         quant = {"config": config.name, "ptq_accuracy": _accuracy(ptq, evaluation)}
         state.record("quantization", ptq_fp, quant)
@@ -496,11 +519,10 @@ def run_pipeline(path: str | os.PathLike, fast: bool = False, out: str | None = 
         done = state.done("qat", qat_fp)
         if done is not None and qat_path.is_file():
             say("[5/6] QAT: done before")
-            from quantaware import presets
             from quantaware.qat import prepare_qat
 
-            preset = cfg["qat"]["preset"] or cfg["quantization"]["preset"] or "INT8"
-            qat_model = prepare_qat(module, presets.get(preset), input_args(calib.example))
+            qat_model = prepare_qat(module, _qat_config(cfg, ptq.quantaware_config),
+                                    input_args(calib.example))
             qat_model.load_state_dict(load_checkpoint(qat_path)["model"])
             qat_model.eval()
             qat_result = done
@@ -512,7 +534,7 @@ def run_pipeline(path: str | os.PathLike, fast: bool = False, out: str | None = 
                 shutil.rmtree(out_dir / "qat")  # epoch checkpoints of other settings
             state.record("qat", qat_fp, None)  # checkpoints from now on belong to these
             say(f"[5/6] QAT: {cfg['qat']['epochs']} epoch(s)")
-            qat_model = _run_qat(module, calib, train, cfg, out_dir, say)
+            qat_model = _run_qat(module, calib, train, cfg, out_dir, say, ptq.quantaware_config)
             save_checkpoint(qat_path, {"model": qat_model.state_dict()})
             qat_result = {"qat_accuracy": _accuracy(qat_model, evaluation)}
             state.record("qat", qat_fp, qat_result)
@@ -529,30 +551,40 @@ def run_pipeline(path: str | os.PathLike, fast: bool = False, out: str | None = 
         results["files"]["results"] = str(write_json(results, out_dir / "results.json"))  # type: ignore[arg-type]
         return results
     say("[6/6] deploy and evaluate")
-    files = {"float_onnx": export_model(module, out_dir / "model-fp32.onnx", calib.example),
-             "ptq_onnx": export_model(ptq, out_dir / "model-ptq-int8.onnx", calib.example)}
-    deployed = {"ptq": (ptq, files["ptq_onnx"])}
-    if qat_model is not None:
-        files["qat_onnx"] = export_model(qat_model, out_dir / "model-qat-int8.onnx",
-                                         calib.example)
-        deployed["qat"] = (qat_model, files["qat_onnx"])
-    evaluations = {}
-    for name, (torch_model, onnx_path) in deployed.items():
-        say(f"  evaluating {name} INT8 against float in ONNX Runtime")
-        config_name = (quant["config"] if name == "ptq" else
-                       cfg["qat"]["preset"] or cfg["quantization"]["preset"] or "INT8")
-        evaluations[name] = compare_onnx(files["float_onnx"], onnx_path, evaluation,
-                                         threads=cfg["threads"],
-                                         latency_runs=cfg["evaluation"]["latency_runs"],
-                                         names=("FP32", f"{name.upper()} {config_name}"))
-        if cfg["deploy"]["verify"]:
-            import quantaware
+    from quantaware.backends import RUNTIME_NAMES
 
-            report = quantaware.verify(onnx_path, torch_model, evaluation.unlabeled,
-                                       num_batches=4, threads=cfg["threads"])
-            passed = (report.cosine >= 0.99 if model.tokenizer is not None
-                      else report.passed())
-            evaluations[name]["verify"] = report.to_dict() | {"passed": bool(passed)}
+    files, evaluations = {}, {}
+    models = {"float": module, "ptq": ptq}
+    if qat_model is not None:
+        models["qat"] = qat_model
+    for suffix in cfg["deploy"]["targets"]:
+        backend = _TARGETS[suffix]
+        paths = {name: export_model(m, out_dir / (f"model-{name}-int8.{suffix}" if name != "float"
+                                                  else f"model-fp32.{suffix}"),
+                                    calib.example, suffix)
+                 for name, m in models.items()}
+        files.update({f"{name}_{suffix}": path for name, path in paths.items()})
+        for name, torch_model in models.items():
+            if name == "float":
+                continue
+            key = name if suffix == "onnx" else f"{name}_{suffix}"
+            say(f"  evaluating {name} INT8 against float in {RUNTIME_NAMES[backend]}")
+            config_name = (quant["config"] if name == "ptq" else
+                           cfg["qat"]["preset"] or cfg["quantization"]["preset"] or "INT8")
+            evaluations[key] = compare_files(
+                paths["float"], paths[name], evaluation, backend, threads=cfg["threads"],
+                latency_runs=cfg["evaluation"]["latency_runs"],
+                names=("FP32", f"{name.upper()} {config_name}"),
+                parameters=forward_parameters(module))
+            if cfg["deploy"]["verify"]:
+                import quantaware
+
+                report = quantaware.verify(paths[name], torch_model, evaluation.unlabeled,
+                                           num_batches=4, threads=cfg["threads"],
+                                           backend=backend)
+                passed = (report.cosine >= 0.99 if model.tokenizer is not None
+                          else report.passed())
+                evaluations[key]["verify"] = report.to_dict() | {"passed": bool(passed)}
     results["evaluation"] = evaluations
     results["files"] = {k: str(v) for k, v in files.items()}
     results["seconds"] = time.perf_counter() - started

@@ -29,6 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
 
+    from quantaware.backends import RUNTIME_NAMES
     from quantaware.cli import UsageError
     from quantaware.cli import _sources as common
     from quantaware.image_folder import ImageFolderError
@@ -60,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
               + " (torch, evaluation data)")
     failed = []
     for name, result in results["evaluation"].items():
-        common.print_table(con, f"{name.upper()} INT8 vs float in ONNX Runtime on "
+        runtime = RUNTIME_NAMES[result.get("backend", "onnxruntime")]
+        common.print_table(con, f"{name.split('_')[0].upper()} INT8 vs float in {runtime} on "
                            f"{result['samples']} samples of {result['data']}",
                            comparison_table(result))
         verify = result.get("verify")
