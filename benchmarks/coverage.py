@@ -180,6 +180,24 @@ class Segmenter(nn.Module):
         return F.interpolate(logits, scale_factor=4, mode="bilinear")
 
 
+class Decoder(nn.Module):
+    """U-Net-style decoder: strided encoder, transposed convs with BatchNorm back up, a
+    skip connection concatenated, per-pixel logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down1, self.down2 = nn.Conv2d(3, 16, 3, 2, 1), nn.Conv2d(16, 32, 3, 2, 1)
+        self.up2 = nn.Sequential(nn.ConvTranspose2d(32, 16, 4, 2, 1), nn.BatchNorm2d(16),
+                                 nn.ReLU())
+        self.up1 = nn.ConvTranspose2d(32, 8, 2, 2)
+        self.classifier = nn.Conv2d(8, 5, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skip = F.relu(self.down1(x))
+        h = torch.cat([self.up2(F.relu(self.down2(skip))), skip], 1)
+        return self.classifier(F.relu(self.up1(h)))
+
+
 class Volumetric(nn.Module):
     """Conv3d + BatchNorm3d, 3-d max pooling, global average pooling."""
 
@@ -225,6 +243,7 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[torch.Generator], Any
     "mobile-block": (MobileBlock, _randn(8, 3, 16, 16)),
     "channel-shuffle": (ChannelShuffle, _randn(8, 3, 16, 16)),
     "segmenter": (Segmenter, _randn(8, 3, 32, 32)),
+    "decoder": (Decoder, _randn(8, 3, 32, 32)),
     "conv3d": (Volumetric, _randn(8, 1, 8, 8, 8)),
 }
 

@@ -28,6 +28,13 @@ CASES = {
                        (16, 10)),
     "bn_no_affine": (lambda: nn.Conv2d(3, 4, 1), lambda: nn.BatchNorm2d(4, affine=False),
                      (2, 3, 4, 4)),
+    # weights (in, out / groups, *kernel): the per-channel factor is along axis 1
+    "transposed2d": (lambda: nn.ConvTranspose2d(4, 6, 4, stride=2, padding=1),
+                     lambda: nn.BatchNorm2d(6), (2, 4, 5, 5)),
+    "transposed2d_grouped": (lambda: nn.ConvTranspose2d(4, 6, 3, stride=2, groups=2),
+                             lambda: nn.BatchNorm2d(6), (2, 4, 5, 5)),
+    "transposed1d_no_bias": (lambda: nn.ConvTranspose1d(3, 5, 4, stride=2, bias=False),
+                             lambda: nn.BatchNorm1d(5), (2, 3, 9)),
 }
 
 
@@ -66,7 +73,7 @@ def test_cannot_fold_mismatched_or_untracked():
     assert not can_fold(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(5))
     assert not can_fold(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, track_running_stats=False))
     assert not can_fold(nn.ReLU(), nn.BatchNorm2d(4))
-    assert not can_fold(nn.ConvTranspose2d(3, 4, 1), nn.BatchNorm2d(4))
+    assert not can_fold(nn.ConvTranspose2d(3, 4, 1), nn.BatchNorm2d(3))
     assert can_fold(nn.Linear(3, 4), nn.BatchNorm1d(4))
     with pytest.raises(ValueError, match="cannot fold"):
         fold_bn(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(5))

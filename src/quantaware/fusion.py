@@ -22,7 +22,8 @@ import copy
 import torch
 from torch import nn
 
-FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, *TRANSPOSED)
 BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
@@ -31,8 +32,6 @@ def can_fold(layer: nn.Module, bn: nn.Module) -> bool:
     if not isinstance(layer, FOLDABLE) or not isinstance(bn, BATCH_NORMS):
         return False
     if bn.running_mean is None or bn.running_var is None:
-        return False
-    if isinstance(layer, nn.ConvTranspose1d | nn.ConvTranspose2d | nn.ConvTranspose3d):
         return False
     out = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
     return out == bn.num_features
@@ -52,8 +51,17 @@ def fold_bn(layer: nn.Module, bn: nn.Module) -> nn.Module:
         gamma = bn.weight.double() if bn.weight is not None else torch.ones_like(inv_std)
         beta = bn.bias.double() if bn.bias is not None else torch.zeros_like(inv_std)
         factor = gamma * inv_std
-        shape = [-1] + [1] * (layer.weight.dim() - 1)
-        weight = layer.weight.double() * factor.reshape(shape)
+        if isinstance(layer, TRANSPOSED):
+            # (in, out / groups, *kernel): output channel g * (out / groups) + j is
+            # column j of group g's rows.
+            w = layer.weight.double()
+            groups, per_group = layer.groups, w.shape[1]
+            kernel = [1] * (w.dim() - 2)
+            weight = (w.reshape(groups, -1, per_group, *w.shape[2:])
+                      * factor.reshape(groups, 1, per_group, *kernel)).reshape(w.shape)
+        else:
+            shape = [-1] + [1] * (layer.weight.dim() - 1)
+            weight = layer.weight.double() * factor.reshape(shape)
         bias = layer.bias.double() if layer.bias is not None else torch.zeros_like(inv_std)
         bias = (bias - bn.running_mean.double()) * factor + beta
         folded.weight = nn.Parameter(weight.to(layer.weight.dtype),

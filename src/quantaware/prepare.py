@@ -187,6 +187,20 @@ def _fold_batchnorms(gm: fx.GraphModule) -> None:
         gm.graph.erase_node(node)
 
 
+def _kept_float(name: str, module: nn.Module, weight_spec: Any) -> bool:
+    """A grouped transposed conv under per-channel weights stays float: its output
+    channels do not lie along one axis of its weight (``(in, out / groups, ...)``)."""
+    if (isinstance(module, nn.ConvTranspose1d | nn.ConvTranspose2d) and module.groups > 1
+            and isinstance(weight_spec, QuantSpec)
+            and isinstance(weight_spec.granularity, PerChannel)):
+        log.warning("%s (%s, groups=%d) stays float: per-channel weight scales of a grouped "
+                    "transposed conv are not supported; quantize it with per-tensor weights "
+                    "(LayerOverride(%r, weight=...PerTensor()))", name,
+                    type(module).__name__, module.groups, name)
+        return True
+    return False
+
+
 def _swap_modules(gm: fx.GraphModule, config: QuantConfig) -> None:
     done: set[str] = set()
     for node in gm.graph.nodes:
@@ -205,6 +219,8 @@ def _swap_modules(gm: fx.GraphModule, config: QuantConfig) -> None:
             )
         if not hasattr(module, "weight") and (act_spec is None or act_spec.dynamic):
             continue  # pooling only makes sense with static activations
+        if _kept_float(node.target, module, weight_spec):
+            continue
         gm.add_submodule(node.target, qtype.from_float(module, weight_spec, act_spec))
         done.add(node.target)
 
@@ -549,7 +565,8 @@ def _prepare_eager(model: nn.Module, config: QuantConfig) -> nn.Module:
     for name, module in list(model.named_modules()):
         qtype = quantized_type(type(module))
         specs = config.resolve(name)
-        if qtype is None or specs is None or not name or not hasattr(module, "weight"):
+        if (qtype is None or specs is None or not name or not hasattr(module, "weight")
+                or _kept_float(name, module, specs[0])):
             continue
         qmod = qtype.from_float(module, *specs)
         qmod.output_quantizer = None  # each consumer quantizes its own input

@@ -731,3 +731,29 @@ def test_dict_outputs_keep_their_keys_as_onnx_output_names(tmp_path):
         np.testing.assert_allclose(got["aux.pair.0"], (2 * x).numpy(), rtol=0, atol=0.05)
         assert got["logits"].shape == ref["logits"].shape == (16, 3)
         assert quantaware.verify(path, variant, [x]).passed()
+
+
+def test_transposed_conv_exports_int8_weights_per_output_channel(tmp_path):
+    """ConvTranspose reads int8 weights dequantized per output channel (the weight's
+    axis 1); ONNX Runtime, which has no integer ConvTranspose kernel, computes what the
+    fake-quant layer computes, and the other layers stay integer-exact."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(),
+                        nn.ConvTranspose2d(8, 6, 4, stride=2, padding=1), nn.ReLU(),
+                        nn.Conv2d(6, 3, 1)).eval()
+    gen = torch.Generator().manual_seed(0)
+    data = [torch.randn(16, 3, 12, 12, generator=gen) for _ in range(2)]
+    q = quantaware.quantize(net, presets.INT8, data, data[0][:1])
+    path = quantaware.export_onnx(q, tmp_path / "decoder.onnx", data[0][:1])
+    model = onnx.load(path)
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    (deconv,) = [n for n in model.graph.node if n.op_type == "ConvTranspose"]
+    weight_dq = producers[deconv.input[1]]
+    assert weight_dq.op_type == "DequantizeLinear"
+    assert [a.i for a in weight_dq.attribute if a.name == "axis"] == [1]
+    assert inits[weight_dq.input[0]].dtype == np.int8
+    assert inits[weight_dq.input[1]].shape == (6,)
+    report = quantaware.verify(path, q, data)
+    assert report.passed() and report.max_error_lsb <= 1.0, str(report)
+    assert (report.integer_layers, report.fake_quant_layers) == (2, 1), str(report)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from tests.export.conftest import INPUT_SHAPE, _one_thread, _two_heads
+from torch import nn
 
 import quantaware
 from quantaware import presets
@@ -692,3 +693,62 @@ def test_concatenation_before_a_float_op_computes_the_models_values(litert, tmp_
         path = quantaware.export_tflite(q, tmp_path / "cat.tflite", x[:1])
         report = quantaware.verify(path, q, [x], backend="litert", threads=1)
     assert report.passed() and report.max_abs_error < 1e-6, str(report)
+
+
+class _Decoder(nn.Module):
+    """Encoder conv, then transposed convs with batch norm and ReLU back up."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = nn.Conv2d(3, 16, 3, stride=2, padding=1)
+        self.up = nn.ConvTranspose2d(16, 8, 4, stride=2, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.up1d = nn.Conv2d(8, 8, 1)
+        self.head = nn.ConvTranspose2d(8, 3, 2, stride=2, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn(self.up(torch.relu(self.down(x)))))
+        return self.head(torch.relu(self.up1d(y)))
+
+
+def _decoder() -> nn.Module:
+    torch.manual_seed(0)
+    model = _Decoder().eval()
+    model.bn.running_mean.uniform_(-0.2, 0.2)
+    model.bn.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def test_transposed_convs_are_int8_and_exact(litert, tmp_path, caplog):
+    """TRANSPOSE_CONV runs in int8 with the model's own weight codes and scales (batch
+    norm folded in), and LiteRT computes the codes torch with LiteRT's arithmetic
+    computes."""
+    from quantaware.export.tflite import tflite_ops
+
+    gen = torch.Generator().manual_seed(0)
+    calib = [torch.randn(16, 3, 12, 12, generator=gen) for _ in range(2)]
+    data = [torch.randn(16, 3, 12, 12, generator=gen) * 1.2 for _ in range(2)]
+    with caplog.at_level("WARNING", logger="quantaware.export.tflite"):
+        _, path, report = _round_trip(_decoder(), calib, data, tmp_path / "decoder.tflite")
+    ops = tflite_ops(path)
+    assert [n for n, _ in ops].count("TRANSPOSE_CONV") == 2
+    assert all("float32" not in d for n, d in ops if n not in _INTERFACE), ops
+    assert "transposed convolutions" not in caplog.text  # the model's codes reach 127
+    assert report.integer_layers == 4 and report.fake_quant_layers == 0, str(report)
+    assert report.max_error_lsb == 0.0 and report.first_divergent_layer is None, str(report)
+
+
+def test_transposed_conv_weights_the_converter_requantizes_are_named_and_emulated(
+        litert, tmp_path, caplog):
+    """4-bit weight codes stay below 127: the converter stores the transposed convs'
+    weights on its own 8-bit scale. The export says so, and the integer reference
+    uses the file's codes, so LiteRT still matches it exactly."""
+    gen = torch.Generator().manual_seed(1)
+    calib = [torch.randn(16, 3, 12, 12, generator=gen) for _ in range(2)]
+    data = [torch.randn(16, 3, 12, 12, generator=gen) for _ in range(2)]
+    with caplog.at_level("WARNING", logger="quantaware.export.tflite"):
+        _, _, report = _round_trip(_decoder(), calib, data, tmp_path / "w4.tflite",
+                                   presets.W4A8)
+    assert "8 of 8 output channels of up have codes below 127" in caplog.text
+    assert report.integer_layers == 4 and report.max_error_lsb == 0.0, str(report)
+    assert report.first_divergent_layer is None, str(report)

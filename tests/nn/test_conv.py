@@ -1,4 +1,5 @@
-"""quantaware.nn.QuantConv1d / QuantConv2d against float convs on dequantized values."""
+"""quantaware.nn.QuantConv1d / QuantConv2d / QuantConvTranspose1d / QuantConvTranspose2d
+against float convs on dequantized values."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from torch import nn
 
 from quantaware import presets
 from quantaware.config import FloatSpec, PerChannel, QuantSpec
-from quantaware.nn import QuantConv1d, QuantConv2d
+from quantaware.nn import QuantConv1d, QuantConv2d, QuantConvTranspose1d, QuantConvTranspose2d
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -162,3 +163,86 @@ def test_per_tensor_weights_with_bias_keep_one_scale():
     w_scale, _, b_scale = q.get_submodule("2").weight_qparams()
     assert w_scale.dim() == 0 and b_scale.dim() == 0
     assert torch.allclose(q(x), net(x), atol=0.1)
+
+
+# -- transposed convolutions: weights (in, out / groups, *kernel), scales along axis 1 --
+
+TRANSPOSED = {
+    "transposed2d": (lambda: nn.ConvTranspose2d(4, 6, 4, stride=2, padding=1), (4, 5, 5)),
+    "transposed2d_output_padding": (
+        lambda: nn.ConvTranspose2d(3, 5, 3, stride=2, padding=1, output_padding=1,
+                                   bias=False), (3, 6, 6)),
+    "transposed1d": (lambda: nn.ConvTranspose1d(4, 8, 5, stride=3, padding=2), (4, 9)),
+}
+TRANSPOSED_TYPES = {nn.ConvTranspose1d: QuantConvTranspose1d,
+                    nn.ConvTranspose2d: QuantConvTranspose2d}
+
+
+def _transposed(case: str, seed: int = 0) -> tuple[nn.Module, tuple[int, ...]]:
+    make, shape = TRANSPOSED[case]
+    torch.manual_seed(seed)
+    conv = make()
+    with torch.no_grad():  # output channels (axis 1) with very different ranges
+        conv.weight.mul_(torch.logspace(-1, 1, conv.out_channels).reshape(
+            [1, -1] + [1] * (conv.weight.dim() - 2)))
+    return conv, shape
+
+
+@pytest.mark.parametrize("case", sorted(TRANSPOSED))
+def test_int8_transposed_conv_equals_float_on_dequantized_values(case, ref):
+    """Per-output-channel weight scales lie along the weight's axis 1."""
+    conv, shape = _transposed(case)
+    qtype = TRANSPOSED_TYPES[type(conv)]
+    q = qtype.from_float(conv, presets.INT8.weight, presets.INT8.activation)
+    assert type(q) is qtype and q.weight_quantizer.axis == 1
+    data = _data(shape)
+    ref.observe_then_freeze(q, *[(x,) for x in data])
+    in_scale, in_zp = ref.activation_qparams(torch.cat(data))
+    w_deq, w_scale = ref.weight_per_channel(conv.weight.detach().transpose(0, 1))
+    reference = q.to_float()
+    reference.weight = nn.Parameter(w_deq.transpose(0, 1))
+    if conv.bias is not None:
+        reference.bias = nn.Parameter(ref.bias(conv.bias, in_scale, w_scale))
+    q.output_quantizer.disable()
+    x = torch.randn((3, *shape)) * 2
+    with torch.no_grad():
+        out = q(x)
+        torch.testing.assert_close(out, reference(ref.fake_act(x, in_scale, in_zp)),
+                                   rtol=1e-5, atol=1e-5)
+        assert out.shape == conv(x).shape
+        assert not torch.allclose(out, conv(x), rtol=1e-5, atol=1e-5)
+        back = q.to_float()
+        assert type(back) is type(conv) and back.weight is conv.weight
+        assert torch.equal(back(x), conv(x))
+
+
+def test_transposed_conv_takes_an_output_size():
+    conv, shape = _transposed("transposed2d")
+    q = QuantConvTranspose2d.from_float(conv, presets.W8.weight, None)
+    x = torch.randn((1, *shape))
+    out = q(x, output_size=[11, 11])
+    assert out.shape == conv(x, output_size=[11, 11]).shape == (1, 6, 11, 11)
+
+
+def test_grouped_transposed_conv_stays_float_under_per_channel_weights(caplog):
+    """Its output channels are not one axis of its weight: prepare keeps it float and
+    says how to quantize it (per-tensor weights), which then works."""
+    import dataclasses
+
+    from quantaware import quantize
+    from quantaware.config import LayerOverride, PerTensor
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(),
+                        nn.ConvTranspose2d(4, 6, 4, stride=2, padding=1, groups=2)).eval()
+    x = torch.randn(8, 3, 8, 8)
+    with caplog.at_level("WARNING", logger="quantaware.prepare"):
+        q = quantize(net, presets.INT8, [x], x[:1])
+    assert type(q.get_submodule("2")) is nn.ConvTranspose2d
+    assert "2 (ConvTranspose2d, groups=2) stays float" in caplog.text
+    per_tensor = dataclasses.replace(presets.INT8.weight, granularity=PerTensor())
+    q = quantize(net, presets.INT8.with_overrides(LayerOverride("2", weight=per_tensor)),
+                 [x], x[:1])
+    assert type(q.get_submodule("2")) is QuantConvTranspose2d
+    assert q.get_submodule("2").weight_quantizer.axis is None
+    torch.testing.assert_close(q(x), net(x), rtol=0.1, atol=0.05)

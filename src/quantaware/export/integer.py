@@ -67,7 +67,7 @@ from torch.nn import functional as F
 
 from quantaware.fake_quant import FakeQuantizer
 from quantaware.nn.base import QuantMixin
-from quantaware.nn.conv import _QuantConvNd
+from quantaware.nn.conv import _QuantConvNd, _QuantConvTransposeNd
 from quantaware.nn.functional import QuantAdd, QuantCat, QuantMatmul
 from quantaware.nn.linear import QuantLinear
 from quantaware.nn.pool import QuantAdaptiveAvgPool2d, QuantAvgPool2d, ceil_mode_matters
@@ -181,41 +181,79 @@ def _activation_blocker(module: QuantMixin, out: _QParams) -> str | None:
     return None
 
 
-def _weighted_forward(module: WeightQuantMixin, qin: _QParams, qout: _QParams,
-                      apply: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None],
-                                      torch.Tensor],
-                      own_output: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
+def _integer_params(module: WeightQuantMixin) -> tuple[torch.Tensor, torch.Tensor,
+                                                      torch.Tensor | None]:
+    """``(weight codes minus zero point, weight scale, int32 bias or None)`` as the
+    exported file holds them (float64 codes)."""
     wq = module.weight_quantizer
     assert isinstance(wq, FakeQuantizer)
-    conv = isinstance(module, _QuantConvNd)
+    weight, bias = module.float_params()
+    w_scale, w_zp, b_scale = module.weight_qparams()
+    axis = module.weight_axis if w_scale.dim() else None
+    shape = [1] * weight.dim()
+    shape[module.weight_axis] = -1
+    qweight = quantize(weight, w_scale, w_zp, wq.qmin, wq.qmax, axis).to(_F64)
+    qweight = qweight - (w_zp.reshape(shape) if axis is not None else w_zp).to(_F64)
+    qbias = None
+    if bias is not None:
+        zeros = torch.zeros_like(b_scale, dtype=torch.int32)
+        qbias = quantize(bias, b_scale, zeros, BIAS_QMIN, BIAS_QMAX,
+                         0 if b_scale.dim() else None).to(_F64)
+    return qweight, w_scale.detach(), qbias
+
+
+def _converter_params(module: WeightQuantMixin, qin: _QParams) -> tuple[
+        torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """:func:`_integer_params` as LiteRT's converter writes a transposed conv: it takes
+    the (dequantized) weights as float and quantizes them itself, symmetric int8 per
+    output channel with scale ``max|w| / 127`` (rounding half away from zero), and
+    the bias to int32 with scale ``input_scale * weight_scale``. Where a channel's
+    codes reach +-127 this gives back the model's own scale and codes."""
+    qweight, w_scale, qbias = _integer_params(module)
+    axis = module.weight_axis
+    shape = [1] * qweight.dim()
+    shape[axis] = -1
+    per_channel = w_scale.dim() == 1
+    weight = qweight.to(_F32) * (w_scale.reshape(shape) if per_channel else w_scale)
+    other = [d for d in range(weight.dim()) if d != axis]
+    peak = weight.abs().amax(dim=other) if per_channel else weight.abs().amax()
+    scale = torch.where(peak > 0, peak / 127, w_scale.to(_F32))
+    codes = weight / (scale.reshape(shape) if per_channel else scale)
+    codes = (codes.sign() * (codes.abs() + 0.5).floor()).clamp_(-127, 127).to(_F64)
+    if qbias is not None:
+        bias_scale = (qin.scale * scale).to(_F64)
+        bias = qbias * (qin.scale.to(_F64) * w_scale.to(_F64))
+        qbias = bias.div(bias_scale).round().clamp_(BIAS_QMIN, BIAS_QMAX)
+    return codes, scale, qbias
+
+
+def _weighted_forward(module: WeightQuantMixin, qin: _QParams, qout: _QParams,
+                      apply: Callable[..., torch.Tensor], own_output: bool = True,
+                      params: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None
+                      = None) -> Callable[..., torch.Tensor]:
+    """``params``: the file's ``(codes, weight scale, int32 bias)`` where they are not
+    the model's own (:func:`_converter_params`)."""
+    conv = isinstance(module, _QuantConvNd | _QuantConvTransposeNd)
     with torch.no_grad():
-        weight, bias = module.float_params()
-        w_scale, w_zp, b_scale = module.weight_qparams()
-        axis = 0 if w_scale.dim() else None
-        shape = [-1] + [1] * (weight.dim() - 1)
-        qweight = quantize(weight, w_scale, w_zp, wq.qmin, wq.qmax, axis).to(_F64)
-        qweight = qweight - (w_zp.reshape(shape) if axis == 0 else w_zp).to(_F64)
-        qbias = None
-        if bias is not None:
-            zeros = torch.zeros_like(b_scale, dtype=torch.int32)
-            qbias = quantize(bias, b_scale, zeros, BIAS_QMIN, BIAS_QMAX, axis).to(_F64)
+        qweight, w_scale, qbias = params if params is not None else _integer_params(module)
         # ONNX Runtime: output_scale = x_scale * w_scale / y_scale in float32.
-        multiplier = (qin.scale * w_scale.detach().to(_F32)) / qout.scale
+        multiplier = (qin.scale * w_scale.to(_F32)) / qout.scale
         # Largest possible sum of |products| for one output.
-        bound = float(qweight.abs().reshape(qweight.shape[0], -1).sum(1).max()) * qin.max_code
+        per_output = qweight.abs().transpose(0, module.weight_axis)
+        bound = float(per_output.reshape(per_output.shape[0], -1).sum(1).max()) * qin.max_code
     exact32 = bound < _F32_EXACT and _float32_is_exact()
     qweight32 = qweight.to(_F32)
-    channel = [-1] + [1] * (weight.dim() - 2) if conv else [-1]
+    channel = [-1] + [1] * (qweight.dim() - 2) if conv else [-1]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args: Any) -> torch.Tensor:
         x = self._quantize_input(x)
         codes = qin.codes(x)
         if exact32:
-            acc = apply(codes, qweight32, None)
+            acc = apply(codes, qweight32, None, *args)
             if qbias is not None:
                 acc = (acc.to(_F64) + qbias.reshape(channel)).to(_F32)
         else:
-            acc = apply(codes.to(_F64), qweight, qbias).to(_F32)
+            acc = apply(codes.to(_F64), qweight, qbias, *args).to(_F32)
         y = qout.output(acc.mul_(multiplier.reshape(channel) if conv else multiplier))
         return self.output_quantizer(y) if own_output else y
 
@@ -223,6 +261,8 @@ def _weighted_forward(module: WeightQuantMixin, qin: _QParams, qout: _QParams,
 
 
 def _conv_like(module: nn.Module) -> Callable[..., torch.Tensor]:
+    if isinstance(module, _QuantConvTransposeNd):
+        return module.transposed_forward
     if isinstance(module, _QuantConvNd):
         return lambda x, w, b: module._conv_forward(x, w, b)
     return lambda x, w, b: F.linear(x, w, b)
@@ -613,13 +653,18 @@ def _plan(module: nn.Module, kernels: str = "onnxruntime",
     if isinstance(module, QuantMixin) and module.__dict__.get(MIXED_INPUT_GRIDS):
         return ("called on inputs with different qparams (one layer shared by several "
                 "call sites)")
-    if isinstance(module, WeightQuantMixin) and isinstance(module, _QuantConvNd | QuantLinear):
+    if isinstance(module, WeightQuantMixin) and isinstance(
+            module, _QuantConvNd | _QuantConvTransposeNd | QuantLinear):
         wq = module.weight_quantizer
         if not isinstance(wq, FakeQuantizer) or not bool(wq.fake_quant_enabled):
             return None if module.input_source is None else "float weights"
         if getattr(module, "exporting", False):
             return "frozen for export"
-        if isinstance(module, _QuantConvNd) and module.padding_mode != "zeros":
+        transposed = isinstance(module, _QuantConvTransposeNd)
+        if transposed and kernels != "litert":
+            return ("transposed conv (ONNX Runtime has no integer ConvTranspose kernel: it "
+                    "runs float32 on dequantized values)")
+        if not transposed and isinstance(module, _QuantConvNd) and module.padding_mode != "zeros":
             return f"padding_mode={module.padding_mode!r}"
         if module.training and hasattr(module, "bn_frozen") and not bool(module.bn_frozen):
             return "training with batch statistics"
@@ -632,7 +677,9 @@ def _plan(module: nn.Module, kernels: str = "onnxruntime",
         blocker = _activation_blocker(module, qout)
         if blocker is not None:
             return blocker
-        return _weighted_forward(module, qin, qout, _conv_like(module), own_output=onto is None)
+        params = _converter_params(module, qin) if transposed else None
+        return _weighted_forward(module, qin, qout, _conv_like(module), own_output=onto is None,
+                                 params=params)
     if isinstance(module, QuantAdd | QuantMatmul | QuantCat):
         count = len(module.input_quantizers)
         qps = [_static_qparams(module.input_source_of(i)) for i in range(count)]

@@ -97,6 +97,16 @@ def _value(gm: fx.GraphModule, node: Any) -> torch.Tensor:
     return value.detach()
 
 
+def _transposed_conv(node: fx.Node) -> bool:
+    """Whether ``node`` is a transposed convolution in an exported graph."""
+    aten = torch.ops.aten
+    if node.target in (aten.conv_transpose1d.default, aten.conv_transpose2d.input,
+                       aten.conv_transpose3d.input):
+        return True
+    return node.target is aten.convolution.default and len(node.args) > 6 and bool(
+        node.args[6])
+
+
 class _Rewriter:
     """Turns the quantaware export ops of ``gm`` into PT2E quantize/dequantize ops."""
 
@@ -105,6 +115,9 @@ class _Rewriter:
         self.graph = gm.graph
         self.qd = torch.ops.quantized_decomposed
         self.count = 0
+        # Transposed convs whose weight scales the converter recomputes:
+        # (layer, channels whose codes stay below 127, channels).
+        self.rescaled: list[tuple[str, int, int]] = []
 
     def constant(self, tensor: torch.Tensor, hint: str) -> fx.Node:
         name = f"_litert_{hint}_{self.count}"
@@ -134,6 +147,16 @@ class _Rewriter:
                               "point 0); use a symmetric, signed weight spec (as in INT8)")
         per_channel = s.dim() == 1
         w = self.constant(dequantize(qv, s, z, axis if per_channel else None), "weight")
+        if any(_transposed_conv(user) for user in node.users):
+            # The converter has no int8 TRANSPOSE_CONV for dequantized weights; it
+            # quantizes float weights itself (scale max|w| / 127 per output channel),
+            # which gives back the model's codes where they reach +-127.
+            peak = qv.abs().amax(dim=[d for d in range(qv.dim()) if d != axis]) \
+                if per_channel else qv.abs().amax().reshape(1)
+            short = int(((peak < 127) & (peak > 0)).sum())
+            if short:
+                self.rescaled.append((str(q.target).rsplit(".", 1)[0], short, peak.numel()))
+            return w
         if not per_channel:
             args = (float(s), 0, -128, 127, torch.int8)
             wq = self.graph.call_function(self.qd.quantize_per_tensor.default, (w, *args))
@@ -592,7 +615,8 @@ def export_tflite(
             if quantized:
                 program = torch.export.export(_export_copy(model), example_inputs)
                 rewritten = program.module()
-                _Rewriter(rewritten).run()
+                rewriter = _Rewriter(rewritten)
+                rewriter.run()
                 # A fresh module keeps only the constants the graph uses (the
                 # quantizers' flags and integer tables would become constants).
                 module = fx.GraphModule(rewritten, rewritten.graph)
@@ -608,6 +632,13 @@ def export_tflite(
             f"LiteRT conversion failed for {type(model).__name__}: {type(exc).__name__}: "
             f"{str(exc)[:2000]}") from exc
     if quantized:
+        for layer, short, channels in rewriter.rescaled:
+            log.warning("LiteRT's converter quantizes the weights of transposed convolutions "
+                        "itself, with scale max|w| / 127: %d of %d output channels of %s have "
+                        "codes below 127 (a clipped or learned weight range), so their scales "
+                        "and codes in the file differ from the model's by rounding "
+                        "(quantaware.verify compares against the file's)", short, channels,
+                        layer)
         for name in _composites(content):
             log.warning("LiteRT runs %s in float32: its converter wrote it as a composite op "
                         "with no int8 kernel (for average pooling: count_include_pad=True or "

@@ -1,6 +1,11 @@
 """Quantized modules and the float-to-quantized registry."""
 
-from quantaware.nn.conv import QuantConv1d, QuantConv2d
+from quantaware.nn.conv import (
+    QuantConv1d,
+    QuantConv2d,
+    QuantConvTranspose1d,
+    QuantConvTranspose2d,
+)
 from quantaware.nn.conv_bn import ConvBn1d, ConvBn2d, QuantConvBn1d, QuantConvBn2d
 from quantaware.nn.embedding import QuantEmbedding
 from quantaware.nn.functional import QuantAdd, QuantCat, QuantMatmul
@@ -20,6 +25,8 @@ __all__ = [
     "QuantConv2d",
     "QuantConvBn1d",
     "QuantConvBn2d",
+    "QuantConvTranspose1d",
+    "QuantConvTranspose2d",
     "QuantEmbedding",
     "QuantLinear",
     "QuantMatmul",

@@ -1,8 +1,17 @@
-"""Quantized ``nn.Conv1d`` and ``nn.Conv2d`` (grouped and depthwise included)."""
+"""Quantized ``nn.Conv1d``, ``nn.Conv2d`` (grouped and depthwise included) and the
+transposed ``nn.ConvTranspose1d`` / ``nn.ConvTranspose2d``.
+
+A transposed convolution stores its weight as ``(in, out / groups, *kernel)``:
+per-channel weight scales are per output channel, along the weight's axis 1, which
+a single axis covers only without groups. Grouped transposed convolutions are
+therefore quantized with per-channel weights only when ``groups == 1``;
+:func:`quantaware.prepare` keeps a grouped one float under a per-channel spec.
+"""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from quantaware.config import FloatSpec, QuantSpec
@@ -72,3 +81,83 @@ class QuantConv2d(_QuantConvNd, nn.Conv2d):
     """
 
     _float_type = nn.Conv2d
+
+
+class _QuantConvTransposeNd(WeightQuantMixin):
+    """Shared ``from_float``/``forward`` for the transposed conv modules."""
+
+    _float_type: type[nn.Module]
+    weight_axis = 1
+
+    @classmethod
+    def from_float(cls, module: nn.Module, weight_spec: QuantSpec | FloatSpec | None,
+                   activation_spec: QuantSpec | None):
+        new = cls(
+            module.in_channels, module.out_channels, module.kernel_size,
+            stride=module.stride, padding=module.padding,
+            output_padding=module.output_padding, groups=module.groups,
+            bias=module.bias is not None, dilation=module.dilation,
+            padding_mode=module.padding_mode,
+            device=module.weight.device, dtype=module.weight.dtype,
+        )
+        new.weight = module.weight
+        new.bias = module.bias
+        new._init_quant(weight_spec, activation_spec)
+        return new
+
+    def to_float(self) -> nn.Module:
+        """A plain transposed conv module with the float (master) weights."""
+        out = self._float_type(
+            self.in_channels, self.out_channels, self.kernel_size, stride=self.stride,
+            padding=self.padding, output_padding=self.output_padding, groups=self.groups,
+            bias=self.bias is not None, dilation=self.dilation,
+            padding_mode=self.padding_mode,
+        )
+        out.weight, out.bias = self.weight, self.bias
+        return out
+
+    def transposed_forward(self, x: torch.Tensor, weight: torch.Tensor,
+                           bias: torch.Tensor | None,
+                           output_size: list[int] | None = None) -> torch.Tensor:
+        """The transposed convolution of ``x`` with ``weight`` and ``bias``."""
+        dims = len(self.kernel_size)
+        output_padding = self._output_padding(
+            x, output_size, self.stride, self.padding, self.kernel_size, dims, self.dilation)
+        function = F.conv_transpose1d if dims == 1 else F.conv_transpose2d
+        return function(x, weight, bias, self.stride, self.padding, output_padding,
+                        self.groups, self.dilation)
+
+    def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+        x = self._quantize_input(x)
+        weight, bias = self.quantized_params()
+        return self._finish(self.transposed_forward(x, weight, bias, output_size))
+
+
+@register(nn.ConvTranspose1d)
+class QuantConvTranspose1d(_QuantConvTransposeNd, nn.ConvTranspose1d):
+    """Quantized ``nn.ConvTranspose1d`` (per-channel weight scales along axis 1).
+
+    Example:
+        >>> from quantaware import presets
+        >>> q = QuantConvTranspose1d.from_float(torch.nn.ConvTranspose1d(2, 4, 3, stride=2),
+        ...                                     presets.W8.weight, None)
+        >>> q(torch.randn(1, 2, 8)).shape, q.weight_quantizer.axis
+        (torch.Size([1, 4, 17]), 1)
+    """
+
+    _float_type = nn.ConvTranspose1d
+
+
+@register(nn.ConvTranspose2d)
+class QuantConvTranspose2d(_QuantConvTransposeNd, nn.ConvTranspose2d):
+    """Quantized ``nn.ConvTranspose2d`` (per-channel weight scales along axis 1).
+
+    Example:
+        >>> from quantaware import presets
+        >>> q = QuantConvTranspose2d.from_float(
+        ...     torch.nn.ConvTranspose2d(2, 4, 4, stride=2, padding=1), presets.W8.weight, None)
+        >>> q(torch.randn(1, 2, 8, 8)).shape
+        torch.Size([1, 4, 16, 16])
+    """
+
+    _float_type = nn.ConvTranspose2d

@@ -9,10 +9,12 @@ channel (ONNX Runtime's quantizer does the same).
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
-from quantaware.config import FloatSpec, QuantSpec
+from quantaware.config import FloatSpec, PerChannel, QuantSpec
 from quantaware.fake_quant import FakeQuantizer, Float16Quantizer, make_quantizer
 from quantaware.nn.base import QuantMixin, static_scale
 from quantaware.primitives import fake_quantize, quantize
@@ -29,21 +31,27 @@ class WeightQuantMixin(QuantMixin):
     weight: nn.Parameter
     bias: nn.Parameter | None
     weight_quantizer: nn.Module | None
+    # The weight's output-channel axis (transposed convolutions store (in, out, ...)).
+    weight_axis = 0
 
     def _init_quant(self, weight_spec: QuantSpec | FloatSpec | None,
                     activation_spec: QuantSpec | None) -> None:
         self._init_activation_slots()
         self.weight_quantizer = None
         if weight_spec is not None:
-            self.weight_quantizer = make_quantizer(
-                weight_spec, channels=self.weight.shape[0], from_tensor=True
-            )
             axis = getattr(getattr(weight_spec, "granularity", None), "axis", 0)
             if axis not in (0, -self.weight.dim()):
                 raise ValueError(
                     f"{type(self).__name__} weights are quantized per output channel "
                     f"(axis 0); got axis {axis}"
                 )
+            if self.weight_axis and isinstance(weight_spec, QuantSpec) and isinstance(
+                    weight_spec.granularity, PerChannel):
+                weight_spec = dataclasses.replace(
+                    weight_spec, granularity=PerChannel(axis=self.weight_axis))
+            self.weight_quantizer = make_quantizer(
+                weight_spec, channels=self.weight.shape[self.weight_axis], from_tensor=True
+            )
         if activation_spec is not None:
             self.input_quantizer = make_quantizer(activation_spec)
             if not activation_spec.dynamic:
@@ -100,7 +108,8 @@ class WeightQuantMixin(QuantMixin):
             if isinstance(wq, FakeQuantizer) and bool(wq.fake_quant_enabled):
                 w_scale, w_zp, b_scale = self.weight_qparams()
                 self.register_buffer(
-                    "_qweight", quantize(self.weight, w_scale, w_zp, wq.qmin, wq.qmax, 0)
+                    "_qweight",
+                    quantize(self.weight, w_scale, w_zp, wq.qmin, wq.qmax, self.weight_axis)
                 )
                 self.register_buffer("_wscale", w_scale.clone())
                 self.register_buffer("_wzp", w_zp.to(self._qweight.dtype))
@@ -122,7 +131,7 @@ class WeightQuantMixin(QuantMixin):
     def _export_params(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         ops = torch.ops.quantaware
         if hasattr(self, "_qweight"):
-            weight = ops.dequantize(self._qweight, self._wscale, self._wzp, 0)
+            weight = ops.dequantize(self._qweight, self._wscale, self._wzp, self.weight_axis)
         elif hasattr(self, "_w16"):
             weight = ops.cast_float(self._w16)
         else:
