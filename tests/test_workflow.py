@@ -131,6 +131,17 @@ def test_run_quantize_rejects_an_unknown_target_before_any_work(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_preset_litert_cannot_run_is_refused_before_calibrating(tmp_path):
+    pytest.importorskip("litert_torch")
+    model = load_model(MODEL)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.json").write_text("{}")  # an earlier run's results stay
+    with pytest.raises(SourceError, match="--target litert: W4A4: 4-bit activations"):
+        run_quantize(model, load_data(DATA, model), out, preset="W4A4", backend="litert")
+    assert [p.name for p in out.iterdir()] == ["results.json"]
+
+
 def test_run_quantize_evaluates_on_the_calibration_data_by_default(quantized_run):
     results, out, _ = quantized_run
     evaluation = results["evaluation"]

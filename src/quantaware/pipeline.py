@@ -136,7 +136,7 @@ SCHEMA: dict[str, Any] = {
     "quantization": {
         "preset": (None, _preset, "a preset name: " + _preset_names()),
         "method": (None, lambda v: v in _METHODS, "one of " + ", ".join(_METHODS)),
-        "target": ("onnxruntime", lambda v: v in _QUANT_TARGETS,
+        "target": ("onnxruntime", lambda v: isinstance(v, str) and v in _QUANT_TARGETS,
                    "one of " + ", ".join(_QUANT_TARGETS) + " (the runtime quantized for)"),
     },
     "qat": {
@@ -151,8 +151,9 @@ SCHEMA: dict[str, Any] = {
         "latency_runs": (30, _positive_int, "a positive integer"),
     },
     "deploy": {
-        "targets": (["onnx"], lambda v: isinstance(v, list) and len(set(v)) == len(v)
-                    and all(t in _TARGETS for t in v),
+        "targets": (["onnx"], lambda v: isinstance(v, list)
+                    and all(isinstance(t, str) and t in _TARGETS for t in v)
+                    and len(set(v)) == len(v),
                     "a list of distinct formats from " + ", ".join(_TARGETS)
                     + " ([] to stop after training)"),
         "verify": (True, lambda v: isinstance(v, bool), "true or false"),
@@ -221,16 +222,34 @@ def validate(raw: dict[str, Any], fast: bool = False) -> dict[str, Any]:
         raise PipelineError(f"version: {version!r} is not supported; this quantaware reads "
                             "version 1")
     overrides = raw.pop("fast", None)
-    checked = _check(SCHEMA, raw, "")
+    checked = _check_litert(_check(SCHEMA, raw, ""))
     if overrides is None:
         return checked
     if not isinstance(overrides, dict):
         raise PipelineError("fast: expected a mapping with the same sections as the file")
     try:
-        merged = _check(SCHEMA, _merge(raw, overrides), "")
+        merged = _check_litert(_check(SCHEMA, _merge(raw, overrides), ""))
     except PipelineError as exc:
         raise PipelineError(f"fast: {exc}") from exc
     return merged if fast else checked
+
+
+def _check_litert(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A pipeline that deploys to LiteRT needs presets with a full-integer LiteRT form:
+    refused here, before hours of training, not at the last step."""
+    if "tflite" not in cfg["deploy"]["targets"] and cfg["quantization"]["target"] != "litert":
+        return cfg
+    from quantaware import presets
+    from quantaware.export.tflite import litert_problem
+
+    qat_preset = (cfg["qat"] or {}).get("preset")
+    for key, name in (("quantization.preset", cfg["quantization"]["preset"]),
+                      ("qat.preset", qat_preset)):
+        problem = None if name is None else litert_problem(presets.get(name))
+        if problem is not None:
+            raise PipelineError(f"{key}: {problem} (deploy.targets lists tflite or "
+                                "quantization.target is litert)")
+    return cfg
 
 
 def load_pipeline(path: str | os.PathLike, fast: bool = False) -> dict[str, Any]:

@@ -415,13 +415,20 @@ def run_quantize(model: LoadedModel, calib: DataSource, out: str | Path,
     if runtime == "litert":  # before calibrating: the export and the runtime are extras
         from quantaware.backends import _import_litert
         from quantaware.export.tflite import _import_litert as _import_converter
+        from quantaware.export.tflite import litert_problem
 
         _import_converter()
         _import_litert()
+        problem = litert_problem(choose_config(model.require_torch("quantization"), preset,
+                                               method))
+        if problem is not None:
+            raise SourceError(f"--target litert: {problem}")
     out = Path(out)
     # results.json is written last and describes the files beside it: a run stopped part
     # way leaves none, rather than an earlier run's that no longer matches the files.
-    for stale in ("results.json", "report.html", "report.md"):
+    other = "onnx" if suffix == "tflite" else "tflite"  # files of a run for the other target
+    for stale in ("results.json", "report.html", "report.md", f"model-fp32.{other}",
+                  f"model-int8.{other}"):
         (out / stale).unlink(missing_ok=True)
     say = progress or (lambda _msg: None)
     say(f"calibrating on {calib.num_samples} samples from {calib.name}")

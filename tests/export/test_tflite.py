@@ -196,6 +196,32 @@ def test_average_pooling_is_integer_and_exact(litert, tmp_path, pool):
     assert report.max_error_lsb == 0.0 and report.first_divergent_layer is None, str(report)
 
 
+@pytest.mark.parametrize("pool", [nn.AvgPool1d(2), nn.AvgPool1d(3, 2)], ids=["2", "3-stride-2"])
+def test_1d_average_pooling_is_integer_and_exact(litert, tmp_path, pool):
+    """A Conv1d network's average pool: the converter moves the pool's input onto the
+    pool's grid, then averages int8 codes (as a float pool between quantized convs it
+    was 2 LSB off)."""
+    from quantaware.export.tflite import tflite_ops
+    from quantaware.nn import QuantAvgPool1d
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv1d(1, 16, 5, padding=2), nn.BatchNorm1d(16), nn.ReLU(), pool,
+                        nn.Conv1d(16, 8, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                        nn.LazyLinear(10))
+    net(torch.zeros(1, 1, 40))
+    net.eval()
+    gen = torch.Generator().manual_seed(0)
+    calib = [torch.randn(32, 1, 40, generator=gen) for _ in range(2)]
+    q, path, report = _round_trip(net, calib, [torch.randn(64, 1, 40, generator=gen)],
+                                  tmp_path / "pool1d.tflite")
+    assert any(isinstance(m, QuantAvgPool1d) for m in q.modules())
+    ops = tflite_ops(path)
+    assert ("AVERAGE_POOL_2D", ["int8"]) in ops
+    assert all("float32" not in d for n, d in ops if n not in _INTERFACE), ops
+    assert report.fake_quant_layers == 0, str(report)
+    assert report.max_error_lsb == 0.0 and report.first_divergent_layer is None, str(report)
+
+
 def test_upsampling_is_integer_and_exact(litert, upsampling_int8, tmp_path):
     """LiteRT resizes int8 codes: RESIZE_NEAREST_NEIGHBOR copies them; for
     RESIZE_BILINEAR the converter has the layer before write onto the resize's grid
@@ -365,7 +391,8 @@ def test_a_batch_runs_as_invocations_of_the_files_batch(int8_tflite, fresh_data)
 
 
 @pytest.mark.parametrize("preset,match", [("INT8_DYNAMIC", "dynamic activation"),
-                                          ("W4A4", "only 8-bit activations")])
+                                          ("W4A4", "only 8-bit activations"),
+                                          ("FP16", "float16 weights have no LiteRT")])
 def test_configs_without_an_integer_litert_form_are_refused(litert, preset, match, float_model,
                                                             calib_data, example_input,
                                                             tmp_path):

@@ -137,8 +137,10 @@ def print_verify(con: Any, label: str, verify: dict[str, Any]) -> None:
     from quantaware.backends import RUNTIME_NAMES
 
     runtime = RUNTIME_NAMES.get(verify.get("backend", ""), "ONNX Runtime")
+    error = (f"max error {verify['max_error_lsb']} LSB" if verify["max_error_lsb"] is not None
+             else f"max abs error {verify['max_abs_error']:.3g} (float output)")
     con.print(f"{label}: {runtime} vs torch top-1 {100 * verify['top1_agreement']:.2f}%, "
-              f"max error {verify['max_error_lsb']} LSB -> "
+              f"cosine {verify['cosine']:.5f}, {error} -> "
               f"{'PASS' if verify['passed'] else 'CHECK'}")
 
 

@@ -70,7 +70,12 @@ from quantaware.nn.base import QuantMixin
 from quantaware.nn.conv import _QuantConvNd, _QuantConvTransposeNd
 from quantaware.nn.functional import QuantAdd, QuantCat, QuantMatmul
 from quantaware.nn.linear import QuantLinear
-from quantaware.nn.pool import QuantAdaptiveAvgPool2d, QuantAvgPool2d, ceil_mode_matters
+from quantaware.nn.pool import (
+    QuantAdaptiveAvgPool2d,
+    QuantAvgPool1d,
+    QuantAvgPool2d,
+    ceil_mode_matters,
+)
 from quantaware.nn.resize import NEAREST_MODES, QuantUpsample
 from quantaware.nn.weighted import BIAS_QMAX, BIAS_QMIN, WeightQuantMixin
 from quantaware.prepare import MIXED_INPUT_GRIDS
@@ -407,16 +412,21 @@ def _xnnpack_concatenation_forward(module: QuantCat, qps: list[_QParams],
     return forward
 
 
-def _litert_avg_pool_forward(module: QuantAvgPool2d, qin: _QParams, qout: _QParams,
-                             input_size: tuple[int, ...] | None = None):
+def _litert_avg_pool_forward(module: QuantAvgPool2d | QuantAvgPool1d, qin: _QParams,
+                             qout: _QParams, input_size: tuple[int, ...] | None = None):
     """LiteRT's int8 AVERAGE_POOL_2D (TFLite's kernel: XNNPACK has no int8 average
     pooling) keeps the input's grid: the sum of the window's int8 codes divided by
     the number of values averaged, rounding half away from zero. When the pool's
     own grid differs, a QUANTIZE (:class:`_Requantize`) moves the result onto it.
     A ``ceil_mode`` pool is emulated where no window hangs over the traced input
-    (``input_size``): :func:`quantaware.export_tflite` writes it in floor mode."""
-    if module.divisor_override:
+    (``input_size``): :func:`quantaware.export_tflite` writes it in floor mode. A 1-d
+    pool is a pool over ``(1, L)`` whose input the converter moves onto the pool's
+    grid before averaging."""
+    if getattr(module, "divisor_override", None):
         return "average pooling with divisor_override"
+    one_d = isinstance(module, QuantAvgPool1d)
+    if one_d and (module.padding[0] or module.ceil_mode):
+        return "1-d average pooling with padding or ceil_mode"
     ceil_mode = bool(module.ceil_mode)
     if ceil_mode and input_size is None:
         return "average pooling with ceil_mode on an input of unknown size"
@@ -432,6 +442,8 @@ def _litert_avg_pool_forward(module: QuantAvgPool2d, qin: _QParams, qout: _QPara
         return f"output: {step}"
     kernel, stride, padding = module.kernel_size, module.stride or module.kernel_size, \
         module.padding
+    if one_d:
+        kernel, stride, padding = (1, kernel[0]), (1, stride[0]), 0
     kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
     count = kh * kw
     zi = int8_code(qin.zero_point, qin.qmin)
@@ -443,7 +455,14 @@ def _litert_avg_pool_forward(module: QuantAvgPool2d, qin: _QParams, qout: _QPara
                 f"whose windows all lie on the input, as the traced {tuple(input_size)} "
                 f"does; {tuple(x.shape)} has a window hanging over it (a LiteRT file's "
                 f"input size is the example's: feed inputs of that size)")
-        code = _int8_codes(qin, self._quantize_input(x)).to(_F64)
+        code = _int8_codes(qin, self._quantize_input(x))
+        if one_d and step is not None:
+            # The converter requantizes a 1-d pool's input onto the pool's grid first
+            # (its QUANTIZE sits before the pool, between the layout transposes).
+            code = step(code)
+        code = code.to(_F64)
+        if one_d:
+            code = code.unsqueeze(-2)
         if padding:  # an explicit pad with the zero point's code (export_tflite's form)
             ph, pw = (padding, padding) if isinstance(padding, int) else padding
             code = F.pad(code, (pw, pw, ph, ph), value=float(zi))
@@ -451,6 +470,9 @@ def _litert_avg_pool_forward(module: QuantAvgPool2d, qin: _QParams, qout: _QPara
         # C integer division of (sum +- count / 2): half away from zero.
         out = torch.sign(total) * torch.floor((total.abs() + count // 2) / count)
         out = out.to(torch.int64).clamp(-128, 127)
+        if one_d:
+            out = out.squeeze(-2)
+            return self._finish(_from_int8_codes(qin if step is None else qout, out))
         if step is not None:
             return self._finish(_from_int8_codes(qout, step(out)))
         return self._finish(_from_int8_codes(qin, out))
@@ -707,8 +729,8 @@ def _plan(module: nn.Module, kernels: str = "onnxruntime",
                     return f"output: {qps[-1]}"
             return _xnnpack_add_forward(module, *qps, own_output=onto is None)
         return _add_forward(module, *qps)
-    if isinstance(module, QuantAdaptiveAvgPool2d) or (isinstance(module, QuantAvgPool2d)
-                                                       and kernels == "litert"):
+    if isinstance(module, QuantAdaptiveAvgPool2d) or (
+            isinstance(module, QuantAvgPool2d | QuantAvgPool1d) and kernels == "litert"):
         qin, qout = _static_qparams(module.input_source), _static_qparams(module.output_quantizer)
         if isinstance(module, QuantAdaptiveAvgPool2d) and module.output_size not in (1, (1, 1)):
             return "adaptive average pooling to more than 1x1"
@@ -718,7 +740,7 @@ def _plan(module: nn.Module, kernels: str = "onnxruntime",
         blocker = _activation_blocker(module, qout)
         if blocker is not None:
             return blocker
-        if isinstance(module, QuantAvgPool2d):
+        if isinstance(module, QuantAvgPool2d | QuantAvgPool1d):
             return _litert_avg_pool_forward(module, qin, qout, input_size)
         return _global_pool_forward(module, qin, qout)
     if isinstance(module, QuantUpsample):

@@ -50,7 +50,7 @@ from quantaware.export.onnx import ExportError, _export_copy, _quiet_logger
 from quantaware.nn.pool import ceil_mode_matters
 from quantaware.primitives import dequantize
 
-__all__ = ["export_tflite", "output_scale", "output_scales", "tflite_ops"]
+__all__ = ["export_tflite", "litert_problem", "output_scale", "output_scales", "tflite_ops"]
 
 log = logging.getLogger(__name__)
 
@@ -300,6 +300,47 @@ class _Rewriter:
 def _aten_name(target: Any) -> str | None:
     name = getattr(target, "__name__", "")  # e.g. "max_pool2d.default"
     return name.split(".")[0] if getattr(target, "namespace", None) == "aten" else None
+
+
+def litert_problem(config: Any) -> str | None:
+    """Why a model quantized with ``config`` (a :class:`~quantaware.QuantConfig`) has
+    no full-integer LiteRT file, or ``None``: checked before any calibration, so a
+    workflow that ends in LiteRT fails at once rather than at its export.
+
+    Example:
+        >>> from quantaware import presets
+        >>> litert_problem(presets.INT8) is None, litert_problem(presets.W4A8) is None
+        (True, True)
+        >>> print(litert_problem(presets.W4A4))  # doctest: +ELLIPSIS
+        W4A4: 4-bit activations have no LiteRT form: ... (INT8, W4A8) for LiteRT, or export to ONNX
+    """
+    from quantaware.config import FloatSpec, QuantSpec
+
+    if isinstance(config.weight, FloatSpec):
+        return (f"{config.name}: float16 weights have no LiteRT integer form (the file "
+                "would hold float32); quantize to INT8 or W4A8 for LiteRT, or export the "
+                "FP16 model to ONNX")
+    specs = [("", config.weight, config.activation)]
+    specs += [(f" (rule {rule.pattern!r})", rule.weight, rule.activation)
+              for rule in config.overrides if not rule.skip]
+    for where, weight, activation in specs:
+        if isinstance(activation, QuantSpec) and activation.dynamic:
+            return (f"{config.name}{where}: dynamic activation quantization has no "
+                    "full-integer LiteRT form; quantize with a static preset (INT8, W4A8) "
+                    "for LiteRT")
+        if isinstance(activation, QuantSpec) and activation.bits != 8:
+            return (f"{config.name}{where}: {activation.bits}-bit activations have no "
+                    "LiteRT form: its integer kernels saturate at the int8 limits, so only "
+                    "8-bit activations keep their meaning; quantize activations to 8 bits "
+                    "(INT8, W4A8) for LiteRT, or export to ONNX")
+        if isinstance(weight, QuantSpec) and weight.bits > 8:
+            return (f"{config.name}{where}: {weight.bits}-bit weights have no LiteRT "
+                    "integer kernel; use weights of 8 bits or fewer")
+        if isinstance(weight, QuantSpec) and not (weight.symmetric and weight.signed):
+            return (f"{config.name}{where}: LiteRT's integer kernels need signed symmetric "
+                    "weights (zero point 0); use a symmetric, signed weight spec (as in "
+                    "INT8)")
+    return None
 
 
 def _int8_grid(zero_point: int, qmin: int, qmax: int) -> tuple[int, int, int]:
@@ -608,6 +649,10 @@ def export_tflite(
     path = Path(path)
     litert_torch, quant_config, _ = _import_litert()
     quantized = _has_quantizers(model)
+    config = getattr(model, "quantaware_config", None)  # FP16 models have no FakeQuantizer
+    problem = litert_problem(config) if config is not None else None
+    if problem is not None:
+        raise ExportError(problem)
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
                 contextlib.redirect_stderr(io.StringIO()), _quiet_logger("root"):

@@ -10,7 +10,7 @@ from quantaware.nn.conv_bn import ConvBn1d, ConvBn2d, QuantConvBn1d, QuantConvBn
 from quantaware.nn.embedding import QuantEmbedding
 from quantaware.nn.functional import QuantAdd, QuantCat, QuantMatmul
 from quantaware.nn.linear import QuantLinear
-from quantaware.nn.pool import QuantAdaptiveAvgPool2d, QuantAvgPool2d
+from quantaware.nn.pool import QuantAdaptiveAvgPool2d, QuantAvgPool1d, QuantAvgPool2d
 from quantaware.nn.registry import quantized_type, register, supported_types
 from quantaware.nn.resize import QuantUpsample
 
@@ -19,6 +19,7 @@ __all__ = [
     "ConvBn2d",
     "QuantAdaptiveAvgPool2d",
     "QuantAdd",
+    "QuantAvgPool1d",
     "QuantAvgPool2d",
     "QuantCat",
     "QuantConv1d",

@@ -91,3 +91,15 @@ class QuantAvgPool2d(_QuantPool, nn.AvgPool2d):
 
     _ARGS = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
              "divisor_override")
+
+
+@register(nn.AvgPool1d)
+class QuantAvgPool1d(_QuantPool, nn.AvgPool1d):
+    """Quantized ``nn.AvgPool1d``.
+
+    Example:
+        >>> QuantAvgPool1d.from_float(nn.AvgPool1d(2), None, None).kernel_size
+        (2,)
+    """
+
+    _ARGS = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad")
