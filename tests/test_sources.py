@@ -664,7 +664,7 @@ def test_a_weights_file_given_as_the_model_says_how_to_load_it(tmp_path):
     with pytest.raises(SourceError, match=r"is a file, not a model source.*--weights"):
         load_model(str(path))
     (tmp_path / "model.tflite").write_bytes(b"TFL3")
-    with pytest.raises(SourceError, match=r"is a LiteRT file: give the ONNX file"):
+    with pytest.raises(SourceError, match=r"is a LiteRT file: give the torch model .* evaluate"):
         load_model(str(tmp_path / "model.tflite"))
 
 

@@ -348,6 +348,9 @@ class LiteRTSession:
                 raise FileNotFoundError(f"LiteRT model {str(model)!r} does not exist "
                                         "(or is not a file)")
             model = Path(model).read_bytes()
+        if not model:
+            raise OnnxModelError("the LiteRT model is empty (0 bytes); export it again with "
+                                 "quantaware export --format tflite")
         try:
             self._interpreter = interpreter.Interpreter(
                 model_content=model, num_threads=_check_threads(threads))

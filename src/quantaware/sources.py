@@ -298,9 +298,9 @@ def load_model(spec: str, weights: str | os.PathLike | None = None) -> LoadedMod
     if ":" not in spec:
         if path.is_file() and path.suffix.lower() == ".tflite":
             raise SourceError(
-                f"{spec!r} is a LiteRT file: give the ONNX file or the torch model it was "
-                "exported from (MODULE:FUNCTION); LiteRT files are checked with `quantaware "
-                "verify --backend litert`")
+                f"{spec!r} is a LiteRT file: give the torch model it was exported from "
+                "(MODULE:FUNCTION) as --model; a LiteRT file runs as `quantaware evaluate "
+                "--quantized FILE.tflite` (beside the torch model exported to LiteRT)")
         if path.is_file():
             raise SourceError(
                 f"{spec!r} is a file, not a model source: give MODULE:FUNCTION (or "

@@ -170,7 +170,7 @@ def test_quantize_and_evaluate_in_litert(quantized, tmp_path):
     assert "exporting the float model to LiteRT" in stderr
     assert "model-int8.tflite in LiteRT on 5 samples" in " ".join(stdout.split())
     result = json.loads((tmp_path / "r.json").read_text())
-    assert result["backend"] == "litert"
+    assert result["backend"] == "litert" and result["models"][0]["path"] is None
     fp32, q = result["models"]
     assert fp32["accuracy"] == pytest.approx(torch_accuracy(quantized))
     assert q["accuracy"] == before["evaluation"]["models"][1]["accuracy"]
@@ -181,8 +181,12 @@ def test_quantize_and_evaluate_in_litert(quantized, tmp_path):
     code, _, stderr = evaluate(quantized, *data, int8=int8)  # the float model is ONNX
     assert code == 2 and "pass the torch model as --model" in stderr
     (tmp_path / "bad.tflite").write_bytes(b"not a flatbuffer")
-    code, _, stderr = evaluate(quantized, *data, model=MODEL, int8=str(tmp_path / "bad.tflite"))
-    assert code == 2 and "is not a loadable LiteRT model" in stderr
+    (tmp_path / "empty.tflite").write_bytes(b"")
+    for bad, message in (("bad.tflite", "is not a loadable LiteRT model"),
+                         ("empty.tflite", "the LiteRT model is empty (0 bytes)")):
+        code, _, stderr = evaluate(quantized, *data, model=MODEL, int8=str(tmp_path / bad))
+        assert code == 2 and message in stderr
+        assert "exporting the float model" not in stderr  # refused before any work
 
 
 def test_evaluate_unlabelled_photos(quantized, tmp_path):

@@ -190,3 +190,11 @@ def test_parser_rejects_unknown_format_and_missing_out(user, tmp_path):
         with pytest.raises(SystemExit) as exc:
             main(["export", *user["model"], "--input-shape", "3,8,8", *extra])
         assert exc.value.code == 2
+
+
+@pytest.mark.parametrize("fmt, name", [("tflite", "m.onnx"), ("onnx", "m.tflite")])
+def test_out_suffix_of_the_other_format_is_refused(user, tmp_path, fmt, name):
+    code, _, stderr = run_cli(["export", *user["model"], "--input-shape", "3,8,8",
+                               "--format", fmt, "--out", str(tmp_path / name)])
+    assert code == 2 and f"a {fmt} file is written; name it m.{fmt}" in stderr
+    assert not list(tmp_path.iterdir())

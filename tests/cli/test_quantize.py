@@ -328,8 +328,8 @@ def test_quantize_for_litert_keeps_the_linear_before_gelu_integer(tmp_path):
     from quantaware.export.tflite import tflite_ops
 
     fcs, results = {}, {}
+    out = tmp_path / "out"  # one folder: the litert run replaces the ONNX Runtime run's files
     for target in ("onnxruntime", "litert"):
-        out = tmp_path / target
         code, stdout, stderr = run_cli([
             "quantize", "--model", "tests.cli._tiny:gelu_mlp", "--data", "tests.cli._tiny:batches",
             "--num-calib", "128", "--num-eval", "64", "--threads", "1", "--target", target,
@@ -347,9 +347,9 @@ def test_quantize_for_litert_keeps_the_linear_before_gelu_integer(tmp_path):
             code, _, stderr = run_cli([
                 "export", "--model", "tests.cli._tiny:gelu_mlp", "--input-shape", "1,16",
                 "--quantized", str(out / "model-int8.pt"), "--format", "tflite",
-                "--out", str(out / "m.tflite")])
+                "--out", str(tmp_path / "m.tflite")])
             assert code == 0, stderr
-            path = out / "m.tflite"
+            path = tmp_path / "m.tflite"
         fcs[target] = [d[0] for name, d in tflite_ops(path) if name == "FULLY_CONNECTED"]
     assert fcs == {"onnxruntime": ["float32", "int8"], "litert": ["int8", "int8"]}
     litert = results["litert"]

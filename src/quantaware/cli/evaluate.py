@@ -57,6 +57,15 @@ def run(args: argparse.Namespace) -> int:
                          f"{args.quantized!r} is {'a .tflite' if tflite else 'not a .tflite'} "
                          f"file (use --backend {'litert' if tflite else 'onnxruntime'})")
     suffix = "tflite" if tflite else "onnx"
+    try:  # the quantized file first: a bad one is reported before the float model runs
+        from quantaware.backends import create_backend_session
+
+        create_backend_session(args.quantized, backend, threads=args.threads)
+    except (ImportError, FileNotFoundError):
+        raise
+    except Exception as exc:  # each runtime raises its own types
+        kind = "LiteRT" if tflite else "ONNX"
+        raise UsageError(f"{args.quantized!r} is not a loadable {kind} model: {exc}") from exc
     con = common.console()
     with common.status(con, f"loading {args.model}") as say, \
             tempfile.TemporaryDirectory() as tmp:
@@ -80,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
         except SourceError as exc:
             raise UsageError(str(exc)) from exc
     result["float_model"] = model.name
+    if not model.is_onnx:  # exported to a temporary file for the comparison
+        result["models"][0]["path"] = None
     common.print_table(con, f"{model.name} vs {Path(args.quantized).name} in "
                        f"{RUNTIME_NAMES[backend]} on "
                        f"{result['samples']} samples of {result['data']}",

@@ -50,6 +50,11 @@ def run(args: argparse.Namespace) -> int:
     if (args.data is None) == (args.input_shape is None):
         raise UsageError("give exactly one of --data (one sample is the example input) and "
                          "--input-shape")
+    suffix = Path(args.out).suffix.lower()
+    if suffix in (".onnx", ".tflite") and suffix != f".{args.format}":
+        raise UsageError(f"--out {args.out}: a {args.format} file is written; name it "
+                         f"{Path(args.out).with_suffix('.' + args.format).name} (or give "
+                         f"--format {suffix[1:]})")
     con = common.console()
     model = common.load_model(args)
     try:
