@@ -462,12 +462,15 @@ def run_quantize(model: LoadedModel, calib: DataSource, out: str | Path,
         from quantaware.report import histograms_from_model, write_report
 
         say("writing the report")
+        from quantaware.backends import RUNTIME_NAMES
+
+        runtime_name = RUNTIME_NAMES[runtime]
         rows = [{"variant": r["model"], "size_bytes": r["size_bytes"],
                  **({"accuracy": r["accuracy"]} if "accuracy" in r else
                     {"agreement": r.get("top1_agreement", 100.0)})}
                 for r in comparison["models"]]
         path = write_report(out / "report.html", {
-            "title": f"quantaware: {model.name} ({config.name})", "rows": rows,
+            "title": f"quantaware: {model.name} ({config.name}, {runtime_name})", "rows": rows,
             "histograms": histograms_from_model(quantized, limit=12)})
         results["files"]["report"] = str(path)
         results["files"]["report_summary"] = str(path.with_suffix(".md"))

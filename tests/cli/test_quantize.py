@@ -156,7 +156,7 @@ def test_report_for_a_text_model(bert_run):
     assert bert_run["results"]["files"]["report"] == str(out / "report.html")
     assert f"report: {out / 'report.html'}" in bert_run["stdout"]
     html = (out / "report.html").read_text()
-    assert f"{out.parent / 'tiny-bert'} (INT8_TRANSFORMER)" in html
+    assert f"{out.parent / 'tiny-bert'} (INT8_TRANSFORMER, ONNX Runtime)" in html
     assert "FP32" in html and "INT8" in html and "<img" in html
 
 
