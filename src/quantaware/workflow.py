@@ -181,7 +181,7 @@ def load_quantized(path: str | Path, model: LoadedModel, example: Any) -> nn.Mod
     return prepared.eval()
 
 
-# -- evaluation in ONNX Runtime ------------------------------------------------------
+# -- evaluation in the target runtime ---------------------------------------------
 
 
 def _feed(session: Any, inputs: Any,
