@@ -358,7 +358,8 @@ class LiteRTSession:
         except (ValueError, RuntimeError) as exc:
             raise OnnxModelError(
                 f"LiteRT cannot load this model: {exc}. Check that it is a complete .tflite "
-                "file (quantaware export --format tflite writes one)") from exc
+                "file (quantaware export --format tflite writes one) and that LiteRT's CPU "
+                "kernels run every op in it") from exc
         self._in = [_LiteRTTensor.of(d) for d in self._interpreter.get_input_details()]
         self._out = [_LiteRTTensor.of(d) for d in self._interpreter.get_output_details()]
         self._input_names = frozenset(t.name for t in self._in)

@@ -48,7 +48,7 @@ from quantaware.fake_quant import FakeQuantizer
 from quantaware.fusion import can_fold, fold_bn
 from quantaware.nn.attention import _batched, _unbatched_like, make_traceable
 from quantaware.nn.base import ChannelClip, QuantMixin
-from quantaware.nn.conv import _QuantConvNd
+from quantaware.nn.conv import _QuantConvNd, _QuantConvTransposeNd
 from quantaware.nn.functional import QuantAdd, QuantCat, QuantMatmul, _MultiInputQuant
 from quantaware.nn.pool import QuantAdaptiveAvgPool2d, QuantAvgPool2d
 from quantaware.nn.registry import quantized_type, supported_types
@@ -195,8 +195,9 @@ def _kept_float(name: str, module: nn.Module, weight_spec: Any) -> bool:
             and isinstance(weight_spec.granularity, PerChannel)):
         log.warning("%s (%s, groups=%d) stays float: per-channel weight scales of a grouped "
                     "transposed conv are not supported; quantize it with per-tensor weights "
-                    "(LayerOverride(%r, weight=...PerTensor()))", name,
-                    type(module).__name__, module.groups, name)
+                    "(LayerOverride(%r, weight=...PerTensor())) for ONNX Runtime and "
+                    "OpenVINO (LiteRT runs grouped transposed convs in float32 either way)",
+                    name, type(module).__name__, module.groups, name)
         return True
     return False
 
@@ -473,7 +474,7 @@ def _drop_unused_output_quantizers(gm: fx.GraphModule,
         elif (isinstance(module, QuantMixin)
               and isinstance(module.output_quantizer, FakeQuantizer)
               and id(module.output_quantizer) not in used
-              and not isinstance(module, _QuantConvNd | QuantCat)
+              and not isinstance(module, _QuantConvNd | _QuantConvTransposeNd | QuantCat)
               and not (node.op == "call_module" and config.integer_output(node.target))):
             # A conv keeps its output quantizer: backends run a conv as an integer
             # kernel only when its output is quantized (ONNX Runtime has no int8 conv

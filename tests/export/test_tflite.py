@@ -12,6 +12,7 @@ from torch import nn
 
 import quantaware
 from quantaware import presets
+from quantaware.config import PerTensor, QuantSpec
 from quantaware.export.onnx import ExportError
 from quantaware.fake_quant import FakeQuantizer
 
@@ -196,30 +197,35 @@ def test_average_pooling_is_integer_and_exact(litert, tmp_path, pool):
     assert report.max_error_lsb == 0.0 and report.first_divergent_layer is None, str(report)
 
 
-@pytest.mark.parametrize("pool", [nn.AvgPool1d(2), nn.AvgPool1d(3, 2)], ids=["2", "3-stride-2"])
-def test_1d_average_pooling_is_integer_and_exact(litert, tmp_path, pool):
-    """A Conv1d network's average pool: the converter moves the pool's input onto the
-    pool's grid, then averages int8 codes (as a float pool between quantized convs it
-    was 2 LSB off)."""
+@pytest.mark.parametrize("pool", [nn.AvgPool1d(2), nn.AvgPool1d(3, 2), nn.AvgPool1d(3, 2, 1)],
+                         ids=["2", "3-stride-2", "3-stride-2-pad-1"])
+@pytest.mark.parametrize("last", [False, True], ids=["inner", "last"])
+def test_1d_average_pooling_is_integer_and_exact(litert, tmp_path, pool, last):
+    """A Conv1d network's average pool is written as the 2-d pool over (1, L): LiteRT
+    averages int8 codes on the input's grid, then requantizes onto the pool's grid.
+    (Lowered as a 1-d pool, the converter requantized the input onto the pool's
+    narrower grid before averaging: clipped, 6-40 LSB off the model as the last
+    layer, which an emulation of that file could not tell.)"""
     from quantaware.export.tflite import tflite_ops
     from quantaware.nn import QuantAvgPool1d
 
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv1d(1, 16, 5, padding=2), nn.BatchNorm1d(16), nn.ReLU(), pool,
-                        nn.Conv1d(16, 8, 3, padding=1), nn.ReLU(), nn.Flatten(),
-                        nn.LazyLinear(10))
-    net(torch.zeros(1, 1, 40))
-    net.eval()
+    layers = [nn.Conv1d(1, 16, 5, padding=2), nn.BatchNorm1d(16), nn.ReLU(), pool]
+    if not last:
+        layers += [nn.Conv1d(16, 8, 3, padding=1), nn.ReLU()]
+    net = nn.Sequential(*layers).eval()
     gen = torch.Generator().manual_seed(0)
     calib = [torch.randn(32, 1, 40, generator=gen) for _ in range(2)]
     q, path, report = _round_trip(net, calib, [torch.randn(64, 1, 40, generator=gen)],
                                   tmp_path / "pool1d.tflite")
     assert any(isinstance(m, QuantAvgPool1d) for m in q.modules())
     ops = tflite_ops(path)
-    assert ("AVERAGE_POOL_2D", ["int8"]) in ops
+    names = [n for n, _ in ops]
+    assert names.index("AVERAGE_POOL_2D") < names.index("QUANTIZE", 1)  # pool, then requantize
     assert all("float32" not in d for n, d in ops if n not in _INTERFACE), ops
     assert report.fake_quant_layers == 0, str(report)
     assert report.max_error_lsb == 0.0 and report.first_divergent_layer is None, str(report)
+    assert report.fake_quant_cosine > 0.999, str(report)  # the model's values, unclipped
 
 
 def test_upsampling_is_integer_and_exact(litert, upsampling_int8, tmp_path):
@@ -779,3 +785,58 @@ def test_transposed_conv_weights_the_converter_requantizes_are_named_and_emulate
     assert "8 of 8 output channels of up have codes below 127" in caplog.text
     assert report.integer_layers == 4 and report.max_error_lsb == 0.0, str(report)
     assert report.first_divergent_layer is None, str(report)
+
+
+class _SizedUp(nn.Module):
+    """A transposed conv called with ``output_size``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = nn.Conv2d(3, 8, 3, padding=1)
+        self.up = nn.ConvTranspose2d(8, 4, 4, stride=2, padding=1)
+        self.h = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.up(torch.relu(self.c(x)), output_size=[2 * x.shape[-2], 2 * x.shape[-1]])
+        return self.h(torch.relu(y))
+
+
+def _up(after: nn.Module, bias: bool = True, groups: int = 1) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+                         nn.ConvTranspose2d(8, 8, 4, 2, 1, bias=bias, groups=groups), after,
+                         nn.Conv2d(8, 2, 1))
+
+
+_PER_TENSOR = presets.INT8.with_overrides(quantaware.LayerOverride("2", weight=QuantSpec(
+    bits=8, narrow_range=True, granularity=PerTensor())))
+
+
+@pytest.mark.parametrize("make, config, integer", [
+    (lambda: _up(nn.ReLU(), bias=False), presets.INT8, True),
+    (lambda: _up(nn.ReLU6()), presets.INT8, True),
+    (lambda: _up(nn.LeakyReLU(0.1)), presets.INT8, True),
+    (_SizedUp, presets.INT8, True),
+    (lambda: _up(nn.ReLU()), _PER_TENSOR, True),
+    (lambda: _up(nn.ReLU(), groups=2), _PER_TENSOR, False),
+], ids=["no-bias-relu", "relu6", "leaky-relu", "output-size", "per-tensor", "grouped"])
+def test_transposed_conv_forms_run_as_litert_verifies_them(litert, tmp_path, caplog, make,
+                                                           config, integer):
+    """No bias, a ReLU6 the output grid applies, a float activation after it, an
+    output_size and per-tensor weights: int8 TRANSPOSE_CONV, exact. A grouped one runs
+    in float32 (the converter splits it): the export says so and verify compares it
+    with the fake-quant layer instead of counting it integer."""
+    from quantaware.export.tflite import tflite_ops
+
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    calib = [torch.randn(8, 3, 8, 8, generator=gen) for _ in range(3)]
+    with caplog.at_level("WARNING", logger="quantaware.export.tflite"):
+        _, path, report = _round_trip(make().eval(), calib, calib, tmp_path / "up.tflite",
+                                      config)
+    floats = [n for n, d in tflite_ops(path) if n not in _INTERFACE and "float32" in d]
+    assert report.passed() and report.max_error_lsb <= 1.0, str(report)
+    if integer:
+        assert floats == [] and report.fake_quant_layers == 0, (floats, str(report))
+    else:
+        assert "TRANSPOSE_CONV" in floats and report.fake_quant_layers == 1, str(report)
+        assert "LiteRT runs 2 in float32: it is a grouped transposed conv" in caplog.text

@@ -218,12 +218,11 @@ def _converter_params(module: WeightQuantMixin, qin: _QParams) -> tuple[
     axis = module.weight_axis
     shape = [1] * qweight.dim()
     shape[axis] = -1
-    per_channel = w_scale.dim() == 1
-    weight = qweight.to(_F32) * (w_scale.reshape(shape) if per_channel else w_scale)
-    other = [d for d in range(weight.dim()) if d != axis]
-    peak = weight.abs().amax(dim=other) if per_channel else weight.abs().amax()
-    scale = torch.where(peak > 0, peak / 127, w_scale.to(_F32))
-    codes = weight / (scale.reshape(shape) if per_channel else scale)
+    weight = qweight.to(_F32) * (w_scale.reshape(shape) if w_scale.dim() else w_scale)
+    # Per output channel even where the model's weights are per-tensor.
+    peak = weight.abs().amax(dim=[d for d in range(weight.dim()) if d != axis])
+    scale = torch.where(peak > 0, peak / 127, w_scale.to(_F32).expand_as(peak))
+    codes = weight / scale.reshape(shape)
     codes = (codes.sign() * (codes.abs() + 0.5).floor()).clamp_(-127, 127).to(_F64)
     if qbias is not None:
         bias_scale = (qin.scale * scale).to(_F64)
@@ -250,15 +249,15 @@ def _weighted_forward(module: WeightQuantMixin, qin: _QParams, qout: _QParams,
     qweight32 = qweight.to(_F32)
     channel = [-1] + [1] * (qweight.dim() - 2) if conv else [-1]
 
-    def forward(self, x: torch.Tensor, *args: Any) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         x = self._quantize_input(x)
         codes = qin.codes(x)
         if exact32:
-            acc = apply(codes, qweight32, None, *args)
+            acc = apply(codes, qweight32, None, *args, **kwargs)
             if qbias is not None:
                 acc = (acc.to(_F64) + qbias.reshape(channel)).to(_F32)
         else:
-            acc = apply(codes.to(_F64), qweight, qbias, *args).to(_F32)
+            acc = apply(codes.to(_F64), qweight, qbias, *args, **kwargs).to(_F32)
         y = qout.output(acc.mul_(multiplier.reshape(channel) if conv else multiplier))
         return self.output_quantizer(y) if own_output else y
 
@@ -420,50 +419,45 @@ def _litert_avg_pool_forward(module: QuantAvgPool2d | QuantAvgPool1d, qin: _QPar
     own grid differs, a QUANTIZE (:class:`_Requantize`) moves the result onto it.
     A ``ceil_mode`` pool is emulated where no window hangs over the traced input
     (``input_size``): :func:`quantaware.export_tflite` writes it in floor mode. A 1-d
-    pool is a pool over ``(1, L)`` whose input the converter moves onto the pool's
-    grid before averaging."""
+    pool is the 2-d pool over ``(1, L)`` that :func:`quantaware.export_tflite`
+    writes."""
     if getattr(module, "divisor_override", None):
         return "average pooling with divisor_override"
+    kernel, stride, padding = module.kernel_size, module.stride or module.kernel_size, \
+        module.padding
     one_d = isinstance(module, QuantAvgPool1d)
-    if one_d and (module.padding[0] or module.ceil_mode):
-        return "1-d average pooling with padding or ceil_mode"
+    if one_d:
+        kernel, stride, padding = (1, kernel[0]), (1, stride[0]), (0, padding[0])
+        if input_size is not None:
+            input_size = (*input_size[:-1], 1, input_size[-1])
     ceil_mode = bool(module.ceil_mode)
     if ceil_mode and input_size is None:
         return "average pooling with ceil_mode on an input of unknown size"
-    if ceil_mode and ceil_mode_matters(module.kernel_size, module.stride, module.padding,
-                                       input_size):
+    if ceil_mode and ceil_mode_matters(kernel, stride, padding, input_size):
         return ("average pooling whose last ceil_mode window hangs over the input "
                 "(LiteRT pads and rescales it)")
-    if module.padding and not module.count_include_pad:
+    if padding not in (0, (0, 0)) and not module.count_include_pad:
         # LiteRT runs it as a 'same'-padded pool or as a float composite, by shape.
         return "average pooling that leaves its padding out of the count"
     step = _Requantize.between(qin, qout)
     if isinstance(step, str):
         return f"output: {step}"
-    kernel, stride, padding = module.kernel_size, module.stride or module.kernel_size, \
-        module.padding
-    if one_d:
-        kernel, stride, padding = (1, kernel[0]), (1, stride[0]), 0
     kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
     count = kh * kw
     zi = int8_code(qin.zero_point, qin.qmin)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if ceil_mode and ceil_mode_matters(kernel, stride, padding, x.shape):
+        shape = (*x.shape[:-1], 1, x.shape[-1]) if one_d else x.shape
+        if ceil_mode and ceil_mode_matters(kernel, stride, padding, shape):
             raise ValueError(
                 f"the integer emulation of this ceil_mode average pool holds for inputs "
                 f"whose windows all lie on the input, as the traced {tuple(input_size)} "
                 f"does; {tuple(x.shape)} has a window hanging over it (a LiteRT file's "
                 f"input size is the example's: feed inputs of that size)")
-        code = _int8_codes(qin, self._quantize_input(x))
-        if one_d and step is not None:
-            # The converter requantizes a 1-d pool's input onto the pool's grid first
-            # (its QUANTIZE sits before the pool, between the layout transposes).
-            code = step(code)
-        code = code.to(_F64)
+        code = _int8_codes(qin, self._quantize_input(x)).to(_F64)
         if one_d:
             code = code.unsqueeze(-2)
-        if padding:  # an explicit pad with the zero point's code (export_tflite's form)
+        if padding not in (0, (0, 0)):  # an explicit pad with the zero point's code
             ph, pw = (padding, padding) if isinstance(padding, int) else padding
             code = F.pad(code, (pw, pw, ph, ph), value=float(zi))
         total = F.avg_pool2d(code, kernel, stride, 0, divisor_override=1)
@@ -472,7 +466,6 @@ def _litert_avg_pool_forward(module: QuantAvgPool2d | QuantAvgPool1d, qin: _QPar
         out = out.to(torch.int64).clamp(-128, 127)
         if one_d:
             out = out.squeeze(-2)
-            return self._finish(_from_int8_codes(qin if step is None else qout, out))
         if step is not None:
             return self._finish(_from_int8_codes(qout, step(out)))
         return self._finish(_from_int8_codes(qin, out))
@@ -686,6 +679,9 @@ def _plan(module: nn.Module, kernels: str = "onnxruntime",
         if transposed and kernels != "litert":
             return ("transposed conv (ONNX Runtime has no integer ConvTranspose kernel: it "
                     "runs float32 on dequantized values)")
+        if transposed and module.groups > 1:
+            return ("grouped transposed conv (LiteRT's converter splits it into float32 "
+                    "convs)")
         if not transposed and isinstance(module, _QuantConvNd) and module.padding_mode != "zeros":
             return f"padding_mode={module.padding_mode!r}"
         if module.training and hasattr(module, "bn_frozen") and not bool(module.bn_frozen):

@@ -97,6 +97,13 @@ def _value(gm: fx.GraphModule, node: Any) -> torch.Tensor:
     return value.detach()
 
 
+def _groups(node: fx.Node) -> int:
+    """The ``groups`` of a transposed convolution node."""
+    aten = torch.ops.aten
+    index = 8 if node.target is aten.convolution.default else 6
+    return int(node.args[index]) if len(node.args) > index else 1
+
+
 def _transposed_conv(node: fx.Node) -> bool:
     """Whether ``node`` is a transposed convolution in an exported graph."""
     aten = torch.ops.aten
@@ -118,6 +125,8 @@ class _Rewriter:
         # Transposed convs whose weight scales the converter recomputes:
         # (layer, channels whose codes stay below 127, channels).
         self.rescaled: list[tuple[str, int, int]] = []
+        # Quantized layers LiteRT will run in float32: (layer, why).
+        self.float_layers: list[tuple[str, str]] = []
 
     def constant(self, tensor: torch.Tensor, hint: str) -> fx.Node:
         name = f"_litert_{hint}_{self.count}"
@@ -147,15 +156,21 @@ class _Rewriter:
                               "point 0); use a symmetric, signed weight spec (as in INT8)")
         per_channel = s.dim() == 1
         w = self.constant(dequantize(qv, s, z, axis if per_channel else None), "weight")
-        if any(_transposed_conv(user) for user in node.users):
+        users = [user for user in node.users if _transposed_conv(user)]
+        if users:
             # The converter has no int8 TRANSPOSE_CONV for dequantized weights; it
-            # quantizes float weights itself (scale max|w| / 127 per output channel),
-            # which gives back the model's codes where they reach +-127.
-            peak = qv.abs().amax(dim=[d for d in range(qv.dim()) if d != axis]) \
-                if per_channel else qv.abs().amax().reshape(1)
+            # quantizes float weights itself (scale max|w| / 127 per output channel,
+            # also for per-tensor weights), which gives back the model's codes where
+            # they reach +-127.
+            layer = str(q.target).rsplit(".", 1)[0]
+            if _groups(users[0]) > 1:
+                self.float_layers.append((layer, "a grouped transposed conv (its converter "
+                                                 "splits it into float32 convs)"))
+                return w
+            peak = qv.abs().amax(dim=[d for d in range(qv.dim()) if d != 1])
             short = int(((peak < 127) & (peak > 0)).sum())
             if short:
-                self.rescaled.append((str(q.target).rsplit(".", 1)[0], short, peak.numel()))
+                self.rescaled.append((layer, short, peak.numel()))
             return w
         if not per_channel:
             args = (float(s), 0, -128, 127, torch.int8)
@@ -204,6 +219,8 @@ class _Rewriter:
                     continue
             node.replace_all_uses_with(new)
             self.graph.erase_node(node)
+        self.transposed_conv_form()
+        self.pools_1d_as_2d()
         self.pad_before_pooling()
         self.same_grid()
         self.dequantize_per_user()
@@ -261,6 +278,94 @@ class _Rewriter:
             node.args = (padded, args["kernel_size"], args.get("stride") or args["kernel_size"],
                          [0, 0], False, True, args.get("divisor_override"))
             node.kwargs = {}
+
+    def transposed_conv_form(self) -> None:
+        """Give each transposed conv the form the converter turns into an int8
+        ``TRANSPOSE_CONV``: a (zero) bias, and no ReLU/ReLU6 where its output
+        quantizer's saturation already applies it (zero point at the lowest code and,
+        for ReLU6, a top of at most 6). The values are the same; with a missing bias
+        or such an activation the converter wrote a float32 TRANSPOSE_CONV."""
+        aten = torch.ops.aten
+        q_op = self.qd.quantize_per_tensor.default
+        clamps = {aten.relu.default: 0.0, aten.relu_.default: 0.0,
+                  aten.hardtanh.default: 6.0, aten.hardtanh_.default: 6.0,
+                  aten.relu6.default: 6.0}
+        for node in list(self.graph.nodes):
+            if node.op != "call_function" or not _transposed_conv(node):
+                continue
+            if len(node.args) > 2 and node.args[2] is None:
+                weight = node.args[1].meta.get("val") if isinstance(node.args[1], fx.Node) \
+                    else None
+                weight = weight if isinstance(weight, torch.Tensor) else None
+                if weight is None and isinstance(node.args[1], fx.Node) and \
+                        node.args[1].op == "get_attr":
+                    weight = _value(self.gm, node.args[1])
+                if weight is not None:
+                    with self.graph.inserting_before(node):
+                        bias = self.constant(torch.zeros(weight.shape[1] * _groups(node)),
+                                             "bias")
+                    node.args = (node.args[0], node.args[1], bias, *node.args[3:])
+            if len(node.users) != 1:
+                continue
+            act = next(iter(node.users))
+            if act.target not in clamps or not act.users:
+                continue
+            if act.target in (aten.hardtanh.default, aten.hardtanh_.default) and \
+                    tuple(act.args[1:3]) != (0.0, 6.0):
+                continue
+            top = clamps[act.target]
+            if not all(u.target is q_op for u in act.users):
+                continue
+            grids = {tuple(u.args[1:5]) for u in act.users}
+            if len(grids) != 1:
+                continue
+            scale, zero_point, qmin, qmax = next(iter(grids))
+            if zero_point != qmin or (top and (qmax - zero_point) * scale > top):
+                continue
+            act.replace_all_uses_with(node)
+            self.graph.erase_node(act)
+
+    def pools_1d_as_2d(self) -> None:
+        """Write each quantized 1-d average pool as the 2-d pool over ``(1, L)`` it is,
+        quantized right after the pool. Lowered as ``avg_pool1d``, the converter
+        requantized the pool's input onto the (often narrower) output grid before
+        averaging, clipping it; as a 2-d pool it averages on the input's grid and
+        then requantizes, as the model does."""
+        q_op = self.qd.quantize_per_tensor.default
+        for node in list(self.graph.nodes):
+            if node.op != "call_function" or _aten_name(node.target) != "avg_pool1d":
+                continue
+            quantized = [u for u in node.users if u.target is q_op]
+            if not quantized:
+                continue
+            names = ("input", "kernel_size", "stride", "padding", "ceil_mode",
+                     "count_include_pad")
+            args = dict(zip(names, node.args, strict=False)) | dict(node.kwargs)
+            kernel = list(args["kernel_size"])
+            stride = list(args.get("stride") or kernel)
+            padding = list(args.get("padding") or [0])
+            val = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
+            out_val = node.meta.get("val")
+            with self.graph.inserting_before(node):
+                wide = self.graph.call_function(torch.ops.aten.unsqueeze.default,
+                                                (args["input"], -2))
+                pool = self.graph.call_function(
+                    torch.ops.aten.avg_pool2d.default,
+                    (wide, [1, *kernel], [1, *stride], [0, *padding],
+                     args.get("ceil_mode", False), args.get("count_include_pad", True)))
+                q = self.graph.call_function(q_op, (pool, *quantized[0].args[1:]))
+                dq = self.graph.call_function(self.qd.dequantize_per_tensor.default,
+                                              (q, *quantized[0].args[1:]))
+                flat = self.graph.call_function(torch.ops.aten.squeeze.dim, (dq, -2))
+            if isinstance(val, torch.Tensor):  # shapes for pad_before_pooling
+                wide.meta["val"] = torch.empty((*val.shape[:-1], 1, val.shape[-1]),
+                                               device="meta")
+            if isinstance(out_val, torch.Tensor):
+                pool.meta["val"] = torch.empty(
+                    (*out_val.shape[:-1], 1, out_val.shape[-1]), device="meta")
+                flat.meta["val"] = torch.empty(tuple(out_val.shape), device="meta")
+            node.replace_all_uses_with(flat)
+            self.graph.erase_node(node)
 
     def same_grid(self) -> None:
         """Quantize the outputs of grid-preserving ops with their input's qparams."""
@@ -673,16 +778,24 @@ def export_tflite(
     except ExportError:
         raise
     except Exception as exc:
+        hint = ""
+        if "mhlo.convolution" in str(exc) and "lhs_dilation" in str(exc):
+            hint = (" (a transposed conv LiteRT's converter cannot lower, also in float: "
+                    "output_padding, or a padding/dilation that leaves the output "
+                    "asymmetric; change the layer, or export to ONNX)")
         raise ExportError(
-            f"LiteRT conversion failed for {type(model).__name__}: {type(exc).__name__}: "
-            f"{str(exc)[:2000]}") from exc
+            f"LiteRT conversion failed for {type(model).__name__}{hint}: "
+            f"{type(exc).__name__}: {str(exc)[:2000]}") from exc
     if quantized:
+        for layer, why in rewriter.float_layers:
+            log.warning("LiteRT runs %s in float32: it is %s", layer, why)
         for layer, short, channels in rewriter.rescaled:
             log.warning("LiteRT's converter quantizes the weights of transposed convolutions "
-                        "itself, with scale max|w| / 127: %d of %d output channels of %s have "
-                        "codes below 127 (a clipped or learned weight range), so their scales "
-                        "and codes in the file differ from the model's by rounding "
-                        "(quantaware.verify compares against the file's)", short, channels,
+                        "itself, with scale max|w| / 127 per output channel: %d of %d output "
+                        "channels of %s have codes below 127 (per-tensor or fewer-than-8-bit "
+                        "weights, or a clipped or learned range), so their scales and codes in "
+                        "the file differ from the model's by rounding (quantaware.verify "
+                        "compares against the file's)", short, channels,
                         layer)
         for name in _composites(content):
             log.warning("LiteRT runs %s in float32: its converter wrote it as a composite op "
