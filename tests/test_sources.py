@@ -552,6 +552,10 @@ def label_count_mismatch():
     return [(torch.zeros(4, 2), torch.zeros(3, dtype=torch.int64))]
 
 
+def input_named_y():
+    return [{"x": torch.zeros(4, 2), "y": torch.zeros(4, 3)}]
+
+
 def mixed_labels():
     return [(torch.zeros(4, 2), torch.zeros(4)), torch.zeros(4, 2)]
 
@@ -613,6 +617,7 @@ def test_data_functions_following_the_batch_convention(function, labeled, sample
     ("yields_strings", "batch 0: cannot use a batch of type str"),
     ("dict_of_lists", "dict whose values are not all tensors"),
     ("label_count_mismatch", "batch 0 has 4 inputs but 3 labels"),
+    ("input_named_y", r"4 inputs but 12 labels \(its 'y' key is read as the labels"),
     ("mixed_labels", r"some batches carry labels and some do not \(batch 1\)"),
     ("empty", "yielded no batches"),
     ("scalars", "0-d tensor"),

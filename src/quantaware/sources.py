@@ -353,9 +353,10 @@ def _user_batches(spec: str, items: Iterable[Any], limit: int | None) -> tuple[l
     batches: list[Any] = []
     labeled: bool | None = None
     seen = 0
-    from quantaware._batch import unpack_batch
+    from quantaware._batch import LABEL_KEYS, unpack_batch
 
     for i, item in enumerate(items):
+        raw = item
         try:  # the batch convention of every API: tensor, (x, y, ...), dict with a label key
             x, y = unpack_batch(item)
         except (TypeError, ValueError) as exc:
@@ -385,8 +386,12 @@ def _user_batches(spec: str, items: Iterable[Any], limit: int | None) -> tuple[l
             raise SourceError(f"{spec}: some batches carry labels and some do not (batch {i})")
         labeled = this_labeled
         if this_labeled and item[1].reshape(-1).shape[0] != inputs_size(x):
+            key = next((k for k in LABEL_KEYS if isinstance(raw, dict) and k in raw), None)
+            where = (f" (its {key!r} key is read as the labels, as every key in "
+                     f"{', '.join(LABEL_KEYS)} is; rename it if it is a model input)"
+                     if key else "")
             raise SourceError(f"{spec}: batch {i} has {inputs_size(x)} inputs but "
-                              f"{item[1].numel()} labels")
+                              f"{item[1].numel()} labels{where}")
         batches.append(item)
         seen += inputs_size(x)
         if limit is not None and seen >= limit:
