@@ -16,6 +16,7 @@ from quantaware.sources import DataSource, LoadedModel, SourceError, load_data, 
 from quantaware.workflow import (
     QUANTIZED_FORMAT,
     choose_config,
+    compare_files,
     compare_onnx,
     comparison_table,
     load_quantized,
@@ -314,6 +315,33 @@ def vectors():
     x = torch.randn(40, 4, generator=gen)
     labels = torch.randint(0, 4, (40,), generator=gen)
     return x, labels
+
+
+def two_heads_model(path, second_scale: float) -> str:
+    """``x -> (x, x * second_scale)`` over N x 4."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])
+    ys = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", 4]) for n in ("a", "b")]
+    w = numpy_helper.from_array(np.asarray(second_scale, np.float32), "w")
+    return write_onnx(path, [helper.make_node("Identity", ["x"], ["a"]),
+                             helper.make_node("Mul", ["x", "w"], ["b"])], [x], ys, [w])
+
+
+def test_compare_files_reports_the_worst_output(tmp_path, vectors):
+    """Accuracy comes from the first output; agreement and cosine from the worst one
+    (here the second head, negated: no argmax agrees, cosine -1)."""
+    x, labels = vectors
+    ref = two_heads_model(tmp_path / "ref.onnx", 1.0)
+    flipped = two_heads_model(tmp_path / "flipped.onnx", -1.0)
+    data = DataSource("vectors", [(x[:20], labels[:20]), (x[20:], labels[20:])], labeled=True)
+    fp32, int8 = compare_files(ref, flipped, data, "onnxruntime", threads=1,
+                               latency_runs=2)["models"]
+    assert fp32["accuracy"] == int8["accuracy"]  # the first heads are identical
+    assert int8["outputs"] == 2 and int8["top1_agreement"] == 0.0
+    assert int8["cosine"] == pytest.approx(-1.0)
+    same = compare_files(ref, ref, data, "onnxruntime", threads=1, latency_runs=2)
+    assert same["models"][1]["top1_agreement"] == 100.0
 
 
 def test_compare_onnx_measures_what_numpy_says(tmp_path, vectors):

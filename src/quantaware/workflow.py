@@ -221,16 +221,18 @@ def _feed(session: Any, inputs: Any,
 
 
 def _outputs(session: Any, batches: list[Any], runtime: str,
-             parameters: list[str] | None = None) -> np.ndarray:
-    out = []
+             parameters: list[str] | None = None) -> list[np.ndarray]:
+    """Every output of the file over ``batches``, each as ``(samples, values)``."""
+    runs = []
     for inputs in batches:
         try:
-            out.append(session.run(None, _feed(session, inputs, parameters))[0])
+            runs.append(session.run(None, _feed(session, inputs, parameters)))
         except SourceError:
             raise
         except Exception as exc:  # each runtime raises its own types
             raise SourceError(f"{runtime} cannot run the model on this data: {exc}") from exc
-    return np.concatenate([o.reshape(o.shape[0], -1) for o in out])
+    return [np.concatenate([run[k].reshape(run[k].shape[0], -1) for run in runs])
+            for k in range(len(runs[0]))]
 
 
 def _latency_ms(session: Any, feed: dict[str, np.ndarray], runs: int) -> float:
@@ -281,9 +283,11 @@ def compare_files(float_path: str | Path, quantized_path: str | Path, data: Data
     (:func:`quantaware.export_tflite`) in ``"litert"``. ``names`` label the two
     rows; ``parameters`` (the model's ``forward`` parameter names) place keyword
     inputs on a file's numbered inputs. Returns a dict with a row per model
-    (``accuracy`` on labelled data, ``size_bytes``, ``latency_ms_batch1``,
-    ``latency_ms_batch``) and the quantized model's ``top1_agreement`` and mean
-    output ``cosine`` against the float model. LiteRT files have the static batch
+    (``accuracy`` on labelled data, from the first output, ``size_bytes``,
+    ``latency_ms_batch1``, ``latency_ms_batch``) and the quantized model's
+    ``top1_agreement`` and mean output ``cosine`` against the float model (for a
+    model with several outputs, those of its worst output, and their count in
+    ``outputs``). LiteRT files have the static batch
     they were exported with; a larger batch runs as that many invocations.
 
     Example:
@@ -320,8 +324,9 @@ def compare_files(float_path: str | Path, quantized_path: str | Path, data: Data
             raise
         except Exception as exc:  # each runtime raises its own types
             raise SourceError(f"{str(path)!r} is not a loadable {kind} model: {exc}") from exc
-        out = _outputs(session, batches, runtime, parameters)
-        outputs.append(out)
+        every = _outputs(session, batches, runtime, parameters)
+        outputs.append(every)
+        out = every[0]  # the first output holds the class scores
         row: dict[str, Any] = {"model": label, "path": str(path), "size_bytes": file_size(path)}
         names_ = data.label_names
         if names_ is not None and len(names_) != out.shape[1]:
@@ -347,15 +352,20 @@ def compare_files(float_path: str | Path, quantized_path: str | Path, data: Data
         row["latency_ms_batch"] = _latency_ms(session, full,
                                               max(3, latency_runs // 3))
         rows.append(row)
-    ref, out = outputs
-    if ref.shape != out.shape:
-        raise SourceError(f"the two models give outputs of different shapes {ref.shape} and "
-                          f"{out.shape}; compare a model with its own quantized version")
-    cos = (ref * out).sum(1) / np.maximum(np.linalg.norm(ref, axis=1)
-                                          * np.linalg.norm(out, axis=1), 1e-12)
+    if [o.shape for o in outputs[0]] != [o.shape for o in outputs[1]]:
+        raise SourceError(f"the two models give outputs of different shapes "
+                          f"{[o.shape for o in outputs[0]]} and {[o.shape for o in outputs[1]]}; "
+                          "compare a model with its own quantized version")
+    agreements, cosines = [], []
+    for ref, out in zip(*outputs, strict=True):
+        cos = (ref * out).sum(1) / np.maximum(np.linalg.norm(ref, axis=1)
+                                              * np.linalg.norm(out, axis=1), 1e-12)
+        agreements.append(100.0 * float(np.mean(ref.argmax(1) == out.argmax(1))))
+        cosines.append(float(np.mean(cos)))
     quant = rows[1]
-    quant["top1_agreement"] = 100.0 * float(np.mean(ref.argmax(1) == out.argmax(1)))
-    quant["cosine"] = float(np.mean(cos))
+    quant["top1_agreement"], quant["cosine"] = min(agreements), min(cosines)
+    if len(outputs[0]) > 1:
+        quant["outputs"] = len(outputs[0])
     quant["size_ratio"] = quant["size_bytes"] / rows[0]["size_bytes"]
     quant["speedup_batch1"] = rows[0]["latency_ms_batch1"] / quant["latency_ms_batch1"]
     quant["speedup_batch"] = rows[0]["latency_ms_batch"] / quant["latency_ms_batch"]
