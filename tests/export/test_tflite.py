@@ -840,3 +840,23 @@ def test_transposed_conv_forms_run_as_litert_verifies_them(litert, tmp_path, cap
     else:
         assert "TRANSPOSE_CONV" in floats and report.fake_quant_layers == 1, str(report)
         assert "LiteRT runs 2 in float32: it is a grouped transposed conv" in caplog.text
+
+
+def test_weight_only_transposed_conv_keeps_int8_weights(litert, tmp_path):
+    """W8 (float activations): the converter folds a transposed conv's dequantized
+    weights to float32; the file stores them as the int8 codes with a DEQUANTIZE, as it
+    does for convs, and computes the same values."""
+    from quantaware.export.tflite import tflite_ops
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(),
+                        nn.ConvTranspose2d(16, 32, 4, 2, 1), nn.ReLU(),
+                        nn.Conv2d(32, 2, 1)).eval()
+    x = torch.randn(8, 3, 16, 16)
+    _, path, report = _round_trip(net, [x], [x], tmp_path / "w8.tflite", presets.W8)
+    ops = tflite_ops(path)
+    index = [n for n, _ in ops].index("TRANSPOSE_CONV")
+    assert ops[index - 1] == ("DEQUANTIZE", ["int8"]), ops
+    float_file = quantaware.export_tflite(net, tmp_path / "fp32.tflite", x[:1])
+    assert path.stat().st_size < 0.4 * float_file.stat().st_size
+    assert report.passed() and report.max_abs_error < 1e-5, str(report)

@@ -156,8 +156,10 @@ class _Rewriter:
                               "point 0); use a symmetric, signed weight spec (as in INT8)")
         per_channel = s.dim() == 1
         w = self.constant(dequantize(qv, s, z, axis if per_channel else None), "weight")
-        users = [user for user in node.users if _transposed_conv(user)]
-        if users:
+        users = [user for user in node.users if _transposed_conv(user)
+                 and isinstance(user.args[0], fx.Node)
+                 and user.args[0].target is self.qd.dequantize_per_tensor.default]
+        if users:  # an integer transposed conv (weight-only ones keep DEQUANTIZE'd weights)
             # The converter has no int8 TRANSPOSE_CONV for dequantized weights; it
             # quantizes float weights itself (scale max|w| / 127 per output channel,
             # also for per-tensor weights), which gives back the model's codes where
@@ -566,10 +568,11 @@ def _int8_float_weights(content: bytes, warn_float_linears: bool = False) -> byt
     for op in graph.operators:
         kind = fb.builtin(op.opcodeIndex)
         if (kind in (schema.BuiltinOperator.FULLY_CONNECTED,
+                     schema.BuiltinOperator.TRANSPOSE_CONV,
                      schema.BuiltinOperator.EMBEDDING_LOOKUP)
                 and len(op.inputs) > 1 and users.get(op.inputs[1]) == 1):
             codes = _exact_int8_rows(fb, graph.tensors[op.inputs[1]], buffer_users)
-            if codes is not None and kind == schema.BuiltinOperator.FULLY_CONNECTED:
+            if codes is not None and kind != schema.BuiltinOperator.EMBEDDING_LOOKUP:
                 rewritten.append(_dequantized_weight(fb, op, *codes))
                 changed = True
             elif codes is not None:
@@ -606,17 +609,18 @@ def _warn_float_linears(fb: _Flatbuffer) -> None:
 
 def _exact_int8_rows(fb: _Flatbuffer, tensor: Any,
                      buffer_users: dict[int, int]) -> tuple[np.ndarray, np.ndarray] | None:
-    """``(codes, row_scales)`` of a constant float32 2-d weight that is exactly
-    ``codes * row_scales`` with symmetric int8 codes reaching +-127 in each row."""
+    """``(codes, row_scales)`` of a constant float32 weight (rows along its first axis)
+    that is exactly ``codes * row_scales`` with symmetric int8 codes reaching +-127
+    in each row."""
     schema = fb.schema
     if (tensor.type != schema.TensorType.FLOAT32 or not tensor.buffer
             or buffer_users.get(tensor.buffer) != 1 or tensor.shape is None
-            or len(tensor.shape) != 2):
+            or len(tensor.shape) < 2):
         return None
     raw = fb.model.buffers[tensor.buffer].data
     if raw is None or len(raw) != 4 * int(np.prod(tensor.shape)):
         return None
-    weight = np.frombuffer(bytes(bytearray(raw)), np.float32).reshape(tuple(tensor.shape))
+    weight = np.frombuffer(bytes(bytearray(raw)), np.float32).reshape(tensor.shape[0], -1)
     scales = (np.abs(weight).max(axis=1) / np.float32(127)).astype(np.float32)
     scales[scales == 0] = 1.0
     codes = np.round(weight / scales[:, None])
