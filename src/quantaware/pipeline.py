@@ -155,7 +155,7 @@ SCHEMA: dict[str, Any] = {
                     and all(isinstance(t, str) and t in _TARGETS for t in v)
                     and len(set(v)) == len(v),
                     "a list of distinct formats from " + ", ".join(_TARGETS)
-                    + " ([] to stop after training)"),
+                    + " ([] to stop after training; LiteRT files are tflite)"),
         "verify": (True, lambda v: isinstance(v, bool), "true or false"),
     },
 }
@@ -587,9 +587,10 @@ def run_pipeline(path: str | os.PathLike, fast: bool = False, out: str | None = 
             if name == "float":
                 continue
             key = name if suffix == "onnx" else f"{name}_{suffix}"
-            say(f"  evaluating {name} INT8 against float in {RUNTIME_NAMES[backend]}")
             config_name = (quant["config"] if name == "ptq" else
                            cfg["qat"]["preset"] or cfg["quantization"]["preset"] or "INT8")
+            say(f"  evaluating {name.upper()} {config_name} against float in "
+                f"{RUNTIME_NAMES[backend]}")
             evaluations[key] = compare_files(
                 paths["float"], paths[name], evaluation, backend, threads=cfg["threads"],
                 latency_runs=cfg["evaluation"]["latency_runs"],

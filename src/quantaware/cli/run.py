@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     failed = []
     for name, result in results["evaluation"].items():
         runtime = RUNTIME_NAMES[result.get("backend", "onnxruntime")]
-        common.print_table(con, f"{name.split('_')[0].upper()} INT8 vs float in {runtime} on "
+        common.print_table(con, f"{result['models'][1]['model']} vs float in {runtime} on "
                            f"{result['samples']} samples of {result['data']}",
                            comparison_table(result))
         verify = result.get("verify")
