@@ -398,11 +398,15 @@ class LiteRTSession:
         chunks = None
         for tensor, array in zip(self._in, arrays, strict=True):
             shape = tensor.info.shape
-            if array.shape[1:] != tuple(shape[1:]) or array.shape[0] % tensor.step:
+            if array.shape[1:] != tuple(shape[1:]):
                 raise ValueError(
-                    f"input {tensor.name!r} has shape {list(array.shape)}; this LiteRT "
-                    f"file takes {shape} (static shapes: export it with example inputs of "
-                    "the shape you run)")
+                    f"input {tensor.name!r} has samples of shape {list(array.shape[1:])}; "
+                    f"this LiteRT file takes {list(shape[1:])} (static shapes: export it "
+                    "with example inputs of the shape you run, or resize the data)")
+            if array.shape[0] % tensor.step:
+                raise ValueError(
+                    f"input {tensor.name!r} has a batch of {array.shape[0]}; this LiteRT "
+                    f"file runs batches of {tensor.step}, so it takes a multiple of that")
             count = array.shape[0] // tensor.step
             if chunks not in (None, count):
                 raise ValueError("inputs have different batch sizes")
