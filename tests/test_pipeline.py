@@ -202,3 +202,28 @@ def test_deploy_to_litert_quantized_for_it(tmp_path):
     again = run_pipeline(path, out=str(out), say=messages.append)
     assert any("QAT: done before" in m for m in messages)
     assert again["evaluation"]["qat_tflite"]["verify"]["passed"]
+
+
+def test_a_failing_target_keeps_the_other_targets_results(tmp_path, monkeypatch):
+    """The LiteRT export fails: the ONNX results are still written to results.json, with
+    the failure, and the run ends in an error naming the target."""
+    from quantaware import workflow
+    from quantaware.export.onnx import ExportError
+
+    real = workflow.export_model
+
+    def export_model(module, path, example, file_format="onnx"):
+        if file_format == "tflite":
+            raise ExportError("LiteRT conversion failed for Sequential: no lowering")
+        return real(module, path, example, file_format)
+
+    monkeypatch.setattr(workflow, "export_model", export_model)
+    path = _small(tmp_path, qat=None, deploy={"targets": ["tflite", "onnx"], "verify": False})
+    out = tmp_path / "out"
+    with pytest.raises(PipelineError, match=r"deploy.targets: tflite failed \(ExportError: "
+                                            r"LiteRT conversion failed"):
+        run_pipeline(path, out=str(out), say=lambda message: None)
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["evaluation"]) == {"ptq"}
+    assert results["failed_targets"]["tflite"].startswith("ExportError: LiteRT conversion")
+    assert Path(results["files"]["ptq_onnx"]).is_file()

@@ -441,8 +441,6 @@ def run_pipeline(path: str | os.PathLike, fast: bool = False, out: str | None = 
     from quantaware.deploy_bench import write_json
     from quantaware.sources import load_data, load_model, read_labels
     from quantaware.workflow import (
-        compare_files,
-        export_model,
         load_quantized,
         quantize_model,
         save_quantized,
@@ -570,43 +568,66 @@ def run_pipeline(path: str | os.PathLike, fast: bool = False, out: str | None = 
         results["files"]["results"] = str(write_json(results, out_dir / "results.json"))  # type: ignore[arg-type]
         return results
     say("[6/6] deploy and evaluate")
-    from quantaware.backends import RUNTIME_NAMES
+    from quantaware.export.onnx import ExportError
+    from quantaware.sources import SourceError
 
-    files, evaluations = {}, {}
+    files, evaluations, failed = {}, {}, {}
     models = {"float": module, "ptq": ptq}
     if qat_model is not None:
         models["qat"] = qat_model
     for suffix in cfg["deploy"]["targets"]:
         backend = _TARGETS[suffix]
-        paths = {name: export_model(m, out_dir / (f"model-{name}-int8.{suffix}" if name != "float"
-                                                  else f"model-fp32.{suffix}"),
-                                    calib.example, suffix)
-                 for name, m in models.items()}
-        files.update({f"{name}_{suffix}": path for name, path in paths.items()})
-        for name, torch_model in models.items():
-            if name == "float":
-                continue
-            key = name if suffix == "onnx" else f"{name}_{suffix}"
-            config_name = (quant["config"] if name == "ptq" else
-                           cfg["qat"]["preset"] or cfg["quantization"]["preset"] or "INT8")
-            say(f"  evaluating {name.upper()} {config_name} against float in "
-                f"{RUNTIME_NAMES[backend]}")
-            evaluations[key] = compare_files(
-                paths["float"], paths[name], evaluation, backend, threads=cfg["threads"],
-                latency_runs=cfg["evaluation"]["latency_runs"],
-                names=("FP32", f"{name.upper()} {config_name}"),
-                parameters=forward_parameters(module))
-            if cfg["deploy"]["verify"]:
-                import quantaware
-
-                report = quantaware.verify(paths[name], torch_model, evaluation.unlabeled,
-                                           num_batches=4, threads=cfg["threads"],
-                                           backend=backend)
-                passed = (report.cosine >= 0.99 if model.tokenizer is not None
-                          else report.passed())
-                evaluations[key]["verify"] = report.to_dict() | {"passed": bool(passed)}
+        try:
+            _deploy_target(suffix, backend, models, files, evaluations, cfg, quant,
+                           calib, evaluation, out_dir, model.tokenizer is not None,
+                           forward_parameters(module), say)
+        except (PipelineError, SourceError, ExportError, ImportError, RuntimeError) as exc:
+            # The other targets' results still get written.
+            failed[suffix] = f"{type(exc).__name__}: {exc}"
+            say(f"  {suffix}: failed: {failed[suffix]}")
     results["evaluation"] = evaluations
     results["files"] = {k: str(v) for k, v in files.items()}
+    if failed:
+        results["failed_targets"] = failed
     results["seconds"] = time.perf_counter() - started
     results["files"]["results"] = str(write_json(results, out_dir / "results.json"))  # type: ignore[arg-type]
+    if failed:
+        suffix, message = next(iter(failed.items()))
+        raise PipelineError(f"deploy.targets: {suffix} failed ({message}); the results of the "
+                            f"other steps are in {results['files']['results']}")
     return results
+
+
+def _deploy_target(suffix: str, backend: str, models: dict[str, nn.Module],
+                   files: dict[str, Any], evaluations: dict[str, Any], cfg: dict[str, Any],
+                   quant: dict[str, Any], calib: Any, evaluation: Any, out_dir: Path,
+                   text: bool, parameters: list[str], say: Event) -> None:
+    """Export the float, PTQ and QAT models in ``suffix``'s format, compare each
+    quantized one with the float one in ``backend`` and verify it there."""
+    from quantaware.backends import RUNTIME_NAMES
+    from quantaware.workflow import compare_files, export_model
+
+    paths = {name: export_model(m, out_dir / (f"model-{name}-int8.{suffix}" if name != "float"
+                                              else f"model-fp32.{suffix}"),
+                                calib.example, suffix)
+             for name, m in models.items()}
+    files.update({f"{name}_{suffix}": path for name, path in paths.items()})
+    for name, torch_model in models.items():
+        if name == "float":
+            continue
+        key = name if suffix == "onnx" else f"{name}_{suffix}"
+        config_name = (quant["config"] if name == "ptq" else
+                       cfg["qat"]["preset"] or cfg["quantization"]["preset"] or "INT8")
+        say(f"  evaluating {name.upper()} {config_name} against float in "
+            f"{RUNTIME_NAMES[backend]}")
+        evaluations[key] = compare_files(
+            paths["float"], paths[name], evaluation, backend, threads=cfg["threads"],
+            latency_runs=cfg["evaluation"]["latency_runs"],
+            names=("FP32", f"{name.upper()} {config_name}"), parameters=parameters)
+        if cfg["deploy"]["verify"]:
+            import quantaware
+
+            report = quantaware.verify(paths[name], torch_model, evaluation.unlabeled,
+                                       num_batches=4, threads=cfg["threads"], backend=backend)
+            passed = report.cosine >= 0.99 if text else report.passed()
+            evaluations[key]["verify"] = report.to_dict() | {"passed": bool(passed)}
