@@ -19,21 +19,19 @@ from quantaware.nn.registry import register
 from quantaware.nn.weighted import WeightQuantMixin
 
 
-class _QuantConvNd(WeightQuantMixin):
-    """Shared ``from_float``/``forward`` for the conv modules."""
+class _ConvLike(WeightQuantMixin):
+    """``from_float``/``to_float`` shared by the conv and transposed conv modules: the
+    float module's constructor arguments are its attributes ``_ARGS``."""
 
     _float_type: type[nn.Module]
+    _ARGS: tuple[str, ...] = ("stride", "padding", "dilation", "groups", "padding_mode")
 
     @classmethod
     def from_float(cls, module: nn.Module, weight_spec: QuantSpec | FloatSpec | None,
                    activation_spec: QuantSpec | None):
-        new = cls(
-            module.in_channels, module.out_channels, module.kernel_size,
-            stride=module.stride, padding=module.padding, dilation=module.dilation,
-            groups=module.groups, bias=module.bias is not None,
-            padding_mode=module.padding_mode,
-            device=module.weight.device, dtype=module.weight.dtype,
-        )
+        new = cls(module.in_channels, module.out_channels, module.kernel_size,
+                  bias=module.bias is not None, device=module.weight.device,
+                  dtype=module.weight.dtype, **{n: getattr(module, n) for n in cls._ARGS})
         new.weight = module.weight
         new.bias = module.bias
         new._init_quant(weight_spec, activation_spec)
@@ -41,13 +39,15 @@ class _QuantConvNd(WeightQuantMixin):
 
     def to_float(self) -> nn.Module:
         """A plain conv module with the float (master) weights."""
-        out = self._float_type(
-            self.in_channels, self.out_channels, self.kernel_size, stride=self.stride,
-            padding=self.padding, dilation=self.dilation, groups=self.groups,
-            bias=self.bias is not None, padding_mode=self.padding_mode,
-        )
+        out = self._float_type(self.in_channels, self.out_channels, self.kernel_size,
+                               bias=self.bias is not None,
+                               **{n: getattr(self, n) for n in self._ARGS})
         out.weight, out.bias = self.weight, self.bias
         return out
+
+
+class _QuantConvNd(_ConvLike):
+    """Shared ``forward`` for the conv modules."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self._quantize_input(x)
@@ -83,38 +83,11 @@ class QuantConv2d(_QuantConvNd, nn.Conv2d):
     _float_type = nn.Conv2d
 
 
-class _QuantConvTransposeNd(WeightQuantMixin):
-    """Shared ``from_float``/``forward`` for the transposed conv modules."""
+class _QuantConvTransposeNd(_ConvLike):
+    """Shared ``forward`` for the transposed conv modules."""
 
-    _float_type: type[nn.Module]
+    _ARGS = (*_ConvLike._ARGS, "output_padding")
     weight_axis = 1
-
-    @classmethod
-    def from_float(cls, module: nn.Module, weight_spec: QuantSpec | FloatSpec | None,
-                   activation_spec: QuantSpec | None):
-        new = cls(
-            module.in_channels, module.out_channels, module.kernel_size,
-            stride=module.stride, padding=module.padding,
-            output_padding=module.output_padding, groups=module.groups,
-            bias=module.bias is not None, dilation=module.dilation,
-            padding_mode=module.padding_mode,
-            device=module.weight.device, dtype=module.weight.dtype,
-        )
-        new.weight = module.weight
-        new.bias = module.bias
-        new._init_quant(weight_spec, activation_spec)
-        return new
-
-    def to_float(self) -> nn.Module:
-        """A plain transposed conv module with the float (master) weights."""
-        out = self._float_type(
-            self.in_channels, self.out_channels, self.kernel_size, stride=self.stride,
-            padding=self.padding, output_padding=self.output_padding, groups=self.groups,
-            bias=self.bias is not None, dilation=self.dilation,
-            padding_mode=self.padding_mode,
-        )
-        out.weight, out.bias = self.weight, self.bias
-        return out
 
     def transposed_forward(self, x: torch.Tensor, weight: torch.Tensor,
                            bias: torch.Tensor | None,
