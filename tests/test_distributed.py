@@ -24,8 +24,11 @@ def _env() -> dict[str, str]:
 def test_two_rank_qat_keeps_quantizer_state_identical(tmp_path):
     pytest.importorskip("torch.distributed")
     out = tmp_path / "result.json"
+    # --log-dir keeps torchrun's per-run log folder under tmp_path (it otherwise
+    # leaves a torchelastic_* folder in the system temp dir)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           "--master_port=0", "--rdzv_backend=c10d", "--rdzv_endpoint=localhost:0",
+           f"--log-dir={tmp_path / 'logs'}", "--master_port=0", "--rdzv_backend=c10d",
+           "--rdzv_endpoint=localhost:0",
            str(HERE / "_ddp_worker.py"), str(out)]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -24,7 +24,10 @@ def test_every_module_is_listed():
 
 
 @pytest.mark.parametrize("name", MODULES)
-def test_docstring_examples(name):
+def test_docstring_examples(name, tmp_path, monkeypatch):
+    # The examples make folders with tempfile.mkdtemp(); keep them under pytest's
+    # tmp_path, which pytest removes, instead of leaving them in the system temp dir.
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
     module = importlib.import_module(name)
     finder = doctest.DocTestFinder()
     runner = doctest.DocTestRunner(verbose=False, optionflags=doctest.ELLIPSIS)
