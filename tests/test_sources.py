@@ -587,6 +587,24 @@ def test_function_yielding_pairs_and_a_dataloader():
     assert [x.shape[0] for x in batches.inputs] == [4, 4, 2]
 
 
+def ragged_dicts():
+    return [{"input_ids": torch.ones(2, 5, dtype=torch.int64)},
+            {"input_ids": torch.ones(2, 7, dtype=torch.int64)}]
+
+
+def test_a_given_batch_size_regroups_a_functions_batches():
+    kept = load_data(f"{__name__}:loader")
+    regrouped = load_data(f"{__name__}:loader", batch_size=3)
+    assert [x.shape[0] for x in regrouped.inputs] == [3, 3, 3, 1]
+    assert torch.equal(torch.cat(regrouped.inputs), torch.cat(kept.inputs))
+    assert regrouped.labels.tolist() == list(range(10))
+    dicts_ = load_data(f"{__name__}:dicts", batch_size=4)
+    assert [b["input_ids"].shape[0] for b in dicts_.inputs] == [4, 2]
+    assert load_data(f"{__name__}:ragged_dicts").num_samples == 4  # kept as they are
+    with pytest.raises(SourceError, match=r"samples differ in shape.*leave the batch size out"):
+        load_data(f"{__name__}:ragged_dicts", batch_size=4)
+
+
 def test_function_yielding_dicts():
     data = load_data(f"{__name__}:dicts", limit=4)
     assert not data.labeled and data.num_samples == 4

@@ -120,7 +120,8 @@ SCHEMA: dict[str, Any] = {
         "calibration": (None, _text, "a data source (default: train)"),
         "evaluation": (None, _text, "a data source (default: train's test split)"),
         "labels": (None, _text, "a labels file: class names in model output order"),
-        "batch_size": (64, _positive_int, "a positive integer"),
+        "batch_size": (None, _positive_int, "a positive integer (default 64; MODULE:FUNCTION "
+                       "data keeps its own batches unless it is given)"),
         "num_train": (None, _positive_int, "a positive integer"),
         "num_calibration": (256, _positive_int, "a positive integer"),
         "num_evaluation": (None, _positive_int, "a positive integer"),
@@ -439,7 +440,7 @@ def run_pipeline(path: str | os.PathLike, fast: bool = False, out: str | None = 
     """
     from quantaware.checkpoint import load_checkpoint, save_checkpoint
     from quantaware.deploy_bench import write_json
-    from quantaware.sources import load_data, load_model, read_labels
+    from quantaware.sources import is_function_spec, load_data, load_model, read_labels
     from quantaware.workflow import (
         load_quantized,
         quantize_model,
@@ -479,14 +480,21 @@ def run_pipeline(path: str | os.PathLike, fast: bool = False, out: str | None = 
     d = cfg["data"]
     say("[2/6] data: " + d["train"])
     labels = read_labels(resolve(d["labels"])) if d["labels"] else None
-    common = {"batch_size": d["batch_size"], "size": d["image_size"],
-              "resize": d["image_resize"], "class_names": labels}
+    common = {"size": d["image_size"], "resize": d["image_resize"], "class_names": labels}
+
+    def batch_size(spec: str) -> int | None:
+        given = d["batch_size"]
+        return given if given is not None or is_function_spec(spec) else 64
+
     train_spec = resolve(d["train"])
-    train = load_data(train_spec, model, split="train", limit=d["num_train"], **common)
-    calib = load_data(resolve(d["calibration"]) or train_spec, model, split="train",
-                      limit=d["num_calibration"], **common)
-    evaluation = load_data(resolve(d["evaluation"]) or train_spec, model, split="test",
-                           limit=d["num_evaluation"], **common)
+    calib_spec = resolve(d["calibration"]) or train_spec
+    eval_spec = resolve(d["evaluation"]) or train_spec
+    train = load_data(train_spec, model, split="train", limit=d["num_train"],
+                      batch_size=batch_size(train_spec), **common)
+    calib = load_data(calib_spec, model, split="train", limit=d["num_calibration"],
+                      batch_size=batch_size(calib_spec), **common)
+    evaluation = load_data(eval_spec, model, split="test", limit=d["num_evaluation"],
+                           batch_size=batch_size(eval_spec), **common)
     data_fp = _fingerprint(cfg["model"], d, cfg["seed"])
 
     # 3. baseline

@@ -40,7 +40,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from quantaware._batch import check_finite, input_args, inputs_size, slice_inputs
+from quantaware._batch import (
+    cat_inputs,
+    check_finite,
+    input_args,
+    inputs_size,
+    map_inputs,
+    slice_inputs,
+)
 from quantaware._spec import load_spec
 
 __all__ = ["BUILTIN_DATA", "DataSource", "LabelsError", "LoadedModel", "SourceError", "load_data",
@@ -49,6 +56,7 @@ __all__ = ["BUILTIN_DATA", "DataSource", "LabelsError", "LoadedModel", "SourceEr
 BUILTIN_DATA = ("digits", "mnist1d")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 TEXT_SUFFIXES = (".txt",)
+DEFAULT_BATCH_SIZE = 32
 
 
 class SourceError(ValueError):
@@ -401,6 +409,33 @@ def _user_batches(spec: str, items: Iterable[Any], limit: int | None) -> tuple[l
     return batches, bool(labeled)
 
 
+def is_function_spec(spec: str) -> bool:
+    """Whether a data source names a ``MODULE:FUNCTION`` (not a file or folder).
+
+    Example:
+        >>> is_function_spec("mypkg.data:batches"), is_function_spec("digits")
+        (True, False)
+    """
+    return ":" in spec and not Path(spec).exists()
+
+
+def _regroup(spec: str, batches: list[Any], labeled: bool, batch_size: int) -> list[Any]:
+    """A function's batches joined and split again into ``batch_size`` samples."""
+    inputs = [b[0] if labeled else b for b in batches]
+    if all(inputs_size(x) == batch_size for x in inputs[:-1]) and (
+            inputs_size(inputs[-1]) <= batch_size):
+        return batches
+    shapes = {str(map_inputs(x, lambda v: tuple(v.shape[1:]))) for x in inputs}
+    if len(shapes) > 1:
+        raise SourceError(
+            f"{spec}: the batch size cannot regroup its batches, whose samples differ in "
+            f"shape ({', '.join(sorted(shapes)[:3])}); leave the batch size out to use the "
+            "batches as they are, or yield batches of the size you want")
+    x = cat_inputs(inputs)
+    y = torch.cat([b[1].reshape(-1) for b in batches]) if labeled else None
+    return _split(x, y, batch_size)
+
+
 def _truncate(batches: list[Any], labeled: bool, limit: int | None) -> list[Any]:
     if limit is None:
         return batches
@@ -474,7 +509,7 @@ def load_data(
     model: LoadedModel | None = None,
     *,
     split: str = "test",
-    batch_size: int = 32,
+    batch_size: int | None = None,
     limit: int | None = None,
     size: int = 224,
     resize: int | None = None,
@@ -488,7 +523,9 @@ def load_data(
             or ``MODULE:FUNCTION``.
         model: the model the data feeds (text files need its tokenizer).
         split: ``"train"`` or ``"test"`` for the built-in data sets.
-        batch_size: samples per batch.
+        batch_size: samples per batch (default 32; ``MODULE:FUNCTION`` data keeps
+            the function's own batches unless it is given, and is regrouped to it
+            when it is).
         limit: use at most this many samples.
         size, resize: image preprocessing (see :class:`ImageFolder`).
         labeled: image folders: force labelled (class subfolders) or unlabelled; by
@@ -504,8 +541,10 @@ def load_data(
     """
     if not isinstance(spec, str) or not spec:
         raise SourceError(f"data must be a non-empty string, got {spec!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if batch_size is not None and (isinstance(batch_size, bool)
+                                   or not isinstance(batch_size, int) or batch_size < 1):
         raise SourceError(f"batch size must be a positive integer, got {batch_size!r}")
+    regroup, batch_size = batch_size, batch_size or DEFAULT_BATCH_SIZE
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)
                               or limit < 1):
         raise SourceError(f"the sample limit must be a positive integer, got {limit!r}")
@@ -548,7 +587,7 @@ def load_data(
         batches = [model.tokenizer(sentences[i:i + batch_size])
                    for i in range(0, len(sentences), batch_size)]
         return DataSource(spec, batches, labeled=False)
-    if ":" in spec and not path.exists():
+    if is_function_spec(spec):
         try:
             factory = load_spec(spec)
         except ValueError as exc:
@@ -558,7 +597,10 @@ def load_data(
             raise SourceError(f"{spec} returned {type(items).__name__}; return an iterable of "
                               "batches (a list or a DataLoader)")
         batches, is_labeled = _user_batches(spec, items, limit)
-        return DataSource(spec, _truncate(batches, is_labeled, limit), labeled=is_labeled)
+        batches = _truncate(batches, is_labeled, limit)
+        if regroup is not None:
+            batches = _regroup(spec, batches, is_labeled, regroup)
+        return DataSource(spec, batches, labeled=is_labeled)
     if path.exists():
         raise SourceError(f"data file {spec!r} is not a source quantaware reads: use an image "
                           "folder, a .txt file of sentences, digits, mnist1d or MODULE:FUNCTION")

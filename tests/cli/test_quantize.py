@@ -317,6 +317,15 @@ def test_model_with_two_positional_inputs(tmp_path):
     session = ort.InferenceSession(str(out / "model-int8.onnx"),
                                    providers=["CPUExecutionProvider"])
     assert [tuple(i.shape[1:]) for i in session.get_inputs()] == [(1, 16), (3,)]
+    assert int8["batch"] == 16  # the function's own batches
+    json_path = tmp_path / "eval.json"
+    code, _, stderr = run_cli([  # --batch-size regroups them
+        "evaluate", "--model", str(out / "model-fp32.onnx"), "--quantized",
+        str(out / "model-int8.onnx"), "--data", "tests.cli._tiny:two_batches",
+        "--batch-size", "24", "--threads", "1", "--json", str(json_path)])
+    assert code == 0, stderr
+    regrouped = json.loads(json_path.read_text())
+    assert regrouped["models"][1]["batch"] == 24 and regrouped["samples"] == 64
 
 
 def test_quantize_for_litert_keeps_the_linear_before_gelu_integer(tmp_path):

@@ -36,8 +36,9 @@ def add_image_arguments(parser: argparse.ArgumentParser) -> None:
                         "in output order; class folders are matched by name (default: "
                         "folders named by integers are those class indices, others are "
                         "numbered in sorted order)")
-    parser.add_argument("--batch-size", type=int, default=16,
-                        help="samples per batch (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="samples per batch (default 16; MODULE:FUNCTION data keeps "
+                        "its own batches unless this is given)")
 
 
 def parse_input_shape(text: str | None) -> tuple[int, ...] | None:
@@ -72,14 +73,17 @@ def load_model(args: argparse.Namespace) -> Any:
 def load_data(args: argparse.Namespace, spec: str, model: Any, split: str,
               limit: int | None) -> Any:
     from quantaware.image_folder import ImageFolderError
-    from quantaware.sources import SourceError, load_data, read_labels
+    from quantaware.sources import SourceError, is_function_spec, load_data, read_labels
 
     positive("--batch-size", args.batch_size)
     positive("--size", args.size)
     positive("--resize", args.resize)
     try:
         names = read_labels(args.labels) if getattr(args, "labels", None) else None
-        return load_data(spec, model, split=split, batch_size=args.batch_size, limit=limit,
+        batch_size = args.batch_size
+        if batch_size is None and not is_function_spec(spec):
+            batch_size = 16
+        return load_data(spec, model, split=split, batch_size=batch_size, limit=limit,
                          size=args.size, resize=args.resize, class_names=names)
     except (SourceError, ImageFolderError) as exc:
         raise UsageError(str(exc)) from exc
