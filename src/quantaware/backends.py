@@ -50,6 +50,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from quantaware._native import native_stderr_filtered
+
 __all__ = [
     "BACKENDS",
     "ONNX_BACKENDS",
@@ -352,9 +354,10 @@ class LiteRTSession:
             raise OnnxModelError("the LiteRT model is empty (0 bytes); export it again with "
                                  "quantaware export --format tflite")
         try:
-            self._interpreter = interpreter.Interpreter(
-                model_content=model, num_threads=_check_threads(threads))
-            self._interpreter.allocate_tensors()
+            with native_stderr_filtered():  # "INFO: Created ... XNNPACK delegate"
+                self._interpreter = interpreter.Interpreter(
+                    model_content=model, num_threads=_check_threads(threads))
+                self._interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
             raise OnnxModelError(
                 f"LiteRT cannot load this model: {exc}. Check that it is a complete .tflite "

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from quantaware._files import atomic_path
+from quantaware._native import quiet_loggers
 from quantaware.fake_quant import FakeQuantizer
 from quantaware.nn.base import QuantMixin
 from quantaware.nn.embedding import QuantEmbedding
@@ -44,17 +45,6 @@ _FOLD_INPUT_SIZE_LIMIT = 8
 
 class ExportError(RuntimeError):
     """The model could not be exported; the message says why and what to change."""
-
-
-@contextlib.contextmanager
-def _quiet_logger(name: str):
-    logger = logging.getLogger(name)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def _export_copy(model: nn.Module) -> nn.Module:
@@ -658,7 +648,7 @@ def export_onnx(
         last = attempt == len(traced_inputs) - 1
         try:
             with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
-                    _quiet_logger("torch.onnx"):
+                    quiet_loggers("torch.onnx"):
                 warnings.simplefilter("ignore")
                 program = torch.onnx.export(export_model, inputs, **kwargs)
         except Exception as exc:

@@ -45,8 +45,9 @@ import torch
 from torch import fx, nn
 
 from quantaware._files import write_bytes
+from quantaware._native import native_stderr_filtered, quiet_loggers
 from quantaware.export.integer import int8_code
-from quantaware.export.onnx import ExportError, _export_copy, _quiet_logger
+from quantaware.export.onnx import ExportError, _export_copy
 from quantaware.nn.pool import ceil_mode_matters
 from quantaware.primitives import dequantize
 
@@ -67,7 +68,10 @@ _SAME_GRID = {
 
 def _import_litert() -> tuple[Any, Any, Any]:
     try:
-        with warnings.catch_warnings(), _quiet_logger("absl"):
+        # importing them logs optional kernels torchao lacks, a torch deprecation
+        # and absl's start-up lines: none concerns the export
+        with warnings.catch_warnings(), native_stderr_filtered(), \
+                quiet_loggers("absl", "torchao", "torch.utils._pytree"):
             warnings.simplefilter("ignore")
             import litert_torch
             from litert_torch.quantize.pt2e_quantizer import (
@@ -764,7 +768,8 @@ def export_tflite(
         raise ExportError(problem)
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
-                contextlib.redirect_stderr(io.StringIO()), _quiet_logger("root"):
+                contextlib.redirect_stderr(io.StringIO()), quiet_loggers("root"), \
+                native_stderr_filtered():
             warnings.simplefilter("ignore")
             if quantized:
                 program = torch.export.export(_export_copy(model), example_inputs)
@@ -917,11 +922,11 @@ def litert_layer_codes(path: str | os.PathLike, inputs: list[np.ndarray],
     """
     from quantaware.backends import _import_litert, _LiteRTTensor
 
-    with warnings.catch_warnings():  # "intended for debugging": that is the use here
-        warnings.simplefilter("ignore", UserWarning)
+    with warnings.catch_warnings(), native_stderr_filtered():
+        warnings.simplefilter("ignore", UserWarning)  # "intended for debugging": it is here
         interp = _import_litert().Interpreter(
             model_path=str(path), num_threads=threads, experimental_preserve_all_tensors=True)
-    interp.allocate_tensors()
+        interp.allocate_tensors()
     for detail, array in zip(interp.get_input_details(), inputs, strict=True):
         interp.set_tensor(detail["index"], _LiteRTTensor.of(detail).to_input(np.asarray(array)))
     interp.invoke()

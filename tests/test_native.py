@@ -1,0 +1,46 @@
+"""Native libraries' informational stderr lines are dropped; warnings and errors kept."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from quantaware._native import filter_native_lines, native_stderr_filtered, quiet_loggers
+
+
+def test_informational_lines_are_dropped_and_the_rest_kept_in_order(capfd):
+    with native_stderr_filtered():
+        os.write(2, b"WARNING: All log messages before absl::InitializeLog() is called are "
+                    b"written to STDERR\n")
+        os.write(2, b"I0000 00:00:1795424137.203372   12875 port.cc:153] oneDNN custom "
+                    b"operations are on.\n\n")
+        os.write(2, b"E0000 00:00:1795424137.2 12875 convert.cc:9] failed to legalize\n")
+        os.write(2, b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU.\n")
+        os.write(2, b"WARNING: kept\n")
+    err = capfd.readouterr().err
+    assert err == ("E0000 00:00:1795424137.2 12875 convert.cc:9] failed to legalize\n"
+                   "WARNING: kept\n")
+
+
+def test_output_survives_an_exception_in_the_block(capfd):
+    try:
+        with native_stderr_filtered():
+            os.write(2, b"fatal: details\n")
+            raise RuntimeError("boom")
+    except RuntimeError:
+        pass
+    assert capfd.readouterr().err == "fatal: details\n"
+    os.write(2, b"after\n")  # descriptor 2 is restored
+    assert capfd.readouterr().err == "after\n"
+
+
+def test_blank_lines_are_dropped_only_after_a_dropped_line():
+    assert filter_native_lines(b"a\n\nINFO: x\n\n\nb\n") == b"a\n\nb\n"
+
+
+def test_quiet_loggers_restores_the_levels():
+    logger = logging.getLogger("quantaware.test.quiet")
+    logger.setLevel(logging.INFO)
+    with quiet_loggers("quantaware.test.quiet"):
+        assert logger.level == logging.ERROR
+    assert logger.level == logging.INFO
