@@ -209,6 +209,32 @@ def test_qat_conv_bn_batch_stats_forward_matches_the_folded_reference():
     torch.testing.assert_close(c1.weight.grad, w.grad, rtol=1e-3, atol=1e-4)
 
 
+def test_qat_conv_bn_negative_gamma_on_a_grid_not_symmetric_about_zero():
+    """4-bit per-channel weights on [-8, 7]: a negative batch-norm scale mirrors the
+    folded weight, whose codes are then not the raw weight's; the training forward
+    still quantizes the folded (deployed) weight."""
+    from quantaware.config import PerChannel, QuantConfig
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 2, 3, bias=False), nn.BatchNorm2d(2))
+    with torch.no_grad():
+        net[1].weight.copy_(torch.tensor([1.0, -1.0]))
+    config = QuantConfig(weight=QuantSpec(bits=4, granularity=PerChannel(0)), activation=None)
+    x = torch.randn(8, 3, 6, 6)
+    model = prepare_qat(net, config, x[:1]).train()
+    conv = model.get_submodule("0")
+    bn = conv.bn
+    factor = (bn.weight * torch.rsqrt(bn.running_var + bn.eps)).detach().reshape(-1, 1, 1, 1)
+    folded = conv.weight.detach() * factor
+    scale = folded.abs().amax((1, 2, 3)) / 7.5
+    wq = fake_quantize(folded, scale, torch.zeros(2, dtype=torch.int32), -8, 7, 0)
+    want = nn.functional.batch_norm(nn.functional.conv2d(x, wq / factor), None, None,
+                                    bn.weight.detach(), bn.bias.detach(), True, 0.0, bn.eps)
+    with torch.no_grad():
+        got = model(x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 def test_distillation_loss_reference():
     s, t = torch.randn(4, 5), torch.randn(4, 5)
     y = torch.tensor([0, 1, 2, 3])

@@ -106,6 +106,11 @@ class _QuantConvBnMixin:
                 and wq.spec.symmetric and wq.axis in (0, -dims) and not bool(wq.calibrated)
                 and (wq.qmin + wq.qmax + 1) // 2 == 0)
 
+    def _fold_sign_commutes(self, wq: FakeQuantizer) -> bool:
+        """A negative fold factor mirrors the grid: ``quantize(-w) == -quantize(w)``
+        needs an integer range symmetric about 0 (``[-127, 127]``, not ``[-128, 127]``)."""
+        return wq.qmin == -wq.qmax or bool((self._bn_factor() > 0).all())
+
     def float_params(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The conv weight and bias with the batch norm's running statistics folded in."""
         if getattr(self, "bn", None) is None:  # already folded for export
@@ -128,10 +133,11 @@ class _QuantConvBnMixin:
         # statistics, then undo the fold and apply batch norm with batch statistics.
         wq = self.weight_quantizer
         shape = [1, -1] + [1] * (x.dim() - 2)
-        if self._fold_commutes(wq, self.weight.dim()):
+        if self._fold_commutes(wq, self.weight.dim()) and self._fold_sign_commutes(wq):
             # Symmetric per-channel scales from the weight's own range scale with the
             # channel: quantize(w * f) / f == quantize(w) (the folded weight's grid
-            # is the raw weight's grid times f), so the fold and its undoing cancel.
+            # is the raw weight's grid times |f|; a negative f needs a grid symmetric
+            # about 0), so the fold and its undoing cancel.
             # Same values up to float rounding, and the same straight-through
             # gradients as undoing the fold with a non-detached factor.
             y = self._conv_forward(x, wq(self.weight), None)
