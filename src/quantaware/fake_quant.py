@@ -148,6 +148,18 @@ class FakeQuantizer(nn.Module):
         """The scale the forward pass uses (learned quantizers project theirs)."""
         return self.scale
 
+    def deployed_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The calibrated ``(scale, zero_point)`` an export writes, detached: the
+        effective scale, and for a learned offset its rounded integer zero point.
+
+        Example:
+            >>> q = FakeQuantizer(QuantSpec(bits=8, symmetric=True))
+            >>> q.observe_only(); _ = q(torch.linspace(-1, 1, 11)); q.freeze()
+            >>> [round(float(v), 5) for v in q.deployed_qparams()]
+            [0.00784, 0.0]
+        """
+        return self.effective_scale().detach(), self.zero_point.detach()
+
     def qparams(self, x: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The qparams used for ``x`` (needed for ``from_tensor`` quantizers)."""
         if self.from_tensor and not bool(self.calibrated):
@@ -327,7 +339,7 @@ class LearnableFakeQuantizer(FakeQuantizer):
         ...                                       learned=True))
         >>> fq.observe_and_quantize()  # what prepare() sets up
         >>> _ = fq(torch.linspace(0, 1.5, 64))   # first batch initialises the scale
-        >>> round(float(fq.scale), 4), bool(fq.observer_enabled)
+        >>> round(float(fq.scale.detach()), 4), bool(fq.observer_enabled)
         (0.1, False)
         >>> fq(torch.tensor([0.33])).sum().backward(); fq.scale.grad is not None
         True
@@ -366,6 +378,13 @@ class LearnableFakeQuantizer(FakeQuantizer):
         projection (idempotent, so export stores the value used) keeps it valid.
         """
         return torch.clamp(torch.abs(self.scale), min=SCALE_EPS)
+
+    def deployed_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        zero_point = self.zero_point.detach()
+        if self.offset is not None:
+            zero_point = torch.clamp(torch.round(self.offset.detach()), self.qmin,
+                                     self.qmax).to(torch.int32)
+        return self.effective_scale().detach(), zero_point
 
     def _sync_zero_point(self) -> None:
         if self.offset is not None:

@@ -60,7 +60,8 @@ def histograms_from_model(model: nn.Module, limit: int | None = None) -> list[di
         obs = q.observer
         if not isinstance(obs, HistogramObserver) or not obs.observed or not bool(q.calibrated):
             continue
-        scale, zp = float(q.scale), int(q.zero_point)
+        scale_t, zp_t = q.deployed_qparams()
+        scale, zp = float(scale_t), int(zp_t)
         out.append({
             "name": name,
             "edges": obs.bin_edges().tolist(),

@@ -124,3 +124,21 @@ def test_saturated_low_bit_codes_are_read_after_their_clip(tmp_path):
     rows = compare_layers(path, q, wide)
     assert len(rows) >= 5
     assert first_divergence(rows) is None, first_divergence(rows)
+
+
+def test_a_learned_scale_pushed_negative_is_read_as_the_scale_used(tmp_path):
+    """A training step can push a learned scale through zero; the quantizer uses
+    |scale| and the export writes it, so the layer check must read the same value
+    (it read the raw negative one and reported a false divergence)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    x = torch.randn(64, 8)
+    q = quantaware.quantize(net, presets.W4A4, [x], x[:1]).eval()
+    with torch.no_grad():
+        before = q(x)
+        q.get_submodule("2.output_quantizer").scale.neg_()
+        assert torch.equal(q(x), before)
+    path = quantaware.export_onnx(q, tmp_path / "m.onnx", x[:1])
+    rows = compare_layers(path, q, x)
+    assert "2.output_quantizer" in [r.name for r in rows]
+    assert first_divergence(rows) is None, first_divergence(rows)

@@ -132,8 +132,8 @@ def _quantize_nodes(proto: onnx.ModelProto, names: set[str]) -> list[tuple[str, 
 
 
 def _key(q: FakeQuantizer) -> _Key:
-    return (float(q.scale.detach().float().reshape(-1)[0]),
-            int(q.zero_point.detach().reshape(-1)[0]))
+    scale, zero_point = q.deployed_qparams()
+    return float(scale.float().reshape(-1)[0]), int(zero_point.reshape(-1)[0])
 
 
 def _disambiguate(pairs: list[tuple[str, str, _Key]], quantizers: dict[str, FakeQuantizer],
@@ -167,8 +167,9 @@ def _torch_codes(model: nn.Module, quantizers: dict[str, FakeQuantizer],
     def hook(name: str, q: FakeQuantizer):
         def record(_module, _inputs, output):
             calls[name] = calls.get(name, 0) + 1
-            scale = q.scale.reshape(-1)[0] if q.scale.dim() else q.scale
-            value = torch.round(output.detach().float() / scale) + q.zero_point.float()
+            scale, zero_point = q.deployed_qparams()
+            scale = scale.reshape(-1)[0] if scale.dim() else scale
+            value = torch.round(output.detach().float() / scale) + zero_point.float()
             codes[name] = value.cpu().numpy().astype(np.int64)
         return record
 

@@ -385,8 +385,10 @@ def _litert_layers(path: Path, model: nn.Module, batch: Any, threads: int,
     sample = tuple(a[:max(n, 1)] for a, n in zip(args, sizes, strict=False))
     ref = _torch_codes(model, quantizers, (sample,))
     shift = {name: -int8_code(0, q.qmin) for name, q in quantizers.items()}
-    wanted = {name: (float(q.scale), int(q.zero_point) - shift[name], ref[name] - shift[name])
-              for name, q in quantizers.items() if name in ref}
+    deployed = {name: q.deployed_qparams() for name, q in quantizers.items()}
+    wanted = {name: (float(deployed[name][0]), int(deployed[name][1]) - shift[name],
+                     ref[name] - shift[name])
+              for name in quantizers if name in ref}
     found = litert_layer_codes(path, [a.detach().cpu().numpy() for a in sample], wanted,
                                threads)
     values = {tensor: codes.astype(np.int64) + shift[name]
