@@ -397,6 +397,19 @@ def test_choose_qparams_scalar_is_bitwise_choose_qparams(symmetric, qmin, qmax):
     assert [z for _, z in got] == zero_point.tolist()
 
 
+def test_a_range_wider_than_float32_is_refused_not_given_an_infinite_scale():
+    lo, hi = torch.tensor([-3e38, -1.0]), torch.tensor([3e38, 1.0])
+    with pytest.raises(ValueError, match="width exceeds float32"):
+        choose_qparams(lo, hi, 0, 255, symmetric=False)
+    with pytest.raises(ValueError, match="width exceeds float32"):
+        choose_qparams_scalar(-3e38, 3e38, 0, 255, symmetric=False)
+    edge = float(torch.finfo(torch.float32).max)  # the widest range that still fits
+    assert choose_qparams_scalar(0.0, edge, 0, 255, False)[0] == float(
+        choose_qparams(torch.tensor(0.0), torch.tensor(edge), 0, 255, False)[0])
+    scale, _ = choose_qparams(lo, hi, -128, 127, symmetric=True)  # symmetric: max |x|
+    assert torch.isfinite(scale).all()
+
+
 @pytest.mark.parametrize(("lo", "hi"), [(float("nan"), 1.0), (0.0, float("inf"))])
 def test_choose_qparams_scalar_rejects_non_finite_ranges(lo, hi):
     with pytest.raises(ValueError, match="NaN/Inf"):

@@ -155,6 +155,8 @@ def choose_qparams(
     min_neg = torch.clamp(min_val, max=0.0)
     max_pos = torch.clamp(max_val, min=0.0)
     scale = torch.clamp((max_pos - min_neg) / float(qmax - qmin), min=SCALE_EPS)
+    if not all_finite(scale):  # max - min beyond float32's largest value
+        raise ValueError(_RANGE_TOO_WIDE)
     zero_point = qmin - torch.round(min_neg / scale)
     zero_point = torch.clamp(zero_point, qmin, qmax).to(torch.int32)
     return scale.to(torch.float32), zero_point
@@ -164,8 +166,12 @@ _FLOAT32 = struct.Struct("f")
 
 
 def _f32(value: float) -> float:
-    """``value`` rounded to the nearest float32 (as a Python float)."""
-    return _FLOAT32.unpack(_FLOAT32.pack(value))[0]
+    """``value`` rounded to the nearest float32 (as a Python float); beyond float32's
+    range, an infinity (older Pythons' ``struct`` raises there instead)."""
+    try:
+        return _FLOAT32.unpack(_FLOAT32.pack(value))[0]
+    except OverflowError:
+        return math.copysign(math.inf, value)
 
 
 def choose_qparams_scalar(min_val: float, max_val: float, qmin: int, qmax: int,
@@ -190,11 +196,18 @@ def choose_qparams_scalar(min_val: float, max_val: float, qmin: int, qmax: int,
         scale = max(_f32(max(hi, -lo) / ((qmax - qmin) / 2)), SCALE_EPS)
         return scale, (qmin + qmax + 1) // 2
     min_neg, max_pos = min(lo, 0.0), max(hi, 0.0)
-    scale = max(_f32(_f32(max_pos - min_neg) / float(qmax - qmin)), SCALE_EPS)
+    width = _f32(max_pos - min_neg)
+    if math.isinf(width):  # rounds beyond float32's largest value, as the tensor's does
+        raise ValueError(_RANGE_TOO_WIDE)
+    scale = max(_f32(width / float(qmax - qmin)), SCALE_EPS)
     zero_point = qmin - round(_f32(min_neg / scale))
     return scale, int(min(max(zero_point, qmin), qmax))
 
 
+_RANGE_TOO_WIDE = (
+    "cannot choose qparams: the range's width exceeds float32's largest value (3.4e38); "
+    "check the data for overflowed values near float32's limits"
+)
 _NON_FINITE_RANGE = (
     "cannot choose qparams from a non-finite range (NaN/Inf seen, or never observed); "
     "check the calibration data for NaN/Inf values"
