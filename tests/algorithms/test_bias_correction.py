@@ -2,10 +2,12 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 from quantaware import calibrate, prepare, presets
 from quantaware.algorithms import bias_correction
+from quantaware.config import PerChannel, QuantConfig, QuantSpec
 
 
 def test_bias_correction_reduces_mean_output_error(net, images):
@@ -38,3 +40,29 @@ def test_bias_correction_one_pass_equals_layer_by_layer(net, images):
     only = bias_correction.apply(copy.deepcopy(q), images[:1])
     for a, b in zip(first.parameters(), only.parameters(), strict=True):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("kind", ["sequence_linear", "transposed_conv", "conv1d"])
+def test_bias_correction_per_output_channel_of_every_layer_kind(kind):
+    """A linear layer on (N, L, F) has its channels last (they were read from the
+    sequence axis: wrong corrections when L == F, a crash otherwise); a transposed
+    conv without bias gets one of its output channels (it crashed)."""
+    torch.manual_seed(0)
+    layer, x, dims = {
+        "sequence_linear": (torch.nn.Linear(16, 8),
+                            torch.randn(64, 8, 16) + torch.linspace(-3, 3, 8).reshape(1, 8, 1),
+                            (0, 1)),
+        "transposed_conv": (torch.nn.ConvTranspose2d(4, 6, 2, stride=2, bias=False),
+                            torch.rand(32, 4, 5, 5) * 3, (0, 2, 3)),
+        "conv1d": (torch.nn.Conv1d(4, 6, 3), torch.rand(32, 4, 20) * 3, (0, 2)),
+    }[kind]
+    net = torch.nn.Sequential(layer).eval()
+    config = QuantConfig(weight=QuantSpec(bits=3, narrow_range=True,
+                                          granularity=PerChannel(0)), activation=None)
+    q = calibrate(prepare(net, config, x[:1]), [x])
+    with torch.no_grad():
+        before = (q(x) - net(x)).mean(dims).abs().max()
+    bias_correction.apply(q, [x[:16], x[16:]])
+    with torch.no_grad():
+        after = (q(x) - net(x)).mean(dims).abs().max()
+    assert before > 0.005 and after < 1e-4, (float(before), float(after))

@@ -70,6 +70,8 @@ def pre_activation(module: nn.Module, x: torch.Tensor, weight: torch.Tensor | No
         w = weight
     if isinstance(module, nn.Linear):
         return F.linear(x, w, b)
+    if hasattr(module, "transposed_forward"):
+        return module.transposed_forward(x, w, b)
     return module._conv_forward(x, w, b)
 
 
@@ -96,16 +98,17 @@ def capture(model: nn.Module, modules: list[nn.Module], data: Iterable[Any],
             h.remove()
 
 
-def channel_mean(y: torch.Tensor) -> torch.Tensor:
-    """Mean over every dimension but the channel one (1 for NC..., last for linear)."""
-    if y.dim() == 2:
-        return y.mean(0)
+def channel_mean(module: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    """Mean of ``module``'s output ``y`` over every dimension but the channel one: the
+    last for a linear layer (``(N, F)``, ``(N, L, F)``, ...), 1 for a conv (``NC...``)."""
+    if isinstance(module, nn.Linear):
+        return y.reshape(-1, y.shape[-1]).mean(0)
     return y.transpose(0, 1).reshape(y.shape[1], -1).mean(1)
 
 
 def ensure_bias(module: nn.Module) -> None:
     """Give a layer without bias a zero bias (algorithms that correct it need one)."""
     if module.bias is None:
-        module.bias = nn.Parameter(torch.zeros(module.weight.shape[0],
-                                               dtype=module.weight.dtype,
+        channels = getattr(module, "out_channels", None) or module.weight.shape[0]
+        module.bias = nn.Parameter(torch.zeros(channels, dtype=module.weight.dtype,
                                                device=module.weight.device))

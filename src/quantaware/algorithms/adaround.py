@@ -46,7 +46,7 @@ from torch import nn
 from quantaware.algorithms._layers import capture, float_reference, weighted_layers
 from quantaware.fake_quant import FakeQuantizer
 
-__all__ = ["LayerResult", "apply"]
+__all__ = ["LayerResult", "apply", "unsupported"]
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,18 @@ class LayerResult:
     kept_nearest: bool
 
 
+def unsupported(module: nn.Module) -> str | None:
+    """Why AdaRound cannot round ``module``'s weight, or ``None`` when it can."""
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        return "a transposed convolution"
+    if getattr(module, "bn", None) is not None:
+        return ("a QAT conv + batch norm, whose quantized weight is folded with live "
+                "statistics; run AdaRound on the model from quantaware.quantize/prepare")
+    if isinstance(module, nn.Conv3d):
+        return "a 3-d convolution"
+    return None
+
+
 def _patches(module: nn.Module, x: torch.Tensor, count: int, gen: torch.Generator
              ) -> torch.Tensor:
     """``count`` random input rows: conv patches ``(count, groups, K)`` or linear rows."""
@@ -71,11 +83,18 @@ def _patches(module: nn.Module, x: torch.Tensor, count: int, gen: torch.Generato
         rows = x.reshape(-1, x.shape[-1])
         idx = torch.randperm(rows.shape[0], generator=gen)[:count]  # distinct rows
         return rows[idx].unsqueeze(1)
-    kh, kw = module.kernel_size
-    sh, sw = module.stride
-    dh, dw = module.dilation
-    ph, pw = module.padding
-    xp = F.pad(x, (pw, pw, ph, ph))
+    # The padding the conv itself applies ('same', reflect, ...), then a 1-d conv
+    # as a 2-d one of height 1.
+    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+    xp = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
+    if x.dim() == 3:
+        xp = xp.unsqueeze(2)
+        (kh, kw), (sh, sw), (dh, dw) = ((1, *module.kernel_size), (1, *module.stride),
+                                        (1, *module.dilation))
+    else:
+        kh, kw = module.kernel_size
+        sh, sw = module.stride
+        dh, dw = module.dilation
     n, c, h, w = xp.shape
     oh, ow = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
     bi = torch.randint(n, (count,), generator=gen)
@@ -209,6 +228,16 @@ def apply(
         if unknown:
             raise ValueError(f"unknown or non-integer-weight layer(s) {sorted(unknown)[:3]}")
         order = [(n, m) for n, m in order if n in wanted]
+        refused = [(n, unsupported(m)) for n, m in order if unsupported(m)]
+        if refused:
+            name, why = refused[0]
+            raise ValueError(f"AdaRound cannot round layer {name!r}: it is {why}; leave it "
+                             "out of layers (it keeps nearest rounding)")
+    skipped = [n for n, m in order if unsupported(m)]
+    if skipped:
+        log.warning("AdaRound: %d layer(s) keep nearest rounding (%s): %s", len(skipped),
+                    unsupported(dict(order)[skipped[0]]), ", ".join(skipped[:5]))
+        order = [(n, m) for n, m in order if n not in skipped]
     if not order:
         log.warning("AdaRound: no integer-weight layer to round")
         return {}

@@ -42,7 +42,7 @@ def _means(model: nn.Module, layers: list[nn.Module],
     sums: dict[int, list[torch.Tensor]] = {}
 
     def record(module: nn.Module, x: torch.Tensor) -> None:
-        mean = channel_mean(pre_activation(module, x))
+        mean = channel_mean(module, pre_activation(module, x))
         sums.setdefault(id(module), []).append(mean * x.shape[0])
 
     capture(model, layers, data, record)
@@ -142,6 +142,12 @@ def apply(model: nn.Module, data: Iterable[Any], reference: nn.Module | None = N
     if not data:
         raise ValueError("bias correction needs data: pass at least one batch")
     layers = weighted_layers(model, data)
+    live = [n for n, m in layers if getattr(m, "bn", None) is not None]
+    if live:  # a QAT conv + batch norm: its bias is scaled by the fold, and cancelled
+        # by batch statistics in training; correct the model quantize/prepare give
+        log.warning("bias correction: %d QAT conv + batch norm layer(s) left as they are: "
+                    "%s", len(live), ", ".join(live[:5]))
+        layers = [(n, m) for n, m in layers if n not in live]
     if not layers:
         log.warning("bias correction: no integer-weight layer found; nothing to correct")
         return model
@@ -154,7 +160,7 @@ def apply(model: nn.Module, data: Iterable[Any], reference: nn.Module | None = N
         name = names[id(module)]
         if name in corrected:  # a layer called twice in one pass keeps its first correction
             return
-        _subtract(module, name, channel_mean(pre_activation(module, x)) - ref[name] / total)
+        _subtract(module, name, channel_mean(module, pre_activation(module, x)) - ref[name] / total)
         corrected.add(name)
 
     if len(data) == 1:

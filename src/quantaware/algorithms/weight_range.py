@@ -56,7 +56,9 @@ def apply(model: nn.Module, layers: Iterable[str] | None = None, max_bits: int =
         wq = module.weight_quantizer
         if not isinstance(wq, FakeQuantizer) or wq.spec.bits > max_bits:
             continue
-        lo, hi = mse_weight_range(module.weight, wq.qmin, wq.qmax, wq.spec.symmetric,
+        # The weight the quantizer sees: a QAT conv's is folded with its batch norm.
+        weight = module.float_params()[0].detach()
+        lo, hi = mse_weight_range(weight, wq.qmin, wq.qmax, wq.spec.symmetric,
                                   axis=wq.axis, candidates=candidates)
         wq.load_qparams(*choose_qparams(lo, hi, wq.qmin, wq.qmax, wq.spec.symmetric))
         count += 1
