@@ -115,16 +115,36 @@ def kl_divergence(p: np.ndarray, q: np.ndarray) -> float:
 
 
 def _abs_histogram(histogram: np.ndarray, hist_min: float,
-                   hist_max: float) -> tuple[np.ndarray, float]:
-    """Fold a histogram onto ``|x|`` with the same number of bins over ``[0, max|x|]``."""
-    bins = histogram.size
+                   hist_max: float) -> tuple[np.ndarray, float, int]:
+    """Fold a histogram onto ``|x|`` with the same number of bins over ``[0, max|x|]``.
+
+    Each bin's count is spread over the ``|x|`` bins it overlaps, in proportion
+    (counts uniform within a bin), from the piecewise-linear cumulative count:
+    the ``|x|`` bins are narrower than the signed ones, and moving each whole bin
+    to one of them left every other ``|x|`` bin empty, a comb the KL search read
+    as a much narrower distribution (a threshold 20-40% low on normal data).
+
+    Returns:
+        ``(counts, max|x|, zero_bins)``: the leading ``zero_bins`` bins cover the
+        signed bin that holds 0, where exact zeros (ReLU-like outputs) pile up.
+    """
+    counts = np.asarray(histogram, dtype=np.float64)
+    bins = counts.size
     if hist_min >= 0.0 and hist_min <= (hist_max - hist_min) / bins:
-        return np.asarray(histogram, dtype=np.float64), hist_max
-    width = (hist_max - hist_min) / bins
-    centers = np.abs(hist_min + width * (np.arange(bins) + 0.5))
+        return counts, hist_max, 1
     amax = max(abs(hist_min), abs(hist_max))
-    idx = np.clip(np.floor(centers / amax * bins).astype(np.int64), 0, bins - 1)
-    return np.bincount(idx, weights=histogram, minlength=bins).astype(np.float64), amax
+    edges = np.linspace(hist_min, hist_max, bins + 1)
+    cumulative = np.concatenate([[0.0], np.cumsum(counts)])
+    t = np.linspace(0.0, amax, bins + 1)
+    inside = np.interp(t, edges, cumulative) - np.interp(-t, edges, cumulative)
+    folded = np.maximum(np.diff(inside), 0.0)
+    zero_bins = 1
+    if hist_min < 0.0 < hist_max:
+        width = (hist_max - hist_min) / bins
+        j = min(int((0.0 - hist_min) // width), bins - 1)
+        reach = max(abs(edges[j]), abs(edges[j + 1]))
+        zero_bins = min(int(np.ceil(reach / amax * bins)), bins - 1)
+    return folded, amax, max(zero_bins, 1)
 
 
 def entropy_threshold(abs_hist: np.ndarray, num_quantized_bins: int) -> int:
@@ -169,8 +189,8 @@ def entropy_range(histogram: np.ndarray, hist_min: float, hist_max: float,
                   levels: int) -> tuple[float, float]:
     """TensorRT's KL-divergence range for a histogram over ``[hist_min, hist_max]``.
 
-    The search runs on the histogram of ``|x|`` with its zero bin levelled to its
-    neighbour (as TensorRT's calibrator does); one-signed data gets all ``levels``
+    The search runs on the histogram of ``|x|`` with the bin(s) holding 0 levelled to
+    their neighbour (as TensorRT's calibrator does with its zero bin); one-signed data gets all ``levels``
     integer levels over ``[0, t]``, signed data half of them per side.
 
     Example:
@@ -181,7 +201,7 @@ def entropy_range(histogram: np.ndarray, hist_min: float, hist_max: float,
         >>> bool(0.0 <= lo < hi < edges[-1])
         True
     """
-    abs_hist, amax = _abs_histogram(histogram, hist_min, hist_max)
+    abs_hist, amax, zero_bins = _abs_histogram(histogram, hist_min, hist_max)
     signed = hist_min < 0.0 < hist_max
     # The first bin holds the exact zeros of ReLU outputs (often half the mass). Any
     # candidate that merges it with its neighbour smears that spike and scores a
@@ -189,9 +209,9 @@ def entropy_range(histogram: np.ndarray, hist_min: float, hist_max: float,
     # still keeps one bin per level (clipping ReLU6 outputs to a quarter of their
     # range on MobileNetV2). TensorRT's pytorch-quantization calibrator levels the
     # spike the same way before its search.
-    if abs_hist.size > 1:
+    if abs_hist.size > zero_bins:
         abs_hist = abs_hist.copy()
-        abs_hist[0] = abs_hist[1]
+        abs_hist[:zero_bins] = abs_hist[zero_bins]
     kept = entropy_threshold(abs_hist, levels // 2 if signed else levels)
     threshold = amax * kept / abs_hist.size
     if hist_min >= 0.0:
