@@ -68,3 +68,16 @@ def test_smoothing_rejects_bad_alpha():
     for bad in (1.5, -0.1, "best"):
         with pytest.raises(ValueError, match="alpha must be"):
             smooth_quant(prepared, [x], alpha=bad)
+
+
+def test_smoothing_twice_is_refused_and_keeps_the_float_function():
+    """A second call measured the raw inputs, replaced the quantizers' factors and
+    multiplied the weights again: the float function was off by 200."""
+    x, net = _outlier_data(), _mlp()
+    prepared = quantaware.prepare(net, presets.INT8, x[:1])
+    smooth_quant(prepared, [x])
+    with pytest.raises(ValueError, match="already applied"):
+        smooth_quant(prepared, [x])
+    for _, q in quantaware.prepare.__globals__["quantizers"](prepared):
+        q.disable()
+    torch.testing.assert_close(prepared(x), net(x), rtol=1e-4, atol=1e-4)

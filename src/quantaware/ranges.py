@@ -190,8 +190,9 @@ def entropy_range(histogram: np.ndarray, hist_min: float, hist_max: float,
     """TensorRT's KL-divergence range for a histogram over ``[hist_min, hist_max]``.
 
     The search runs on the histogram of ``|x|`` with the bin(s) holding 0 levelled to
-    their neighbour (as TensorRT's calibrator does with its zero bin); one-signed data gets all ``levels``
-    integer levels over ``[0, t]``, signed data half of them per side.
+    their neighbour (as TensorRT's calibrator does with its zero bin); one-signed data
+    gets all ``levels`` integer levels over ``[0, t]``, signed data half of them per
+    side.
 
     Example:
         >>> import numpy as np

@@ -121,6 +121,9 @@ def smooth_quant(model: nn.Module, data: Iterable[Any], alpha: float | str = 0.5
     targets = _targets(model)
     if not targets:
         return 0
+    if any("smoothing" in q._buffers for q, _ in targets.values()):
+        raise ValueError("smooth_quant was already applied to this model (its weights carry "
+                         "the factors); apply it once, to a freshly prepared model")
     amax: dict[int, torch.Tensor] = {}
     rows: dict[int, list[torch.Tensor]] = {}
 
