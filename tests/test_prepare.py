@@ -23,6 +23,7 @@ from quantaware.nn import (
     QuantMatmul,
 )
 from quantaware.prepare import UnsupportedLayerError, quantizers
+from quantaware.qat import prepare_qat
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -381,6 +382,37 @@ def test_a_layer_used_again_keeps_the_input_quantizer_its_first_call_needs():
     assert torch.equal(seen[0], torch.sigmoid(seen[1]))  # the float input of the first call
     with torch.no_grad():  # ... is quantized inside the layer, with the shared quantizer
         assert not torch.equal(q(seen[0]), seen[0])
+
+
+@pytest.mark.parametrize("after_first_call", ["relu", "batch_norm"])
+@pytest.mark.parametrize("qat", [False, True])
+def test_a_layer_called_twice_keeps_what_follows_one_call_out_of_the_other(
+        after_first_call, qat):
+    """A ReLU or batch norm after the first call of a shared conv was fused or folded
+    into the conv, so the second call applied it too (relative error 0.76 / 2.2)."""
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(4, 4, 3, padding=1)
+            self.after = nn.ReLU() if after_first_call == "relu" else nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.c(self.after(self.c(x))).mean((2, 3))
+
+    torch.manual_seed(0)
+    net = Shared()
+    if after_first_call == "batch_norm":
+        with torch.no_grad():
+            net.after.running_mean.uniform_(-2, 2)
+            net.after.running_var.uniform_(0.1, 4)
+    net.eval()
+    x = torch.randn(64, 4, 8, 8)
+    prepare_fn = prepare_qat if qat else quantaware.prepare
+    model = quantaware.calibrate(prepare_fn(net, presets.INT8, x[:1]), [x]).eval()
+    with torch.no_grad():
+        ref = net(x)
+        error = float((model(x) - ref).norm() / ref.norm())
+    assert error < 0.05, error
 
 
 def test_antialiased_resize_stays_float():

@@ -20,6 +20,7 @@ warning (functional adds/concats then stay float).
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import functools
@@ -169,18 +170,27 @@ def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
     return gm.get_submodule(node.target) if node.op == "call_module" else None
 
 
+def _shared_modules(gm: fx.GraphModule) -> set[str]:
+    """Modules called at several places (shared weights): none may take in a batch
+    norm or an activation that follows only one of its calls."""
+    calls = collections.Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+    return {target for target, count in calls.items() if count > 1}
+
+
 def _is_tensor(node: Any) -> bool:
     return isinstance(node, fx.Node) and "tensor_meta" in node.meta
 
 
 def _fold_batchnorms(gm: fx.GraphModule) -> None:
+    shared = _shared_modules(gm)
     for node in list(gm.graph.nodes):
         bn = _module(gm, node)
         if bn is None or not node.args or not isinstance(node.args[0], fx.Node):
             continue
         prev = node.args[0]
         layer = _module(gm, prev)
-        if layer is None or len(prev.users) != 1 or not can_fold(layer, bn):
+        if (layer is None or len(prev.users) != 1 or prev.target in shared
+                or not can_fold(layer, bn)):
             continue
         gm.add_submodule(prev.target, fold_bn(layer, bn))
         node.replace_all_uses_with(prev)
@@ -355,12 +365,13 @@ def _activation_of(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
 
 
 def _fuse_activations(gm: fx.GraphModule) -> None:
+    shared = _shared_modules(gm)
     for node in list(gm.graph.nodes):
         module = _module(gm, node)
         if (not isinstance(module, QuantMixin) or module.output_quantizer is None
                 or isinstance(module, QuantUpsample)):  # no backend fuses one into a resize
             continue
-        if len(node.users) != 1 or module.activation is not None:
+        if len(node.users) != 1 or module.activation is not None or node.target in shared:
             continue
         user = next(iter(node.users))
         act = _activation_of(gm, user)

@@ -208,12 +208,13 @@ class QATSchedule:
 
 def _pair_conv_bn(model: nn.Module, example_inputs: tuple) -> nn.Module:
     """A traced copy of ``model`` with each conv -> BN pair replaced by a ConvBn module."""
-    from quantaware.prepare import _module, _trace
+    from quantaware.prepare import _module, _shared_modules, _trace
 
     gm = _trace(copy.deepcopy(model).eval(), example_inputs)
     if gm is None:
         return model
     paired = 0
+    shared = _shared_modules(gm)
     for node in list(gm.graph.nodes):
         bn = _module(gm, node)
         if bn is None or not node.args or not isinstance(node.args[0], fx.Node):
@@ -222,7 +223,8 @@ def _pair_conv_bn(model: nn.Module, example_inputs: tuple) -> nn.Module:
         conv = _module(gm, prev)
         container = next((c for (ct, bt), c in _CONV_BN.items()
                           if type(conv) is ct and type(bn) is bt), None)
-        if container is None or len(prev.users) != 1 or not can_fold(conv, bn):
+        if (container is None or len(prev.users) != 1 or prev.target in shared
+                or not can_fold(conv, bn)):
             continue
         gm.add_submodule(prev.target, container(conv, bn))
         node.replace_all_uses_with(prev)
