@@ -104,3 +104,29 @@ def test_images_outside_class_folders_of_a_labeled_folder(photo_folder):
 def test_bad_options(photo_folder, kwargs):
     with pytest.raises(ImageFolderError):
         ImageFolder(photo_folder, **kwargs)
+
+
+def test_a_limit_takes_images_from_every_class(tmp_path):
+    """The first N sorted images are the first classes only: calibration on 256 images
+    of a 100-class folder saw two classes. A limit spreads over the list."""
+    for c in range(4):
+        (tmp_path / f"c{c}").mkdir()
+        for i in range(5):
+            PIL.fromarray(np.full((8, 8, 3), 40 * c + i, np.uint8)).save(
+                tmp_path / f"c{c}" / f"{i}.png")
+    folder = ImageFolder(tmp_path, size=8)
+    labels = torch.cat([y for _, y in folder.batches(3, limit=8)]).tolist()
+    assert sorted(labels) == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert torch.cat([y for _, y in folder.batches(7)]).tolist() == [
+        label for _, label in folder.samples]  # no limit: all, in order
+
+
+def test_16_bit_greyscale_is_scaled_not_clipped(tmp_path):
+    """Converting a 16-bit PNG to RGB clips at 255: a 0..65535 ramp came out white."""
+    ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    PIL.fromarray(ramp).save(tmp_path / "ramp16.png")
+    PIL.fromarray((ramp // 257).astype(np.uint8)).save(tmp_path / "ramp8.png")
+    folder = ImageFolder(tmp_path, labeled=False, size=32)
+    names = [path.name for path, _ in folder.samples]
+    sixteen, eight = (folder[names.index(n)] for n in ("ramp16.png", "ramp8.png"))
+    torch.testing.assert_close(sixteen, eight, atol=0.02, rtol=0)

@@ -72,13 +72,15 @@ class Frame:
 
 
 def _read_image(path: Path) -> np.ndarray:
+    from quantaware.image_folder import rgb8
+
     try:
         from PIL import Image, UnidentifiedImageError
     except ImportError as exc:
         raise ImportError("reading images needs Pillow: pip install pillow") from exc
     try:
         with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"), dtype=np.uint8)
+            return rgb8(image)
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
         raise FrameSourceError(f"cannot read image {str(path)!r}: {exc}. Replace or remove the "
                           "file.") from exc

@@ -29,6 +29,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,6 +42,17 @@ __all__ = ["IMAGE_EXTENSIONS", "ImageFolder", "ImageFolderError", "preprocess"]
 
 # What Pillow reads without plugins.
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
+
+
+def rgb8(image: Any) -> np.ndarray:
+    """An opened PIL image as ``(H, W, 3)`` uint8 RGB. 16-bit greyscale (PNG/TIFF,
+    modes ``I;16*`` and ``I``) is scaled by 255/65535: converting it to RGB directly
+    clips every value above 255, turning the photo white."""
+    if image.mode.startswith("I;16") or (image.mode == "I" and image.getextrema()[1] > 255):
+        grey = np.asarray(image, dtype=np.float64) * (255.0 / 65535.0)
+        grey = np.clip(np.rint(grey), 0, 255).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=-1)
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 
 class ImageFolderError(ValueError):
@@ -169,7 +181,7 @@ class ImageFolder(Dataset):
             raise ImportError("reading image folders needs Pillow: pip install pillow") from exc
         try:
             with Image.open(path) as image:
-                pixels = np.asarray(image.convert("RGB"), dtype=np.uint8)
+                pixels = rgb8(image)
         except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
             raise ImageFolderError(f"cannot read image {str(path)!r}: {exc}. Replace or "
                                    "remove the file.") from exc
@@ -182,14 +194,20 @@ class ImageFolder(Dataset):
 
     def batches(self, batch_size: int = 32, limit: int | None = None
                 ) -> list[torch.Tensor] | list[tuple[torch.Tensor, torch.Tensor]]:
-        """The (first ``limit``) images as a list of batches: tensors, or
-        ``(images, labels)`` for a labelled folder."""
+        """The images as a list of batches: tensors, or ``(images, labels)`` for a
+        labelled folder.
+
+        ``limit`` takes that many images spread evenly over the sorted list (not
+        its first ones, which in a labelled folder are the first classes only), so
+        every class contributes in proportion to its size.
+        """
         if batch_size < 1:
             raise ImageFolderError(f"batch_size must be >= 1, got {batch_size}")
         count = len(self) if limit is None else min(limit, len(self))
+        chosen = [i * len(self) // count for i in range(count)]
         out = []
         for start in range(0, count, batch_size):
-            items = [self[i] for i in range(start, min(start + batch_size, count))]
+            items = [self[i] for i in chosen[start:start + batch_size]]
             if self.labeled:
                 out.append((torch.stack([x for x, _ in items]),
                             torch.tensor([y for _, y in items])))
