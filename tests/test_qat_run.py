@@ -38,7 +38,16 @@ def test_bad_settings_are_refused_before_any_training(field, value, message):
 
 def test_resuming_a_checkpoint_of_another_preset_is_refused(tmp_path):
     saved = dataclasses.asdict(QATRunSettings(preset="INT8"))
-    _check_same_run(tmp_path / "epoch_001.pt", saved, QATRunSettings(preset="INT8", epochs=3))
+    _check_same_run(tmp_path / "epoch_001.pt", saved, QATRunSettings(preset="INT8", seed=3))
+    # the learning-rate schedule restores its length from the checkpoint: other epochs
+    # would train on a schedule that does not end with the run
+    with pytest.raises(ValueError, match="epochs 10, this run has 3; resume with the same "
+                                         "--epochs"):
+        _check_same_run(tmp_path / "epoch_001.pt", saved, QATRunSettings(preset="INT8",
+                                                                          epochs=3))
+    with pytest.raises(ValueError, match="--batch-size"):
+        _check_same_run(tmp_path / "epoch_001.pt", saved,
+                        QATRunSettings(preset="INT8", batch_size=8))
     with pytest.raises(ValueError, match=r"epoch_001\.pt: it was written by a run with preset "
                                          r"'INT8', this run has 'W4A4'; resume with the same "
                                          r"--preset, or write to a new --out"):

@@ -152,14 +152,23 @@ def _builtin_model(data: str) -> nn.Module:
     return DigitsCNN() if data == "digits" else MNIST1DCNN()
 
 
+# Settings a resumed run must share with the checkpoint's: what is trained, and what
+# its optimizer, learning-rate schedule and batch-norm freeze were built from (the
+# schedule restores its length from the checkpoint, so other epochs would not end it).
+_SAME_RUN = ("data", "model", "preset", "epochs", "batch_size", "lr", "scale_lr_factor",
+             "weight_decay", "freeze_bn_epoch", "distill", "temperature", "distill_weight")
+
+
 def _check_same_run(path: Path, saved: dict[str, Any], s: QATRunSettings) -> None:
-    """Refuse to resume a checkpoint of a different model, data set or preset."""
-    for name in ("data", "model", "preset"):
+    """Refuse to resume a checkpoint written with other settings (model, data, preset,
+    epochs, batch size, optimizer and schedule)."""
+    for name in _SAME_RUN:
         if name in saved and saved[name] != getattr(s, name):
+            flag = "--" + name.replace("_", "-")
             raise ValueError(
                 f"cannot resume from {path}: it was written by a run with {name} "
                 f"{saved[name]!r}, this run has {getattr(s, name)!r}; resume with the same "
-                f"--{name}, or write to a new --out")
+                f"{flag}, or write to a new --out")
 
 
 def _float_model(s: QATRunSettings, train: Dataset, test_loader: DataLoader,
@@ -274,7 +283,10 @@ def run_qat(settings: QATRunSettings,
     else:
         model.load_state_dict(state["model"])
     qdist.broadcast_quantizer_state(model)
-    ptq_acc = evaluate_accuracy(model, test_loader)
+    # After calibration; a resumed run reads it from the checkpoint (its model is
+    # the QAT model of the last finished epoch by now).
+    ptq_acc = (evaluate_accuracy(model, test_loader) if state is None
+               else state.get("ptq_accuracy"))
 
     train_model: nn.Module = model
     if distributed:
@@ -338,6 +350,7 @@ def run_qat(settings: QATRunSettings,
                 "optimizer": opt.state_dict(), "lr_schedule": sched.state_dict(),
                 "qat_schedule": schedule.state_dict(), "rng": torch.get_rng_state(),
                 "history": history, "settings": dataclasses.asdict(s),
+                "ptq_accuracy": ptq_acc,
             })
         if distributed:
             torch.distributed.barrier()

@@ -69,6 +69,10 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+    # the accuracy after calibration comes from the checkpoint, not the resumed QAT model
+    results = [json.loads((out / "results.json").read_text()) for out in (killed, straight)]
+    assert results[0]["ptq_accuracy"] == results[1]["ptq_accuracy"]
+    assert results[0]["qat_accuracy"] == results[1]["qat_accuracy"]
 
 
 class _Exploit:

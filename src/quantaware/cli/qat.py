@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
             steps["per_epoch"] = event["steps_per_epoch"]
             console.print(
                 f"float {event['float_accuracy']:.2f}%, after calibration "
-                f"{event['ptq_accuracy']:.2f}%; {event['steps_per_epoch']} steps/epoch on "
+                f"{_percent(event['ptq_accuracy'])}; {event['steps_per_epoch']} steps/epoch on "
                 f"{event['world_size']} rank(s)"
                 + (f"; resuming after epoch {event['start_epoch']}" if event["start_epoch"]
                    else ""))
@@ -114,6 +114,11 @@ def run(args: argparse.Namespace) -> int:
         progress.stop()
     if qdist.is_main_process():
         console.print(f"QAT {summary['preset']}: float {summary['float_accuracy']:.2f}%, "
-                      f"calibrated {summary['ptq_accuracy']:.2f}%, QAT "
+                      f"calibrated {_percent(summary['ptq_accuracy'])}, QAT "
                       f"{summary['qat_accuracy']:.2f}%; results in {args.out}")
     return 0
+
+
+def _percent(value: float | None) -> str:
+    """An accuracy, or "n/a" (a run resumed from a checkpoint that did not record it)."""
+    return "n/a" if value is None else f"{value:.2f}%"
