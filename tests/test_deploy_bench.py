@@ -174,3 +174,28 @@ def test_outputs_feed_keyword_inputs_to_numbered_inputs_in_forward_order():
     batch = {"attention_mask": torch.tensor([[1, 0]]), "input_ids": torch.tensor([[7, 8]])}
     (out,) = _outputs(Session(), [batch], forward_parameters(Model()))
     assert out.tolist() == [[71, 80]]
+
+
+def test_a_failing_onnx_runtime_baseline_leaves_its_row_out(tmp_path, monkeypatch, caplog):
+    """ONNX Runtime's quantize_static fails on some models (a LayerNorm bias it
+    cannot scale); the comparison goes on without that baseline."""
+    import onnxruntime.quantization as ortq
+    import torch
+
+    from quantaware.deploy import ModelSource
+    from quantaware.deploy_bench import build_variants
+
+    def fail(*_args, **_kwargs):
+        raise ValueError("Unable to get valid quantization scale")
+
+    monkeypatch.setattr(ortq, "quantize_static", fail)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 4)).eval()
+    x = torch.randn(16, 8)
+    source = ModelSource("pkg.models:tiny", net, "image", x[:1], [x], [x])
+    paths, _ = build_variants(source, tmp_path)
+    assert sorted(paths) == ["fp32", "ort-dynamic-int8", "quantaware-int8"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "models-tiny-fp32.onnx", "models-tiny-ort-dynamic-int8.onnx",
+        "models-tiny-quantaware-int8.onnx"]
+    assert "ort-static-int8 failed on this model" in caplog.text

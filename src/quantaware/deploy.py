@@ -41,8 +41,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -277,6 +279,20 @@ class ModelSource:
     calib: list[Any]
     evaluate: list[Any]
     unlabeled: Callable[[], list[Any]] | None = None
+
+    @property
+    def file_stem(self) -> str:
+        """``name`` as a file name in the output folder: a ``path/to/models.py:build``
+        spec is ``models-build``, never a path that leads out of the folder.
+
+        Example:
+            >>> ModelSource("/home/me/models.py:build", None, "image", None, [], []).file_stem
+            'models-build'
+        """
+        module, _, function = self.name.rpartition(":")
+        base = Path(module).stem if module.endswith(".py") else module.rpartition(".")[2]
+        stem = f"{base}-{function}" if module else Path(self.name.rstrip("/\\")).name
+        return re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._") or "model"
 
 
 # Unlabelled crops (another seed) for label-free distillation of image models.

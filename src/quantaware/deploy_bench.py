@@ -53,6 +53,7 @@ import numpy as np
 from quantaware._batch import backend_feed, forward_parameters, input_args, map_inputs
 from quantaware._files import atomic_path
 from quantaware._files import write_json as _write_json
+from quantaware._native import quiet_loggers
 from quantaware.deploy import ModelSource, load_model_source, quantize_for_backend
 
 __all__ = ["DISTILLED", "ORT_QUANTIZER_VARIANTS", "VARIANTS", "backend_variants", "benchmark",
@@ -102,7 +103,7 @@ def build_variants(source: ModelSource, out_dir: str | os.PathLike,
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {v: out / f"{source.name}-{v}.onnx" for v in VARIANTS}
+    paths = {v: out / f"{source.file_stem}-{v}.onnx" for v in VARIANTS}
     args = input_args(source.example)
     on_step(f"{source.name}: export fp32")
     export_onnx(source.model, paths["fp32"], args)
@@ -118,7 +119,7 @@ def build_variants(source: ModelSource, out_dir: str | os.PathLike,
         on_step(f"{source.name}: label-free distillation, {distill_steps} steps")
         student = distill(copy.deepcopy(qmodel), source.model, source.unlabeled(),
                           steps=distill_steps, lr=DISTILL_LR)
-        paths[DISTILLED] = out / f"{source.name}-{DISTILLED}.onnx"
+        paths[DISTILLED] = out / f"{source.file_stem}-{DISTILLED}.onnx"
         export_onnx(student, paths[DISTILLED], args)
         torch_models[DISTILLED] = student
     names = [i.name for i in ort.InferenceSession(
@@ -132,8 +133,16 @@ def build_variants(source: ModelSource, out_dir: str | os.PathLike,
         ("ort-dynamic-int8", lambda tmp: quantize_dynamic(
             str(paths["fp32"]), tmp, weight_type=QuantType.QInt8)),
     ):
-        with atomic_path(paths[variant], suffix=".onnx") as tmp:
-            run(str(tmp))
+        # ONNX Runtime's quantizer is a baseline: where it fails on a model (a
+        # LayerNorm bias it cannot scale, an op it does not know), its row is left
+        # out, not the whole comparison. Its own progress warnings are not shown.
+        try:
+            with atomic_path(paths[variant], suffix=".onnx") as tmp, quiet_loggers("root"):
+                run(str(tmp))
+        except Exception as exc:  # any failure of the third-party tool
+            log.warning("%s: ONNX Runtime's %s failed on this model (%s: %s); its row is "
+                        "left out", source.name, variant, type(exc).__name__, exc)
+            del paths[variant]
     return paths, torch_models
 
 
@@ -152,7 +161,7 @@ def build_litert_variants(source: ModelSource, out_dir: str | os.PathLike,
     out = Path(out_dir)
     models = {**torch_models, "quantaware-int8": quantize_for_backend(
         source.model, source.calib, args, backend="litert").eval()}
-    paths = {v: export_tflite(m, out / f"{source.name}-{v}.tflite", args)
+    paths = {v: export_tflite(m, out / f"{source.file_stem}-{v}.tflite", args)
              for v, m in {"fp32": source.model, **models}.items()}
     return paths, models
 

@@ -21,12 +21,16 @@ def tiny_cnn() -> torch.nn.Module:
 
 
 def test_verify_command_reports_layers(tmp_path, capsys):
+    """The model named by its file's absolute path: the export lands in --out (an
+    absolute spec used to replace the folder in the joined path)."""
     out = tmp_path / "report.json"
-    code = main(["verify", "--model", f"{__name__}:tiny_cnn", "--input-shape", "3,16,16",
-                 "--num-calib", "32", "--num-eval", "32", "--out", str(tmp_path),
+    code = main(["verify", "--model", f"{__file__}:tiny_cnn", "--input-shape", "3,16,16",
+                 "--num-calib", "32", "--num-eval", "32", "--out", str(tmp_path / "files"),
                  "--json", str(out), "--min-agreement", "0.9"])
     text = capsys.readouterr().out
     assert code == 0, text
+    assert [p.name for p in (tmp_path / "files").iterdir()] == [
+        "test_cli_deploy-tiny_cnn-int8.onnx"]
     assert "layers" in text and "top-1 agreement" in text
     report = json.loads(out.read_text())
     assert report["layers_checked"] >= 4 and report["cosine"] >= 0.99

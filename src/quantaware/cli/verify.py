@@ -97,9 +97,9 @@ def run(args: argparse.Namespace) -> int:
         status.update("exporting")
         if args.backend == "litert":
             path = quantaware.export_tflite(
-                qmodel, Path(args.out) / f"{source.name}-int8.tflite", example)
+                qmodel, Path(args.out) / f"{source.file_stem}-int8.tflite", example)
         else:
-            path = quantaware.export_onnx(qmodel, Path(args.out) / f"{source.name}-int8.onnx",
+            path = quantaware.export_onnx(qmodel, Path(args.out) / f"{source.file_stem}-int8.onnx",
                                           example)
         status.update(f"running {args.backend} and torch")
         report = quantaware.verify(path, qmodel, source.evaluate, reference=args.reference,
