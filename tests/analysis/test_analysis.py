@@ -43,3 +43,34 @@ def test_mixed_precision_meets_budget_and_round_trips():
     assert score == result.score
     all_int8 = sum(m.weight.numel() for m in net.modules() if hasattr(m, "weight"))
     assert result.size_bytes <= all_int8
+
+
+class _TwoHeads(nn.Module):
+    """A dict of a classification head and a regression head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 32), nn.ReLU())
+        self.cls, self.reg = nn.Linear(32, 10), nn.Linear(32, 1)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.body(x)
+        return {"cls": self.cls(h), "reg": self.reg(h)}
+
+
+def test_sensitivity_of_a_model_with_several_outputs_scores_every_one():
+    """Dict outputs crashed; tuple outputs were scored on the first only."""
+    from quantaware.analysis.metrics import sqnr_db
+
+    net, data = _TwoHeads().eval(), _data(2)
+    q = quantize(net, presets.W4A8, data, data[0][:1])
+    got, ref = outputs(q, data), outputs(net, data)
+    assert isinstance(got, tuple) and [t.shape for t in got] == [(64, 10), (64, 1)]
+    assert agreement(got, ref) == agreement(got[0], ref[0])  # the regression head has no classes
+    noise = sum(float((r - g).double().pow(2).sum()) for g, r in zip(got, ref, strict=True))
+    signal = sum(float(r.double().pow(2).sum()) for r in ref)
+    assert abs(sqnr_db(got, ref) - 10 * torch.log10(torch.tensor(signal / noise)).item()) < 1e-6
+    rows = sensitivity(q, data)
+    assert [r.name for r in rows] == ["body.1", "cls", "reg"]
+    assert rows[2].only_quantized_drop == 0.0 and rows[2].only_quantized_sqnr < 200

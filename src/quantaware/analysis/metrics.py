@@ -13,37 +13,81 @@ from quantaware._batch import model_device, split_batch, to_device
 __all__ = ["agreement", "outputs", "sqnr_db"]
 
 
-def outputs(model: nn.Module, data: Iterable[Any]) -> torch.Tensor:
-    """The model's outputs over all batches, concatenated (first output if a tuple)."""
+Outputs = torch.Tensor | tuple[torch.Tensor, ...]
+
+
+def _flat(out: Any) -> tuple[torch.Tensor, ...]:
+    """A model output as a tuple of tensors: a tensor, each of a tuple/list (nested),
+    or each value of a dict in its order."""
+    if isinstance(out, torch.Tensor):
+        return (out,)
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, tuple | list):
+        return tuple(t for item in out for t in _flat(item))
+    return ()
+
+
+def outputs(model: nn.Module, data: Iterable[Any]) -> Outputs:
+    """The model's outputs over all batches, concatenated along the batch.
+
+    A model with several outputs (a tuple, list or dict) gives a tuple with one
+    tensor per output; :func:`agreement` and :func:`sqnr_db` take either form.
+
+    Example:
+        >>> net = nn.Linear(4, 3)
+        >>> outputs(net, [torch.randn(2, 4), torch.randn(5, 4)]).shape
+        torch.Size([7, 3])
+    """
     device = model_device(model)
-    outs = []
+    parts: list[tuple[torch.Tensor, ...]] = []
     with torch.no_grad():
         for batch in data:
             args, kwargs = to_device(*split_batch(batch), device)
-            out = model(*args, **kwargs)
-            outs.append((out[0] if isinstance(out, tuple | list) else out).float().cpu())
-    return torch.cat(outs)
+            flat = _flat(model(*args, **kwargs))
+            if not flat:
+                raise TypeError("the model returned no tensor; return a tensor, or a tuple "
+                                "or dict of tensors")
+            parts.append(tuple(t.detach().float().cpu() for t in flat))
+    joined = tuple(torch.cat(column) for column in zip(*parts, strict=True))
+    return joined[0] if len(joined) == 1 else joined
 
 
-def agreement(quantized: torch.Tensor, reference: torch.Tensor) -> float:
-    """Top-1 agreement in percent between two ``(N, classes)`` outputs.
+def _pairs(quantized: Outputs, reference: Outputs) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    q = quantized if isinstance(quantized, tuple) else (quantized,)
+    r = reference if isinstance(reference, tuple) else (reference,)
+    if len(q) != len(r):
+        raise ValueError(f"{len(q)} outputs to compare with {len(r)}")
+    return list(zip(q, r, strict=True))
+
+
+def agreement(quantized: Outputs, reference: Outputs) -> float:
+    """Top-1 agreement in percent between two ``(N, classes)`` outputs (several
+    outputs: the worst of those with class scores).
 
     Example:
         >>> agreement(torch.tensor([[0.1, 0.9], [0.8, 0.2]]), torch.tensor([[0., 1.], [0., 1.]]))
         50.0
     """
-    return 100.0 * float((quantized.argmax(-1) == reference.argmax(-1)).float().mean())
+    scores = [100.0 * float((q.argmax(-1) == r.argmax(-1)).float().mean())
+              for q, r in _pairs(quantized, reference) if r.dim() >= 2 and r.shape[-1] > 1]
+    if not scores:
+        raise ValueError("top-1 agreement needs an output of class scores (N, classes); "
+                         "compare these outputs with another metric, e.g. sqnr_db")
+    return min(scores)
 
 
-def sqnr_db(quantized: torch.Tensor, reference: torch.Tensor) -> float:
-    """Signal-to-quantization-noise ratio ``10 log10(|ref|^2 / |ref - q|^2)`` in dB.
+def sqnr_db(quantized: Outputs, reference: Outputs) -> float:
+    """Signal-to-quantization-noise ratio ``10 log10(|ref|^2 / |ref - q|^2)`` in dB
+    (several outputs: their signal and noise summed).
 
     Example:
         >>> round(sqnr_db(torch.tensor([1.0, 1.0]) * 1.1, torch.tensor([1.0, 1.0])), 1)
         20.0
     """
-    noise = float((reference - quantized).double().pow(2).sum())
-    signal = float(reference.double().pow(2).sum())
+    pairs = _pairs(quantized, reference)
+    noise = sum(float((r - q).double().pow(2).sum()) for q, r in pairs)
+    signal = sum(float(r.double().pow(2).sum()) for _, r in pairs)
     if noise == 0.0:
         return float("inf")
     return 10.0 * torch.log10(torch.tensor(signal / noise)).item()

@@ -29,7 +29,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from quantaware.analysis.metrics import agreement, outputs, sqnr_db
+from quantaware.analysis.metrics import Outputs, agreement, outputs, sqnr_db
 from quantaware.calibrate import calibrate
 from quantaware.config import LayerOverride, QuantConfig, QuantSpec
 from quantaware.fake_quant import FakeQuantizer
@@ -41,7 +41,7 @@ __all__ = ["Choice", "MixedPrecisionResult", "apply_choices", "search", "weight_
 log = logging.getLogger(__name__)
 
 Choice = Literal["int8", "low", "float"]
-Metric = Callable[[torch.Tensor, torch.Tensor], float]
+Metric = Callable[[Outputs, Outputs], float]
 
 
 @dataclass

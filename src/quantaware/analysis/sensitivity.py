@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from quantaware.analysis.metrics import agreement, outputs, sqnr_db
+from quantaware.analysis.metrics import Outputs, agreement, outputs, sqnr_db
 from quantaware.fake_quant import FakeQuantizer
 from quantaware.nn.base import QuantMixin
 
@@ -26,7 +26,7 @@ __all__ = ["LayerSensitivity", "layer_quantizers", "sensitivity"]
 
 log = logging.getLogger(__name__)
 
-Metric = Callable[[torch.Tensor, torch.Tensor], float]
+Metric = Callable[[Outputs, Outputs], float]
 
 
 @dataclass(frozen=True)
