@@ -21,10 +21,12 @@ warning (functional adds/concats then stay float).
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import dataclasses
 import functools
 import inspect
+import io
 import logging
 import operator
 import warnings
@@ -560,7 +562,10 @@ def _trace(model: nn.Module, example_inputs: tuple) -> fx.GraphModule | None:
         tracer = _Tracer()
         graph = tracer.trace(model)
         gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
-        ShapeProp(gm).propagate(*example_inputs)
+        # ShapeProp prints the traceback of a failing node itself; the failure is
+        # reported below (bad example inputs) or as the warning, not as a dump.
+        with contextlib.redirect_stderr(io.StringIO()):
+            ShapeProp(gm).propagate(*example_inputs)
         return gm
     except Exception as exc:  # torch.fx raises many exception types
         _check_runs(model, example_inputs)  # the inputs may be what failed, not tracing

@@ -73,3 +73,22 @@ def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The training samples of :func:`data` in batches of 32."""
     x, y = data()[0].tensors
     return [(x[i:i + 32], y[i:i + 32]) for i in range(0, len(x), 32)]
+
+
+class _Branching(nn.Module):
+    """A forward that branches on a tensor's value: no exported graph can hold it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.head = nn.Conv1d(1, 8, 3, padding=1), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv(x))
+        if h.mean() > 0:
+            h = h * 2
+        return self.head(h.mean(2))
+
+
+def branching() -> nn.Module:
+    torch.manual_seed(0)
+    return _Branching().eval()

@@ -369,3 +369,18 @@ def test_quantize_for_litert_keeps_the_linear_before_gelu_integer(tmp_path):
     with pytest.raises(SystemExit):
         main(["quantize", "--model", "tests.cli._tiny:gelu_mlp", "--data",
               "tests.cli._tiny:batches", "--target", "tensorrt"])
+
+
+def test_a_forward_branching_on_tensor_values_is_named_in_one_line(tmp_path):
+    """torch.export cannot record `if h.mean() > 0:`; the error names that line instead
+    of dumping ~140 lines of exported graphs, and no empty --out folder is left."""
+    out = tmp_path / "out" / "run"
+    code, _, stderr = run_cli([
+        "quantize", "--model", "tests.cli._tiny:branching", "--data", "tests.cli._tiny:batches",
+        "--num-calib", "32", "--num-eval", "32", "--threads", "1", "--out", str(out)])
+    assert code == 1
+    error = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "branches on a tensor's value" in error[0]
+    assert "_tiny.py\", line" in error[0] and "`if h.mean() > 0:`" in error[0]
+    assert "def forward" not in stderr and "GraphModule" not in stderr
+    assert not (tmp_path / "out").exists()

@@ -8,10 +8,12 @@ One module per command (``quantaware.cli.demo``, ...); each defines
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
@@ -70,15 +72,43 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    new_dirs = _missing_output_dirs(args)
+    code = 1
     try:
         _check_outputs(args)
-        return args.func(args)
+        code = args.func(args)
+        return code
     except (UsageError, FileNotFoundError) as exc:  # a missing input file is a usage error
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        code = 2
+        return code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 1
+        return code
     except (ValueError, TypeError, RuntimeError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return code
+    finally:
+        if code != 0:
+            _remove_empty(new_dirs)
+
+
+def _missing_output_dirs(args: argparse.Namespace) -> list[Path]:
+    """The output folders (and their missing parents) that do not exist yet."""
+    missing = []
+    for dest in getattr(args, "output_dirs", ()):
+        value = getattr(args, dest, None)
+        folder = Path(value) if value is not None else None
+        while folder is not None and not folder.exists() and folder != folder.parent:
+            missing.append(folder)
+            folder = folder.parent
+    return missing
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove those of ``folders`` a failed command created and left empty (deepest
+    first), so a failure leaves no empty output folder behind."""
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()

@@ -19,6 +19,7 @@ import copy
 import io
 import logging
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -549,6 +550,11 @@ def _dynamic_shapes(example_inputs: tuple) -> tuple:
                  for x in example_inputs)
 
 
+# torch.export's errors for Python control flow on tensor values
+_DATA_DEPENDENT = ("GuardOnDataDependentSymNode", "DataDependentOutputException",
+                   "UserError")
+
+
 def _export_failure(exc: BaseException) -> str:
     """The root cause of a failed ``torch.onnx.export``, without the exporter's advice."""
     root, seen = exc, {id(exc)}
@@ -556,6 +562,13 @@ def _export_failure(exc: BaseException) -> str:
         root = root.__cause__
         seen.add(id(root))
     message = str(root).strip() or type(root).__name__
+    if type(root).__name__ in _DATA_DEPENDENT or "data-dependent expression" in message:
+        call = re.search(r"The following call raised this error:\n\s*(File .*?, line \d+), "
+                         r"in \w+\n\s*(.+)", message)
+        where = f" ({call.group(1)}: `{call.group(2).strip()}`)" if call else ""
+        return (f"forward() branches on a tensor's value{where}, which an exported graph "
+                "cannot hold; compute both branches and pick with torch.where, or make the "
+                "decision outside forward()")
     if root is exc:
         return message[:2000]
     context = (str(exc).splitlines() or [""])[0][:300]
@@ -647,8 +660,11 @@ def export_onnx(
     for attempt, inputs in enumerate(traced_inputs):
         last = attempt == len(traced_inputs) - 1
         try:
+            # the exporter prints its progress and, on a failure, graph dumps; the
+            # failure is reported below
             with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
-                    quiet_loggers("torch.onnx"):
+                    contextlib.redirect_stderr(io.StringIO()), \
+                    quiet_loggers("torch.onnx", "torch.fx.experimental.symbolic_shapes"):
                 warnings.simplefilter("ignore")
                 program = torch.onnx.export(export_model, inputs, **kwargs)
         except Exception as exc:
