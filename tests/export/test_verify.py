@@ -287,6 +287,19 @@ def test_dense_maps_agree_position_by_position_over_the_class_axis():
                                                                     np.float32)]).top1 == 1.0
 
 
+def test_exact_ties_broken_by_float_rounding_still_agree():
+    """Logits on an integer grid tie exactly; a backend a few ulps off picks another
+    of the tied classes, which is not a disagreement (a different class winning by
+    a real margin still is)."""
+    ref = np.array([[0.5, 0.75, 0.75, 0.1], [1.0, 0.2, 0.3, 0.4]], np.float32)
+    out = ref.copy()
+    out[0, 2] += 3e-8  # the second of the tied classes now wins
+    assert ref[0].argmax() != out[0].argmax()
+    assert _agreement([ref], [out]).top1 == 1.0
+    out[1, 3] = 1.1
+    assert _agreement([ref], [out]).top1 == 0.5
+
+
 def test_segmentation_model_agrees_with_its_fake_quant_forward(tmp_path):
     class Segmenter(nn.Module):
         def __init__(self) -> None:
