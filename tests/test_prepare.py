@@ -460,6 +460,29 @@ def test_untraceable_model_falls_back_with_a_warning():
         torch.testing.assert_close(out, model(data[0]), atol=0.1, rtol=0.1)
 
 
+class _TrainingOnlyHead(nn.Module):
+    """Untraceable (a shape-dependent tensor), with a head only training uses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc, self.aux = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 5), \
+            nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor):
+        h = torch.relu(self.conv(x)).mean((2, 3)) + torch.zeros(x.shape[0], 8)
+        return (self.fc(h), self.aux(h)) if self.training else self.fc(h)
+
+
+def test_untraceable_model_quantizes_only_the_layers_its_forward_calls():
+    """The eager fallback swapped the training-only head too, and calibration then
+    asked for batches that exercise it, which an eval forward never does."""
+    data = [torch.randn(4, 3, 8, 8) for _ in range(2)]
+    with pytest.warns(UserWarning, match="could not trace"):
+        q = quantaware.quantize(_TrainingOnlyHead().eval(), presets.INT8, data, data[0][:1])
+    assert type(q.conv) is QuantConv2d and type(q.fc) is QuantLinear
+    assert type(q.aux) is nn.Linear
+
+
 def test_traceable_model_prepares_without_warning(residual_cnn):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -628,3 +651,26 @@ def test_integer_output_keeps_the_output_quantizer_before_a_float_op():
     everything = presets.INT8.with_overrides(LayerOverride("*", integer_output=True))
     assert isinstance(quantaware.prepare(_LinearGelu(), everything, x).fc1.output_quantizer,
                       FakeQuantizer)
+
+
+def test_layers_with_weights_and_no_quantized_form_are_named(caplog):
+    """An LSTM stays float32; a user reading the size and speed figures must know."""
+    class Recurrent(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn, self.norm, self.head = nn.LSTM(8, 16, batch_first=True), \
+                nn.LayerNorm(16), nn.Linear(16, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.norm(self.rnn(x)[0][:, -1]))
+
+    with caplog.at_level("WARNING", logger="quantaware.prepare"):
+        quantaware.prepare(Recurrent().eval(), presets.INT8, torch.randn(1, 5, 8))
+    assert "1 layer(s) with weights have no quantized form and stay float: rnn (LSTM)" in (
+        caplog.text)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="quantaware.prepare"):
+        quantaware.prepare(nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+                                         nn.Flatten(), nn.Linear(64, 3), nn.LayerNorm(3)),
+                           presets.INT8, torch.randn(1, 1, 6, 6))
+    assert "no quantized form" not in caplog.text

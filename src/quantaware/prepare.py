@@ -47,7 +47,7 @@ from quantaware.config import (
     QuantConfig,
     QuantSpec,
 )
-from quantaware.fake_quant import FakeQuantizer
+from quantaware.fake_quant import FakeQuantizer, Float16Quantizer
 from quantaware.fusion import can_fold, fold_bn
 from quantaware.nn.attention import _batched, _unbatched_like, make_traceable
 from quantaware.nn.base import ChannelClip, QuantMixin
@@ -578,11 +578,36 @@ def _trace(model: nn.Module, example_inputs: tuple) -> fx.GraphModule | None:
         return None
 
 
-def _prepare_eager(model: nn.Module, config: QuantConfig) -> nn.Module:
+def _weighted_layers_run(model: nn.Module, example_inputs: tuple) -> list[str]:
+    """The quantizable weighted layers a forward on ``example_inputs`` calls, in the
+    order it first calls them (a training-only head is not among them)."""
+    names = {id(m): n for n, m in model.named_modules()
+             if n and quantized_type(type(m)) is not None and hasattr(m, "weight")}
+    order: list[str] = []
+
+    def record(module: nn.Module, _inputs: Any) -> None:
+        if names[id(module)] not in order:
+            order.append(names[id(module)])
+
+    handles = [m.register_forward_pre_hook(record) for m in model.modules() if id(m) in names]
+    try:
+        with torch.no_grad():
+            model(*example_inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    unused = [n for n in names.values() if n not in order]
+    if unused:
+        log.info("%d layer(s) not called on the example inputs stay float: %s", len(unused),
+                 ", ".join(unused[:5]))
+    return order
+
+
+def _prepare_eager(model: nn.Module, config: QuantConfig, run: set[str]) -> nn.Module:
     for name, module in list(model.named_modules()):
         qtype = quantized_type(type(module))
         specs = config.resolve(name)
-        if (qtype is None or specs is None or not name or not hasattr(module, "weight")
+        if (qtype is None or specs is None or name not in run or not hasattr(module, "weight")
                 or _kept_float(name, module, specs[0])):
             continue
         qmod = qtype.from_float(module, *specs)
@@ -671,11 +696,9 @@ def prepare(
     user_config = config
     gm = _trace(model, example_inputs)
     if gm is None:
-        config = _resolve_edge_layers(config, [
-            n for n, m in model.named_modules()
-            if n and quantized_type(type(m)) is not None and hasattr(m, "weight")
-        ])
-        prepared = _prepare_eager(model, config)
+        ran = _weighted_layers_run(model, example_inputs)
+        config = _resolve_edge_layers(config, ran)
+        prepared = _prepare_eager(model, config, set(ran))
     else:
         config = _resolve_edge_layers(config, _weighted_order(gm))
         if config.fold_bn:
@@ -705,7 +728,33 @@ def prepare(
     if not quantizers(prepared) and not isinstance(config.weight, FloatSpec):
         log.warning("no layer of %s was quantized; check the config's overrides",
                     type(model).__name__)
+    _warn_unquantizable(prepared)
     return prepared
+
+
+# Layers with weights that deploy in float by design: normalizations (their statistics
+# and affine run in float in every backend) and the quantized modules' own parts.
+_FLOAT_BY_DESIGN = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm,
+                    nn.LocalResponseNorm, nn.PReLU)
+
+
+def _kind(module: nn.Module) -> str:
+    # a traced graph keeps a weight read by a functional op (an embedding table
+    # indexed directly) in a bare container module
+    return "weights read directly" if type(module) is nn.Module else type(module).__name__
+
+
+def _warn_unquantizable(prepared: nn.Module) -> None:
+    """Say which layers with weights have no quantized form and stay float (an LSTM,
+    a 3-d conv): the size and speed figures then include their float32 weights."""
+    kept = [f"{n} ({_kind(m)})" for n, m in prepared.named_modules()
+            if n and not isinstance(m, (QuantMixin, FakeQuantizer, Float16Quantizer,
+                                        *_FLOAT_BY_DESIGN))
+            and any(True for _ in m.parameters(recurse=False))
+            and not any(isinstance(c, QuantMixin) for c in m.modules())]
+    if kept:
+        log.warning("%d layer(s) with weights have no quantized form and stay float: %s%s",
+                    len(kept), ", ".join(kept[:5]), " ..." if len(kept) > 5 else "")
 
 
 def iter_quant_modules(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
