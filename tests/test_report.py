@@ -89,3 +89,23 @@ def test_malformed_rows_are_named_and_nothing_is_written(tmp_path, rows, message
     with pytest.raises(ValueError, match=message):
         write_report(tmp_path / "r.html", {"rows": rows})
     assert not list(tmp_path.iterdir())
+
+
+def test_a_quantize_results_file_reports_accuracy_agreement_and_cosine(tmp_path):
+    """The table's columns are the measures the rows hold: quantize on labelled data
+    put accuracy under an "agreement" header and left the agreement out; `report`
+    refused the results.json of quantize and evaluate."""
+    results = {"model": "tiny", "evaluation": {"models": [
+        {"model": "FP32", "size_bytes": 4 * 2**20, "accuracy": 92.4},
+        {"model": "INT8", "size_bytes": 2**20, "accuracy": 88.9, "top1_agreement": 93.5,
+         "cosine": 0.98765}]}}
+    src = tmp_path / "results.json"
+    src.write_text(json.dumps(results))
+    assert main(["report", str(src), "--out", str(tmp_path / "r.html")]) == 0
+    summary = (tmp_path / "r.md").read_text().splitlines()
+    assert summary[0] == "# quantaware: tiny"
+    assert summary[2] == "| variant | accuracy | top-1 agreement | cosine | weights MiB |"
+    assert summary[4:6] == ["| FP32 | 92.4% | - | - | 4.00 |",
+                            "| INT8 | 88.9% | 93.5% | 0.9877 | 1.00 |"]
+    text = (tmp_path / "r.html").read_text()
+    assert "<th>top-1 agreement</th>" in text and "<td class=n>93.5%</td>" in text

@@ -2,8 +2,10 @@
 
 The report takes a results payload, a dict with:
 
-- ``rows``: variants, each with ``variant``, ``agreement`` (or ``accuracy``) and
-  ``size_bytes`` (optional ``group``, ``agreement_confident``);
+- ``rows``: variants, each with ``variant``, ``agreement`` and/or ``accuracy`` and
+  ``size_bytes`` (optional ``group``, ``agreement_confident``, ``cosine``); the
+  table shows the columns the rows fill (:func:`rows_from_results` makes the rows of
+  a ``quantize`` or ``evaluate`` results file);
 - ``sensitivity`` (optional): per-layer rows as from
   :func:`quantaware.analysis.sensitivity` (``LayerSensitivity.to_dict()``);
 - ``histograms`` (optional): from :func:`histograms_from_model`.
@@ -83,8 +85,60 @@ def _png(fig) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _score(row: dict[str, Any]) -> float:
-    return float(row.get("agreement", row.get("accuracy", 0.0)))
+# (key, header, format) of the table's columns; a column shows when a row has its key
+_COLUMNS = (
+    ("group", "group", str),
+    ("variant", "variant", str),
+    ("accuracy", "accuracy", lambda v: f"{v:.1f}%"),
+    ("agreement", "top-1 agreement", lambda v: f"{v:.1f}%"),
+    ("agreement_confident", "confident", lambda v: f"{v:.1f}%"),
+    ("cosine", "cosine", lambda v: f"{v:.4f}"),
+    ("size_bytes", "weights MiB", lambda v: f"{v / 2**20:.2f}"),
+)
+
+
+def _table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """The headers and cells of the variants table: the columns some row fills."""
+    columns = [c for c in _COLUMNS if any(r.get(c[0]) is not None for r in rows)]
+    cells = [[("-" if r.get(key) is None else fmt(r[key])) for key, _, fmt in columns]
+             for r in rows]
+    return [header for _, header, _ in columns], cells
+
+
+def rows_from_results(payload: Any) -> dict[str, Any]:
+    """A report payload from any results JSON quantaware writes: a payload with
+    ``rows`` (``benchmarks/ptq.py --json``), a bare list of rows, the ``results.json``
+    of ``quantize``/``run`` or the JSON of ``evaluate`` (float vs quantized models).
+
+    Example:
+        >>> rows_from_results({"models": [{"model": "FP32", "size_bytes": 4e6,
+        ...                                "accuracy": 91.0}]})["rows"]
+        [{'variant': 'FP32', 'size_bytes': 4000000.0, 'accuracy': 91.0}]
+    """
+    if isinstance(payload, list):
+        return {"rows": payload}
+    if not isinstance(payload, dict) or "rows" in payload:
+        return payload
+    comparison = payload.get("evaluation", payload)
+    models = comparison.get("models") if isinstance(comparison, dict) else None
+    if not isinstance(models, list):
+        return payload  # refused by write_report, naming what it needs
+    rows = []
+    for m in models:
+        if not isinstance(m, dict):
+            return payload
+        row = {"variant": m.get("model"), "size_bytes": m.get("size_bytes")}
+        for key, source in (("accuracy", "accuracy"), ("agreement", "top1_agreement"),
+                            ("cosine", "cosine")):
+            if m.get(source) is not None:
+                row[key] = m[source]
+        rows.append(row)
+    out = {"rows": rows}
+    if "title" in payload:
+        out["title"] = payload["title"]
+    elif "model" in payload:
+        out["title"] = f"quantaware: {payload['model']}"
+    return out
 
 
 def _plots(payload: dict[str, Any]) -> list[tuple[str, str]]:
@@ -98,8 +152,16 @@ def _plots(payload: dict[str, Any]) -> list[tuple[str, str]]:
             "the report's plots need matplotlib: pip install 'quantaware[report]'"
         ) from exc
     plots = []
-    rows = [r for r in payload.get("rows", []) if "size_bytes" in r]
+    rows = [r for r in payload.get("rows", []) if r.get("size_bytes") is not None]
+    # one measure on the y axis: accuracy when every variant has it (labelled data)
+    key = "accuracy" if rows and all(r.get("accuracy") is not None for r in rows) else None
+    rows = [r for r in rows if key or r.get("agreement") is not None
+            or r.get("accuracy") is not None]
     if rows:
+
+        def _score(row: dict[str, Any]) -> float:
+            return float(row[key] if key else row.get("agreement", row.get("accuracy")))
+
         fig, ax = plt.subplots(figsize=(8, 5))
         groups = sorted({r.get("group", "") for r in rows})
         for group in groups:
@@ -110,7 +172,7 @@ def _plots(payload: dict[str, Any]) -> list[tuple[str, str]]:
                 ax.annotate(r["variant"], (r["size_bytes"] / 2**20, _score(r)), fontsize=6,
                             xytext=(3, 3), textcoords="offset points")
         ax.set_xlabel("weights (MiB)")
-        ax.set_ylabel("top-1 agreement / accuracy (%)")
+        ax.set_ylabel("accuracy (%)" if key else "top-1 agreement / accuracy (%)")
         ax.set_title("Accuracy vs size of every variant")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -152,14 +214,12 @@ def _plots(payload: dict[str, Any]) -> list[tuple[str, str]]:
 
 def markdown_summary(payload: dict[str, Any]) -> str:
     """A Markdown table of the variants (and the most sensitive layers)."""
+    headers, cells = _table(payload.get("rows", []))
     lines = [f"# {payload.get('title', 'quantaware report')}", "",
-             "| group | variant | agreement | confident | weights MiB |",
-             "|---|---|---:|---:|---:|"]
-    for r in payload.get("rows", []):
-        conf = r.get("agreement_confident")
-        lines.append(f"| {r.get('group', '')} | {r['variant']} | {_score(r):.1f}% | "
-                     f"{'-' if conf is None else f'{conf:.1f}%'} | "
-                     f"{r.get('size_bytes', 0) / 2**20:.2f} |")
+             "| " + " | ".join(headers) + " |",
+             "|" + "|".join("---" if h in ("group", "variant") else "---:" for h in headers)
+             + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in cells]
     sens = sorted(payload.get("sensitivity") or [], key=lambda s: s["only_quantized_sqnr"])
     if sens:
         lines += ["", "## Most sensitive layers (lowest SQNR when only they are quantized)", "",
@@ -183,7 +243,7 @@ def write_report(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
         if not isinstance(row, dict) or "variant" not in row:
             raise ValueError(f"row {index} of the report has no 'variant' (each row names "
                              "its variant, as benchmarks/ptq.py --json writes them)")
-        for key in ("agreement", "accuracy", "agreement_confident", "size_bytes"):
+        for key in ("agreement", "accuracy", "agreement_confident", "cosine", "size_bytes"):
             value = row.get(key)
             if value is not None and (isinstance(value, bool)
                                       or not isinstance(value, int | float)):
@@ -197,15 +257,14 @@ def write_report(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
              "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}"
              "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px}"
              "td.n{text-align:right}img{max-width:100%}</style></head><body>",
-             f"<h1>{title}</h1>", "<table><tr><th>group</th><th>variant</th><th>agreement</th>"
-             "<th>confident</th><th>weights MiB</th></tr>"]
-    for r in payload["rows"]:
-        conf = r.get("agreement_confident")
-        parts.append(
-            f"<tr><td>{html.escape(str(r.get('group', '')))}</td>"
-            f"<td>{html.escape(str(r['variant']))}</td><td class=n>{_score(r):.1f}%</td>"
-            f"<td class=n>{'-' if conf is None else f'{conf:.1f}%'}</td>"
-            f"<td class=n>{r.get('size_bytes', 0) / 2**20:.2f}</td></tr>")
+             f"<h1>{title}</h1>"]
+    headers, cells = _table(payload["rows"])
+    parts.append("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+                 + "</tr>")
+    for row in cells:
+        parts.append("<tr>" + "".join(
+            f"<td{'' if h in ('group', 'variant') else ' class=n'}>{html.escape(c)}</td>"
+            for h, c in zip(headers, row, strict=True)) + "</tr>")
     parts.append("</table>")
     for caption, data in _plots(payload):
         parts.append(f"<h2>{html.escape(caption)}</h2>"

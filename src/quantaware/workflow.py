@@ -465,18 +465,15 @@ def run_quantize(model: LoadedModel, calib: DataSource, out: str | Path,
                   else report_.passed())
         results["verify"] = report_.to_dict() | {"passed": bool(passed)}
     if report:
-        from quantaware.report import histograms_from_model, write_report
+        from quantaware.report import histograms_from_model, rows_from_results, write_report
 
         say("writing the report")
         from quantaware.backends import RUNTIME_NAMES
 
         runtime_name = RUNTIME_NAMES[runtime]
-        rows = [{"variant": r["model"], "size_bytes": r["size_bytes"],
-                 **({"accuracy": r["accuracy"]} if "accuracy" in r else
-                    {"agreement": r.get("top1_agreement", 100.0)})}
-                for r in comparison["models"]]
         path = write_report(out / "report.html", {
-            "title": f"quantaware: {model.name} ({config.name}, {runtime_name})", "rows": rows,
+            **rows_from_results(comparison),
+            "title": f"quantaware: {model.name} ({config.name}, {runtime_name})",
             "histograms": histograms_from_model(quantized, limit=12)})
         results["files"]["report"] = str(path)
         results["files"]["report_summary"] = str(path.with_suffix(".md"))

@@ -10,9 +10,10 @@ from pathlib import Path
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "report", help="write an HTML report (with plots) and a Markdown summary",
-        description="Read a results JSON (e.g. from `python benchmarks/ptq.py --json FILE`: "
-        "a 'rows' list of variants with agreement/accuracy and size_bytes, optional "
-        "'sensitivity' and 'histograms') and write a self-contained HTML file with plots "
+        description="Read a results JSON (the results.json of `quantize` or `run`, the "
+        "--json of `evaluate`, or `python benchmarks/ptq.py --json FILE`: a 'rows' list of "
+        "variants with agreement/accuracy and size_bytes, optional 'sensitivity' and "
+        "'histograms') and write a self-contained HTML file with plots "
         "(accuracy vs size, per-layer sensitivity, activation histograms) plus a .md summary.",
     )
     parser.add_argument("results", help="the results JSON file")
@@ -26,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from quantaware.cli import UsageError
-    from quantaware.report import write_report
+    from quantaware.report import rows_from_results, write_report
 
     source = Path(args.results)
     if not source.is_file():
@@ -37,8 +38,7 @@ def run(args: argparse.Namespace) -> int:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UsageError(f"{source} is not valid JSON ({exc}); pass the file written by "
                          "--json") from exc
-    if isinstance(payload, list):  # a bare list of rows (e.g. the demo's results.json)
-        payload = {"rows": payload}
+    payload = rows_from_results(payload)  # quantize/evaluate results files too
     try:
         out = write_report(args.out, payload)
     except ValueError as exc:
