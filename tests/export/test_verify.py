@@ -149,6 +149,14 @@ def test_mismatching_model_gives_low_agreement(int8_path, cnn_factory, calib_dat
     assert "CHECK" in str(report)
 
 
+def test_the_float_file_of_a_quantized_model_is_refused(float_path, int8_model):
+    """The float export agrees with the quantized model to its quantization error;
+    verify passed it (PASS, "12 of 12 quantized layers exact") though it deploys
+    none of the quantization."""
+    with pytest.raises(ValueError, match="holds no quantized operators.*float export"):
+        quantaware.verify(float_path, int8_model, _batches(1, 2))
+
+
 def test_num_batches_limits_the_comparison(int8_path, int8_model):
     report = quantaware.verify(int8_path, int8_model, _batches(8, 3), num_batches=2)
     assert report.num_samples == 50

@@ -426,6 +426,36 @@ def _shape_text(shape: Any) -> str:
     return f"({', '.join(dims)})"
 
 
+# ONNX operators that hold integer arithmetic (QDQ and the operator formats)
+_QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear",
+                            "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger"})
+
+
+def _check_quantized_file(path: Path, proto: onnx.ModelProto | None, model: nn.Module) -> None:
+    """Refuse to compare a file without integer ops against an integer-quantized model:
+    the float export of the same model agrees with it to the quantization error, and
+    verify would pass a file that deploys none of the quantization."""
+    from quantaware.prepare import quantizers
+
+    if not any(bool(q.fake_quant_enabled) for _, q in quantizers(model)):
+        return
+    if proto is not None:
+        ops = {n.op_type for n in proto.graph.node}
+        for function in proto.functions:
+            ops |= {n.op_type for n in function.node}
+        quantized = bool(ops & _QUANTIZED_OPS)
+    else:
+        from quantaware.export.tflite import tflite_ops
+
+        quantized = any(dtype in ("int8", "uint8", "int16")
+                        for _, dtypes in tflite_ops(path) for dtype in dtypes)
+    if not quantized:
+        raise ValueError(
+            f"{path.name} holds no quantized operators, but the model is quantized: it "
+            "looks like the float export; verify the file exported from the quantized "
+            "model (quantaware.export_onnx / export_tflite of it)")
+
+
 def verify(
     onnx_path: str | Path,
     model: nn.Module,
@@ -508,6 +538,7 @@ def verify(
             )
         session = create_backend_session(proto.SerializeToString(), backend, threads)
         scales = _output_scales(proto)
+    _check_quantized_file(onnx_path, proto, model)
     batches = list(itertools.islice(data, num_batches))
     if not batches:
         raise ValueError("verify got no data: pass an iterable with at least one batch")
