@@ -227,6 +227,33 @@ def test_quantized_checkpoint_problems(quantized_run, tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("damage", ["zero scale", "nan scale", "zero point", "nan weight",
+                                    "no config"])
+def test_a_damaged_quantized_checkpoint_is_refused(quantized_run, tmp_path, damage):
+    """Zero or NaN scales exported silently to a file computing zeros or NaN; a
+    checkpoint without its config raised a bare KeyError."""
+    payload = load_checkpoint(quantized_run[1] / "model-int8.pt")
+    state = payload["state_dict"]
+    scale = next(k for k in state if k.endswith("input_quantizer.scale"))
+    if damage == "zero scale":
+        state[scale] = torch.zeros_like(state[scale])
+    elif damage == "nan scale":
+        state[scale] = torch.full_like(state[scale], float("nan"))
+    elif damage == "zero point":
+        key = scale.replace(".scale", ".zero_point")
+        state[key] = torch.full_like(state[key], 1000)
+    elif damage == "nan weight":
+        key = next(k for k in state if k.endswith("weight"))
+        state[key] = state[key].clone()
+        state[key].view(-1)[0] = float("nan")
+    else:
+        del payload["config"]
+    save_checkpoint(tmp_path / "damaged.pt", payload)
+    message = "lacks its quantization config" if damage == "no config" else "damaged"
+    with pytest.raises(SourceError, match=message):
+        load_quantized(tmp_path / "damaged.pt", load_model(MODEL), labelled_batches()[0][0][:1])
+
+
 def test_quantized_checkpoint_for_a_model_with_other_layer_sizes(quantized_run):
     example = labelled_batches()[0][0][:1]
     three_classes = LoadedModel("three", module=small_cnn(num_classes=3))

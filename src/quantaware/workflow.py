@@ -157,10 +157,19 @@ def load_quantized(path: str | Path, model: LoadedModel, example: Any) -> nn.Mod
     from quantaware.prepare import prepare
 
     payload = load_checkpoint(path)
-    if payload.get("format") != QUANTIZED_FORMAT:
+    if not isinstance(payload, dict) or payload.get("format") != QUANTIZED_FORMAT:
+        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise SourceError(f"{path} is not a quantized model written by `quantaware quantize` "
-                          f"(format {payload.get('format')!r})")
-    config = QuantConfig.from_dict(payload["config"])
+                          f"(format {found!r})")
+    if not isinstance(payload.get("config"), dict) or not isinstance(
+            payload.get("state_dict"), dict):
+        raise SourceError(f"{path} lacks its quantization config or state (a damaged "
+                          "checkpoint); write it again with `quantaware quantize`")
+    try:
+        config = QuantConfig.from_dict(payload["config"])
+    except (ValueError, TypeError, KeyError) as exc:
+        raise SourceError(f"{path} holds an unreadable quantization config ({exc}); write it "
+                          "again with `quantaware quantize`") from exc
     prepared = prepare(model.require_torch("loading a quantized checkpoint"), config,
                        input_args(example))
     state = payload["state_dict"]
@@ -178,7 +187,32 @@ def load_quantized(path: str | Path, model: LoadedModel, example: Any) -> nn.Mod
         raise SourceError(f"{path} does not fit model {model.name}: missing {missing[:5]}, "
                           f"unexpected {unexpected[:5]}, shape mismatch {wrong[:3]}")
     prepared.load_state_dict(state)
+    _check_loaded(path, prepared)
     return prepared.eval()
+
+
+def _check_loaded(path: str | Path, model: nn.Module) -> None:
+    """Refuse a checkpoint whose numbers cannot be deployed: non-finite weights, or a
+    calibrated quantizer with a scale that is not a positive finite number or a zero
+    point outside its integer range (an export would write a file computing zeros
+    or NaN)."""
+    from quantaware.prepare import quantizers
+
+    bad = [name for name, t in model.named_parameters() if not bool(torch.isfinite(t).all())]
+    for name, q in quantizers(model):
+        if not bool(q.calibrated):
+            continue
+        scale, zero_point = q.deployed_qparams()
+        if not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
+            bad.append(f"{name}.scale")
+        elif not bool(((zero_point >= q.qmin) & (zero_point <= q.qmax)).all()):
+            bad.append(f"{name}.zero_point")
+    if bad:
+        raise SourceError(
+            f"{path} holds values no deployed model can use in {', '.join(bad[:3])}"
+            f"{f' and {len(bad) - 3} more' if len(bad) > 3 else ''} (non-finite weights, "
+            "scales that are not positive finite numbers, or zero points outside the "
+            "integer range); the checkpoint is damaged: write it again with quantize")
 
 
 # -- evaluation in the target runtime ---------------------------------------------

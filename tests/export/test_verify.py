@@ -153,7 +153,7 @@ def test_the_float_file_of_a_quantized_model_is_refused(float_path, int8_model):
     """The float export agrees with the quantized model to its quantization error;
     verify passed it (PASS, "12 of 12 quantized layers exact") though it deploys
     none of the quantization."""
-    with pytest.raises(ValueError, match="holds no quantized operators.*float export"):
+    with pytest.raises(ValueError, match=r"holds no quantized operators.*float export"):
         quantaware.verify(float_path, int8_model, _batches(1, 2))
 
 
