@@ -703,3 +703,22 @@ def test_data_with_nan_or_inf_is_refused_naming_the_batch():
         DataSource("pairs", [((good, bad), torch.zeros(4))], labeled=True)
     ids = torch.zeros(2, 5, dtype=torch.long)  # integer inputs are not checked
     assert DataSource("text", [{"input_ids": ids}], labeled=False).num_samples == 2
+
+
+def raises_key_error():
+    raise KeyError("nope")
+
+
+def fails_midway():
+    yield torch.zeros(2, 2)
+    raise KeyError("the third file")
+
+
+def test_what_the_users_functions_raise_is_named_with_their_spec():
+    """A KeyError from the user's model or data function escaped as a traceback."""
+    with pytest.raises(SourceError, match=r"raises_key_error raised KeyError: 'nope'"):
+        load_model(f"{__name__}:raises_key_error")
+    with pytest.raises(SourceError, match=r"raises_key_error raised KeyError: 'nope'"):
+        load_data(f"{__name__}:raises_key_error")
+    with pytest.raises(SourceError, match=r"fails_midway: producing batch 1 raised KeyError"):
+        load_data(f"{__name__}:fails_midway")

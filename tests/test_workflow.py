@@ -487,3 +487,42 @@ def test_labels_file_with_another_class_count_is_refused(tmp_path):
     i = export_model(q, tmp_path / "q.onnx", data.example)
     with pytest.raises(SourceError, match=r"labels file has 4 class names but f\.onnx has 3"):
         compare_onnx(f, i, data, latency_runs=1)
+
+
+class _Overflowing(nn.Module):
+    """Finite in torch's first call, Inf for large inputs: outputs overflow float32."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) * 1e38
+
+
+def overflowing() -> nn.Module:
+    torch.manual_seed(0)
+    return _Overflowing().eval()
+
+
+def linear_batches() -> list[torch.Tensor]:
+    return [torch.randn(8, 4, generator=torch.Generator().manual_seed(0)) * 100]
+
+
+def test_a_run_failing_after_export_leaves_no_files_and_a_bad_preset_keeps_the_last_run(
+        quantized_run, tmp_path):
+    """Non-finite outputs were compared (accuracy from NaN, a bare NaN in
+    results.json); the failure left the exported files without their results. A
+    preset typo deleted the previous run's results.json before being refused."""
+    model = load_model(f"{__name__}:overflowing")
+    out = tmp_path / "out"
+    with pytest.raises(SourceError, match="NaN/Inf in output 0"):
+        run_quantize(model, load_data(f"{__name__}:linear_batches", model), out, threads=1,
+                     latency_runs=2, verify=False)
+    assert not out.exists() or not list(out.iterdir())
+    _, previous, _ = quantized_run
+    before = sorted(p.name for p in previous.iterdir())
+    cnn = load_model(MODEL)
+    with pytest.raises(ValueError, match="unknown preset 'INT9'"):
+        run_quantize(cnn, load_data(DATA, cnn), previous, preset="INT9", threads=1)
+    assert sorted(p.name for p in previous.iterdir()) == before

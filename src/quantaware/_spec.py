@@ -65,3 +65,18 @@ def load_spec(spec: str) -> Callable[..., Any]:
     if not callable(fn):
         raise ValueError(f"{spec!r} is not callable")
     return fn
+
+
+def call_spec(spec: str) -> Any:
+    """Import the function ``spec`` names (as :func:`load_spec`) and call it without
+    arguments; whatever it raises becomes a ``ValueError`` naming the spec.
+
+    Example:
+        >>> type(call_spec("quantaware.models:DigitsCNN")).__name__
+        'DigitsCNN'
+    """
+    fn = load_spec(spec)
+    try:
+        return fn()
+    except Exception as exc:  # the user's code: any exception type
+        raise ValueError(f"{spec} raised {type(exc).__name__}: {exc}") from exc

@@ -52,7 +52,7 @@ from torch import nn
 
 from quantaware import presets
 from quantaware._batch import input_args, inputs_size, slice_inputs, split_batch
-from quantaware._spec import load_spec
+from quantaware._spec import call_spec
 from quantaware.config import LayerOverride, QuantConfig, QuantSpec
 
 __all__ = [
@@ -385,7 +385,7 @@ def load_model_source(spec: str, num_calib: int | None = None, num_eval: int | N
             f"unknown model {spec!r}: use one of {BUILTIN_MODELS} or MODULE:FUNCTION "
             "(a function returning a torch.nn.Module)"
         )
-    model = load_spec(spec)()
+    model = call_spec(spec)
     if not isinstance(model, nn.Module):
         raise TypeError(f"{spec} returned {type(model).__name__}, expected a torch.nn.Module")
     if not input_shape:

@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from quantaware import distributed as qdist
 from quantaware import presets
 from quantaware._batch import input_args, unpack_batch
-from quantaware._spec import load_spec
+from quantaware._spec import call_spec, load_spec
 from quantaware.calibrate import calibrate
 from quantaware.checkpoint import RESUME_FIX, load_checkpoint, save_checkpoint
 from quantaware.fake_quant import FakeQuantizer
@@ -136,7 +136,7 @@ def _datasets(data: str) -> tuple[Dataset, Dataset]:
         return load_digits_split()
     if data == "mnist1d":
         return load_mnist1d_split()
-    result = load_spec(data)()
+    result = call_spec(data)
     if not (isinstance(result, tuple | list) and len(result) == 2
             and all(isinstance(d, Dataset) for d in result)):
         raise ValueError(
@@ -174,7 +174,7 @@ def _check_same_run(path: Path, saved: dict[str, Any], s: QATRunSettings) -> Non
 def _float_model(s: QATRunSettings, train: Dataset, test_loader: DataLoader,
                  out: Path) -> nn.Module:
     if s.model is not None:
-        model = load_spec(s.model)()
+        model = call_spec(s.model)
         if not isinstance(model, nn.Module):
             raise ValueError(f"{s.model!r} must return a torch.nn.Module, got "
                              f"{type(model).__name__}")

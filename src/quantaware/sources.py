@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,7 +48,7 @@ from quantaware._batch import (
     map_inputs,
     slice_inputs,
 )
-from quantaware._spec import load_spec
+from quantaware._spec import call_spec
 
 __all__ = ["BUILTIN_DATA", "DataSource", "LabelsError", "LoadedModel", "SourceError", "load_data",
            "load_model", "load_weights", "read_labels"]
@@ -320,10 +320,9 @@ def load_model(spec: str, weights: str | os.PathLike | None = None) -> LoadedMod
         raise SourceError(f"unknown model {spec!r}: use MODULE:FUNCTION (a function returning "
                           "an nn.Module), a Hugging Face model folder or an .onnx file")
     try:
-        factory = load_spec(spec)
+        model = call_spec(spec)
     except ValueError as exc:
         raise SourceError(str(exc)) from exc
-    model = factory()
     if not isinstance(model, nn.Module):
         raise SourceError(f"{spec} returned {type(model).__name__}, expected a torch.nn.Module")
     if weights is not None:
@@ -363,7 +362,7 @@ def _user_batches(spec: str, items: Iterable[Any], limit: int | None) -> tuple[l
     seen = 0
     from quantaware._batch import LABEL_KEYS, unpack_batch
 
-    for i, item in enumerate(items):
+    for i, item in enumerate(_guarded(spec, items)):
         raw = item
         try:  # the batch convention of every API: tensor, (x, y, ...), dict with a label key
             x, y = unpack_batch(item)
@@ -434,6 +433,23 @@ def _regroup(spec: str, batches: list[Any], labeled: bool, batch_size: int) -> l
     x = cat_inputs(inputs)
     y = torch.cat([b[1].reshape(-1) for b in batches]) if labeled else None
     return _split(x, y, batch_size)
+
+
+def _guarded(spec: str, items: Iterable[Any]) -> Iterator[Any]:
+    """``items``, with what the user's iterable raises (a generator, a DataLoader's
+    dataset) named as coming from ``spec``."""
+    iterator = iter(items)
+    index = 0
+    while True:
+        try:
+            item = next(iterator)
+        except StopIteration:
+            return
+        except Exception as exc:  # the user's code: any exception type
+            raise SourceError(f"{spec}: producing batch {index} raised "
+                              f"{type(exc).__name__}: {exc}") from exc
+        yield item
+        index += 1
 
 
 def _truncate(batches: list[Any], labeled: bool, limit: int | None) -> list[Any]:
@@ -589,10 +605,9 @@ def load_data(
         return DataSource(spec, batches, labeled=False)
     if is_function_spec(spec):
         try:
-            factory = load_spec(spec)
+            items = call_spec(spec)
         except ValueError as exc:
             raise SourceError(str(exc)) from exc
-        items = factory()
         if isinstance(items, torch.Tensor) or not isinstance(items, Iterable):
             raise SourceError(f"{spec} returned {type(items).__name__}; return an iterable of "
                               "batches (a list or a DataLoader)")

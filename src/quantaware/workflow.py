@@ -265,8 +265,18 @@ def _outputs(session: Any, batches: list[Any], runtime: str,
             raise
         except Exception as exc:  # each runtime raises its own types
             raise SourceError(f"{runtime} cannot run the model on this data: {exc}") from exc
+    for run in runs:
+        for k, out in enumerate(run):
+            if np.ndim(out) == 0:
+                raise SourceError(f"output {k} of the model is a scalar; comparing models "
+                                  "needs outputs with a batch dimension (N, ...)")
+            if np.issubdtype(np.asarray(out).dtype, np.floating) and not np.isfinite(out).all():
+                raise SourceError(f"{runtime} gives NaN/Inf in output {k} of the model on "
+                                  "this data; check the model (and its weights) for values "
+                                  "that overflow")
+    # float64: cosines of large outputs overflow float32
     return [np.concatenate([run[k].reshape(run[k].shape[0], -1) for run in runs])
-            for k in range(len(runs[0]))]
+            .astype(np.float64) for k in range(len(runs[0]))]
 
 
 def _latency_ms(session: Any, feed: dict[str, np.ndarray], runs: int) -> float:
@@ -445,13 +455,13 @@ def run_quantize(model: LoadedModel, calib: DataSource, out: str | Path,
     it. ``results.json`` is written last: a folder without one holds an unfinished
     run.
     """
-    from quantaware._batch import forward_parameters
     from quantaware.deploy import BACKENDS
-    from quantaware.deploy_bench import write_json
 
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     runtime, suffix = ("litert", "tflite") if backend == "litert" else ("onnxruntime", "onnx")
+    # the preset and method are checked before anything in OUT is touched
+    chosen = choose_config(model.require_torch("quantization"), preset, method)
     if runtime == "litert":  # before calibrating: the export and the runtime are extras
         from quantaware.backends import _import_litert
         from quantaware.export.tflite import _import_litert as _import_converter
@@ -459,8 +469,7 @@ def run_quantize(model: LoadedModel, calib: DataSource, out: str | Path,
 
         _import_converter()
         _import_litert()
-        problem = litert_problem(choose_config(model.require_torch("quantization"), preset,
-                                               method))
+        problem = litert_problem(chosen)
         if problem is not None:
             raise SourceError(f"--target litert: {problem}")
     out = Path(out)
@@ -473,8 +482,29 @@ def run_quantize(model: LoadedModel, calib: DataSource, out: str | Path,
     say = progress or (lambda _msg: None)
     say(f"calibrating on {calib.num_samples} samples from {calib.name}")
     quantized, config = quantize_model(model, calib, preset, method, backend)
-    module = model.require_torch("quantization")
     say(f"exporting the float and the INT8 model ({suffix})")
+    written = [out / f"model-fp32.{suffix}", out / f"model-int8.{suffix}",
+               out / "model-int8.pt", out / "report.html", out / "report.md"]
+    try:
+        return _export_and_compare(model, calib, evaluate, out, quantized, config, suffix,
+                                   runtime, backend, verify, report, threads, latency_runs,
+                                   say)
+    except BaseException:
+        # A run that fails after exporting (data the files cannot run, NaN outputs)
+        # leaves no files without their results.json.
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
+
+
+def _export_and_compare(model: LoadedModel, calib: DataSource, evaluate: DataSource | None,
+                        out: Path, quantized: nn.Module, config: QuantConfig, suffix: str,
+                        runtime: str, backend: str, verify: bool, report: bool, threads: int,
+                        latency_runs: int, say: Callable[[str], None]) -> dict[str, Any]:
+    from quantaware._batch import forward_parameters
+    from quantaware.deploy_bench import write_json
+
+    module = model.require_torch("quantization")
     float_path = export_model(module, out / f"model-fp32.{suffix}", calib.example, suffix)
     int8_path = export_model(quantized, out / f"model-int8.{suffix}", calib.example, suffix)
     ckpt = save_quantized(out / "model-int8.pt", quantized, config, model.name)
