@@ -106,6 +106,48 @@ def test_unwritable_outputs_are_usage_errors_before_any_work(argv, message, tmp_
     assert message.format(**fill) in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["export", "--quantized", "{ckpt}", "--input-shape", "1,8,8", "--out", "{ckpt}"],
+     "--out {ckpt} is also the --quantized input"),
+    (["export", "--input-shape", "1,8,8", "--out", "{tmp}/m.onnx", "--json", "{tmp}/m.onnx"],
+     "--json and --out name the same file"),
+    (["quantize", "--data", "digits", "--out", "{tmp}/run", "--json", "{tmp}/run/results.json"],
+     "--json {tmp}/run/results.json is a file the command writes into --out"),
+    (["quantize", "--data", "{tmp}", "--out", "{tmp}/run"],
+     "--out {tmp}/run lies inside the --data folder"),
+])
+def test_outputs_that_would_destroy_inputs_or_each_other_are_refused(argv, message, tmp_path,
+                                                                     capsys):
+    """`export --out X.pt --quantized X.pt` replaced the checkpoint with ONNX bytes,
+    `--json` could overwrite the INT8 file, and a --out inside the image folder was
+    read back as images on the next run."""
+    ckpt = tmp_path / "model-int8.pt"
+    ckpt.write_bytes(b"checkpoint")
+    fill = {"tmp": tmp_path, "ckpt": ckpt}
+    argv = [a.format(**fill) for a in argv]
+    assert main([*argv, "--model", "quantaware.models:DigitsCNN"]) == 2
+    assert message.format(**fill) in capsys.readouterr().err
+    assert ckpt.read_bytes() == b"checkpoint"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model-int8.pt"]
+
+
+def test_a_report_named_md_is_refused(tmp_path, capsys):
+    """The HTML and its .md summary went to the same path: the HTML was lost."""
+    (tmp_path / "r.json").write_text('{"rows": [{"variant": "a", "size_bytes": 1}]}')
+    assert main(["report", str(tmp_path / "r.json"), "--out", str(tmp_path / "r.md")]) == 2
+    assert "ending in .html" in capsys.readouterr().err
+
+
+def test_export_with_a_wrong_input_shape_names_the_flag(tmp_path, capfd):
+    """The float export printed four torch tracebacks and an exporter message."""
+    assert main(["export", "--model", "quantaware.models:DigitsCNN", "--input-shape", "3,8,8",
+                 "--out", str(tmp_path / "m.onnx")]) == 2
+    assert not list(tmp_path.iterdir())
+    err = capfd.readouterr().err
+    assert "fails on the example inputs ((1, 3, 8, 8))" in err and "--input-shape" in err
+    assert "Traceback" not in err
+
+
 def test_a_missing_weights_file_is_a_usage_error(tmp_path, capsys):
     code = main(["quantize", "--model", "quantaware.models:DigitsCNN", "--data", "digits",
                  "--weights", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "out")])

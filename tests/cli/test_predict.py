@@ -123,6 +123,18 @@ def test_one_model_on_an_image_folder_saves_a_video(models, tmp_path, capsys):
     capture.release()
 
 
+def test_frames_saved_into_the_source_folder_are_refused(models, tmp_path, capsys):
+    """The annotated frames went into the folder being read: the next run read them."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    PIL.fromarray(skdata.chelsea()).save(photos / "cat.png")
+    for save in (photos, photos / "annotated"):
+        assert main(["predict", "--model", models[1], "--source", str(photos), "--save",
+                     str(save), "--threads", "1"]) == 2
+        assert "lies inside the --source folder" in capsys.readouterr().err
+    assert [p.name for p in photos.iterdir()] == ["cat.png"]
+
+
 def test_same_model_twice_agrees_on_every_frame(models, video, tmp_path, capsys):
     report = tmp_path / "run.json"
     assert main(["predict", "--model", models[0], "--model", models[0], "--source", str(video),

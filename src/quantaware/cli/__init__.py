@@ -52,15 +52,54 @@ def _check_outputs(args: argparse.Namespace) -> None:
     for a file, a file given for a folder, a folder that is not writable)."""
     from quantaware._files import check_writable_dir, check_writable_file
 
-    checks = [(dest, check_writable_file) for dest in getattr(args, "output_files", ())]
-    checks += [(dest, check_writable_dir) for dest in getattr(args, "output_dirs", ())]
+    files = [d for d in getattr(args, "output_files", ()) if getattr(args, d, None) is not None]
+    dirs = [d for d in getattr(args, "output_dirs", ()) if getattr(args, d, None) is not None]
+    checks = [(dest, check_writable_file) for dest in files]
+    checks += [(dest, check_writable_dir) for dest in dirs]
     for dest, check in checks:
-        value = getattr(args, dest, None)
-        if value is not None:
-            try:
-                check(value, f"--{dest.replace('_', '-')}")
-            except OSError as exc:
-                raise UsageError(str(exc)) from exc
+        try:
+            check(getattr(args, dest), _flag(dest))
+        except OSError as exc:
+            raise UsageError(str(exc)) from exc
+    _check_outputs_spare_inputs(args, files, dirs)
+
+
+def _flag(dest: str) -> str:
+    return f"--{dest.replace('_', '-')}"
+
+
+def _check_outputs_spare_inputs(args: argparse.Namespace, files: list[str],
+                                dirs: list[str]) -> None:
+    """Refuse an output that would overwrite an input or another output, or a folder of
+    outputs inside an input folder (later runs would read the outputs as inputs)."""
+    outputs = set(files) | set(dirs)
+    inputs = {dest: Path(value).resolve() for dest, value in vars(args).items()
+              if dest not in outputs and isinstance(value, str) and value
+              and Path(value).exists()}
+    seen: dict[Path, str] = {}
+    for dest in files:
+        path = Path(getattr(args, dest)).resolve()
+        for source, given in inputs.items():
+            if path == given:
+                raise UsageError(f"{_flag(dest)} {getattr(args, dest)} is also the "
+                                 f"{_flag(source)} input, which writing it would destroy; "
+                                 "give another path")
+        if path in seen:
+            raise UsageError(f"{_flag(dest)} and {_flag(seen[path])} name the same file; "
+                             "give each its own path")
+        seen[path] = dest
+        for folder in dirs:
+            names = getattr(args, "written_names", {}).get(folder, ())
+            if path.parent == Path(getattr(args, folder)).resolve() and path.name in names:
+                raise UsageError(f"{_flag(dest)} {getattr(args, dest)} is a file the command "
+                                 f"writes into {_flag(folder)}; give another path")
+    for dest in dirs:
+        folder = Path(getattr(args, dest)).resolve()
+        for source, given in inputs.items():
+            if given.is_dir() and (folder == given or given in folder.parents):
+                raise UsageError(f"{_flag(dest)} {getattr(args, dest)} lies inside the "
+                                 f"{_flag(source)} folder, where its files would be read as "
+                                 "inputs next time; give a folder outside it")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -40,10 +40,12 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
+    from quantaware._batch import input_args
     from quantaware.bench import file_size
     from quantaware.checkpoint import CheckpointError
     from quantaware.cli import UsageError
     from quantaware.cli import _sources as common
+    from quantaware.prepare import _check_runs
     from quantaware.sources import SourceError
     from quantaware.workflow import export_model, load_quantized
 
@@ -67,6 +69,11 @@ def run(args: argparse.Namespace) -> int:
         example = torch.zeros(1, *common.parse_input_shape(args.input_shape))
     if args.quantized and not Path(args.quantized).is_file():
         raise FileNotFoundError(f"quantized checkpoint {args.quantized!r} does not exist")
+    try:  # a wrong example shape is named as such, not as an export failure
+        _check_runs(module, input_args(example))
+    except ValueError as exc:
+        given = "--input-shape" if args.input_shape is not None else "--data"
+        raise UsageError(f"{exc} (the example comes from {given})") from exc
     try:
         if args.quantized:
             module = load_quantized(args.quantized, model, example)

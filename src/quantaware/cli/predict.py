@@ -226,6 +226,11 @@ def run(args: argparse.Namespace) -> int:
             check(args.save, "--save")
         except OSError as exc:
             raise UsageError(str(exc)) from exc
+        source, save = Path(str(args.source)).resolve(), Path(args.save).resolve()
+        if source.is_dir() and (save == source or source in save.parents):
+            raise UsageError(f"--save {args.save} lies inside the --source folder, whose "
+                             "images the next run would read back as frames; give a folder "
+                             "outside it")
     console = Console(width=None if sys.stdout.isatty() else 160, emoji=False)
     progress = _LazyProgress(Console(stderr=True, emoji=False))
     try:

@@ -51,7 +51,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="skip the torch vs runtime check of the INT8 file")
     parser.add_argument("--threads", type=int, default=2, help="runtime threads")
     parser.add_argument("--json", metavar="FILE", help="also write the results to FILE")
-    parser.set_defaults(func=run, output_files=("json",), output_dirs=("out",))
+    parser.set_defaults(func=run, output_files=("json",), output_dirs=("out",),
+                        written_names={"out": (
+                            "model-fp32.onnx", "model-int8.onnx", "model-fp32.tflite",
+                            "model-int8.tflite", "model-int8.pt", "results.json",
+                            "report.html", "report.md")})
 
 
 def run(args: argparse.Namespace) -> int:

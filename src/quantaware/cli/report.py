@@ -29,6 +29,9 @@ def run(args: argparse.Namespace) -> int:
     from quantaware.cli import UsageError
     from quantaware.report import rows_from_results, write_report
 
+    if Path(args.out).suffix.lower() == ".md":
+        raise UsageError(f"--out {args.out}: --out names the HTML file and the .md summary "
+                         "is written beside it; give a name ending in .html")
     source = Path(args.results)
     if not source.is_file():
         raise UsageError(f"results file {source} not found; write one with "

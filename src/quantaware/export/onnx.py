@@ -550,6 +550,8 @@ def _dynamic_shapes(example_inputs: tuple) -> tuple:
                  for x in example_inputs)
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # the exporter colours parts of its messages
+
 # torch.export's errors for Python control flow on tensor values
 _DATA_DEPENDENT = ("GuardOnDataDependentSymNode", "DataDependentOutputException",
                    "UserError")
@@ -561,7 +563,7 @@ def _export_failure(exc: BaseException) -> str:
     while root.__cause__ is not None and id(root.__cause__) not in seen:
         root = root.__cause__
         seen.add(id(root))
-    message = str(root).strip() or type(root).__name__
+    message = _ANSI.sub("", str(root)).strip() or type(root).__name__
     if type(root).__name__ in _DATA_DEPENDENT or "data-dependent expression" in message:
         call = re.search(r"The following call raised this error:\n\s*(File .*?, line \d+), "
                          r"in \w+\n\s*(.+)", message)
@@ -571,7 +573,7 @@ def _export_failure(exc: BaseException) -> str:
                 "decision outside forward()")
     if root is exc:
         return message[:2000]
-    context = (str(exc).splitlines() or [""])[0][:300]
+    context = (_ANSI.sub("", str(exc)).splitlines() or [""])[0][:300]
     return f"{type(root).__name__}: {message[:1500]} (while exporting: {context})"
 
 
