@@ -113,6 +113,52 @@ def test_second_run_skips_finished_steps_and_reruns_changed_ones(tmp_path):
     assert any("quantization: calibrating" in m for m in messages)
 
 
+def test_a_weights_file_changed_under_the_same_name_reruns_the_steps(tmp_path):
+    """The fingerprints held paths only: new weights at the same path were reported
+    "done before" and the old model was deployed."""
+    import os
+
+    import torch
+
+    from quantaware.models import DigitsCNN
+
+    weights = tmp_path / "w.pt"
+    torch.manual_seed(0)
+    torch.save(DigitsCNN().state_dict(), weights)
+    path = _small(tmp_path, qat=None, deploy={"targets": []}, baseline={"train": None},
+                  model={"source": "quantaware.models:DigitsCNN", "weights": "w.pt"})
+    run_pipeline(path, out=str(tmp_path / "out"))
+    messages: list[str] = []
+    run_pipeline(path, out=str(tmp_path / "out"), say=messages.append)
+    assert any("quantization: done before" in m for m in messages)
+    torch.manual_seed(1)
+    torch.save(DigitsCNN().state_dict(), weights)
+    later = weights.stat().st_mtime_ns + 10**9
+    os.utime(weights, ns=(later, later))
+    messages.clear()
+    run_pipeline(path, out=str(tmp_path / "out"), say=messages.append)
+    assert not any("done before" in m for m in messages), messages
+
+
+def raising_model():
+    raise RuntimeError("the weights server is down")
+
+
+def test_a_failed_run_leaves_no_earlier_results_and_a_file_as_out_is_named(tmp_path):
+    """A failing re-run kept the previous results.json beside files it no longer
+    described; `out:` naming a file failed with "[Errno 17] File exists"."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.json").write_text("{}")
+    path = _small(tmp_path, model={"source": f"{__name__}:raising_model"})
+    with pytest.raises(Exception, match="the weights server is down"):
+        run_pipeline(path, out=str(out))
+    assert not (out / "results.json").exists()
+    (tmp_path / "taken").write_text("")
+    with pytest.raises(PipelineError, match=r"out: .*taken' is a file; give a folder"):
+        run_pipeline(path, out=str(tmp_path / "taken"))
+
+
 def test_killed_qat_resumes_to_the_same_weights(tmp_path, monkeypatch):
     path = _small(tmp_path, deploy={"targets": []})
     run_pipeline(path, out=str(tmp_path / "whole"))

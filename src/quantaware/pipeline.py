@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -278,6 +279,35 @@ def load_pipeline(path: str | os.PathLike, fast: bool = False) -> dict[str, Any]
 # -- running ---------------------------------------------------------------------------
 
 
+def _stamp(value: str | None) -> Any:
+    """Size and modification time of the file (or of every file below the folder) a
+    source names; for ``module:function``, the module's file. ``None`` for built-in
+    names and what cannot be found."""
+    if not value:
+        return None
+    head = value.rpartition(":")[0] if ":" in value and not Path(value).exists() else value
+    path = Path(head)
+    if not path.exists() and head and not head.endswith(".py"):
+        try:
+            found = importlib.util.find_spec(head)
+        except (ImportError, ValueError):
+            return None
+        if found is None or not found.origin or not Path(found.origin).is_file():
+            return None
+        path = Path(found.origin)
+    try:
+        if path.is_file():
+            stat = path.stat()
+            return [stat.st_size, stat.st_mtime_ns]
+        if path.is_dir():
+            stats = [p.stat() for p in sorted(path.rglob("*")) if p.is_file()]
+            return [len(stats), sum(s.st_size for s in stats),
+                    max((s.st_mtime_ns for s in stats), default=0)]
+    except OSError:
+        return None
+    return None
+
+
 def _fingerprint(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -463,8 +493,13 @@ def run_pipeline(path: str | os.PathLike, fast: bool = False, out: str | None = 
         return value
 
     out_dir = Path(out) if out is not None else base / cfg["out"]
+    if out_dir.exists() and not out_dir.is_dir():
+        raise PipelineError(f"out: {str(out_dir)!r} is a file; give a folder for the results")
     out_dir.mkdir(parents=True, exist_ok=True)
     state = _State(out_dir)
+    # results.json is written last: a run that fails part way leaves none, rather
+    # than an earlier run's that no longer describes the files beside it
+    (out_dir / "results.json").unlink(missing_ok=True)
     torch.manual_seed(cfg["seed"])
     torch.set_num_threads(cfg["threads"])
     started = time.perf_counter()
@@ -495,7 +530,11 @@ def run_pipeline(path: str | os.PathLike, fast: bool = False, out: str | None = 
                       batch_size=batch_size(calib_spec), **common)
     evaluation = load_data(eval_spec, model, split="test", limit=d["num_evaluation"],
                            batch_size=batch_size(eval_spec), **common)
-    data_fp = _fingerprint(cfg["model"], d, cfg["seed"])
+    # The files behind the model and data take part too: a weights file or an image
+    # folder changed under the same name must not be taken for the finished steps'.
+    sources = [resolve(cfg["model"]["source"]), resolve(cfg["model"]["weights"]), train_spec,
+               calib_spec, eval_spec, resolve(d["labels"])]
+    data_fp = _fingerprint(cfg["model"], d, cfg["seed"], [_stamp(v) for v in sources])
 
     # 3. baseline
     baseline_fp = _fingerprint(data_fp, cfg["baseline"])
