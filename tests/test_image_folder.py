@@ -130,3 +130,14 @@ def test_16_bit_greyscale_is_scaled_not_clipped(tmp_path):
     names = [path.name for path, _ in folder.samples]
     sixteen, eight = (folder[names.index(n)] for n in ("ramp16.png", "ramp8.png"))
     torch.testing.assert_close(sixteen, eight, atol=0.02, rtol=0)
+
+
+def test_float_greyscale_in_zero_one_is_scaled_not_clipped(tmp_path):
+    """A float TIFF (mode F) in [0, 1] came out black."""
+    ramp = np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64)
+    PIL.fromarray(ramp, mode="F").save(tmp_path / "ramp.tiff")
+    PIL.fromarray(np.rint(ramp * 255).astype(np.uint8)).save(tmp_path / "ramp8.png")
+    folder = ImageFolder(tmp_path, labeled=False, size=32)
+    names = [path.name for path, _ in folder.samples]
+    floats, eight = (folder[names.index(n)] for n in ("ramp.tiff", "ramp8.png"))
+    torch.testing.assert_close(floats, eight, atol=0.02, rtol=0)

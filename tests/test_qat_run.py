@@ -30,6 +30,8 @@ def test_labels_outside_the_models_classes_are_named():
     ("weight_decay", -1e-4, "weight_decay must be a number >= 0"),
     ("freeze_bn_epoch", -1, "freeze_bn_epoch must be an integer >= 0"),
     ("freeze_bn_epoch", 1.5, "freeze_bn_epoch must be an integer >= 0"),
+    ("seed", 10**23, r"seed must be an integer from 0 to 2\*\*63 - 1"),
+    ("seed", -1, "seed must be an integer from 0"),
 ])
 def test_bad_settings_are_refused_before_any_training(field, value, message):
     with pytest.raises(ValueError, match=message):

@@ -128,9 +128,15 @@ def check_backend(backend: str) -> str:
     return backend
 
 
+#: The most inference threads a session takes (more would only stall the machine).
+MAX_THREADS = 512
+
+
 def _check_threads(threads: int) -> int:
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise ValueError(f"threads must be a positive integer, got {threads!r}")
+    if (isinstance(threads, bool) or not isinstance(threads, int)
+            or not 1 <= threads <= MAX_THREADS):
+        raise ValueError(f"threads must be an integer from 1 to {MAX_THREADS}, got "
+                         f"{threads!r}")
     return threads
 
 

@@ -46,13 +46,20 @@ IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".
 
 def rgb8(image: Any) -> np.ndarray:
     """An opened PIL image as ``(H, W, 3)`` uint8 RGB. 16-bit greyscale (PNG/TIFF,
-    modes ``I;16*`` and ``I``) is scaled by 255/65535: converting it to RGB directly
-    clips every value above 255, turning the photo white."""
+    modes ``I;16*`` and ``I``) is scaled by 255/65535 and float greyscale (mode
+    ``F``) in [0, 1] by 255: converting them to RGB directly clips (16-bit photos
+    turn white, [0, 1] floats black)."""
     if image.mode.startswith("I;16") or (image.mode == "I" and image.getextrema()[1] > 255):
         grey = np.asarray(image, dtype=np.float64) * (255.0 / 65535.0)
-        grey = np.clip(np.rint(grey), 0, 255).astype(np.uint8)
-        return np.repeat(grey[..., None], 3, axis=-1)
-    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    elif image.mode == "F":  # float greyscale (TIFF): [0, 1], or [0, 255] when above 1
+        grey = np.asarray(image, dtype=np.float64)
+        grey = np.nan_to_num(grey, nan=0.0, posinf=255.0, neginf=0.0)
+        if grey.max(initial=0.0) <= 1.0:
+            grey = grey * 255.0
+    else:
+        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    grey = np.clip(np.rint(grey), 0, 255).astype(np.uint8)
+    return np.repeat(grey[..., None], 3, axis=-1)
 
 
 class ImageFolderError(ValueError):

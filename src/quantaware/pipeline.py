@@ -61,6 +61,7 @@ from quantaware._batch import (
     inputs_size,
     take_inputs,
 )
+from quantaware.backends import MAX_THREADS
 
 __all__ = ["PipelineError", "load_pipeline", "run_pipeline", "validate"]
 
@@ -110,8 +111,10 @@ _QUANT_TARGETS = {"onnxruntime": "onnxruntime-x86", "litert": "litert"}
 SCHEMA: dict[str, Any] = {
     "name": ("pipeline", _text, "a name for reports"),
     "out": ("pipeline-out", _text, "output folder, relative to the pipeline file"),
-    "seed": (0, lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
-    "threads": (2, _positive_int, "a positive integer"),
+    "seed": (0, lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**63,
+             "an integer from 0 to 2**63 - 1"),
+    "threads": (2, lambda v: _positive_int(v) and v <= MAX_THREADS,
+                f"an integer from 1 to {MAX_THREADS}"),
     "model": {
         "source": (_REQUIRED, _text, "MODULE:FUNCTION, file.py:FUNCTION or a model folder"),
         "weights": (None, _text, "a state-dict file (.pt/.pth/.safetensors)"),

@@ -99,6 +99,9 @@ class QATRunSettings:
     export: bool = True
 
     def __post_init__(self) -> None:
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not (
+                0 <= self.seed < 2**63):
+            raise ValueError(f"seed must be an integer from 0 to 2**63 - 1, got {self.seed!r}")
         for name in ("epochs", "batch_size", "float_epochs", "calib_batches"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:

@@ -152,3 +152,12 @@ def test_a_missing_weights_file_is_a_usage_error(tmp_path, capsys):
     code = main(["quantize", "--model", "quantaware.models:DigitsCNN", "--data", "digits",
                  "--weights", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "out")])
     assert code == 2 and "missing.pt' does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["quantize", "evaluate", "bench", "predict", "qat"])
+def test_thread_counts_beyond_the_limit_are_usage_errors(command, capsys):
+    """--threads 99999 made a runtime create thread pools until the machine stalled."""
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--threads", "99999"])
+    assert exit_.value.code == 2
+    assert "--threads: must be an integer from 1 to 512, got '99999'" in capsys.readouterr().err

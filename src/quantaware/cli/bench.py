@@ -12,6 +12,7 @@ from typing import Any
 
 from quantaware.backends import BACKENDS
 from quantaware.cli import UsageError
+from quantaware.cli._sources import threads_arg
 from quantaware.deploy import BUILTIN_MODELS
 
 
@@ -41,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="batch sizes (default: 1 16)")
     parser.add_argument("--input-shape", metavar="C,H,W",
                         help="per-sample input shape for MODULE:FUNCTION models")
-    parser.add_argument("--threads", type=int, default=2,
+    parser.add_argument("--threads", type=threads_arg, default=2,
                         help="inference threads per session (default: 2)")
     parser.add_argument("--backend", nargs="+", choices=BACKENDS, default=["onnxruntime"],
                         metavar="BACKEND", dest="backends",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from quantaware.backends import BACKENDS, RUNTIME_NAMES
+from quantaware.cli._sources import threads_arg
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -29,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--backend", choices=BACKENDS, default=None,
                         help="runtime: onnxruntime or openvino for .onnx files, litert for "
                         ".tflite files (default: by the --quantized file's suffix)")
-    parser.add_argument("--threads", type=int, default=2, help="runtime threads")
+    parser.add_argument("--threads", type=threads_arg, default=2, help="runtime threads")
     parser.add_argument("--runs", type=int, default=30, help="timed runs per latency figure")
     parser.add_argument("--json", metavar="FILE", help="also write the results to FILE")
     parser.set_defaults(func=run, output_files=("json",))

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from quantaware._files import check_writable_dir, check_writable_file
 from quantaware.cli import UsageError
+from quantaware.cli._sources import threads_arg
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -66,7 +67,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--max-frames", type=_positive_int, metavar="N",
                         help="stop after N frames (a camera runs until Ctrl-C without it)")
-    parser.add_argument("--threads", type=_positive_int, default=2,
+    parser.add_argument("--threads", type=threads_arg, default=2,
                         help="ONNX Runtime threads per model (default: %(default)s)")
     parser.add_argument("--warmup", type=_non_negative_int, default=10, metavar="N",
                         help="untimed runs per model before the first frame (default: "

@@ -6,6 +6,8 @@ import argparse
 import sys
 from typing import Any
 
+from quantaware.cli._sources import threads_arg
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
@@ -43,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="calibration batches for the initial scales")
     parser.add_argument("--freeze-bn-epoch", type=int, default=None,
                         help="freeze batch-norm statistics after this many QAT epochs")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=threads_arg, default=None,
                         help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--no-export", action="store_true", help="skip the final ONNX export")
     parser.set_defaults(func=run, output_dirs=("out",))
