@@ -76,6 +76,10 @@ def test_load_pipeline_reports_the_file(tmp_path):
     bad.write_text("model: [unclosed\n")
     with pytest.raises(PipelineError, match="not valid YAML"):
         load_pipeline(bad)
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("model:\n  source: a:b\nmodel:\n  source: c:d\ndata:\n  train: digits\n")
+    with pytest.raises(PipelineError, match="key 'model' is given twice"):
+        load_pipeline(twice)  # YAML itself keeps the last one silently
     binary = tmp_path / "binary.yaml"
     binary.write_bytes(bytes(range(256)))
     with pytest.raises(PipelineError, match=r"binary\.yaml: not a text file"):

@@ -91,6 +91,19 @@ def test_malformed_rows_are_named_and_nothing_is_written(tmp_path, rows, message
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize(("payload", "message"), [
+    ({"rows": []}, "'rows' list is empty"),
+    ({"rows": [{"variant": "a"}], "sensitivity": "x"}, "'sensitivity' must be a list"),
+    ({"rows": [{"variant": "a"}], "histograms": [{"name": "h"}]}, "'histograms' must be a list"),
+])
+def test_malformed_sections_are_named_and_nothing_is_written(tmp_path, payload, message):
+    """An empty list wrote an empty report; a string as sensitivity raised
+    "string indices must be integers"."""
+    with pytest.raises(ValueError, match=message):
+        write_report(tmp_path / "r.html", payload)
+    assert not list(tmp_path.iterdir())
+
+
 def test_a_quantize_results_file_reports_accuracy_agreement_and_cosine(tmp_path):
     """The table's columns are the measures the rows hold: quantize on labelled data
     put accuracy under an "agreement" header and left the agreement out; `report`

@@ -266,8 +266,22 @@ def load_pipeline(path: str | os.PathLike, fast: bool = False) -> dict[str, Any]
         import yaml
     except ImportError as exc:
         raise ImportError("pipeline files need PyYAML: pip install pyyaml") from exc
+    class _UniqueKeys(yaml.SafeLoader):
+        """A key given twice in one mapping is an error (YAML keeps the last silently)."""
+
+        def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} is given twice in one section",
+                        key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeys)  # a SafeLoader
     except UnicodeDecodeError as exc:
         raise PipelineError(f"{path}: not a text file ({exc}); give a YAML pipeline "
                             "file") from exc

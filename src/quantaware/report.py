@@ -239,6 +239,18 @@ def write_report(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
     if not isinstance(payload, dict) or not isinstance(payload.get("rows"), list):
         raise ValueError("the report needs a dict with a 'rows' list of variants "
                          "(as written by benchmarks/ptq.py --json)")
+    if not payload["rows"]:
+        raise ValueError("the report's 'rows' list is empty: give at least one variant")
+    for key, needed in (("sensitivity", ("name", "params", "only_quantized_drop",
+                                         "only_quantized_sqnr", "only_float_drop")),
+                        ("histograms", ("name", "edges", "counts", "range"))):
+        entries = payload.get(key)
+        if entries is None:
+            continue
+        if not isinstance(entries, list) or not all(
+                isinstance(e, dict) and all(k in e for k in needed) for e in entries):
+            raise ValueError(f"the report's {key!r} must be a list of entries with "
+                             f"{', '.join(needed)} (as quantaware writes them)")
     for index, row in enumerate(payload["rows"]):
         if not isinstance(row, dict) or "variant" not in row:
             raise ValueError(f"row {index} of the report has no 'variant' (each row names "

@@ -170,3 +170,15 @@ def test_benchmark_api_rejects_counts_out_of_range():
                    {"threads": 0}):
         with pytest.raises(ValueError, match="must be"):
             benchmark(["resnet18"], quick=True, **kwargs)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--models", "foo"], "--models: unknown model 'foo'"),
+    (["--models", f"{__name__}:tiny_cnn"], "pass the per-sample input shape"),
+    (["--models", "no_such_module:build", "--input-shape", "3,8,8"],
+     "--models: cannot import module 'no_such_module'"),
+])
+def test_bench_model_mistakes_are_usage_errors(argv, message, capsys):
+    """They exited 1 (a failure) like a crash while benchmarking, not 2."""
+    assert main(["bench", *argv]) == 2
+    assert message in capsys.readouterr().err

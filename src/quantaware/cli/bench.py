@@ -132,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
     positive("--threads", args.threads)
     if args.warmup < 0:
         raise UsageError(f"--warmup must be a non-negative integer, got {args.warmup}")
+    _check_models(args)
     try:
         for backend in args.backends:
             check_backend(backend)
@@ -153,3 +154,25 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         console.print(f"rows written to {args.json}")
     return 0
+
+
+def _check_models(args: argparse.Namespace) -> None:
+    """Usage errors in --models (unknown names, specs that do not import, a missing
+    --input-shape) before any model is benchmarked."""
+    from quantaware._spec import load_spec
+    from quantaware.cli import UsageError
+    from quantaware.deploy import BUILTIN_MODELS
+
+    for spec in args.models:
+        if spec in BUILTIN_MODELS:
+            continue
+        if ":" not in spec:
+            raise UsageError(f"--models: unknown model {spec!r}: use one of "
+                             f"{', '.join(BUILTIN_MODELS)} or MODULE:FUNCTION")
+        try:
+            load_spec(spec)
+        except (ValueError, FileNotFoundError) as exc:
+            raise UsageError(f"--models: {exc}") from exc
+        if args.input_shape is None:
+            raise UsageError(f"--models {spec}: pass the per-sample input shape, e.g. "
+                             "--input-shape 3,224,224")
