@@ -11,6 +11,7 @@ import yaml
 
 from quantaware import checkpoint
 from quantaware.pipeline import PipelineError, load_pipeline, run_pipeline, validate
+from quantaware.sources import SourceError
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -164,6 +165,15 @@ def test_a_failed_run_leaves_no_earlier_results_and_a_file_as_out_is_named(tmp_p
     (tmp_path / "taken").write_text("")
     with pytest.raises(PipelineError, match=r"out: .*taken' is a file; give a folder"):
         run_pipeline(path, out=str(tmp_path / "taken"))
+
+
+def test_a_model_that_does_not_fit_its_data_fails_before_anything_is_saved(tmp_path):
+    """It failed with a raw conv2d shape error after writing float.pt."""
+    path = _small(tmp_path, qat=None, baseline={"train": None},
+                  model={"source": "quantaware.models:MNIST1DCNN"})
+    with pytest.raises(SourceError, match=r"fails on the data from digits.*data\.image_size"):
+        run_pipeline(path, out=str(tmp_path / "out"))
+    assert not (tmp_path / "out" / "float.pt").exists()
 
 
 def test_killed_qat_resumes_to_the_same_weights(tmp_path, monkeypatch):

@@ -54,3 +54,15 @@ def test_resuming_a_checkpoint_of_another_preset_is_refused(tmp_path):
                                          r"'INT8', this run has 'W4A4'; resume with the same "
                                          r"--preset, or write to a new --out"):
         _check_same_run(tmp_path / "epoch_001.pt", saved, QATRunSettings(preset="W4A4"))
+
+
+def test_a_model_that_does_not_fit_the_data_is_named_before_training(tmp_path):
+    """`qat --model` for other data failed with "mat1 and mat2 shapes cannot be
+    multiplied" and no hint."""
+    from quantaware.qat_run import run_qat
+
+    settings = QATRunSettings(data="digits", model="quantaware.models:MNIST1DCNN", epochs=1,
+                              out=str(tmp_path / "out"), export=False)
+    with pytest.raises(ValueError, match=r"fails on a sample of digits.*--model is the model "
+                                         "for --data"):
+        run_qat(settings)

@@ -489,6 +489,7 @@ def run_pipeline(path: str | os.PathLike, fast: bool = False, out: str | None = 
     from quantaware.deploy_bench import write_json
     from quantaware.sources import is_function_spec, load_data, load_model, read_labels
     from quantaware.workflow import (
+        _check_runs,
         load_quantized,
         quantize_model,
         save_quantized,
@@ -547,6 +548,7 @@ def run_pipeline(path: str | os.PathLike, fast: bool = False, out: str | None = 
                       batch_size=batch_size(calib_spec), **common)
     evaluation = load_data(eval_spec, model, split="test", limit=d["num_evaluation"],
                            batch_size=batch_size(eval_spec), **common)
+    _check_runs(module, train, "data.image_size")  # before anything is trained or saved
     # The files behind the model and data take part too: a weights file or an image
     # folder changed under the same name must not be taken for the finished steps'.
     sources = [resolve(cfg["model"]["source"]), resolve(cfg["model"]["weights"]), train_spec,

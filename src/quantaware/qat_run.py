@@ -181,7 +181,17 @@ def _float_model(s: QATRunSettings, train: Dataset, test_loader: DataLoader,
         if not isinstance(model, nn.Module):
             raise ValueError(f"{s.model!r} must return a torch.nn.Module, got "
                              f"{type(model).__name__}")
-        return model.eval()
+        example = _example(train[0][0])
+        try:
+            with torch.no_grad():
+                model.eval()(*(example if isinstance(example, tuple) else (example,)))
+        except Exception as exc:  # the user's model: any exception type
+            shapes = [tuple(t.shape) for t in (example if isinstance(example, tuple)
+                                              else (example,))]
+            raise ValueError(f"model {s.model} fails on a sample of {s.data} (inputs of "
+                             f"shape {shapes}): {type(exc).__name__}: {exc}; check that "
+                             "--model is the model for --data") from exc
+        return model
     path = out / "float.pt"
     model = _builtin_model(s.data)
     if path.is_file():

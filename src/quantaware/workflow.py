@@ -83,7 +83,7 @@ def choose_config(module: nn.Module, preset: str | None = None,
     return config
 
 
-def _check_runs(module: nn.Module, data: DataSource) -> None:
+def _check_runs(module: nn.Module, data: DataSource, size_option: str = "--size") -> None:
     """Run the float model on one sample first, so a shape mismatch is reported as such."""
     example = data.example
     try:
@@ -94,7 +94,7 @@ def _check_runs(module: nn.Module, data: DataSource) -> None:
         raise SourceError(
             f"the model fails on the data from {data.name} (one sample of shape {shapes}): "
             f"{type(exc).__name__}: {exc}. Check the model's expected input or the "
-            "preprocessing (--size)") from exc
+            f"preprocessing ({size_option})") from exc
 
 
 def quantize_model(model: LoadedModel, calib: DataSource, preset: str | None = None,
