@@ -199,3 +199,23 @@ def test_a_failing_onnx_runtime_baseline_leaves_its_row_out(tmp_path, monkeypatc
         "models-tiny-fp32.onnx", "models-tiny-ort-dynamic-int8.onnx",
         "models-tiny-quantaware-int8.onnx"]
     assert "ort-static-int8 failed on this model" in caplog.text
+
+
+def test_models_whose_specs_share_a_file_name_keep_their_own_files(tmp_path):
+    """vision/models.py:build and audio/models.py:build both wrote models-build-*.onnx:
+    the second model's files replaced the first's."""
+    from quantaware.deploy_bench import benchmark
+
+    for i, folder in enumerate(("vision", "audio")):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "models.py").write_text(
+            f"import torch\n\ndef build():\n    torch.manual_seed({i})\n"
+            "    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(),\n"
+            "        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),"
+            " torch.nn.Linear(4, 3))\n")
+    out = tmp_path / "out"
+    benchmark([str(tmp_path / "vision" / "models.py:build"),
+               str(tmp_path / "audio" / "models.py:build")], batches=[1], threads=1, runs=1,
+              warmup=0, quick=True, out_dir=out, input_shape=(3, 16, 16))
+    names = sorted(p.name for p in out.glob("*quantaware-int8.onnx"))
+    assert names == ["models-build-2-quantaware-int8.onnx", "models-build-quantaware-int8.onnx"]

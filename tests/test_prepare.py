@@ -473,14 +473,19 @@ class _TrainingOnlyHead(nn.Module):
         return (self.fc(h), self.aux(h)) if self.training else self.fc(h)
 
 
-def test_untraceable_model_quantizes_only_the_layers_its_forward_calls():
-    """The eager fallback swapped the training-only head too, and calibration then
-    asked for batches that exercise it, which an eval forward never does."""
+def test_untraceable_model_keeps_layers_calibration_never_ran_float(tmp_path, caplog):
+    """Calibration asked for batches that exercise the training-only head, which an
+    eval forward never runs; it stays float now, with a warning. Every layer is still
+    swapped, so the structure does not depend on which branch the example took."""
     data = [torch.randn(4, 3, 8, 8) for _ in range(2)]
-    with pytest.warns(UserWarning, match="could not trace"):
+    with pytest.warns(UserWarning, match="could not trace"), caplog.at_level("WARNING"):
         q = quantaware.quantize(_TrainingOnlyHead().eval(), presets.INT8, data, data[0][:1])
+    assert "layer(s) aux never ran on the calibration data and stay float" in caplog.text
     assert type(q.conv) is QuantConv2d and type(q.fc) is QuantLinear
-    assert type(q.aux) is nn.Linear
+    assert not bool(q.aux.input_quantizer.fake_quant_enabled)
+    assert bool(q.fc.input_quantizer.calibrated)
+    path = quantaware.export_onnx(q, tmp_path / "m.onnx", data[0][:1])
+    assert quantaware.verify(path, q, data).passed()
 
 
 def test_traceable_model_prepares_without_warning(residual_cnn):
@@ -672,5 +677,6 @@ def test_layers_with_weights_and_no_quantized_form_are_named(caplog):
     with caplog.at_level("WARNING", logger="quantaware.prepare"):
         quantaware.prepare(nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
                                          nn.Flatten(), nn.Linear(64, 3), nn.LayerNorm(3)),
-                           presets.INT8, torch.randn(1, 1, 6, 6))
-    assert "no quantized form" not in caplog.text
+                           presets.INT8.with_overrides(LayerOverride("4", skip=True)),
+                           torch.randn(1, 1, 6, 6))
+    assert "no quantized form" not in caplog.text  # a layer kept float by choice is not

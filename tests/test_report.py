@@ -122,3 +122,23 @@ def test_a_quantize_results_file_reports_accuracy_agreement_and_cosine(tmp_path)
                             "| INT8 | 88.9% | 93.5% | 0.9877 | 1.00 |"]
     text = (tmp_path / "r.html").read_text()
     assert "<th>top-1 agreement</th>" in text and "<td class=n>93.5%</td>" in text
+
+
+def test_a_pipeline_results_file_reports_each_quantized_model_once_per_target(tmp_path):
+    """A run's evaluation holds one comparison per model and target; `report` refused it."""
+    from quantaware.report import rows_from_results
+
+    fp32 = {"model": "FP32", "size_bytes": 4 * 2**20, "accuracy": 92.0}
+    run = {"name": "digits", "evaluation": {
+        "ptq": {"models": [fp32, {"model": "PTQ INT8", "size_bytes": 2**20, "accuracy": 91.0,
+                                  "top1_agreement": 97.0}]},
+        "qat": {"models": [fp32, {"model": "QAT INT8", "size_bytes": 2**20, "accuracy": 92.0,
+                                  "top1_agreement": 99.0}]},
+        "ptq_tflite": {"models": [fp32, {"model": "PTQ INT8", "size_bytes": 2**20,
+                                         "accuracy": 91.0, "top1_agreement": 97.5}]}}}
+    rows = rows_from_results(run)["rows"]
+    assert [r["variant"] for r in rows] == ["FP32", "PTQ INT8", "QAT INT8", "FP32 (tflite)",
+                                            "PTQ INT8 (tflite)"]
+    write_report(tmp_path / "r.html", {"rows": [
+        {"variant": "a", "size_bytes": 1, "agreement": None, "accuracy": 90.0},
+        {"variant": "b", "size_bytes": 2, "agreement": 95.0}]})  # a null agreement plotted

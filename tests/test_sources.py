@@ -389,7 +389,8 @@ def test_labelled_image_folder(photos):
     assert [x.shape for x in data.inputs] == [(3, 3, 32, 32), (1, 3, 32, 32)]
     torch.testing.assert_close(data.example[0], ImageFolder(photos, size=32)[0][0])
     limited = load_data(str(photos), size=32, resize=40, limit=2)
-    assert limited.num_samples == 2 and limited.labels.tolist() == [0, 1]
+    # spread over the sorted images: the first and the third, not the first two
+    assert limited.num_samples == 2 and limited.labels.tolist() == [0, 2]
 
 
 def test_labels_file_orders_the_classes(photos, tmp_path):

@@ -121,7 +121,8 @@ def test_a_run_stopped_part_way_leaves_no_stale_results(quantized_run, tmp_path,
     model = load_model(MODEL)
     with pytest.raises(RuntimeError, match="stopped"):
         run_quantize(model, load_data(DATA, model), out, threads=1, latency_runs=3)
-    assert (out / "model-int8.onnx").is_file()  # rewritten by this run...
+    # neither this run's files nor an earlier run's results are left
+    assert not (out / "model-int8.onnx").exists() and not (out / "model-int8.pt").exists()
     assert not (out / "results.json").exists() and not (out / "report.html").exists()
 
 

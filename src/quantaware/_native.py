@@ -56,7 +56,8 @@ def native_stderr_filtered() -> Iterator[None]:
 
     Output written to stderr in the block reaches the terminal when it ends, in
     order. Where descriptor 2 cannot be duplicated (no such descriptor), the block
-    runs unchanged.
+    runs unchanged. A native crash inside the block (abort, segfault) loses what it
+    captured: wrap library start-up, not long native work that may fail.
     """
     try:
         saved = os.dup(2)

@@ -59,6 +59,10 @@ def calibrate(model: nn.Module, data: Iterable[Any], num_batches: int | None = N
     model.eval()
     device = model_device(model)
     seen = 0
+    called: set[str] = set()
+    owners = {name.rpartition(".")[0] for name, _ in targets}
+    hooks = [module.register_forward_pre_hook(lambda _m, _i, name=name: called.add(name))
+             for name, module in model.named_modules() if name in owners]
     try:
         with torch.no_grad():
             for batch in data:
@@ -79,12 +83,28 @@ def calibrate(model: nn.Module, data: Iterable[Any], num_batches: int | None = N
                 seen += 1
     finally:
         model.train(was_training)
+        for hook in hooks:
+            hook.remove()
     if seen == 0:
         raise CalibrationError(
             "calibration data is empty: pass an iterable with at least one batch "
             "(a few hundred representative samples is typical)"
         )
     unused = [name for name, q in targets if not q.observer.observed]
+    idle = [name for name in unused if name.rpartition(".")[0] not in called]
+    if idle and not isinstance(model, torch.fx.GraphModule):
+        # An untraced model's layer that no calibration batch ran (a training-only
+        # head, a branch the data never takes) stays float rather than failing.
+        layers = sorted({name.rpartition(".")[0] for name in idle})
+        log.warning("layer(s) %s never ran on the calibration data and stay float; add "
+                    "batches that run them to quantize them", ", ".join(layers[:5]))
+        from quantaware.prepare import quantizers
+
+        for name, q in quantizers(model):
+            if name.rpartition(".")[0] in layers:
+                q.disable()
+        unused = [name for name in unused if name not in idle]
+        targets = [(n, q) for n, q in targets if n not in idle]
     if unused:
         raise CalibrationError(
             f"quantizer(s) {unused[:5]} saw no data during calibration; the calibration "

@@ -270,6 +270,7 @@ class ModelSource:
         evaluate: evaluation batches.
         unlabeled: makes further inputs (other crops) for label-free distillation,
             or ``None`` if the source has none.
+        stem: the file name stem to use instead of the one derived from ``name``.
     """
 
     name: str
@@ -279,6 +280,7 @@ class ModelSource:
     calib: list[Any]
     evaluate: list[Any]
     unlabeled: Callable[[], list[Any]] | None = None
+    stem: str | None = None
 
     @property
     def file_stem(self) -> str:
@@ -289,6 +291,8 @@ class ModelSource:
             >>> ModelSource("/home/me/models.py:build", None, "image", None, [], []).file_stem
             'models-build'
         """
+        if self.stem is not None:  # set where two sources would share a name
+            return self.stem
         module, _, function = self.name.rpartition(":")
         base = Path(module).stem if module.endswith(".py") else module.rpartition(".")[2]
         stem = f"{base}-{function}" if module else Path(self.name.rstrip("/\\")).name

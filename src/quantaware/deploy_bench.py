@@ -370,12 +370,16 @@ def benchmark(models: Sequence[str], batches: Sequence[int] = (1, 16), threads: 
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(out_dir) if out_dir is not None else Path(tmp)
+        stems: set[str] = set()
         for spec in models:
             if quick:
                 size = 16 if spec == "minilm" else 32
                 source = load_model_source(spec, 16, 16, size=size, input_shape=input_shape)
             else:
                 source = load_model_source(spec, input_shape=input_shape)
+            if source.file_stem in stems:  # vision/models.py:build, audio/models.py:build
+                source.stem = f"{source.file_stem}-{len(stems) + 1}"
+            stems.add(source.file_stem)
             onnx_paths, torch_models = build_variants(source, folder, on_step, distill_steps)
             paths = {b: onnx_paths for b in backends}
             backend_models = {b: torch_models for b in backends}

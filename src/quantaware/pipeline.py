@@ -297,9 +297,9 @@ def load_pipeline(path: str | os.PathLike, fast: bool = False) -> dict[str, Any]
 
 
 def _stamp(value: str | None) -> Any:
-    """Size and modification time of the file (or of every file below the folder) a
-    source names; for ``module:function``, the module's file. ``None`` for built-in
-    names and what cannot be found."""
+    """Size and modification time of the file a source names (for ``module:function``,
+    the module's file), or of each folder below a data folder with its file count.
+    ``None`` for built-in names and what cannot be found."""
     if not value:
         return None
     head = value.rpartition(":")[0] if ":" in value and not Path(value).exists() else value
@@ -317,9 +317,14 @@ def _stamp(value: str | None) -> Any:
             stat = path.stat()
             return [stat.st_size, stat.st_mtime_ns]
         if path.is_dir():
-            stats = [p.stat() for p in sorted(path.rglob("*")) if p.is_file()]
-            return [len(stats), sum(s.st_size for s in stats),
-                    max((s.st_mtime_ns for s in stats), default=0)]
+            # Each folder's time changes when a file is added, removed or renamed in
+            # it; reading the folders, not every file's, keeps this cheap on large
+            # data sets (a file rewritten in place under its name is not seen).
+            stamp = []
+            for root, dirs, files in os.walk(path):
+                dirs.sort()
+                stamp.append([os.stat(root).st_mtime_ns, len(files)])
+            return stamp
     except OSError:
         return None
     return None
@@ -553,7 +558,8 @@ def run_pipeline(path: str | os.PathLike, fast: bool = False, out: str | None = 
     # folder changed under the same name must not be taken for the finished steps'.
     sources = [resolve(cfg["model"]["source"]), resolve(cfg["model"]["weights"]), train_spec,
                calib_spec, eval_spec, resolve(d["labels"])]
-    data_fp = _fingerprint(cfg["model"], d, cfg["seed"], [_stamp(v) for v in sources])
+    stamps = {v: _stamp(v) for v in dict.fromkeys(sources)}  # each folder read once
+    data_fp = _fingerprint(cfg["model"], d, cfg["seed"], [stamps[v] for v in sources])
 
     # 3. baseline
     baseline_fp = _fingerprint(data_fp, cfg["baseline"])

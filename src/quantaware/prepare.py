@@ -580,7 +580,7 @@ def _trace(model: nn.Module, example_inputs: tuple) -> fx.GraphModule | None:
 
 def _weighted_layers_run(model: nn.Module, example_inputs: tuple) -> list[str]:
     """The quantizable weighted layers a forward on ``example_inputs`` calls, in the
-    order it first calls them (a training-only head is not among them)."""
+    order it first calls them."""
     names = {id(m): n for n, m in model.named_modules()
              if n and quantized_type(type(m)) is not None and hasattr(m, "weight")}
     order: list[str] = []
@@ -596,18 +596,14 @@ def _weighted_layers_run(model: nn.Module, example_inputs: tuple) -> list[str]:
     finally:
         for handle in handles:
             handle.remove()
-    unused = [n for n in names.values() if n not in order]
-    if unused:
-        log.info("%d layer(s) not called on the example inputs stay float: %s", len(unused),
-                 ", ".join(unused[:5]))
     return order
 
 
-def _prepare_eager(model: nn.Module, config: QuantConfig, run: set[str]) -> nn.Module:
+def _prepare_eager(model: nn.Module, config: QuantConfig) -> nn.Module:
     for name, module in list(model.named_modules()):
         qtype = quantized_type(type(module))
         specs = config.resolve(name)
-        if (qtype is None or specs is None or name not in run or not hasattr(module, "weight")
+        if (qtype is None or specs is None or not name or not hasattr(module, "weight")
                 or _kept_float(name, module, specs[0])):
             continue
         qmod = qtype.from_float(module, *specs)
@@ -696,9 +692,10 @@ def prepare(
     user_config = config
     gm = _trace(model, example_inputs)
     if gm is None:
-        ran = _weighted_layers_run(model, example_inputs)
-        config = _resolve_edge_layers(config, ran)
-        prepared = _prepare_eager(model, config, set(ran))
+        # Every layer is swapped (the structure must not depend on the example); the
+        # first/last-layer rules follow the order the example runs them in.
+        config = _resolve_edge_layers(config, _weighted_layers_run(model, example_inputs))
+        prepared = _prepare_eager(model, config)
     else:
         config = _resolve_edge_layers(config, _weighted_order(gm))
         if config.fold_bn:
@@ -738,19 +735,15 @@ _FLOAT_BY_DESIGN = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm,
                     nn.LocalResponseNorm, nn.PReLU)
 
 
-def _kind(module: nn.Module) -> str:
-    # a traced graph keeps a weight read by a functional op (an embedding table
-    # indexed directly) in a bare container module
-    return "weights read directly" if type(module) is nn.Module else type(module).__name__
-
-
 def _warn_unquantizable(prepared: nn.Module) -> None:
     """Say which layers with weights have no quantized form and stay float (an LSTM,
     a 3-d conv): the size and speed figures then include their float32 weights."""
-    kept = [f"{n} ({_kind(m)})" for n, m in prepared.named_modules()
-            if n and not isinstance(m, (QuantMixin, FakeQuantizer, Float16Quantizer,
-                                        *_FLOAT_BY_DESIGN))
-            and any(True for _ in m.parameters(recurse=False))
+    kept = [f"{n} ({type(m).__name__})" for n, m in prepared.named_modules()
+            if n and type(m) is not nn.Module  # a traced graph's bare weight holders
+            and quantized_type(type(m)) is None  # else float by choice (skip, edges)
+            and not isinstance(m, (QuantMixin, FakeQuantizer, Float16Quantizer,
+                                   *_FLOAT_BY_DESIGN))
+            and any(p.dim() >= 2 for p in m.parameters(recurse=False))  # not a scale
             and not any(isinstance(c, QuantMixin) for c in m.modules())]
     if kept:
         log.warning("%d layer(s) with weights have no quantized form and stay float: %s%s",

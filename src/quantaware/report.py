@@ -120,9 +120,26 @@ def rows_from_results(payload: Any) -> dict[str, Any]:
     if not isinstance(payload, dict) or "rows" in payload:
         return payload
     comparison = payload.get("evaluation", payload)
-    models = comparison.get("models") if isinstance(comparison, dict) else None
-    if not isinstance(models, list):
+    if not isinstance(comparison, dict):
         return payload  # refused by write_report, naming what it needs
+    if isinstance(comparison.get("models"), list):
+        models = comparison["models"]
+    else:  # a pipeline's: one float-vs-quantized comparison per model and target
+        models, seen = [], set()
+        for key, one in comparison.items():
+            for m in (one.get("models") if isinstance(one, dict) else None) or []:
+                if not isinstance(m, dict):
+                    return payload
+                label = m.get("model")
+                if label == "FP32" and "_" in key:  # another target's float file
+                    label = f"FP32 ({key.split('_', 1)[1]})"
+                elif label != "FP32" and "_" in key:
+                    label = f"{label} ({key.split('_', 1)[1]})"
+                if label not in seen:
+                    seen.add(label)
+                    models.append({**m, "model": label})
+        if not models:
+            return payload
     rows = []
     for m in models:
         if not isinstance(m, dict):
@@ -160,7 +177,10 @@ def _plots(payload: dict[str, Any]) -> list[tuple[str, str]]:
     if rows:
 
         def _score(row: dict[str, Any]) -> float:
-            return float(row[key] if key else row.get("agreement", row.get("accuracy")))
+            if key:
+                return float(row[key])
+            agreement = row.get("agreement")
+            return float(agreement if agreement is not None else row["accuracy"])
 
         fig, ax = plt.subplots(figsize=(8, 5))
         groups = sorted({r.get("group", "") for r in rows})

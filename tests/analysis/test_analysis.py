@@ -74,3 +74,16 @@ def test_sensitivity_of_a_model_with_several_outputs_scores_every_one():
     rows = sensitivity(q, data)
     assert [r.name for r in rows] == ["body.1", "cls", "reg"]
     assert rows[2].only_quantized_drop == 0.0 and rows[2].only_quantized_sqnr < 200
+
+
+def test_agreement_leaves_out_feature_outputs():
+    """(N, L, D) hidden states were scored as class scores and dragged the worst
+    agreement down; dense maps (N, C, H, W) are scored per position."""
+    gen = torch.Generator().manual_seed(0)
+    logits, hidden = torch.randn(64, 10, generator=gen) * 5, torch.randn(64, 16, 32, generator=gen)
+    assert agreement((logits, hidden + 1.0), (logits, hidden)) == 100.0
+    maps = torch.randn(4, 3, 5, 5, generator=gen)
+    flipped = maps.clone()
+    flipped[0, :, 0, 0] = torch.tensor([-9.0, -9.0, 9.0])  # class 2 wins at one position
+    expected = 100.0 * float((flipped.argmax(1) == maps.argmax(1)).float().mean())
+    assert agreement(flipped, maps) == expected

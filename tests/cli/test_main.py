@@ -131,6 +131,33 @@ def test_outputs_that_would_destroy_inputs_or_each_other_are_refused(argv, messa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model-int8.pt"]
 
 
+@pytest.mark.parametrize("argv", [
+    ["quantize", "--preset", "W8", "--out", "W8"],
+    ["quantize", "--target", "litert", "--out", "litert/run2"],
+    ["quantize", "--out", "quantize/run1"],
+    ["qat", "--out", "W4A4"],
+])
+def test_option_values_that_happen_to_name_folders_are_not_inputs(argv, tmp_path, capsys,
+                                                                   monkeypatch):
+    """Only path options are inputs: a folder named like the preset, the target or the
+    command itself (a rerun into the same --out) was refused as an input folder."""
+    import quantaware.cli._sources as common
+    import quantaware.qat_run as qat_run
+    from quantaware.cli import UsageError
+
+    def reached(*_args, **_kwargs):
+        raise UsageError("the output checks passed")
+
+    monkeypatch.setattr(common, "load_model", reached)
+    monkeypatch.setattr(qat_run, "run_qat", reached)
+    monkeypatch.chdir(tmp_path)
+    for name in ("W8", "litert", "quantize", "W4A4"):
+        (tmp_path / name).mkdir()
+    extra = [] if argv[0] == "qat" else ["--model", "quantaware.models:DigitsCNN"]
+    assert main([*argv, *extra, "--data", "digits"]) == 2
+    assert "the output checks passed" in capsys.readouterr().err
+
+
 def test_a_report_named_md_is_refused(tmp_path, capsys):
     """The HTML and its .md summary went to the same path: the HTML was lost."""
     (tmp_path / "r.json").write_text('{"rows": [{"variant": "a", "size_bytes": 1}]}')
@@ -154,10 +181,16 @@ def test_a_missing_weights_file_is_a_usage_error(tmp_path, capsys):
     assert code == 2 and "missing.pt' does not exist" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["quantize", "evaluate", "bench", "predict", "qat"])
-def test_thread_counts_beyond_the_limit_are_usage_errors(command, capsys):
+@pytest.mark.parametrize("argv", [
+    ["quantize", "--model", "quantaware.models:DigitsCNN", "--data", "digits"],
+    ["evaluate", "--model", "{file}", "--quantized", "{file}", "--data", "digits"],
+    ["bench", "--models", "mobilenet_v2"],
+    ["predict", "--model", "{file}", "--source", "{file}"],
+    ["qat", "--data", "digits", "--out", "{out}"]])
+def test_thread_counts_beyond_the_limit_are_usage_errors(argv, tmp_path, capsys):
     """--threads 99999 made a runtime create thread pools until the machine stalled."""
-    with pytest.raises(SystemExit) as exit_:
-        main([command, "--threads", "99999"])
-    assert exit_.value.code == 2
-    assert "--threads: must be an integer from 1 to 512, got '99999'" in capsys.readouterr().err
+    (tmp_path / "m.onnx").write_bytes(b"")
+    argv = [a.format(file=tmp_path / "m.onnx", out=tmp_path / "out") for a in argv]
+    json_flag = [] if argv[0] == "qat" else ["--json", str(tmp_path / "r.json")]
+    assert main([*argv, "--threads", "99999", *json_flag]) == 2
+    assert "--threads must be at most 512, got 99999" in capsys.readouterr().err

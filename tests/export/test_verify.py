@@ -354,7 +354,8 @@ def test_a_wrong_second_output_fails(tmp_path):
 
 def test_output_count_mismatch_is_an_error(tmp_path):
     q, _, data = _two_heads(tmp_path)
-    single = quantaware.export_onnx(nn.Linear(6, 4), tmp_path / "one.onnx", data[0][:1])
+    one = quantaware.quantize(nn.Linear(6, 4), presets.INT8, data, data[0][:1])
+    single = quantaware.export_onnx(one, tmp_path / "one.onnx", data[0][:1])
     with pytest.raises(ValueError, match="2 outputs and the onnxruntime file 1"):
         quantaware.verify(single, q, data)
 

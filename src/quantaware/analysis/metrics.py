@@ -62,18 +62,23 @@ def _pairs(quantized: Outputs, reference: Outputs) -> list[tuple[torch.Tensor, t
 
 
 def agreement(quantized: Outputs, reference: Outputs) -> float:
-    """Top-1 agreement in percent between two ``(N, classes)`` outputs (several
-    outputs: the worst of those with class scores).
+    """Top-1 agreement in percent between two ``(N, classes)`` outputs (dense maps
+    ``(N, classes, H, W)`` per position; several outputs: the worst of those with
+    class scores, leaving out feature outputs such as ``(N, L, D)``).
 
     Example:
         >>> agreement(torch.tensor([[0.1, 0.9], [0.8, 0.2]]), torch.tensor([[0., 1.], [0., 1.]]))
         50.0
     """
-    scores = [100.0 * float((q.argmax(-1) == r.argmax(-1)).float().mean())
-              for q, r in _pairs(quantized, reference) if r.dim() >= 2 and r.shape[-1] > 1]
+    # class scores: (N, classes), or dense maps (N, classes, H, W, ...) per position;
+    # (N, L, D) sequences of features are not
+    scores = [100.0 * float((q.argmax(1) == r.argmax(1)).float().mean())
+              for q, r in _pairs(quantized, reference)
+              if (r.dim() == 2 or r.dim() >= 4) and r.shape[1] > 1]
     if not scores:
-        raise ValueError("top-1 agreement needs an output of class scores (N, classes); "
-                         "compare these outputs with another metric, e.g. sqnr_db")
+        raise ValueError("top-1 agreement needs an output of class scores (N, classes) or "
+                         "(N, classes, H, W); compare these outputs with another metric, "
+                         "e.g. sqnr_db")
     return min(scores)
 
 

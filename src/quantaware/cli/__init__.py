@@ -68,14 +68,20 @@ def _flag(dest: str) -> str:
     return f"--{dest.replace('_', '-')}"
 
 
+# Options that name input files or folders; of them, the folders read recursively
+# (image folders, frame sources), where outputs placed inside would be read back.
+_INPUT_PATHS = ("data", "eval_data", "weights", "quantized", "labels", "source", "results",
+                "pipeline", "model")
+_DATA_FOLDERS = ("data", "eval_data", "source")
+
+
 def _check_outputs_spare_inputs(args: argparse.Namespace, files: list[str],
                                 dirs: list[str]) -> None:
     """Refuse an output that would overwrite an input or another output, or a folder of
     outputs inside an input folder (later runs would read the outputs as inputs)."""
-    outputs = set(files) | set(dirs)
-    inputs = {dest: Path(value).resolve() for dest, value in vars(args).items()
-              if dest not in outputs and isinstance(value, str) and value
-              and Path(value).exists()}
+    inputs = {dest: Path(getattr(args, dest)).resolve() for dest in _INPUT_PATHS
+              if isinstance(getattr(args, dest, None), str) and getattr(args, dest)
+              and Path(getattr(args, dest)).exists()}
     seen: dict[Path, str] = {}
     for dest in files:
         path = Path(getattr(args, dest)).resolve()
@@ -96,7 +102,8 @@ def _check_outputs_spare_inputs(args: argparse.Namespace, files: list[str],
     for dest in dirs:
         folder = Path(getattr(args, dest)).resolve()
         for source, given in inputs.items():
-            if given.is_dir() and (folder == given or given in folder.parents):
+            if source in _DATA_FOLDERS and given.is_dir() and (
+                    folder == given or given in folder.parents):
                 raise UsageError(f"{_flag(dest)} {getattr(args, dest)} lies inside the "
                                  f"{_flag(source)} folder, where its files would be read as "
                                  "inputs next time; give a folder outside it")

@@ -56,19 +56,14 @@ def parse_input_shape(text: str | None) -> tuple[int, ...] | None:
     return shape
 
 
-def threads_arg(text: str) -> int:
-    """``--threads``: an integer from 1 to :data:`quantaware.backends.MAX_THREADS` (a huge
-    count made the runtimes create thread pools until the machine stalled)."""
+def check_threads(value: int | None) -> None:
+    """``--threads``: a positive integer of at most :data:`quantaware.backends.MAX_THREADS`
+    (a huge count made the runtimes create thread pools until the machine stalled)."""
     from quantaware.backends import MAX_THREADS
 
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if not 1 <= value <= MAX_THREADS:
-        raise argparse.ArgumentTypeError(
-            f"must be an integer from 1 to {MAX_THREADS}, got {text!r}")
-    return value
+    positive("--threads", value)
+    if value is not None and value > MAX_THREADS:
+        raise UsageError(f"--threads must be at most {MAX_THREADS}, got {value}")
 
 
 def positive(name: str, value: int | None) -> None:

@@ -12,7 +12,6 @@ from typing import Any
 
 from quantaware.backends import BACKENDS
 from quantaware.cli import UsageError
-from quantaware.cli._sources import threads_arg
 from quantaware.deploy import BUILTIN_MODELS
 
 
@@ -42,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="batch sizes (default: 1 16)")
     parser.add_argument("--input-shape", metavar="C,H,W",
                         help="per-sample input shape for MODULE:FUNCTION models")
-    parser.add_argument("--threads", type=threads_arg, default=2,
+    parser.add_argument("--threads", type=int, default=2,
                         help="inference threads per session (default: 2)")
     parser.add_argument("--backend", nargs="+", choices=BACKENDS, default=["onnxruntime"],
                         metavar="BACKEND", dest="backends",
@@ -123,13 +122,13 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from quantaware.backends import check_backend
-    from quantaware.cli._sources import parse_input_shape, positive
+    from quantaware.cli._sources import check_threads, parse_input_shape, positive
     from quantaware.deploy_bench import benchmark, write_json
 
     for batch in args.batches:
         positive("--batches", batch)
     positive("--runs", args.runs)
-    positive("--threads", args.threads)
+    check_threads(args.threads)
     if args.warmup < 0:
         raise UsageError(f"--warmup must be a non-negative integer, got {args.warmup}")
     _check_models(args)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 
 from quantaware.backends import BACKENDS, RUNTIME_NAMES
-from quantaware.cli._sources import threads_arg
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -30,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--backend", choices=BACKENDS, default=None,
                         help="runtime: onnxruntime or openvino for .onnx files, litert for "
                         ".tflite files (default: by the --quantized file's suffix)")
-    parser.add_argument("--threads", type=threads_arg, default=2, help="runtime threads")
+    parser.add_argument("--threads", type=int, default=2, help="runtime threads")
     parser.add_argument("--runs", type=int, default=30, help="timed runs per latency figure")
     parser.add_argument("--json", metavar="FILE", help="also write the results to FILE")
     parser.set_defaults(func=run, output_files=("json",))
@@ -48,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
 
     for name in ("num_eval", "threads", "runs"):
         common.positive("--" + name.replace("_", "-"), getattr(args, name))
+    common.check_threads(args.threads)
     if not Path(args.quantized).is_file():
         raise FileNotFoundError(f"quantized model {args.quantized!r} does not exist")
     tflite = Path(args.quantized).suffix.lower() == ".tflite"

@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Any
 
 from quantaware._files import check_writable_dir, check_writable_file
 from quantaware.cli import UsageError
-from quantaware.cli._sources import threads_arg
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -67,7 +66,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--max-frames", type=_positive_int, metavar="N",
                         help="stop after N frames (a camera runs until Ctrl-C without it)")
-    parser.add_argument("--threads", type=threads_arg, default=2,
+    parser.add_argument("--threads", type=_positive_int, default=2,
                         help="ONNX Runtime threads per model (default: %(default)s)")
     parser.add_argument("--warmup", type=_non_negative_int, default=10, metavar="N",
                         help="untimed runs per model before the first frame (default: "
@@ -204,6 +203,7 @@ def summary_lines(result: PredictResult) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from quantaware.cli._sources import check_threads
     from quantaware.image_folder import IMAGE_EXTENSIONS
     from quantaware.images import IMAGENET_MEAN, IMAGENET_STD
     from quantaware.predict import VIDEO_EXTENSIONS, VIDEO_WRITERS, predict
@@ -215,6 +215,7 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"{flag} values must be finite numbers, got {values}")
     if args.std is not None and min(args.std) <= 0:
         raise UsageError(f"--std values must be > 0, got {args.std}")
+    check_threads(args.threads)
     if args.size is not None and args.resize is not None and args.resize < args.size:
         raise UsageError(f"--resize ({args.resize}) must be >= --size ({args.size})")
     suffix = Path(args.save).suffix.lower() if args.save else ""

@@ -6,8 +6,6 @@ import argparse
 import sys
 from typing import Any
 
-from quantaware.cli._sources import threads_arg
-
 
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
@@ -45,7 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="calibration batches for the initial scales")
     parser.add_argument("--freeze-bn-epoch", type=int, default=None,
                         help="freeze batch-norm statistics after this many QAT epochs")
-    parser.add_argument("--threads", type=threads_arg, default=None,
+    parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--no-export", action="store_true", help="skip the final ONNX export")
     parser.set_defaults(func=run, output_dirs=("out",))
@@ -58,10 +56,10 @@ def run(args: argparse.Namespace) -> int:
 
     from quantaware import distributed as qdist
     from quantaware.cli import UsageError
-    from quantaware.cli._sources import positive
+    from quantaware.cli._sources import check_threads
     from quantaware.qat_run import QATRunSettings, run_qat
 
-    positive("--threads", args.threads)
+    check_threads(args.threads)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:

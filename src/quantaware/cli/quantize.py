@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 
 from quantaware.cli import _sources as common
-from quantaware.cli._sources import threads_arg
 
 # --target -> quantaware.deploy.BACKENDS
 TARGETS = {"onnxruntime": "onnxruntime-x86", "litert": "litert"}
@@ -50,7 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--report", action="store_true", help="also write OUT/report.html")
     parser.add_argument("--no-verify", action="store_true",
                         help="skip the torch vs runtime check of the INT8 file")
-    parser.add_argument("--threads", type=threads_arg, default=2, help="runtime threads")
+    parser.add_argument("--threads", type=int, default=2, help="runtime threads")
     parser.add_argument("--json", metavar="FILE", help="also write the results to FILE")
     parser.set_defaults(func=run, output_files=("json",), output_dirs=("out",),
                         written_names={"out": (
@@ -67,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
 
     for name in ("num_calib", "num_eval", "threads"):
         common.positive("--" + name.replace("_", "-"), getattr(args, name))
+    common.check_threads(args.threads)
     if args.method is not None and args.method not in CALIBRATION_METHODS:
         raise UsageError(f"unknown --method {args.method!r}; choose one of "
                          f"{', '.join(CALIBRATION_METHODS)}")

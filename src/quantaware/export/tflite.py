@@ -69,7 +69,10 @@ _SAME_GRID = {
 def _import_litert() -> tuple[Any, Any, Any]:
     try:
         # importing them logs optional kernels torchao lacks, a torch deprecation
-        # and absl's start-up lines: none concerns the export
+        # and absl's start-up lines: none concerns the export. The converter's own
+        # INFO lines are switched off at the source (unless the user set the level),
+        # so a crash inside it still prints its message.
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
         with warnings.catch_warnings(), native_stderr_filtered(), \
                 quiet_loggers("absl", "torchao", "torch.utils._pytree"):
             warnings.simplefilter("ignore")
@@ -768,8 +771,7 @@ def export_tflite(
         raise ExportError(problem)
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
-                contextlib.redirect_stderr(io.StringIO()), quiet_loggers("root"), \
-                native_stderr_filtered():
+                contextlib.redirect_stderr(io.StringIO()), quiet_loggers("root"):
             warnings.simplefilter("ignore")
             if quantized:
                 program = torch.export.export(_export_copy(model), example_inputs)
