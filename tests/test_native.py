@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
 
 from quantaware._native import filter_native_lines, native_stderr_filtered, quiet_loggers
 
@@ -44,3 +46,22 @@ def test_quiet_loggers_restores_the_levels():
     with quiet_loggers("quantaware.test.quiet"):
         assert logger.level == logging.ERROR
     assert logger.level == logging.INFO
+
+
+def test_a_native_crash_in_the_block_keeps_its_message():
+    code = ("import os\n"
+            "from quantaware._native import native_stderr_filtered\n"
+            "with native_stderr_filtered():\n"
+            "    os.write(2, b'INFO: Created TensorFlow Lite XNNPACK delegate for CPU.\\n')\n"
+            "    os.write(2, b'F0000 xnnpack.cc:12] Check failed: channels > 0\\n')\n"
+            "    os.abort()\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
+    assert done.returncode != 0
+    assert b"Check failed: channels > 0" in done.stderr
+    assert b"XNNPACK delegate" not in done.stderr
+
+
+def test_partial_last_line_and_carriage_returns_pass_through(capfd):
+    with native_stderr_filtered():
+        os.write(2, b"INFO: dropped\r\nkept\r\nno newline")
+    assert capfd.readouterr().err == "kept\r\nno newline"

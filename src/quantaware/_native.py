@@ -4,8 +4,10 @@ LiteRT's converter and interpreter log through absl and TFLite's C++ logger,
 which write to the process's stderr below Python: ``I0000 ... flatbuffer_export.cc]
 Estimated count of arithmetic ops``, ``INFO: Created TensorFlow Lite XNNPACK
 delegate for CPU.``, and so on. :func:`native_stderr_filtered` captures what is
-written to descriptor 2 while a block runs and writes it back afterwards without
-those informational lines; warnings and errors pass through unchanged.
+written to descriptor 2 while a block runs and passes it on without those
+informational lines; warnings and errors pass through unchanged, in order. The
+filtering runs in a small child process reading a pipe, so even a native crash in
+the block (abort, segfault) leaves its last message on the terminal.
 
 Example:
     >>> import os
@@ -19,8 +21,8 @@ import contextlib
 import logging
 import os
 import re
+import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 
 # Informational lines only: absl INFO records, absl's note about logging before
@@ -50,33 +52,78 @@ def filter_native_lines(text: bytes) -> bytes:
     return b"".join(out)
 
 
+# The filter's child process: reads the pipe, writes kept lines to its stdout (the
+# real descriptor 2). Standard library only, started isolated (-I -S): quick, and
+# independent of the parent's environment.
+_CHILD = """
+import os, re
+noise = re.compile(NOISE)
+out, dropped, rest = 1, False, b""
+def emit(line):
+    global dropped
+    body = line.rstrip(b"\\r\\n")
+    if noise.match(body) or (dropped and not body.strip()):
+        dropped = True
+        return
+    dropped = False
+    os.write(out, line)
+while True:
+    chunk = os.read(0, 65536)
+    if not chunk:
+        break
+    lines = (rest + chunk).splitlines(keepends=True)
+    rest = lines.pop() if not lines[-1].endswith((b"\\n", b"\\r")) else b""
+    for line in lines:
+        emit(line)
+if rest:
+    emit(rest)
+""".replace("NOISE", repr(_NOISE.pattern))
+
+#: How long the filter may take to pass on the last lines after its block ends.
+_CHILD_DRAIN_SECONDS = 10.0
+
+
 @contextlib.contextmanager
 def native_stderr_filtered() -> Iterator[None]:
-    """Run a block with descriptor 2 captured; write back all but informational lines.
+    """Run a block with descriptor 2 filtered: all but informational lines go through.
 
-    Output written to stderr in the block reaches the terminal when it ends, in
-    order. Where descriptor 2 cannot be duplicated (no such descriptor), the block
-    runs unchanged. A native crash inside the block (abort, segfault) loses what it
-    captured: wrap library start-up, not long native work that may fail.
+    Output written to stderr in the block reaches the terminal as it is written
+    (through a child process), in order, and is complete when the block ends, also
+    when the block raises. If the process dies in the block (abort, segfault), the
+    child still writes what it read, so the crash's own message is not lost. Where
+    descriptor 2 cannot be duplicated or no child can be started, the block runs
+    with stderr unchanged.
     """
     try:
         saved = os.dup(2)
     except OSError:
         yield
         return
-    with tempfile.TemporaryFile() as capture:
+    try:
+        child = subprocess.Popen(
+            [sys.executable, "-I", "-S", "-c", _CHILD], stdin=subprocess.PIPE,
+            stdout=saved, stderr=saved, close_fds=True)
+    except (OSError, ValueError):
+        os.close(saved)
+        yield
+        return
+    assert child.stdin is not None
+    try:
         _flush()
-        os.dup2(capture.fileno(), 2)
+        os.dup2(child.stdin.fileno(), 2)
         try:
             yield
         finally:
             _flush()
             os.dup2(saved, 2)
-            os.close(saved)
-            capture.seek(0)
-            kept = filter_native_lines(capture.read())
-            if kept:
-                os.write(2, kept)
+    finally:
+        os.close(saved)
+        child.stdin.close()  # end of input: the child writes what is left and exits
+        try:
+            child.wait(timeout=_CHILD_DRAIN_SECONDS)
+        except subprocess.TimeoutExpired:  # a process started in the block holds the pipe
+            child.kill()
+            child.wait()
 
 
 @contextlib.contextmanager
