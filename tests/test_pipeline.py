@@ -290,3 +290,22 @@ def test_a_failing_target_keeps_the_other_targets_results(tmp_path, monkeypatch)
     assert set(results["evaluation"]) == {"ptq"}
     assert results["failed_targets"]["tflite"].startswith("ExportError: LiteRT conversion")
     assert Path(results["files"]["ptq_onnx"]).is_file()
+
+
+def test_quantization_skip_keeps_layers_float_in_ptq_and_qat(tmp_path):
+    typo = _small(tmp_path, baseline={"train": None}, quantization={"skip": ["fc9"]})
+    with pytest.raises(SourceError, match=r"quantization\.skip 'fc9' matches no layer"):
+        run_pipeline(typo, out=str(tmp_path / "typo"))
+    assert not (tmp_path / "typo" / "float.pt").exists()
+    path = _small(tmp_path, baseline={"train": None}, quantization={"skip": ["fc2"]},
+                  qat={"epochs": 1}, deploy={"targets": []})
+    run_pipeline(path, out=str(tmp_path / "out"))
+    from quantaware.checkpoint import load_checkpoint
+
+    payload = load_checkpoint(tmp_path / "out" / "ptq-int8.pt")
+    assert {"pattern": "fc2", "skip": True} in payload["config"]["overrides"]
+    qat = load_checkpoint(tmp_path / "out" / "qat-final.pt")["model"]
+    assert any(k.startswith("fc1.weight_quantizer") for k in qat)
+    assert not any(k.startswith("fc2.") and "quantizer" in k for k in qat)
+    with pytest.raises(PipelineError, match=r"quantization\.skip"):
+        load_pipeline(_small(tmp_path, quantization={"skip": "fc2"}))

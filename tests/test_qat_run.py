@@ -32,6 +32,8 @@ def test_labels_outside_the_models_classes_are_named():
     ("freeze_bn_epoch", 1.5, "freeze_bn_epoch must be an integer >= 0"),
     ("seed", 10**23, r"seed must be an integer from 0 to 2\*\*63 - 1"),
     ("seed", -1, "seed must be an integer from 0"),
+    ("skip", "fc", "skip must be a list of layer names or patterns, got 'fc'"),
+    ("skip", ("fc", ""), "skip must be a list of layer names"),
 ])
 def test_bad_settings_are_refused_before_any_training(field, value, message):
     with pytest.raises(ValueError, match=message):
@@ -54,6 +56,12 @@ def test_resuming_a_checkpoint_of_another_preset_is_refused(tmp_path):
                                          r"'INT8', this run has 'W4A4'; resume with the same "
                                          r"--preset, or write to a new --out"):
         _check_same_run(tmp_path / "epoch_001.pt", saved, QATRunSettings(preset="W4A4"))
+    # layers kept in float are part of the model trained; a list reads like a tuple
+    saved = {**dataclasses.asdict(QATRunSettings(skip=("fc",))), "skip": ["fc"]}
+    _check_same_run(tmp_path / "epoch_001.pt", saved, QATRunSettings(skip=("fc",)))
+    with pytest.raises(ValueError, match=r"skip \['fc'\], this run has \(\); resume with "
+                                         "the same --skip"):
+        _check_same_run(tmp_path / "epoch_001.pt", saved, QATRunSettings())
 
 
 def test_a_model_that_does_not_fit_the_data_is_named_before_training(tmp_path):

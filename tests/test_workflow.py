@@ -527,3 +527,35 @@ def test_a_run_failing_after_export_leaves_no_files_and_a_bad_preset_keeps_the_l
     with pytest.raises(ValueError, match="unknown preset 'INT9'"):
         run_quantize(cnn, load_data(DATA, cnn), previous, preset="INT9", threads=1)
     assert sorted(p.name for p in previous.iterdir()) == before
+
+
+def test_skip_keeps_the_named_layers_float_and_the_names_are_checked(tmp_path):
+    from quantaware.nn import QuantConv2d, QuantLinear
+    from quantaware.workflow import check_skip_patterns, skip_rules
+
+    model = load_model(MODEL)
+    calib = load_data(DATA, model)
+    quantized, config = quantize_model(model, calib, skip=["7", "3"])
+    layers = dict(quantized.named_modules())
+    assert type(layers["7"]) is nn.Linear and type(layers["3"]) is nn.Conv2d
+    assert isinstance(layers["0"], QuantConv2d)
+    assert {r.pattern for r in config.overrides if r.skip} >= {"7", "7.*", "3", "3.*"}
+    # a container's name covers what is inside it
+    nested = nn.Sequential(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), nn.Linear(4, 2))
+    cfg = choose_config(nested, "INT8", skip=["0"])
+    assert cfg.resolve("0.0") is None and cfg.resolve("1") is not None
+    from quantaware.prepare import prepare
+
+    prepared = prepare(nested, cfg, (torch.randn(1, 4),))
+    assert not isinstance(dict(prepared.named_modules())["0.0"], QuantLinear)
+    # functional ops are named as in the traced graph
+    check_skip_patterns(load_model("quantaware.models:DigitsCNN").module, ["add", "cat*"])
+    with pytest.raises(SourceError, match=r"--skip 'clasifier' matches no layer of "
+                       r"Sequential; its layers are named like 0, 1, 2"):
+        choose_config(model.module, "INT8", skip=["7", "clasifier"])
+    with pytest.raises(SourceError, match="non-empty name"):
+        skip_rules([" "])
+    # run_quantize refuses a bad name before it touches the output folder
+    with pytest.raises(SourceError, match="'fc9' matches no layer"):
+        run_quantize(model, calib, tmp_path / "out", skip=["fc9"])
+    assert not (tmp_path / "out").exists()

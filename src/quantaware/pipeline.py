@@ -143,6 +143,8 @@ SCHEMA: dict[str, Any] = {
         "method": (None, lambda v: v in _METHODS, "one of " + ", ".join(_METHODS)),
         "target": ("onnxruntime", lambda v: isinstance(v, str) and v in _QUANT_TARGETS,
                    "one of " + ", ".join(_QUANT_TARGETS) + " (the runtime quantized for)"),
+        "skip": ([], lambda v: isinstance(v, list) and all(_text(p) for p in v),
+                 "a list of layer names or fnmatch patterns kept in float (PTQ and QAT)"),
     },
     "qat": {
         "preset": (None, _preset, "a preset name (default: the quantization preset): "
@@ -420,9 +422,11 @@ def _qat_config(cfg: dict[str, Any], ptq_config: Any) -> Any:
     """The QAT preset, with the PTQ config's integer-output rules (quantized for LiteRT,
     :func:`quantaware.deploy.quantize_for_backend`)."""
     from quantaware import presets
+    from quantaware.workflow import skip_rules
 
     config = presets.get(cfg["qat"]["preset"] or cfg["quantization"]["preset"] or "INT8")
     kept = [rule for rule in ptq_config.overrides if rule.output_only]
+    kept += skip_rules(cfg["quantization"]["skip"])
     return config.with_overrides(*kept) if kept else config
 
 
@@ -495,6 +499,7 @@ def run_pipeline(path: str | os.PathLike, fast: bool = False, out: str | None = 
     from quantaware.sources import is_function_spec, load_data, load_model, read_labels
     from quantaware.workflow import (
         _check_runs,
+        check_skip_patterns,
         load_quantized,
         quantize_model,
         save_quantized,
@@ -554,6 +559,7 @@ def run_pipeline(path: str | os.PathLike, fast: bool = False, out: str | None = 
     evaluation = load_data(eval_spec, model, split="test", limit=d["num_evaluation"],
                            batch_size=batch_size(eval_spec), **common)
     _check_runs(module, train, "data.image_size")  # before anything is trained or saved
+    check_skip_patterns(module, cfg["quantization"]["skip"], "quantization.skip")
     # The files behind the model and data take part too: a weights file or an image
     # folder changed under the same name must not be taken for the finished steps'.
     sources = [resolve(cfg["model"]["source"]), resolve(cfg["model"]["weights"]), train_spec,
@@ -594,7 +600,8 @@ def run_pipeline(path: str | os.PathLike, fast: bool = False, out: str | None = 
         say(f"[4/6] quantization: calibrating on {calib.num_samples} samples")
         ptq, config = quantize_model(model, calib, cfg["quantization"]["preset"],
                                      cfg["quantization"]["method"],
-                                     _QUANT_TARGETS[cfg["quantization"]["target"]])
+                                     _QUANT_TARGETS[cfg["quantization"]["target"]],
+                                     cfg["quantization"]["skip"])
         save_quantized(ptq_ckpt, ptq, config, model.name)
         quant = {"config": config.name, "ptq_accuracy": _accuracy(ptq, evaluation)}
         state.record("quantization", ptq_fp, quant)

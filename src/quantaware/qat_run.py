@@ -76,6 +76,8 @@ class QATRunSettings:
         float_epochs, float_lr: training of the built-in float model.
         freeze_bn_epoch: freeze batch-norm statistics after this many QAT epochs.
         export: write ``model.onnx`` at the end.
+        skip: layer names or ``fnmatch`` patterns kept in float (a module's name
+            also covers the layers inside it).
     """
 
     data: str = "digits"
@@ -97,8 +99,14 @@ class QATRunSettings:
     calib_batches: int = 8
     freeze_bn_epoch: int | None = None
     export: bool = True
+    skip: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if isinstance(self.skip, str) or not all(
+                isinstance(p, str) and p.strip() for p in self.skip):
+            raise ValueError(f"skip must be a list of layer names or patterns, got "
+                             f"{self.skip!r}")
+        object.__setattr__(self, "skip", tuple(self.skip))
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not (
                 0 <= self.seed < 2**63):
             raise ValueError(f"seed must be an integer from 0 to 2**63 - 1, got {self.seed!r}")
@@ -159,19 +167,31 @@ def _builtin_model(data: str) -> nn.Module:
 # its optimizer, learning-rate schedule and batch-norm freeze were built from (the
 # schedule restores its length from the checkpoint, so other epochs would not end it).
 _SAME_RUN = ("data", "model", "preset", "epochs", "batch_size", "lr", "scale_lr_factor",
-             "weight_decay", "freeze_bn_epoch", "distill", "temperature", "distill_weight")
+             "weight_decay", "freeze_bn_epoch", "distill", "temperature", "distill_weight",
+             "skip")
 
 
 def _check_same_run(path: Path, saved: dict[str, Any], s: QATRunSettings) -> None:
     """Refuse to resume a checkpoint written with other settings (model, data, preset,
     epochs, batch size, optimizer and schedule)."""
+    def same(a: Any, b: Any) -> bool:  # lists and tuples of names compare alike
+        return (tuple(a) if isinstance(a, list) else a) == (tuple(b) if isinstance(b, list)
+                                                             else b)
+
     for name in _SAME_RUN:
-        if name in saved and saved[name] != getattr(s, name):
+        if name in saved and not same(saved[name], getattr(s, name)):
             flag = "--" + name.replace("_", "-")
             raise ValueError(
                 f"cannot resume from {path}: it was written by a run with {name} "
                 f"{saved[name]!r}, this run has {getattr(s, name)!r}; resume with the same "
                 f"{flag}, or write to a new --out")
+
+
+def _check_skip(s: QATRunSettings, model: nn.Module) -> None:
+    if s.skip:
+        from quantaware.workflow import check_skip_patterns
+
+        check_skip_patterns(model, s.skip)
 
 
 def _float_model(s: QATRunSettings, train: Dataset, test_loader: DataLoader,
@@ -191,9 +211,11 @@ def _float_model(s: QATRunSettings, train: Dataset, test_loader: DataLoader,
             raise ValueError(f"model {s.model} fails on a sample of {s.data} (inputs of "
                              f"shape {shapes}): {type(exc).__name__}: {exc}; check that "
                              "--model is the model for --data") from exc
+        _check_skip(s, model)
         return model
     path = out / "float.pt"
     model = _builtin_model(s.data)
+    _check_skip(s, model)
     if path.is_file():
         model.load_state_dict(load_checkpoint(path)["model"])
         return model.eval()
@@ -266,6 +288,10 @@ def run_qat(settings: QATRunSettings,
     float_acc = evaluate_accuracy(float_model, test_loader)
     example = _example(train_set[0][0])
 
+    if s.skip:  # the names were checked on the model before any training
+        from quantaware.workflow import skip_rules
+
+        config = config.with_overrides(*skip_rules(s.skip))
     model = prepare_qat(float_model, config, example)
     qdist.sync_observers(model)
     qdist.broadcast_quantizer_state(model)
@@ -372,7 +398,7 @@ def run_qat(settings: QATRunSettings,
 
     summary: dict[str, Any] = {
         "preset": config.name, "data": s.data, "epochs": s.epochs, "world_size": ws,
-        "float_accuracy": float_acc, "ptq_accuracy": ptq_acc,
+        "skip": list(s.skip), "float_accuracy": float_acc, "ptq_accuracy": ptq_acc,
         "qat_accuracy": evaluate_accuracy(model, test_loader), "history": history,
     }
     if qdist.is_main_process():

@@ -40,11 +40,12 @@ from quantaware._batch import (
     positional,
     slice_inputs,
 )
-from quantaware.config import QuantConfig
+from quantaware.config import LayerOverride, QuantConfig
 from quantaware.sources import DataSource, LoadedModel, SourceError
 
-__all__ = ["CALIBRATION_METHODS", "QUANTIZED_FORMAT", "compare_files", "compare_onnx",
-           "export_model", "load_quantized", "quantize_model", "run_quantize"]
+__all__ = ["CALIBRATION_METHODS", "QUANTIZED_FORMAT", "check_skip_patterns", "compare_files",
+           "compare_onnx", "export_model", "load_quantized", "quantize_model", "run_quantize",
+           "skip_rules"]
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +55,65 @@ QUANTIZED_FORMAT = "quantaware-quantized-v1"
 Progress = Callable[[str], None]
 
 
+def skip_rules(patterns: tuple[str, ...] | list[str]) -> tuple[LayerOverride, ...]:
+    """Rules that keep the layers named by ``patterns`` in float: each an ``fnmatch``
+    pattern of module (or functional op) names, which also covers the layers inside
+    a matching module (``"features.3"`` skips ``features.3.conv.0`` too).
+
+    Example:
+        >>> [r.pattern for r in skip_rules(["classifier"])]
+        ['classifier', 'classifier.*']
+    """
+    rules: list[LayerOverride] = []
+    for pattern in patterns:
+        if not isinstance(pattern, str) or not pattern.strip():
+            raise SourceError(f"a layer to keep in float must be a non-empty name or "
+                              f"pattern, got {pattern!r}")
+        rules += [LayerOverride(pattern, skip=True), LayerOverride(pattern + ".*", skip=True)]
+    return tuple(rules)
+
+
+def check_skip_patterns(module: nn.Module, patterns: tuple[str, ...] | list[str],
+                        option: str = "--skip") -> None:
+    """Refuse patterns that name no layer of ``module`` (a typo would otherwise
+    quantize the layer the user meant to keep in float).
+
+    Example:
+        >>> check_skip_patterns(torch.nn.Sequential(torch.nn.Linear(2, 2)), ["0"])
+    """
+    if not patterns:
+        return
+    names = [n for n, _ in module.named_modules() if n]
+
+    def unmatched(candidates: list[str]) -> list[str]:
+        return [p for p in patterns
+                if not any(r.matches(n) for r in skip_rules([p]) for n in candidates)]
+
+    missing = unmatched(names)
+    if missing:  # functional ops (add, cat, matmul) have names in the traced graph only
+        from quantaware.prepare import _Tracer
+
+        try:
+            graph = _Tracer().trace(module)
+            names += [n.name for n in graph.nodes if n.op in ("call_function", "call_method")]
+        except Exception:  # untraceable forward: module names are all there is
+            pass
+        missing = unmatched(names)
+    if missing:
+        leaves = [n for n, m in module.named_modules() if n and not any(m.children())]
+        shown = ", ".join(leaves[:8]) + (", ..." if len(leaves) > 8 else "")
+        raise SourceError(
+            f"{option} {missing[0]!r} matches no layer of {type(module).__name__}; its layers "
+            f"are named like {shown or '(none)'} (fnmatch patterns such as 'features.1*' "
+            "work; a module's name also covers the layers inside it)")
+
+
 def choose_config(module: nn.Module, preset: str | None = None,
-                  method: str | None = None) -> QuantConfig:
+                  method: str | None = None,
+                  skip: tuple[str, ...] | list[str] = ()) -> QuantConfig:
     """The preset named ``preset`` (default: the measured default for ``module``),
-    with activation ranges from ``method`` if given.
+    with activation ranges from ``method`` if given and the layers named by ``skip``
+    (:func:`skip_rules`) kept in float.
 
     Example:
         >>> choose_config(torch.nn.Conv2d(3, 4, 3), "INT8", "mse").activation.observer
@@ -80,6 +136,9 @@ def choose_config(module: nn.Module, preset: str | None = None,
                               "method does not apply")
         config = dataclasses.replace(config, activation=dataclasses.replace(
             activation, observer=method))
+    if skip:
+        check_skip_patterns(module, skip)
+        config = dataclasses.replace(config, overrides=config.overrides + skip_rules(skip))
     return config
 
 
@@ -99,12 +158,14 @@ def _check_runs(module: nn.Module, data: DataSource, size_option: str = "--size"
 
 def quantize_model(model: LoadedModel, calib: DataSource, preset: str | None = None,
                    method: str | None = None,
-                   backend: str = "onnxruntime-x86") -> tuple[nn.Module, QuantConfig]:
+                   backend: str = "onnxruntime-x86",
+                   skip: tuple[str, ...] | list[str] = ()) -> tuple[nn.Module, QuantConfig]:
     """PTQ of a model source on calibration data: ``(quantized model, config used)``.
 
     ``backend`` is the runtime the model is quantized for
     (:data:`quantaware.deploy.BACKENDS`; ``"litert"``: layers before float ops keep
-    int8 outputs where that costs little).
+    int8 outputs where that costs little). ``skip``: layer names or patterns kept in
+    float (:func:`skip_rules`).
 
     Example:
         >>> from quantaware.sources import load_data, load_model
@@ -117,7 +178,7 @@ def quantize_model(model: LoadedModel, calib: DataSource, preset: str | None = N
 
     module = model.require_torch("quantization")
     _check_runs(module, calib)
-    config = choose_config(module, preset, method)
+    config = choose_config(module, preset, method, skip)
     with torch.no_grad():
         quantized = quantize_for_backend(module, calib.unlabeled, calib.example, config=config,
                                          backend=backend)
@@ -437,7 +498,8 @@ def run_quantize(model: LoadedModel, calib: DataSource, out: str | Path,
                  method: str | None = None, report: bool = False, verify: bool = True,
                  threads: int = 2, latency_runs: int = 30,
                  progress: Progress | None = None,
-                 backend: str = "onnxruntime-x86") -> dict[str, Any]:
+                 backend: str = "onnxruntime-x86",
+                 skip: tuple[str, ...] | list[str] = ()) -> dict[str, Any]:
     """PTQ, export, evaluation in the target runtime and ``results.json`` in ``out``.
 
     ``backend``: the runtime the INT8 model is quantized for and runs in
@@ -446,7 +508,8 @@ def run_quantize(model: LoadedModel, calib: DataSource, out: str | Path,
     run in ONNX Runtime; for ``"litert"`` to LiteRT (``model-fp32.tflite``,
     ``model-int8.tflite``, full-integer, at the example's batch size) and run in
     LiteRT. ``model-int8.pt`` holds the quantized model for ``quantaware export
-    --quantized``.
+    --quantized``. ``skip``: layer names or patterns kept in float
+    (:func:`skip_rules`).
 
     ``evaluate`` defaults to the calibration data (then the accuracy is not held
     out: pass separate data for an honest figure). With ``verify`` the INT8 file
@@ -461,7 +524,7 @@ def run_quantize(model: LoadedModel, calib: DataSource, out: str | Path,
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     runtime, suffix = ("litert", "tflite") if backend == "litert" else ("onnxruntime", "onnx")
     # the preset and method are checked before anything in OUT is touched
-    chosen = choose_config(model.require_torch("quantization"), preset, method)
+    chosen = choose_config(model.require_torch("quantization"), preset, method, skip)
     if runtime == "litert":  # before calibrating: the export and the runtime are extras
         from quantaware.backends import _import_litert
         from quantaware.export.tflite import _import_litert as _import_converter
@@ -481,7 +544,7 @@ def run_quantize(model: LoadedModel, calib: DataSource, out: str | Path,
         (out / stale).unlink(missing_ok=True)
     say = progress or (lambda _msg: None)
     say(f"calibrating on {calib.num_samples} samples from {calib.name}")
-    quantized, config = quantize_model(model, calib, preset, method, backend)
+    quantized, config = quantize_model(model, calib, preset, method, backend, skip)
     say(f"exporting the float and the INT8 model ({suffix})")
     written = [out / f"model-fp32.{suffix}", out / f"model-int8.{suffix}",
                out / "model-int8.pt", out / "report.html", out / "report.md"]

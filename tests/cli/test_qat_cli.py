@@ -147,3 +147,21 @@ def test_bad_values_are_usage_errors_naming_the_flag(flag, value, tmp_path, caps
     assert code == 2
     assert f"error: {flag} must be" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # refused before the float model was trained
+
+
+def test_skip_keeps_layers_float_and_a_wrong_name_is_refused_before_training(tmp_path, capsys):
+    out = tmp_path / "skip"
+    code = main(["qat", "--data", "tests.cli._tiny:data", "--model", "tests.cli._tiny:model",
+                 "--preset", "INT8", "--epochs", "1", "--out", str(out), "--threads", "1",
+                 "--batch-size", "64", "--skip", "4"])
+    assert code == 0, capsys.readouterr().err
+    graph = onnx.load(str(out / "model.onnx")).graph
+    linear = [i for i in graph.initializer if i.name.startswith("4.")]
+    assert linear and all(i.data_type == onnx.TensorProto.FLOAT for i in linear)
+    assert json.loads((out / "results.json").read_text())["skip"] == ["4"]
+    capsys.readouterr()
+    code = main(["qat", "--out", str(tmp_path / "typo"), "--float-epochs", "1",
+                 "--skip", "fc9"])
+    assert code != 0
+    assert "--skip 'fc9' matches no layer of DigitsCNN" in capsys.readouterr().err
+    assert not (tmp_path / "typo" / "float.pt").exists()

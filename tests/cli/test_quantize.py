@@ -15,6 +15,7 @@ from quantaware.data import load_digits_split
 from quantaware.models import DigitsCNN
 from quantaware.train import fit
 
+onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 tokenizers = pytest.importorskip("tokenizers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
@@ -194,6 +195,8 @@ def test_text_model_onnx_files_take_token_ids(bert_run):
     (["--method", "median"], "unknown --method 'median'; choose one of minmax"),
     (["--preset", "INT3"], "unknown preset 'INT3'"),
     (["--preset", "FP16", "--method", "mse"], "FP16 quantizes no activations"),
+    (["--skip", "fc2", "--skip", "clasifier"],
+     "--skip 'clasifier' matches no layer of DigitsCNN; its layers are named like stem.0"),
 ])
 def test_bad_options_are_usage_errors(tmp_path, capsys, extra, message):
     out = tmp_path / "out"
@@ -384,3 +387,19 @@ def test_a_forward_branching_on_tensor_values_is_named_in_one_line(tmp_path):
     assert "_tiny.py\", line" in error[0] and "`if h.mean() > 0:`" in error[0]
     assert "def forward" not in stderr and "GraphModule" not in stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_skipped_layers_stay_float_in_the_int8_file(tmp_path):
+    out = tmp_path / "out"
+    code, _, stderr = run_cli(["quantize", *DIGITS, "--num-calib", "32", "--num-eval", "32",
+                               "--skip", "fc2", "--skip", "branch_*", "--threads", "1",
+                               "--out", str(out)])
+    assert code == 0, stderr
+    graph = onnx.load(str(out / "model-int8.onnx")).graph
+    dtypes = {i.name: i.data_type for i in graph.initializer}
+    float32, int8 = onnx.TensorProto.FLOAT, onnx.TensorProto.INT8
+    assert dtypes["fc2.weight"] == float32 and dtypes["branch_b.3.0.weight"] == float32
+    assert dtypes["fc1._qweight"] == int8 and dtypes["stem.0._qweight"] == int8
+    results = json.loads((out / "results.json").read_text())
+    assert {"pattern": "fc2", "skip": True} in results["config"]["overrides"]
+    assert results["verify"]["passed"]

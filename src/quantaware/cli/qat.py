@@ -25,6 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "built-in model for --data, trained first)")
     parser.add_argument("--preset", default="W4A4", help="quantization preset, e.g. INT8, "
                         "W4A4, W2A2 (default: %(default)s)")
+    parser.add_argument("--skip", action="append", default=[], metavar="LAYER",
+                        help="keep LAYER in float (a module name or fnmatch pattern; a "
+                        "module's name also covers the layers inside it); repeat for more")
     parser.add_argument("--epochs", type=int, default=10, help="QAT epochs (default: %(default)s)")
     parser.add_argument("--out", default="quantaware-qat", metavar="DIR",
                         help="output folder (default: %(default)s)")
@@ -69,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
             temperature=args.temperature, lr=args.lr, batch_size=args.batch_size,
             seed=args.seed, float_epochs=args.float_epochs, calib_batches=args.calib_batches,
             freeze_bn_epoch=args.freeze_bn_epoch, export=not args.no_export,
+            skip=tuple(args.skip),
         )
         from quantaware import presets
 

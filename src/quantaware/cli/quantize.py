@@ -37,6 +37,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "measured default")
     parser.add_argument("--method", help="activation range method: minmax, moving_average, "
                         "percentile, mse or entropy")
+    parser.add_argument("--skip", action="append", default=[], metavar="LAYER",
+                        help="keep LAYER in float (a module name or fnmatch pattern, e.g. "
+                        "classifier or 'features.1*'; a module's name also covers the layers "
+                        "inside it); repeat for more layers")
     parser.add_argument("--target", choices=TARGETS, default="onnxruntime",
                         help="the runtime the INT8 model is quantized for, exported to and "
                         "evaluated in (default: %(default)s). litert writes full-integer "
@@ -81,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
                                    preset=args.preset, method=args.method,
                                    report=args.report, verify=not args.no_verify,
                                    threads=args.threads, progress=say,
-                                   backend=TARGETS[args.target])
+                                   backend=TARGETS[args.target], skip=args.skip)
         except SourceError as exc:
             raise UsageError(str(exc)) from exc
     comparison = results["evaluation"]
