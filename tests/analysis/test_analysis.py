@@ -87,3 +87,98 @@ def test_agreement_leaves_out_feature_outputs():
     flipped[0, :, 0, 0] = torch.tensor([-9.0, -9.0, 9.0])  # class 2 wins at one position
     expected = 100.0 * float((flipped.argmax(1) == maps.argmax(1)).float().mean())
     assert agreement(flipped, maps) == expected
+
+
+def test_analysis_runs_the_model_in_eval_mode_and_restores_its_mode():
+    """A model left in training mode kept dropout on: sensitivity drops of ~50 points
+    that changed from run to run, and search rejected an INT8 model that scores 99%."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 4))
+    data = [torch.randn(64, 8)]
+    q = quantize(net, presets.INT8, data, data[0][:1]).train()
+    first = [r.only_quantized_drop for r in sensitivity(q, data)]
+    assert first == [r.only_quantized_drop for r in sensitivity(q, data)]
+    assert max(first) < 10.0
+    assert q.training and net.training
+    result = search(net, presets.INT8, data, data, max_drop=3.0, low_spec=presets.W4A8.weight)
+    assert result.meets_budget and "float" not in result.choices.values()
+
+
+def test_search_handles_transposed_convs_and_multi_input_examples():
+    class TwoInputs(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 6), nn.Linear(4, 6)
+
+        def forward(self, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+            return self.a(x) + self.b(m)
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.ConvTranspose2d(8, 4, 2, 2),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5)).eval()
+    data = [torch.randn(16, 3, 8, 8)]
+    result = search(net, presets.INT8, data, data, max_drop=100.0, low_spec=presets.W4A8.weight)
+    assert result.choices.get("2") == "low"
+    two = TwoInputs().eval()
+    batches = [((torch.randn(32, 8), torch.randn(32, 4)), torch.zeros(32, dtype=torch.long))]
+    example = (torch.randn(1, 8), torch.randn(1, 4))
+    assert search(two, presets.INT8, batches, batches, max_drop=100.0,
+                  low_spec=presets.W4A8.weight, example_inputs=example).meets_budget
+    assert search(two, presets.INT8, batches, batches, max_drop=100.0,
+                  low_spec=presets.W4A8.weight).meets_budget
+
+
+def test_an_impossible_budget_adds_no_float_layer_that_wins_nothing():
+    """Layers were kept float while the score stayed or fell: a model 4x the size of
+    all-int8 and less accurate."""
+    torch.manual_seed(0)
+    data = [torch.randn(64, 16) for _ in range(2)]
+    net = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 10)).eval()
+    result = search(net, presets.W4A4, data, data, max_drop=0.0, low_spec=presets.W4A8.weight)
+    scores = [h["score"] for h in result.history]
+    for name, choice in result.choices.items():
+        if choice == "float":  # kept float only where the score rose with it
+            step = next(i for i, h in enumerate(result.history)
+                        if h["variant"] == f"+float {name}")
+            assert scores[step] > scores[step - 1]
+    all_int8 = result.history[0]
+    assert result.score >= all_int8["score"] or result.meets_budget
+    if not result.meets_budget:
+        assert result.size_bytes <= 4 * (16 * 64 + 64 * 10)
+
+
+def test_analysis_input_problems_are_named():
+    import pytest
+
+    from quantaware.analysis import sqnr_db
+
+    net, data = _net(), _data(1)
+    q = quantize(net, presets.INT8, data, data[0][:1])
+    with pytest.raises(ValueError, match="give at least one evaluation batch"):
+        sensitivity(q, [])
+    with pytest.raises(ValueError, match=r"layer 'fc9' is not a quantized layer.*are: 0, 2, 5"):
+        sensitivity(q, data, layers=["fc9"])
+    with pytest.raises(ValueError, match=r"against itself as inf.*only_quantized_sqnr"):
+        sensitivity(q, data, metric=sqnr_db)
+    with pytest.raises(ValueError, match=r"got 0 calibration and 2 evaluation batches"):
+        search(net, presets.INT8, [], data, 1.0, presets.W4A8.weight)
+    with pytest.raises(ValueError, match="pass reference_score"):
+        search(net, presets.INT8, data, data, 1.0, presets.W4A8.weight, metric=sqnr_db)
+    with pytest.raises(ValueError, match="always_float names '9'"):
+        search(net, presets.INT8, data, data, 1.0, presets.W4A8.weight, always_float=["9"])
+    with pytest.raises(ValueError, match="no data"):
+        outputs(net, [])
+
+
+def test_outputs_leave_out_scalar_outputs():
+    class WithLoss(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            y = self.fc(x)
+            return y, y.pow(2).mean()
+
+    out = outputs(WithLoss(), [torch.randn(2, 4), torch.randn(3, 4)])
+    assert isinstance(out, torch.Tensor) and out.shape == (5, 3)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -10,7 +11,7 @@ from torch import nn
 
 from quantaware._batch import model_device, split_batch, to_device
 
-__all__ = ["agreement", "outputs", "sqnr_db"]
+__all__ = ["agreement", "eval_mode", "outputs", "sqnr_db"]
 
 
 Outputs = torch.Tensor | tuple[torch.Tensor, ...]
@@ -28,11 +29,35 @@ def _flat(out: Any) -> tuple[torch.Tensor, ...]:
     return ()
 
 
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Run a block with ``model`` in eval mode (dropout off, batch-norm running
+    statistics), then give every submodule back the mode it had.
+
+    Example:
+        >>> net = nn.Sequential(nn.Dropout(0.5)).train()
+        >>> with eval_mode(net):
+        ...     net.training
+        False
+        >>> net.training
+        True
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
 def outputs(model: nn.Module, data: Iterable[Any]) -> Outputs:
-    """The model's outputs over all batches, concatenated along the batch.
+    """The model's outputs over all batches (in eval mode), concatenated along the batch.
 
     A model with several outputs (a tuple, list or dict) gives a tuple with one
     tensor per output; :func:`agreement` and :func:`sqnr_db` take either form.
+    Scalar outputs (a loss returned beside the logits) are left out: they have no
+    batch to join.
 
     Example:
         >>> net = nn.Linear(4, 3)
@@ -41,14 +66,16 @@ def outputs(model: nn.Module, data: Iterable[Any]) -> Outputs:
     """
     device = model_device(model)
     parts: list[tuple[torch.Tensor, ...]] = []
-    with torch.no_grad():
+    with torch.no_grad(), eval_mode(model):
         for batch in data:
             args, kwargs = to_device(*split_batch(batch), device)
-            flat = _flat(model(*args, **kwargs))
+            flat = tuple(t for t in _flat(model(*args, **kwargs)) if t.dim() > 0)
             if not flat:
-                raise TypeError("the model returned no tensor; return a tensor, or a tuple "
-                                "or dict of tensors")
+                raise TypeError("the model returned no tensor with a batch axis; return a "
+                                "tensor, or a tuple or dict of tensors, shaped (N, ...)")
             parts.append(tuple(t.detach().float().cpu() for t in flat))
+    if not parts:
+        raise ValueError("no data: give at least one batch to run the model on")
     joined = tuple(torch.cat(column) for column in zip(*parts, strict=True))
     return joined[0] if len(joined) == 1 else joined
 

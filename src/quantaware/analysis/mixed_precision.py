@@ -21,7 +21,9 @@ searches, Wang et al. 2019, arXiv 1811.08886; Dong et al. 2019, arXiv 1905.03696
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -29,9 +31,10 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from quantaware._batch import input_args, unpack_batch
 from quantaware.analysis.metrics import Outputs, agreement, outputs, sqnr_db
 from quantaware.calibrate import calibrate
-from quantaware.config import LayerOverride, QuantConfig, QuantSpec
+from quantaware.config import LayerOverride, PerChannel, QuantConfig, QuantSpec
 from quantaware.fake_quant import FakeQuantizer
 from quantaware.nn.weighted import WeightQuantMixin
 from quantaware.prepare import prepare
@@ -68,7 +71,10 @@ def _weighted(model: nn.Module) -> dict[str, nn.Module]:
 
 def weight_bytes(model: nn.Module, choices: dict[str, Choice], base_bits: int,
                  low_bits: int) -> float:
-    """Bytes of the weights of ``model``'s quantizable layers under ``choices``."""
+    """Bytes of the weights of ``model``'s quantizable layers under ``choices``, each
+    at its bit width: what the search minimises. The exported ONNX file stores
+    weights of fewer than 8 bits in int8 (the integer kernels' format), so on disk
+    a low-bit layer takes as much as an int8 one."""
     bits = {"int8": base_bits, "low": low_bits, "float": 32}
     return sum(m.weight.numel() * bits[choices.get(n, "int8")] / 8
                for n, m in _weighted(model).items())
@@ -93,13 +99,22 @@ def apply_choices(config: QuantConfig, choices: dict[str, Choice],
     return config.with_overrides(*rules)
 
 
+def _on_axis(spec: QuantSpec, axis: int) -> QuantSpec:
+    if axis and isinstance(spec.granularity, PerChannel):
+        return dataclasses.replace(spec, granularity=PerChannel(axis=axis))
+    return spec
+
+
 class _Toggle:
     """Switch layers of a calibrated model between int8, low-bit and float weights."""
 
     def __init__(self, model: nn.Module, low_spec: QuantSpec) -> None:
         self.layers = _weighted(model)
         self.base = {n: m.weight_quantizer for n, m in self.layers.items()}
-        self.low = {n: FakeQuantizer(low_spec, channels=m.weight.shape[0], from_tensor=True)
+        # as the layer builds its own: per-channel scales along its weight's output
+        # axis (1 for transposed convolutions)
+        self.low = {n: FakeQuantizer(_on_axis(low_spec, m.weight_axis),
+                                     channels=m.weight.shape[m.weight_axis], from_tensor=True)
                     for n, m in self.layers.items()}
 
     def set(self, choices: dict[str, Choice]) -> None:
@@ -154,18 +169,32 @@ def search(
         True
     """
     calib_data, data = list(calib_data), list(data)
-    example = calib_data[0] if example_inputs is None else example_inputs
-    if isinstance(example, tuple | list):
-        example = example[0]
+    if not calib_data or not data:
+        raise ValueError(f"mixed-precision search needs calibration data and data to check "
+                         f"the budget on; got {len(calib_data)} calibration and {len(data)} "
+                         "evaluation batches")
+    if example_inputs is None:  # the first calibration batch's inputs, labels dropped
+        example: Any = input_args(unpack_batch(calib_data[0])[0])
+    else:
+        example = example_inputs
     base_bits = config.weight.bits if isinstance(config.weight, QuantSpec) else 32
     ref_out = outputs(model, data)
     rank_data = data if rank_data is None else list(rank_data)
     rank_ref = ref_out if rank_data is data else outputs(model, rank_data)
     if reference_score is None:
         reference_score = metric(ref_out, ref_out)
+        if not math.isfinite(reference_score):
+            raise ValueError(
+                f"the metric scores the float model against itself as {reference_score}, so "
+                "no budget below it can be met; pass reference_score (e.g. 40.0 dB for "
+                "sqnr_db) or use a metric with a finite best score (agreement)")
     qmodel = calibrate(prepare(model, config, example), calib_data)
     toggle = _Toggle(qmodel, low_spec)
     names = list(toggle.layers)
+    unknown = [n for n in always_float if n not in toggle.layers]
+    if unknown:
+        raise ValueError(f"always_float names {unknown[0]!r}, which is not a quantized "
+                         f"weighted layer; those are: {', '.join(names) or '(none)'}")
     history: list[dict[str, Any]] = []
 
     def score(choices: dict[str, Choice], label: str) -> float:
@@ -182,7 +211,7 @@ def search(
     def ok(value: float) -> bool:
         return reference_score - value <= max_drop + 1e-9
 
-    choices: dict[str, Choice] = {n: "float" for n in always_float if n in toggle.layers}
+    choices: dict[str, Choice] = {n: "float" for n in always_float}
     # Rank: SQNR with only that layer at low bit (others int8), higher is cheaper.
     cost = {}
     for name in names:
@@ -192,17 +221,24 @@ def search(
         cost[name] = sqnr_db(outputs(qmodel, rank_data), rank_ref)
     current = score(choices, "all int8")
     while not ok(current):
+        toggle.set(choices)
+        now = metric(outputs(qmodel, rank_data), rank_ref)
         gains = {}
         for name in names:
             if name in choices:
                 continue
             toggle.set({**choices, name: "float"})
             gains[name] = metric(outputs(qmodel, rank_data), rank_ref)
-        if not gains:
+        if not gains or max(gains.values()) <= now:
+            # no layer kept float wins anything back: more float layers would only
+            # cost bytes (the budget cannot be met; meets_budget says so)
             break
         best = max(gains, key=gains.get)
-        choices[best] = "float"
-        current = score(choices, f"+float {best}")
+        trial = {**choices, best: "float"}
+        value = score(trial, f"+float {best}")
+        if value <= current:  # no better on the budget data either
+            break
+        choices, current = trial, value
     order = sorted(cost, key=lambda n: (-cost[n], -toggle.layers[n].weight.numel()))
     order = [n for n in order if n not in choices]
     lo, hi = 0, len(order)

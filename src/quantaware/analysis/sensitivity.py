@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -95,12 +96,23 @@ def sensitivity(model: nn.Module, data: Iterable[Any], metric: Metric = agreemen
         ['0', '2']
     """
     data = list(data)
+    if not data:
+        raise ValueError("sensitivity needs data: give at least one evaluation batch")
     owned = layer_quantizers(model)
     names = list(owned) if layers is None else list(layers)
+    unknown = [n for n in names if n not in owned]
+    if unknown:
+        raise ValueError(f"layer {unknown[0]!r} is not a quantized layer of this model; its "
+                         f"quantized layers are: {', '.join(owned) or '(none)'}")
     modules = dict(model.named_modules())
     with _only(model, enabled=set(), disabled=set()):
         ref = outputs(model, data)
     base = metric(ref, ref)
+    if not math.isfinite(base):
+        raise ValueError(
+            f"the metric scores the float model against itself as {base}, so drops from it "
+            "mean nothing; use a metric with a finite best score (agreement), and read "
+            "only_quantized_sqnr / only_float_sqnr for SQNR")
     rows = []
     for name in names:
         ids = {id(q) for q in owned[name]}
