@@ -99,6 +99,10 @@ def test_results_table_has_a_backend_column_for_several_backends():
     assert "ONNX Runtime deployment" in single and "backend" not in single
     both = render([{**row, "backend": "onnxruntime"}, {**row, "backend": "openvino"}])
     assert "backend" in both and "openvino" in both and "as onnxruntime runs it" in both
+    # size x is against the same backend's float file: ONNX and .tflite sizes differ
+    mixed = render([{**row, "backend": "onnxruntime"}, {**row, "backend": "litert",
+                                                         "size_bytes": 1250}])
+    assert "0.80" not in mixed and mixed.count(" 1.00 ") >= 2
 
 
 def test_fidelity_scores_every_output_and_takes_the_worst():

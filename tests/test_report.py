@@ -117,7 +117,7 @@ def test_a_quantize_results_file_reports_accuracy_agreement_and_cosine(tmp_path)
     assert main(["report", str(src), "--out", str(tmp_path / "r.html")]) == 0
     summary = (tmp_path / "r.md").read_text().splitlines()
     assert summary[0] == "# quantaware: tiny"
-    assert summary[2] == "| variant | accuracy | top-1 agreement | cosine | weights MiB |"
+    assert summary[2] == "| variant | accuracy | top-1 agreement | cosine | size MiB |"
     assert summary[4:6] == ["| FP32 | 92.4% | - | - | 4.00 |",
                             "| INT8 | 88.9% | 93.5% | 0.9877 | 1.00 |"]
     text = (tmp_path / "r.html").read_text()
@@ -142,3 +142,23 @@ def test_a_pipeline_results_file_reports_each_quantized_model_once_per_target(tm
     write_report(tmp_path / "r.html", {"rows": [
         {"variant": "a", "size_bytes": 1, "agreement": None, "accuracy": 90.0},
         {"variant": "b", "size_bytes": 2, "agreement": 95.0}]})  # a null agreement plotted
+
+
+def test_bench_json_is_reported_by_model_batch_and_backend_in_percent(tmp_path):
+    """Bench rows came out with fidelity missing, confident agreement 1.0 shown as
+    "1.0%", and twelve rows all named "fp32" / "quantaware-int8"."""
+    base = {"model": "tiny.py:build", "latency_ms": 1.0, "ratio_vs_fp32": 1.0,
+            "size_bytes": 2**20}
+    rows = [{**base, "batch": b, "backend": k, "variant": v, "fidelity": f,
+             "agreement_confident": c}
+            for b in (1, 8) for k in ("onnxruntime", "litert")
+            for v, f, c in (("fp32", 1.0, 1.0), ("quantaware-int8", 0.9375, float("nan")))]
+    rows.append({**base, "model": "minilm", "batch": 1, "backend": "onnxruntime",
+                 "variant": "quantaware-int8", "fidelity": 0.997, "neighbour_agreement": 0.9})
+    src = tmp_path / "bench.json"
+    src.write_text(json.dumps(rows))
+    assert main(["report", str(src), "--out", str(tmp_path / "r.html")]) == 0
+    summary = (tmp_path / "r.md").read_text()
+    assert "| tiny.py:build @8 quantaware-int8 (litert) | 93.8% | - | - | 1.00 |" in summary
+    assert "| tiny.py:build @1 fp32 (onnxruntime) | 100.0% | 100.0% | - | 1.00 |" in summary
+    assert "| minilm @1 quantaware-int8 (onnxruntime) | - | - | 0.9970 | 1.00 |" in summary

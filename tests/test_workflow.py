@@ -559,3 +559,46 @@ def test_skip_keeps_the_named_layers_float_and_the_names_are_checked(tmp_path):
     with pytest.raises(SourceError, match="'fc9' matches no layer"):
         run_quantize(model, calib, tmp_path / "out", skip=["fc9"])
     assert not (tmp_path / "out").exists()
+
+
+def seg_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 5, 3, padding=1)).eval()
+
+
+def unlabelled_images() -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(2)
+    return [torch.randn(8, 3, 12, 12, generator=gen) for _ in range(2)]
+
+
+def test_dense_maps_agree_per_position_and_single_logits_have_no_top1(tmp_path):
+    """Outputs were flattened to (N, C*H*W) before the argmax: a segmentation map's
+    agreement was taken over every pixel and class at once, and a single logit
+    "agreed" 100% with its negation."""
+    from quantaware.export import export_onnx
+
+    model = load_model(f"{__name__}:seg_model")
+    data = load_data(f"{__name__}:unlabelled_images", model)
+    x = data.example
+    other = seg_model()
+    with torch.no_grad():
+        other[0].weight.add_(0.05 * torch.randn_like(other[0].weight))
+    a = export_onnx(model.module, tmp_path / "a.onnx", x)
+    b = export_onnx(other, tmp_path / "b.onnx", x)
+    result = compare_onnx(a, b, data, threads=1, latency_runs=2)
+    with torch.no_grad():
+        ref = torch.cat([model.module(t) for t in data.inputs]).argmax(1)
+        out = torch.cat([other(t) for t in data.inputs]).argmax(1)
+    expected = 100.0 * float((ref == out).float().mean())
+    assert 50.0 < expected < 100.0
+    assert result["models"][1]["top1_agreement"] == pytest.approx(expected, abs=0.5)
+    one = nn.Sequential(nn.Flatten(), nn.Linear(3 * 12 * 12, 1)).eval()
+    neg = nn.Sequential(nn.Flatten(), nn.Linear(3 * 12 * 12, 1)).eval()
+    with torch.no_grad():
+        neg[1].weight.copy_(-one[1].weight)
+        neg[1].bias.copy_(-one[1].bias)
+    c = export_onnx(one, tmp_path / "c.onnx", x)
+    d = export_onnx(neg, tmp_path / "d.onnx", x)
+    result = compare_onnx(c, d, data, threads=1, latency_runs=2)
+    assert "top1_agreement" not in result["models"][1]
+    assert result["models"][1]["cosine"] == pytest.approx(-1.0)

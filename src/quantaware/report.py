@@ -28,6 +28,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -93,7 +94,7 @@ _COLUMNS = (
     ("agreement", "top-1 agreement", lambda v: f"{v:.1f}%"),
     ("agreement_confident", "confident", lambda v: f"{v:.1f}%"),
     ("cosine", "cosine", lambda v: f"{v:.4f}"),
-    ("size_bytes", "weights MiB", lambda v: f"{v / 2**20:.2f}"),
+    ("size_bytes", "size MiB", lambda v: f"{v / 2**20:.2f}"),
 )
 
 
@@ -103,6 +104,34 @@ def _table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     cells = [[("-" if r.get(key) is None else fmt(r[key])) for key, _, fmt in columns]
              for r in rows]
     return [header for _, header, _ in columns], cells
+
+
+def _is_bench(rows: list[Any]) -> bool:
+    """Rows of ``quantaware bench --json``: fidelity as a fraction, one row per model,
+    batch, backend and variant."""
+    return bool(rows) and all(isinstance(r, dict) and {"fidelity", "latency_ms", "batch",
+                                                       "variant"} <= r.keys() for r in rows)
+
+
+def _bench_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Bench rows as report rows: named by model, batch (and backend where there are
+    several), image fidelity as top-1 agreement in percent, text fidelity as cosine."""
+    several = len({r.get("backend") for r in rows}) > 1
+    out = []
+    for r in rows:
+        where = f" ({r.get('backend')})" if several else ""
+        row: dict[str, Any] = {"variant": f"{r.get('model')} @{r['batch']} {r['variant']}{where}",
+                               "size_bytes": r.get("size_bytes")}
+        fidelity = r["fidelity"]
+        if "neighbour_agreement" in r:  # text: fidelity is the mean embedding cosine
+            row["cosine"] = fidelity
+        elif isinstance(fidelity, int | float):
+            row["agreement"] = 100.0 * fidelity
+            confident = r.get("agreement_confident")
+            if isinstance(confident, int | float) and math.isfinite(confident):
+                row["agreement_confident"] = 100.0 * confident
+        out.append(row)
+    return out
 
 
 def rows_from_results(payload: Any) -> dict[str, Any]:
@@ -116,7 +145,7 @@ def rows_from_results(payload: Any) -> dict[str, Any]:
         [{'variant': 'FP32', 'size_bytes': 4000000.0, 'accuracy': 91.0}]
     """
     if isinstance(payload, list):
-        return {"rows": payload}
+        return {"rows": _bench_rows(payload) if _is_bench(payload) else payload}
     if not isinstance(payload, dict) or "rows" in payload:
         return payload
     comparison = payload.get("evaluation", payload)
@@ -191,7 +220,7 @@ def _plots(payload: dict[str, Any]) -> list[tuple[str, str]]:
             for r in pts:
                 ax.annotate(r["variant"], (r["size_bytes"] / 2**20, _score(r)), fontsize=6,
                             xytext=(3, 3), textcoords="offset points")
-        ax.set_xlabel("weights (MiB)")
+        ax.set_xlabel("size (MiB)")
         ax.set_ylabel("accuracy (%)" if key else "top-1 agreement / accuracy (%)")
         ax.set_title("Accuracy vs size of every variant")
         ax.grid(alpha=0.3)

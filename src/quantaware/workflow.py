@@ -335,9 +335,16 @@ def _outputs(session: Any, batches: list[Any], runtime: str,
                 raise SourceError(f"{runtime} gives NaN/Inf in output {k} of the model on "
                                   "this data; check the model (and its weights) for values "
                                   "that overflow")
-    # float64: cosines of large outputs overflow float32
-    return [np.concatenate([run[k].reshape(run[k].shape[0], -1) for run in runs])
-            .astype(np.float64) for k in range(len(runs[0]))]
+    # float64: cosines of large outputs overflow float32; shapes kept (dense maps
+    # agree per position)
+    return [np.concatenate([np.asarray(run[k]) for run in runs]).astype(np.float64)
+            for k in range(len(runs[0]))]
+
+
+def _has_classes(out: np.ndarray) -> bool:
+    """Class scores: (N, classes) or dense maps (N, classes, H, W, ...) with more than
+    one class; not (N, L, D) sequences of features, not single logits."""
+    return (out.ndim == 2 or out.ndim >= 4) and out.shape[1] > 1
 
 
 def _latency_ms(session: Any, feed: dict[str, np.ndarray], runs: int) -> float:
@@ -386,10 +393,12 @@ def compare_files(float_path: str | Path, quantized_path: str | Path, data: Data
     inputs on a file's numbered inputs. Returns a dict with a row per model
     (``accuracy`` on labelled data, from the first output, ``size_bytes``,
     ``latency_ms_batch1``, ``latency_ms_batch``) and the quantized model's
-    ``top1_agreement`` and mean output ``cosine`` against the float model (for a
-    model with several outputs, those of its worst output, and their count in
-    ``outputs``). LiteRT files have the static batch
-    they were exported with; a larger batch runs as that many invocations.
+    ``top1_agreement`` (per position for dense maps ``(N, classes, H, W)``; left out
+    where no output holds class scores: ``(N, L, D)`` features, single logits) and
+    mean output ``cosine`` against the float model (for a model with several
+    outputs, those of its worst output, and their count in ``outputs``). LiteRT files
+    have the static batch they were exported with; a larger batch runs as that many
+    invocations.
 
     Example:
         >>> import tempfile, os
@@ -435,9 +444,10 @@ def compare_files(float_path: str | Path, quantized_path: str | Path, data: Data
                               f"{path.name} has {out.shape[1]} outputs; use the labels file "
                               "of this model")
         if labels is not None:
-            if out.shape[1] < 2:
-                raise SourceError(f"{path.name} gives {out.shape[1]} output(s) per sample; "
-                                  "accuracy needs class scores")
+            if out.ndim != 2 or out.shape[1] < 2:
+                raise SourceError(f"{path.name} gives outputs of shape {out.shape[1:]} per "
+                                  "sample; accuracy on labels needs class scores (N, "
+                                  "classes): compare without labels")
             try:
                 check_class_labels(labels, out.shape[1])
             except ValueError as exc:
@@ -459,12 +469,16 @@ def compare_files(float_path: str | Path, quantized_path: str | Path, data: Data
                           "compare a model with its own quantized version")
     agreements, cosines = [], []
     for ref, out in zip(*outputs, strict=True):
+        if _has_classes(ref):  # per sample, or per position of a dense map
+            agreements.append(100.0 * float(np.mean(ref.argmax(1) == out.argmax(1))))
+        ref, out = ref.reshape(len(ref), -1), out.reshape(len(out), -1)
         cos = (ref * out).sum(1) / np.maximum(np.linalg.norm(ref, axis=1)
                                               * np.linalg.norm(out, axis=1), 1e-12)
-        agreements.append(100.0 * float(np.mean(ref.argmax(1) == out.argmax(1))))
         cosines.append(float(np.mean(cos)))
     quant = rows[1]
-    quant["top1_agreement"], quant["cosine"] = min(agreements), min(cosines)
+    quant["cosine"] = min(cosines)
+    if agreements:  # feature outputs and single logits have no top-1 to agree on
+        quant["top1_agreement"] = min(agreements)
     if len(outputs[0]) > 1:
         quant["outputs"] = len(outputs[0])
     quant["size_ratio"] = quant["size_bytes"] / rows[0]["size_bytes"]

@@ -105,14 +105,19 @@ def results_table(rows: list[dict[str, Any]]):
     for header in headers:
         table.add_column(header, justify="left" if header in ("model", "backend", "variant")
                          else "right")
-    fp32_size = {(r["model"], r["batch"]): r["size_bytes"] for r in rows if r["variant"] == "fp32"}
+    # each backend's own float file (a .tflite and an .onnx differ in size)
+    def backend_of(r: dict[str, Any]) -> str:
+        return r.get("backend", "onnxruntime")
+
+    fp32_size = {(r["model"], r["batch"], backend_of(r)): r["size_bytes"]
+                 for r in rows if r["variant"] == "fp32"}
     for r in rows:
         backend = (r.get("backend", "onnxruntime"),) if several else ()
         table.add_row(
             r["model"], str(r["batch"]), *backend, r["variant"], f"{r['latency_ms']:.2f}",
             f"{r['ratio_vs_fp32']:.2f}", f"{1 / r['ratio_vs_fp32']:.2f}x",
             f"{r['size_bytes'] / 1e6:.1f}",
-            f"{r['size_bytes'] / fp32_size[(r['model'], r['batch'])]:.2f}",
+            f"{r['size_bytes'] / fp32_size[r['model'], r['batch'], backend_of(r)]:.2f}",
             f"{r['fidelity']:.4f}", _second(r), _verify(r),
         )
     return table
