@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import numpy as np
@@ -12,6 +13,7 @@ from torch import nn
 from quantaware import calibrate, prepare, presets
 from quantaware.config import ConfigError, QuantSpec
 from quantaware.fake_quant import LearnableFakeQuantizer
+from quantaware.prepare import quantizers
 from quantaware.primitives import fake_quantize, fake_quantize_lsq, lsq_grad_scale
 from quantaware.qat import (
     DistillationLoss,
@@ -263,3 +265,39 @@ def test_learned_weight_scale_starts_at_least_squared_error(bits):
     lsq = 2 * w.abs().mean((1, 2)) / fq.qmax ** 0.5
     assert torch.all(err(scale.detach()) <= err(amax / fq.qmax))
     assert torch.all(err(scale.detach()) <= err(torch.minimum(amax / fq.qmax, lsq)))
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_qat_conv_bn_running_statistics_follow_torch_batch_norm(momentum):
+    """momentum=None (a cumulative average in torch) was taken as 0.1."""
+    torch.manual_seed(0)
+    float_model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4, momentum=momentum),
+                                nn.ReLU())
+    reference = copy.deepcopy(float_model).train()
+    model = prepare_qat(float_model, presets.INT8, torch.randn(1, 2, 8, 8)).train()
+    for _, q in quantizers(model):
+        q.disable()
+    for _ in range(3):
+        x = torch.randn(8, 2, 8, 8)
+        torch.testing.assert_close(model(x), reference(x), atol=1e-5, rtol=1e-5)
+    bn, ref = model.get_submodule("0").bn, reference[1]
+    torch.testing.assert_close(bn.running_mean, ref.running_mean)
+    torch.testing.assert_close(bn.running_var, ref.running_var)
+    assert int(bn.num_batches_tracked) == int(ref.num_batches_tracked) == 3
+
+
+def test_qat_conv_bn_honours_bn_eval():
+    """Calling .eval() on the batch norms (the usual way to freeze them) still updated
+    the running statistics and normalised with batch statistics."""
+    torch.manual_seed(0)
+    float_model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+                                nn.Flatten(), nn.Linear(144, 3))
+    x = torch.randn(8, 1, 8, 8)
+    model = calibrate(prepare_qat(float_model, presets.INT8, x[:1]), [x]).train()
+    bn = model.get_submodule("0").bn
+    bn.eval()
+    mean = bn.running_mean.clone()
+    out = model(x * 3 + 1)
+    assert torch.equal(bn.running_mean, mean) and int(bn.num_batches_tracked) == 0
+    model.eval()
+    torch.testing.assert_close(out, model(x * 3 + 1))

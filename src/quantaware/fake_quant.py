@@ -37,6 +37,9 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
@@ -54,7 +57,8 @@ from quantaware.primitives import (
     symmetric_scale,
 )
 
-__all__ = ["FakeQuantizer", "Float16Quantizer", "LearnableFakeQuantizer", "make_quantizer"]
+__all__ = ["FakeQuantizer", "Float16Quantizer", "LearnableFakeQuantizer", "frozen",
+           "make_quantizer"]
 
 
 class FakeQuantizer(nn.Module):
@@ -485,3 +489,33 @@ def make_quantizer(spec: QuantSpec | FloatSpec, channels: int | None = None,
     if spec.learned:
         return LearnableFakeQuantizer(spec, channels=channels, from_tensor=from_tensor)
     return FakeQuantizer(spec, channels=channels, from_tensor=from_tensor)
+
+
+@contextlib.contextmanager
+def frozen(model: nn.Module) -> Iterator[nn.Module]:
+    """Run a block with ``model`` in eval mode and every quantizer's observer off, then
+    give back each module's mode and each observer's switch: forward passes in the
+    block (checks, evaluation) leave the model's ranges as they were, also for a QAT
+    model whose observers still follow the data.
+
+    Example:
+        >>> from quantaware import presets, prepare
+        >>> net = prepare(nn.Linear(4, 2), presets.INT8, (torch.randn(1, 4),)).train()
+        >>> with frozen(net):
+        ...     _ = net(torch.randn(8, 4))
+        >>> net.training
+        True
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    switches = [(q, q.observer_enabled.clone()) for q in model.modules()
+                if isinstance(q, FakeQuantizer)]
+    model.eval()
+    for q, _ in switches:
+        q.observer_enabled.fill_(0)
+    try:
+        yield model
+    finally:
+        for q, switch in switches:
+            q.observer_enabled.copy_(switch)
+        for module, training in modes:
+            module.training = training

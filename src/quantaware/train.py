@@ -175,8 +175,8 @@ def predict_logits(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run ``model`` in eval mode over ``loader``; return ``(logits, labels)`` on CPU.
 
-    ``labels`` is None when the batches carry no labels. The model's train/eval
-    mode is restored afterwards.
+    ``labels`` is None when the batches carry no labels. Quantizers do not observe
+    the data; each module's train/eval mode is restored afterwards.
 
     Example:
         >>> import torch
@@ -184,19 +184,17 @@ def predict_logits(
         >>> tuple(logits.shape), labels
         ((5, 2), None)
     """
+    from quantaware.fake_quant import frozen
+
     device = _model_device(model)
-    was_training = model.training
-    model.eval()
     outputs: list[torch.Tensor] = []
     targets: list[torch.Tensor] = []
-    try:
+    with frozen(model):  # observers off too: evaluating leaves the ranges alone
         for batch in loader:
             inputs, labels = unpack_batch(batch)
             outputs.append(_forward(model, inputs, device).detach().cpu())
             if labels is not None:
                 targets.append(torch.as_tensor(labels).cpu())
-    finally:
-        model.train(was_training)
     if not outputs:
         raise ValueError("loader yielded no batches; check the dataset is not empty")
     if targets and len(targets) != len(outputs):

@@ -366,3 +366,30 @@ def test_data_of_another_shape_is_named(int8_path, int8_model):
     with pytest.raises(ValueError, match=r"onnxruntime could not run .* on verify batch 0: "
                                          r"given \w+ \(4, 5, 7, 7\), the file takes \w+ \(N, "):
         quantaware.verify(int8_path, int8_model, [x], check_layers=False)
+
+
+def test_verify_and_evaluation_leave_a_qat_model_that_still_observes_unchanged(tmp_path):
+    """QAT without calibration keeps its observers on: verify's own forward passes
+    widened the ranges (CHECK at 3 LSB against the file just exported, 150 LSB on
+    wider data) and left the model in eval mode."""
+    from quantaware.models import DigitsCNN
+    from quantaware.prepare import quantizers
+    from quantaware.train import evaluate_accuracy
+
+    torch.manual_seed(0)
+    data = [(torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,))) for _ in range(4)]
+    qmodel = quantaware.prepare(DigitsCNN(), presets.INT8, example_inputs=data[0][0][:1])
+    optimizer = torch.optim.AdamW(qmodel.parameters(), lr=1e-4)
+    for x, y in data:
+        loss = nn.functional.cross_entropy(qmodel(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    path = quantaware.export_onnx(qmodel, tmp_path / "m.onnx", data[0][0][:1])
+    before = {n: q.scale.clone() for n, q in quantizers(qmodel)}
+    wider = [torch.randn(32, 1, 8, 8) * 3 for _ in range(2)]
+    report = quantaware.verify(path, qmodel, wider, threads=1)
+    evaluate_accuracy(qmodel, [(x * 3, y) for x, y in data])
+    assert report.passed and report.max_error_lsb == 0
+    assert all(torch.equal(before[n], q.scale) for n, q in quantizers(qmodel))
+    assert qmodel.training

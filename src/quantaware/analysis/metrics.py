@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import nn
 
 from quantaware._batch import model_device, split_batch, to_device
+from quantaware.fake_quant import frozen
 
-__all__ = ["agreement", "eval_mode", "outputs", "sqnr_db"]
+__all__ = ["agreement", "outputs", "sqnr_db"]
 
 
 Outputs = torch.Tensor | tuple[torch.Tensor, ...]
@@ -29,30 +29,9 @@ def _flat(out: Any) -> tuple[torch.Tensor, ...]:
     return ()
 
 
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Run a block with ``model`` in eval mode (dropout off, batch-norm running
-    statistics), then give every submodule back the mode it had.
-
-    Example:
-        >>> net = nn.Sequential(nn.Dropout(0.5)).train()
-        >>> with eval_mode(net):
-        ...     net.training
-        False
-        >>> net.training
-        True
-    """
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
-
-
 def outputs(model: nn.Module, data: Iterable[Any]) -> Outputs:
-    """The model's outputs over all batches (in eval mode), concatenated along the batch.
+    """The model's outputs over all batches, concatenated along the batch (in eval mode,
+    with observers off: the model is left as it was).
 
     A model with several outputs (a tuple, list or dict) gives a tuple with one
     tensor per output; :func:`agreement` and :func:`sqnr_db` take either form.
@@ -66,7 +45,7 @@ def outputs(model: nn.Module, data: Iterable[Any]) -> Outputs:
     """
     device = model_device(model)
     parts: list[tuple[torch.Tensor, ...]] = []
-    with torch.no_grad(), eval_mode(model):
+    with torch.no_grad(), frozen(model):
         for batch in data:
             args, kwargs = to_device(*split_batch(batch), device)
             flat = tuple(t for t in _flat(model(*args, **kwargs)) if t.dim() > 0)

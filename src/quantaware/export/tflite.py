@@ -48,6 +48,7 @@ from quantaware._files import write_bytes
 from quantaware._native import native_stderr_filtered, quiet_loggers
 from quantaware.export.integer import int8_code
 from quantaware.export.onnx import ExportError, _export_copy
+from quantaware.fake_quant import frozen
 from quantaware.nn.pool import ceil_mode_matters
 from quantaware.primitives import dequantize
 
@@ -782,9 +783,10 @@ def export_tflite(
                 # quantizers' flags and integer tables would become constants).
                 module = fx.GraphModule(rewritten, rewritten.graph)
             else:
-                module = model.eval()
-            edge = litert_torch.convert(module, example_inputs,
-                                        quant_config=quant_config if quantized else None)
+                module = model
+            with frozen(model):  # eval mode for the conversion, the caller's mode after
+                edge = litert_torch.convert(module, example_inputs,
+                                            quant_config=quant_config if quantized else None)
             content = bytes(edge.model_content())
     except ExportError:
         raise

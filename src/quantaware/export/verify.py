@@ -62,6 +62,7 @@ from quantaware.export.layers import (
     diff_rows,
     first_divergence,
 )
+from quantaware.fake_quant import frozen
 
 __all__ = ["VerifyReport", "verify"]
 
@@ -511,7 +512,21 @@ def verify(
         >>> verify(path, q, [x], backend="openvino").backend  # with OpenVINO installed
         'openvino'
     """
+    with frozen(model):  # the checks' forward passes leave the model's ranges alone
+        return _verify(onnx_path, model, data, num_batches, threads, check_layers, reference,
+                       backend)
 
+
+def _verify(
+    onnx_path: str | Path,
+    model: nn.Module,
+    data: Iterable[Any],
+    num_batches: int | None = None,
+    threads: int = 2,
+    check_layers: bool = True,
+    reference: str = "auto",
+    backend: str = "onnxruntime",
+) -> VerifyReport:
     if reference not in REFERENCES:
         raise ValueError(f"reference must be one of {REFERENCES}, got {reference!r}")
     check_backend(backend)

@@ -126,7 +126,8 @@ class _QuantConvBnMixin:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self._quantize_input(x)
-        if not (self.training and not bool(self.bn_frozen)):
+        # bn.eval() (the usual way to freeze batch norm) freezes it here as well
+        if not (self.training and self.bn.training and not bool(self.bn_frozen)):
             weight, bias = self.quantized_params()
             return self._finish(self._conv_forward(x, weight, bias))
         # Batch statistics still live: quantize the weight folded with the running
@@ -156,10 +157,14 @@ class _QuantConvBnMixin:
         if self.bias is not None:
             y = y + self.bias.reshape(shape)
         bn = self.bn
-        y = F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, True,
-                         0.1 if bn.momentum is None else bn.momentum, bn.eps)
         if bn.num_batches_tracked is not None:
             bn.num_batches_tracked.add_(1)
+        momentum = bn.momentum
+        if momentum is None:  # cumulative average, as torch's batch norm keeps it
+            momentum = 1.0 / float(bn.num_batches_tracked) if bn.num_batches_tracked is not None \
+                else 0.0
+        y = F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, True,
+                         momentum, bn.eps)
         return self._finish(y)
 
     def freeze_bn_stats(self) -> None:
