@@ -301,3 +301,35 @@ def test_qat_conv_bn_honours_bn_eval():
     assert torch.equal(bn.running_mean, mean) and int(bn.num_batches_tracked) == 0
     model.eval()
     torch.testing.assert_close(out, model(x * 3 + 1))
+
+
+def test_embedding_tables_learn_their_step_sizes_and_export_them(tmp_path):
+    """Embeddings were rebuilt with a plain spec: no learned scale under W4A4."""
+    import quantaware
+
+    class Bag(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(50, 16)
+            self.fc = nn.Linear(16, 3)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.emb(ids).mean(1))
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 50, (8, 6))
+    config = dataclasses.replace(presets.W4A4, overrides=())
+    model = calibrate(prepare_qat(Bag(), config, ids[:1]), [ids]).train()
+    wq = model.get_submodule("emb").weight_quantizer
+    assert isinstance(wq, LearnableFakeQuantizer)
+    before = wq.scale.detach().clone()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(3):
+        loss = model(ids).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert not torch.equal(before, wq.scale.detach())
+    path = quantaware.export_onnx(model.eval(), tmp_path / "bag.onnx", ids[:1])
+    report = quantaware.verify(path, model, [ids], threads=1)
+    assert report.passed, report

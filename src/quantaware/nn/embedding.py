@@ -9,6 +9,8 @@ never expanded to float at run time.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,7 +19,7 @@ from quantaware.config import FloatSpec, PerChannel, QuantSpec
 from quantaware.fake_quant import FakeQuantizer, make_quantizer
 from quantaware.nn.base import QuantMixin
 from quantaware.nn.registry import register
-from quantaware.primitives import fake_quantize, quantize
+from quantaware.primitives import quantize
 
 
 @register(nn.Embedding)
@@ -45,9 +47,9 @@ class QuantEmbedding(QuantMixin, nn.Embedding):
             if not weight_spec.symmetric:
                 raise ValueError("embedding tables are quantized symmetrically; use "
                                  "QuantSpec(symmetric=True) for weights")
-            weight_spec = QuantSpec(bits=weight_spec.bits, signed=True, symmetric=True,
-                                    narrow_range=weight_spec.narrow_range,
-                                    granularity=PerChannel(0))
+            # one scale per row; the rest of the spec (learned step sizes) as given
+            weight_spec = dataclasses.replace(weight_spec, signed=True,
+                                              granularity=PerChannel(0))
         if weight_spec is not None:
             new.weight_quantizer = make_quantizer(weight_spec, channels=module.num_embeddings,
                                                   from_tensor=True)
@@ -79,7 +81,7 @@ class QuantEmbedding(QuantMixin, nn.Embedding):
         weight = self.weight
         if isinstance(wq, FakeQuantizer) and bool(wq.fake_quant_enabled):
             scale, zp = wq.qparams(self.weight)
-            weight = fake_quantize(self.weight, scale, zp, wq.qmin, wq.qmax, 0)
+            weight = wq.fake_quantize_with(self.weight, scale, zp)  # its gradient rule
         elif wq is not None and not isinstance(wq, FakeQuantizer):
             weight = wq(self.weight)
         return F.embedding(ids, weight, self.padding_idx, self.max_norm, self.norm_type,
