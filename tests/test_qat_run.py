@@ -42,7 +42,7 @@ def test_bad_settings_are_refused_before_any_training(field, value, message):
 
 def test_resuming_a_checkpoint_of_another_preset_is_refused(tmp_path):
     saved = dataclasses.asdict(QATRunSettings(preset="INT8"))
-    _check_same_run(tmp_path / "epoch_001.pt", saved, QATRunSettings(preset="INT8", seed=3))
+    _check_same_run(tmp_path / "epoch_001.pt", saved, QATRunSettings(preset="INT8", export=False))
     # the learning-rate schedule restores its length from the checkpoint: other epochs
     # would train on a schedule that does not end with the run
     with pytest.raises(ValueError, match="epochs 10, this run has 3; resume with the same "
@@ -62,6 +62,9 @@ def test_resuming_a_checkpoint_of_another_preset_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"skip \['fc'\], this run has \(\); resume with "
                                          "the same --skip"):
         _check_same_run(tmp_path / "epoch_001.pt", saved, QATRunSettings())
+    # another seed shuffles the data in another order: not the run that was killed
+    with pytest.raises(ValueError, match="seed 0, this run has 5"):
+        _check_same_run(tmp_path / "epoch_001.pt", saved, QATRunSettings(skip=("fc",), seed=5))
 
 
 def test_a_model_that_does_not_fit_the_data_is_named_before_training(tmp_path):
@@ -74,3 +77,70 @@ def test_a_model_that_does_not_fit_the_data_is_named_before_training(tmp_path):
     with pytest.raises(ValueError, match=r"fails on a sample of digits.*--model is the model "
                                          "for --data"):
         run_qat(settings)
+
+
+def test_a_float_model_trained_with_other_settings_is_trained_again(tmp_path, caplog):
+    """OUT/float.pt was reused whatever it had been trained with: a second run with
+    more float epochs reported the first run's float accuracy, and another --data
+    failed with a raw load_state_dict error."""
+    from torch.utils.data import DataLoader
+
+    from quantaware.checkpoint import load_checkpoint
+    from quantaware.data import load_digits_split
+    from quantaware.qat_run import _float_model
+
+    train, test = load_digits_split()
+    loader = DataLoader(test, batch_size=256)
+    first = QATRunSettings(float_epochs=1, batch_size=256, out=str(tmp_path))
+    _float_model(first, train, loader, tmp_path)
+    saved = load_checkpoint(tmp_path / "float.pt")
+    assert saved["settings"]["float_epochs"] == 1
+    again = _float_model(first, train, loader, tmp_path)  # same settings: loaded
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(),
+                                                 saved["model"].values(), strict=True))
+    with caplog.at_level("WARNING"):
+        _float_model(QATRunSettings(float_epochs=2, batch_size=256, out=str(tmp_path)), train,
+                     loader, tmp_path)
+    assert "trained with other settings" in caplog.text
+    assert load_checkpoint(tmp_path / "float.pt")["settings"]["float_epochs"] == 2
+    _float_model(QATRunSettings(data="mnist1d", float_epochs=1, batch_size=512,
+                                out=str(tmp_path)),
+                 *_mnist1d(), tmp_path)
+    assert load_checkpoint(tmp_path / "float.pt")["settings"]["data"] == "mnist1d"
+
+
+def _mnist1d():
+    from torch.utils.data import DataLoader
+
+    from quantaware.qat_run import _datasets
+
+    train, test = _datasets("mnist1d")
+    return train, DataLoader(test, batch_size=256)
+
+
+def test_only_rank_0_reports_progress(tmp_path, monkeypatch):
+    """Progress was decided before joining the process group, when every rank still
+    reads as rank 0: each line came once per rank, with each rank's numbers."""
+    from quantaware import distributed as qdist
+    from quantaware.qat_run import run_qat
+
+    def join_as_rank_1(backend=None):
+        monkeypatch.setattr(qdist, "rank", lambda: 1)
+        monkeypatch.setattr(qdist, "world_size", lambda: 2)  # this rank's half of the data
+        return False
+
+    monkeypatch.setattr(qdist, "init_from_env", join_as_rank_1)
+    events: list[dict] = []
+    run_qat(QATRunSettings(data="tests.cli._tiny:data", model="tests.cli._tiny:model",
+                           preset="INT8", epochs=1, out=str(tmp_path), export=False),
+            events.append)
+    assert events == []
+
+
+def test_python_dash_m_quantaware_runs_the_command_line():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "quantaware", "--help"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and "usage: quantaware" in done.stdout

@@ -105,6 +105,20 @@ def load_checkpoint(path: str | os.PathLike, fix: str = "write it again") -> dic
 
 
 def latest_checkpoint(folder: str | os.PathLike, pattern: str = "epoch_*.pt") -> Path | None:
-    """The checkpoint in ``folder`` with the highest epoch number, or ``None``."""
-    found = sorted(Path(folder).glob(pattern))
+    """The checkpoint in ``folder`` with the highest epoch number, or ``None``
+    (numbers compared as numbers: ``epoch_1000.pt`` comes after ``epoch_999.pt``).
+
+    Example:
+        >>> import tempfile
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> for name in ("epoch_999.pt", "epoch_1000.pt"):
+        ...     _ = (folder / name).write_bytes(b"")
+        >>> latest_checkpoint(folder).name
+        'epoch_1000.pt'
+    """
+    def number(path: Path) -> tuple[int, str]:
+        digits = re.findall(r"\d+", path.stem)
+        return (int(digits[-1]) if digits else -1, path.name)
+
+    found = sorted(Path(folder).glob(pattern), key=number)
     return found[-1] if found else None

@@ -168,7 +168,9 @@ def _builtin_model(data: str) -> nn.Module:
 # schedule restores its length from the checkpoint, so other epochs would not end it).
 _SAME_RUN = ("data", "model", "preset", "epochs", "batch_size", "lr", "scale_lr_factor",
              "weight_decay", "freeze_bn_epoch", "distill", "temperature", "distill_weight",
-             "skip")
+             "skip", "seed", "float_epochs", "float_lr")
+# What the built-in float model in OUT/float.pt was trained with.
+_FLOAT_RUN = ("data", "seed", "float_epochs", "float_lr", "batch_size")
 
 
 def _check_same_run(path: Path, saved: dict[str, Any], s: QATRunSettings) -> None:
@@ -216,16 +218,21 @@ def _float_model(s: QATRunSettings, train: Dataset, test_loader: DataLoader,
     path = out / "float.pt"
     model = _builtin_model(s.data)
     _check_skip(s, model)
+    trained_with = {name: getattr(s, name) for name in _FLOAT_RUN}
     if path.is_file():
-        model.load_state_dict(load_checkpoint(path)["model"])
-        return model.eval()
+        saved = load_checkpoint(path)
+        if saved.get("settings") == trained_with:
+            model.load_state_dict(saved["model"])
+            return model.eval()
+        log.warning("%s was trained with other settings (%s); training the float model "
+                    "again", path, saved.get("settings", "not recorded"))
     torch.manual_seed(s.seed)
     loader = DataLoader(train, batch_size=s.batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(s.seed))
     fit(model, loader, epochs=s.float_epochs, lr=s.float_lr, seed=s.seed)
     model.eval()
     if qdist.is_main_process():
-        save_checkpoint(path, {"model": model.state_dict(),
+        save_checkpoint(path, {"model": model.state_dict(), "settings": trained_with,
                                "accuracy": evaluate_accuracy(model, test_loader)})
     return model
 
@@ -275,8 +282,8 @@ def run_qat(settings: QATRunSettings,
     from quantaware.demo import write_json_atomic
 
     s = settings
+    distributed = qdist.init_from_env()  # first: the rank decides who reports progress
     emit = on_event if (on_event is not None and qdist.is_main_process()) else (lambda e: None)
-    distributed = qdist.init_from_env()
     out = Path(s.out)
     ckpt_dir = out / "checkpoints"
     config = presets.get(s.preset)

@@ -15,7 +15,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "calibrate, then QAT with learned step sizes (presets W4A4/W2A2) or "
         "straight-through scales (INT8). A checkpoint is written atomically after every "
         "epoch to OUT/checkpoints; --resume continues a killed run. Run under "
-        "`torchrun --nproc_per_node=N` for DistributedDataParallel (gloo on CPU).",
+        "`torchrun --nproc_per_node=N -m quantaware qat ...` for DistributedDataParallel (gloo "
+        "on CPU).",
     )
     parser.add_argument("--data", default="digits", metavar="NAME|MODULE:FUNCTION",
                         help="digits, mnist1d, or a function returning (train, test) "
