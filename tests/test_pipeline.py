@@ -309,3 +309,23 @@ def test_quantization_skip_keeps_layers_float_in_ptq_and_qat(tmp_path):
     assert not any(k.startswith("fc2.") and "quantizer" in k for k in qat)
     with pytest.raises(PipelineError, match=r"quantization\.skip"):
         load_pipeline(_small(tmp_path, quantization={"skip": "fc2"}))
+
+
+def test_qat_trains_the_ptq_config_unless_given_a_preset():
+    """QAT took presets.INT8 with min-max ranges whatever the quantization step used:
+    the calibration method, the measured default and transformer rules were lost."""
+    from quantaware import presets
+    from quantaware.deploy import default_config
+    from quantaware.pipeline import _qat_config
+    from quantaware.zoo.minilm import MiniLMConfig, minilm
+
+    cfg = validate({**MINIMAL, "quantization": {"method": "mse", "skip": ["fc"]},
+                    "qat": {}})
+    ptq = default_config(minilm(MiniLMConfig(vocab_size=40, hidden_size=32, num_layers=1,
+                                             num_heads=4, intermediate_size=64)))
+    assert _qat_config(cfg, ptq) is ptq
+    cfg["qat"]["preset"] = "W4A4"
+    config = _qat_config(cfg, ptq)
+    assert config.activation.observer == "mse" and config.activation.bits == 4
+    assert config.resolve("fc") is None and config.resolve("fc.0") is None
+    assert config.resolve("head") == presets.W4A4.resolve("head")

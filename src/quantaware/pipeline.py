@@ -147,8 +147,8 @@ SCHEMA: dict[str, Any] = {
                  "a list of layer names or fnmatch patterns kept in float (PTQ and QAT)"),
     },
     "qat": {
-        "preset": (None, _preset, "a preset name (default: the quantization preset): "
-                   + _preset_names()),
+        "preset": (None, _preset, "a preset name (default: the quantization step's "
+                   "config): " + _preset_names()),
         "epochs": (3, _positive_int, "a positive integer"),
         "lr": (1e-4, _positive_float, "a positive number"),
         "distill": (True, lambda v: isinstance(v, bool), "true or false"),
@@ -419,12 +419,23 @@ def _call(model: nn.Module, inputs: Any) -> Any:
 
 
 def _qat_config(cfg: dict[str, Any], ptq_config: Any) -> Any:
-    """The QAT preset, with the PTQ config's integer-output rules (quantized for LiteRT,
-    :func:`quantaware.deploy.quantize_for_backend`)."""
+    """The config QAT trains: without ``qat.preset``, the PTQ config itself (its
+    preset, calibration method, layers kept float, integer-output rules for LiteRT);
+    with it, that preset with the calibration method, the layers kept float and the
+    integer-output rules of the PTQ config (:func:`quantaware.deploy.quantize_for_backend`)."""
+    import dataclasses
+
     from quantaware import presets
+    from quantaware.config import QuantSpec
     from quantaware.workflow import skip_rules
 
-    config = presets.get(cfg["qat"]["preset"] or cfg["quantization"]["preset"] or "INT8")
+    if cfg["qat"]["preset"] is None:
+        return ptq_config
+    config = presets.get(cfg["qat"]["preset"])
+    method = cfg["quantization"]["method"]
+    if method is not None and isinstance(config.activation, QuantSpec):
+        config = dataclasses.replace(config, activation=dataclasses.replace(
+            config.activation, observer=method))
     kept = [rule for rule in ptq_config.overrides if rule.output_only]
     kept += skip_rules(cfg["quantization"]["skip"])
     return config.with_overrides(*kept) if kept else config
@@ -610,7 +621,9 @@ def run_pipeline(path: str | os.PathLike, fast: bool = False, out: str | None = 
     # 5. QAT (optional)
     qat_model = None
     if cfg["qat"] is not None:
-        qat_fp = _fingerprint(ptq_fp, cfg["qat"])
+        # the resolved config takes part: how it is derived may change between versions
+        qat_fp = _fingerprint(ptq_fp, cfg["qat"],
+                              _qat_config(cfg, ptq.quantaware_config).to_dict())
         qat_path = out_dir / "qat-final.pt"
         done = state.done("qat", qat_fp)
         if done is not None and qat_path.is_file():
