@@ -493,22 +493,26 @@ def make_quantizer(spec: QuantSpec | FloatSpec, channels: int | None = None,
 
 @contextlib.contextmanager
 def frozen(model: nn.Module) -> Iterator[nn.Module]:
-    """Run a block with ``model`` in eval mode and every quantizer's observer off, then
-    give back each module's mode and each observer's switch: forward passes in the
-    block (checks, evaluation) leave the model's ranges as they were, also for a QAT
-    model whose observers still follow the data.
+    """Run a block with ``model`` in eval mode and the observer of every calibrated
+    quantizer off, then give back each module's mode and each observer's switch:
+    forward passes in the block (checks, evaluation) leave the model's ranges as
+    they were, also for a QAT model whose observers still follow the data. A
+    quantizer without a range yet observes as before (its first use sets one).
 
     Example:
         >>> from quantaware import presets, prepare
-        >>> net = prepare(nn.Linear(4, 2), presets.INT8, (torch.randn(1, 4),)).train()
+        >>> from quantaware import calibrate
+        >>> net = prepare(nn.Linear(4, 2), presets.INT8, (torch.randn(1, 4),))
+        >>> net = calibrate(net, [torch.randn(8, 4)]).train()
+        >>> scale = net.get_submodule("0").output_quantizer.scale.clone()
         >>> with frozen(net):
-        ...     _ = net(torch.randn(8, 4))
-        >>> net.training
-        True
+        ...     _ = net(100 * torch.randn(8, 4))
+        >>> net.training, bool((net.get_submodule("0").output_quantizer.scale == scale).all())
+        (True, True)
     """
     modes = [(m, m.training) for m in model.modules()]
     switches = [(q, q.observer_enabled.clone()) for q in model.modules()
-                if isinstance(q, FakeQuantizer)]
+                if isinstance(q, FakeQuantizer) and bool(q.calibrated)]
     model.eval()
     for q, _ in switches:
         q.observer_enabled.fill_(0)
