@@ -636,6 +636,16 @@ def _check_float_model(model: nn.Module) -> None:
             f"the model is already prepared for quantization (it holds {len(found)} "
             f"quantizers, e.g. {found[0][0]!r}); pass the original float model to prepare "
             "or quantize, or calibrate/train this one as it is")
+    # The fake-quant arithmetic and the exported file are float32: a half-precision
+    # model would round its scales (bfloat16: more than a step off the deployed grid)
+    # and overflow the int32 bias bounds (float16).
+    other = [(name, t.dtype) for name, t in model.named_parameters()
+             if t.is_floating_point() and t.dtype != torch.float32]
+    if other:
+        raise ValueError(
+            f"the model's parameter {other[0][0]!r} is {str(other[0][1]).replace('torch.', '')}; "
+            "quantaware quantizes float32 models (its fake-quant arithmetic and the exported "
+            "file are float32): call model.float() first, and feed float32 inputs")
     # Buffers may hold -inf on purpose (attention masks); parameters may not.
     broken = [name for name, t in model.named_parameters() if not bool(torch.isfinite(t).all())]
     broken += [name for name, t in model.named_buffers()

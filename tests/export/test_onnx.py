@@ -757,3 +757,96 @@ def test_transposed_conv_exports_int8_weights_per_output_channel(tmp_path):
     report = quantaware.verify(path, q, data)
     assert report.passed() and report.max_error_lsb <= 1.0, str(report)
     assert (report.integer_layers, report.fake_quant_layers) == (2, 1), str(report)
+
+
+def _verified(model: nn.Module, config, x: torch.Tensor, tmp_path, name: str, **export):
+    q = quantaware.quantize(model.eval(), config, [x], example_inputs=x[:1])
+    path = quantaware.export_onnx(q, tmp_path / f"{name}.onnx", x[:1], **export)
+    return path, quantaware.verify(path, q, [x, x * 2], threads=1)
+
+
+def test_space_to_depth_stem_pads_with_the_weight_zero_point(tmp_path):
+    """The new taps held code 0: with unsigned weights (zero point 128) every one added
+    a wrong term, 98 output LSB off torch."""
+    from quantaware.config import PerChannel, QuantConfig, QuantSpec
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(),
+                          nn.Conv2d(8, 4, 1))
+    x = torch.randn(4, 3, 16, 16)
+    for weight in (QuantSpec(bits=8, signed=False, symmetric=True, granularity=PerChannel(0)),
+                   QuantSpec(bits=8, signed=True, symmetric=False, granularity=PerChannel(0))):
+        config = QuantConfig(weight=weight, activation=presets.INT8.activation)
+        path, report = _verified(model, config, x, tmp_path, "s2d")
+        assert any(n.op_type == "SpaceToDepth" for n in onnx.load(str(path)).graph.node)
+        assert report.passed() and report.max_error_lsb == 0, report
+
+
+@pytest.mark.parametrize("kind", ["maxpool-flatten", "permute"])
+def test_signed_int8_activations_load_in_onnx_runtime(kind, tmp_path):
+    """ONNX Runtime's int8-to-uint8 rewrite failed to load files where a max pool or a
+    transpose read a DequantizeLinear ("output_dtype INT8 does not match y_zero_point
+    type UINT8")."""
+    from quantaware.config import QuantConfig, QuantSpec
+
+    class Permute(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 4, 1), nn.Linear(4, 5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.conv(x).permute(0, 2, 3, 1))
+
+    torch.manual_seed(0)
+    model = (nn.Sequential(nn.Conv2d(3, 4, 1), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(36, 3))
+             if kind == "maxpool-flatten" else Permute())
+    config = QuantConfig(weight=presets.INT8.weight,
+                         activation=QuantSpec(bits=8, signed=True, symmetric=False))
+    _, report = _verified(model, config, torch.randn(4, 3, 6, 6), tmp_path, kind)
+    assert report.passed() and report.max_error_lsb == 0, report
+
+
+@pytest.mark.parametrize("bits, narrow", [(12, False), (16, True)])
+def test_activations_narrower_than_16_bit_storage_run_and_verify(bits, narrow, tmp_path):
+    """The codes were clipped with an int16 Clip, which ONNX Runtime does not implement
+    (NOT_IMPLEMENTED: Where(16)); the layer check read the codes before the clip."""
+    from quantaware.config import QuantConfig, QuantSpec
+
+    activation = (QuantSpec(bits=bits, signed=True, symmetric=True, narrow_range=True)
+                  if narrow else QuantSpec(bits=bits, signed=False, symmetric=False))
+    config = QuantConfig(weight=presets.INT8.weight, activation=activation)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3))
+    _, report = _verified(model, config, torch.randn(8, 3, 6, 6), tmp_path, f"a{bits}")
+    assert report.passed() and report.max_error_lsb == 0
+    assert report.first_divergent_layer is None, report  # x * 2 saturates the input codes
+
+
+def test_half_precision_models_are_refused_with_the_fix():
+    """float16 failed on the first forward after quantizing (int32 bias bounds overflow
+    half); bfloat16 fake-quantized more than a step off the deployed grid."""
+    for dtype in (torch.float16, torch.bfloat16):
+        model = nn.Sequential(nn.Conv2d(3, 4, 3)).eval().to(dtype)
+        x = torch.randn(2, 3, 6, 6, dtype=dtype)
+        with pytest.raises(ValueError, match=r"'0.weight' is .*float16; quantaware quantizes "
+                                             r"float32 models.*model\.float\(\)"):
+            quantaware.quantize(model, presets.INT8, [x], example_inputs=x[:1])
+
+
+def test_a_forward_with_varargs_exports_with_a_dynamic_batch(tmp_path):
+    """forward(self, *xs) failed with "forward() branches on a tensor's value": the
+    dynamic batch was given per input, not as the tuple the signature takes."""
+
+    class Varargs(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+
+        def forward(self, *xs: torch.Tensor) -> torch.Tensor:
+            return self.conv(xs[0]) + self.conv(xs[1])
+
+    x = torch.randn(3, 3, 4, 4)
+    path = quantaware.export_onnx(Varargs().eval(), tmp_path / "v.onnx", (x[:1], x[:1]))
+    session = ort.InferenceSession(str(path))
+    out = session.run(None, {i.name: x.numpy() for i in session.get_inputs()})[0]
+    assert out.shape == (3, 4, 4, 4)

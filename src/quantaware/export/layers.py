@@ -109,11 +109,19 @@ def _quantize_nodes(proto: onnx.ModelProto, names: set[str]) -> list[tuple[str, 
 
     def codes_of(node: onnx.NodeProto) -> str:
         """The quantizer's codes: a format narrower than its storage (4-bit, narrow
-        range) saturates in a ``Clip`` after the ``QuantizeLinear``."""
-        users = consumers.get(node.output[0], [])
-        if len(users) == 1 and users[0].op_type == "Clip":
-            return users[0].output[0]
-        return node.output[0]
+        range) saturates in a ``Clip`` after the ``QuantizeLinear`` (16-bit storage:
+        ``Cast`` to int32, ``Clip``, ``Cast`` back)."""
+        def only_user(name: str, op_type: str) -> onnx.NodeProto | None:
+            users = consumers.get(name, [])
+            return users[0] if len(users) == 1 and users[0].op_type == op_type else None
+
+        clip = only_user(node.output[0], "Clip")
+        if clip is not None:
+            return clip.output[0]
+        widen = only_user(node.output[0], "Cast")
+        clip = only_user(widen.output[0], "Clip") if widen is not None else None
+        back = only_user(clip.output[0], "Cast") if clip is not None else None
+        return back.output[0] if back is not None else node.output[0]
 
     found = []
     for node in proto.graph.node:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import io
 import logging
 import os
@@ -177,6 +178,7 @@ def _fold_float_biases(proto: onnx.ModelProto) -> int:
 
 
 _SHAPE_OPS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze")
+_ORDER_OPS = ("MaxPool", "Transpose")
 
 
 def _quantize_constants(proto: onnx.ModelProto) -> int:
@@ -245,9 +247,19 @@ def _sink_dequantize_through_reshapes(proto: onnx.ModelProto) -> int:
     graph_outputs = {o.name for o in proto.graph.output}
     nodes: list[onnx.NodeProto] = []
     moved = 0
+
+    def signed(dq: onnx.NodeProto) -> bool:
+        return len(dq.input) > 2 and consts.get(dq.input[2], np.zeros(0, np.uint8)).dtype == \
+            np.int8
+
     for node in proto.graph.node:
         dq = producers.get(node.input[0]) if node.input else None
-        if (node.op_type in _SHAPE_OPS and node.domain in ("", "ai.onnx") and dq is not None
+        # max pooling and transposes keep the values too (a DequantizeLinear is
+        # increasing): moved for int8 codes, which meet the same conversion
+        movable = node.op_type in _SHAPE_OPS or (
+            node.op_type in _ORDER_OPS and len(node.output) == 1 and dq is not None
+            and signed(dq))
+        if (movable and node.domain in ("", "ai.onnx") and dq is not None
                 and dq.op_type == "DequantizeLinear" and dq.domain in ("", "ai.onnx")
                 and dq.input[1] in consts and consts[dq.input[1]].size == 1
                 and node.output[0] not in graph_outputs):
@@ -259,6 +271,7 @@ def _sink_dequantize_through_reshapes(proto: onnx.ModelProto) -> int:
             new_dq = onnx.helper.make_node("DequantizeLinear", [reshaped, *dq.input[1:]],
                                            [node.output[0]], name=f"{node.name}_dequantize")
             nodes.extend([shape_node, new_dq])
+            producers[node.output[0]] = new_dq  # a shape op after it may move on too
             moved += 1
         else:
             nodes.append(node)
@@ -491,6 +504,8 @@ def _space_to_depth_conv(node, producers, inits, shapes):
         return None
     if w_dq.input[0] not in inits or len(x_dq.input) < 3 or x_dq.input[2] not in inits:
         return None
+    if len(w_dq.input) > 2 and w_dq.input[2] and w_dq.input[2] not in inits:
+        return None
     weight = numpy_helper.to_array(inits[w_dq.input[0]])
     shape = shapes.get(x_dq.input[0])
     if weight.ndim != 4 or not shape or len(shape) != 4 or None in shape[1:]:
@@ -511,8 +526,18 @@ def _space_to_depth_conv(node, producers, inits, shapes):
     zero_point = numpy_helper.to_array(inits[x_dq.input[2]])
     if zero_point.size != 1:
         return None
-    # W'[o, (by * 2 + bx) * C + c, ky, kx] = W[o, c, 2 ky + by, 2 kx + bx]
-    padded = np.zeros((out_channels, channels, 2 * kh2, 2 * kw2), dtype=weight.dtype)
+    # W'[o, (by * 2 + bx) * C + c, ky, kx] = W[o, c, 2 ky + by, 2 kx + bx]; the new
+    # taps hold the code of weight 0: the weight zero point (per output channel)
+    weight_zp = (numpy_helper.to_array(inits[w_dq.input[2]])
+                 if len(w_dq.input) > 2 and w_dq.input[2] else None)
+    if weight_zp is None:
+        zero_code = np.zeros((out_channels, 1, 1, 1), dtype=weight.dtype)
+    elif weight_zp.size in (1, out_channels):
+        zero_code = np.broadcast_to(weight_zp.reshape(-1, 1, 1, 1), (out_channels, 1, 1, 1))
+    else:
+        return None
+    padded = np.broadcast_to(zero_code, (out_channels, channels, 2 * kh2, 2 * kw2)).astype(
+        weight.dtype).copy()
     padded[:, :, :kh, :kw] = weight
     rearranged = padded.reshape(out_channels, channels, kh2, 2, kw2, 2).transpose(0, 3, 5, 1, 2, 4)
     rearranged = np.ascontiguousarray(rearranged.reshape(out_channels, 4 * channels, kh2, kw2))
@@ -544,17 +569,29 @@ def _space_to_depth_conv(node, producers, inits, shapes):
     return new_nodes, new_inits
 
 
-def _dynamic_shapes(example_inputs: tuple) -> tuple:
+def _dynamic_shapes(example_inputs: tuple, model: nn.Module | None = None) -> tuple:
+    """A dynamic batch for every tensor input, shaped like ``forward``'s parameters
+    (``forward(self, x, *rest)`` takes the inputs after ``x`` as one tuple)."""
     dim = torch.export.Dim.AUTO
-    return tuple({0: dim} if isinstance(x, torch.Tensor) and x.dim() > 0 else None
-                 for x in example_inputs)
+    shapes = tuple({0: dim} if isinstance(x, torch.Tensor) and x.dim() > 0 else None
+                   for x in example_inputs)
+    try:
+        params = list(inspect.signature(model.forward).parameters.values()) if model else []
+    except (TypeError, ValueError):  # no signature to read
+        params = []
+    for index, param in enumerate(params):
+        if param.kind is inspect.Parameter.VAR_POSITIONAL:
+            return (*shapes[:index], shapes[index:])
+        if param.kind not in (inspect.Parameter.POSITIONAL_ONLY,
+                              inspect.Parameter.POSITIONAL_OR_KEYWORD):
+            break
+    return shapes
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")  # the exporter colours parts of its messages
 
 # torch.export's errors for Python control flow on tensor values
-_DATA_DEPENDENT = ("GuardOnDataDependentSymNode", "DataDependentOutputException",
-                   "UserError")
+_DATA_DEPENDENT = ("GuardOnDataDependentSymNode", "DataDependentOutputException")
 
 
 def _export_failure(exc: BaseException) -> str:
@@ -564,7 +601,12 @@ def _export_failure(exc: BaseException) -> str:
         root = root.__cause__
         seen.add(id(root))
     message = _ANSI.sub("", str(root)).strip() or type(root).__name__
-    if type(root).__name__ in _DATA_DEPENDENT or "data-dependent expression" in message:
+    branching = (type(root).__name__ in _DATA_DEPENDENT
+                 or "data-dependent expression" in message
+                 # torch.export's UserError covers much else (a dynamic_shapes mismatch)
+                 or (type(root).__name__ == "UserError"
+                     and re.search(r"control flow|data.dependent", message, re.I) is not None))
+    if branching:
         call = re.search(r"The following call raised this error:\n\s*(File .*?, line \d+), "
                          r"in \w+\n\s*(.+)", message)
         where = f" ({call.group(1)}: `{call.group(2).strip()}`)" if call else ""
@@ -654,7 +696,7 @@ def export_onnx(
     }
     traced_inputs = [example_inputs]
     if dynamic_batch:
-        kwargs["dynamic_shapes"] = _dynamic_shapes(example_inputs)
+        kwargs["dynamic_shapes"] = _dynamic_shapes(example_inputs, export_model)
         two = _batch_of_two(example_inputs)
         if two is not None:
             traced_inputs.insert(0, two)

@@ -127,7 +127,12 @@ def _qdq_onnx(x, scale, zero_point, axis: int, qmin: int, qmax: int):
     info = torch.iinfo(storage_dtype(qmin, qmax))
     if (qmin, qmax) != (info.min, info.max):
         # Formats narrower than their storage (4-bit, narrow range) saturate here.
-        q = op.Clip(q, op.Cast(qmin, to=dtype), op.Cast(qmax, to=dtype))
+        if info.bits == 16:  # ONNX Runtime has no 16-bit Clip: clip in int32
+            wide = onnx.TensorProto.INT32
+            q = op.Cast(op.Clip(op.Cast(q, to=wide), op.Cast(qmin, to=wide),
+                                op.Cast(qmax, to=wide)), to=dtype)
+        else:
+            q = op.Clip(q, op.Cast(qmin, to=dtype), op.Cast(qmax, to=dtype))
     return op.DequantizeLinear(q, scale, zp, axis=axis)
 
 
