@@ -439,15 +439,16 @@ def compare_files(float_path: str | Path, quantized_path: str | Path, data: Data
         out = every[0]  # the first output holds the class scores
         row: dict[str, Any] = {"model": label, "path": str(path), "size_bytes": file_size(path)}
         names_ = data.label_names
-        if names_ is not None and len(names_) != out.shape[1]:
+        if names_ is not None and (out.ndim < 2 or len(names_) != out.shape[1]):
+            has = (f"has {out.shape[1]} outputs" if out.ndim >= 2
+                   else f"gives outputs of shape {out.shape[1:]}")
             raise SourceError(f"the labels file has {len(names_)} class names but "
-                              f"{path.name} has {out.shape[1]} outputs; use the labels file "
-                              "of this model")
+                              f"{path.name} {has}; use the labels file of this model")
         if labels is not None:
             if out.ndim != 2 or out.shape[1] < 2:
                 raise SourceError(f"{path.name} gives outputs of shape {out.shape[1:]} per "
-                                  "sample; accuracy on labels needs class scores (N, "
-                                  "classes): compare without labels")
+                                  "sample; accuracy needs class scores (N, classes): "
+                                  "compare without labels")
             try:
                 check_class_labels(labels, out.shape[1])
             except ValueError as exc:
