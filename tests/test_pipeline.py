@@ -329,3 +329,25 @@ def test_qat_trains_the_ptq_config_unless_given_a_preset():
     assert config.activation.observer == "mse" and config.activation.bits == 4
     assert config.resolve("fc") is None and config.resolve("fc.0") is None
     assert config.resolve("head") == presets.W4A4.resolve("head")
+
+
+def test_a_data_folder_stamp_sees_files_rewritten_in_place(tmp_path):
+    """Only each folder's time and file count were read: an image rewritten under its
+    own name left the stamp unchanged, and the finished steps were reused."""
+    import os
+
+    from quantaware.pipeline import _stamp
+
+    folder = tmp_path / "photos" / "cat"
+    folder.mkdir(parents=True)
+    (folder / "a.png").write_bytes(b"first")
+    (folder / "b.png").write_bytes(b"second")
+    before = _stamp(str(tmp_path / "photos"))
+    assert before == _stamp(str(tmp_path / "photos"))
+    os.utime(tmp_path / "photos" / "cat", ns=(1, 1))
+    pinned = _stamp(str(tmp_path / "photos"))
+    (folder / "a.png").write_bytes(b"FIRST")  # same size, same folder entries
+    os.utime(folder, ns=(1, 1))
+    later = (folder / "a.png").stat().st_mtime_ns + 10**9
+    os.utime(folder / "a.png", ns=(later, later))
+    assert _stamp(str(tmp_path / "photos")) != pinned

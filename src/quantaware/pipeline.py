@@ -319,13 +319,19 @@ def _stamp(value: str | None) -> Any:
             stat = path.stat()
             return [stat.st_size, stat.st_mtime_ns]
         if path.is_dir():
-            # Each folder's time changes when a file is added, removed or renamed in
-            # it; reading the folders, not every file's, keeps this cheap on large
-            # data sets (a file rewritten in place under its name is not seen).
+            # Per folder: its time (a file added, removed or renamed), its file count,
+            # and its files' total size and newest time (a file rewritten in place).
             stamp = []
-            for root, dirs, files in os.walk(path):
+            for root, dirs, _ in os.walk(path):
                 dirs.sort()
-                stamp.append([os.stat(root).st_mtime_ns, len(files)])
+                count = size = newest = 0
+                with os.scandir(root) as entries:
+                    for entry in entries:
+                        if entry.is_file():
+                            info = entry.stat()
+                            count, size = count + 1, size + info.st_size
+                            newest = max(newest, info.st_mtime_ns)
+                stamp.append([os.stat(root).st_mtime_ns, count, size, newest])
             return stamp
     except OSError:
         return None
