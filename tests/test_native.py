@@ -65,3 +65,17 @@ def test_partial_last_line_and_carriage_returns_pass_through(capfd):
     with native_stderr_filtered():
         os.write(2, b"INFO: dropped\r\nkept\r\nno newline")
     assert capfd.readouterr().err == "kept\r\nno newline"
+
+
+def test_a_process_started_in_the_block_keeps_its_stderr_after_it():
+    code = ("import subprocess, sys, time\n"
+            "from quantaware import _native\n"
+            "_native._CHILD_DRAIN_SECONDS = 0.5\n"
+            "with _native.native_stderr_filtered():\n"
+            "    child = subprocess.Popen([sys.executable, '-c', "
+            "'import time, sys; time.sleep(2); sys.stderr.write(\"late warning\\\\n\")'])\n"
+            "print(child.wait())\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.stdout.split() == ["0"], done  # the filter was not killed under it
+    assert "late warning" in done.stderr

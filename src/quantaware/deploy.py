@@ -87,7 +87,7 @@ INTEGER_OUTPUT_MIN_SQNR_DB = 25.0
 # Residual/mask adds and attention matmuls stay float in transformers: prepare
 # names functional ops "add", "add_1", ..., "iadd", "matmul", "matmul_1", ...
 _FLOAT_OPS = tuple(LayerOverride(p, skip=True)
-                   for p in ("add", "add_*", "iadd*", "matmul", "matmul_*"))
+                   for p in ("add", "add_*", "iadd*", "matmul", "matmul_*", "bmm", "bmm_*"))
 
 
 def default_config(model: nn.Module, backend: str = "onnxruntime-x86") -> QuantConfig:

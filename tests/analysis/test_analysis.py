@@ -182,3 +182,18 @@ def test_outputs_leave_out_scalar_outputs():
 
     out = outputs(WithLoss(), [torch.randn(2, 4), torch.randn(3, 4)])
     assert isinstance(out, torch.Tensor) and out.shape == (5, 3)
+
+
+def test_a_float_layer_that_ties_does_not_end_the_search():
+    """Keeping one layer float often changes a step-valued score not at all while two
+    together meet the budget: stopping at the first tie missed budgets."""
+    from quantaware.config import PerTensor, QuantSpec
+
+    w2 = QuantSpec(bits=2, signed=True, symmetric=True, narrow_range=True,
+                   granularity=PerTensor())
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 4)).eval()
+    data = [torch.randn(6, 8)]
+    result = search(net, QuantConfig(weight=w2, activation=None, name="W2"), data, data,
+                    max_drop=0.0, low_spec=w2)
+    assert result.meets_budget

@@ -850,3 +850,27 @@ def test_a_forward_with_varargs_exports_with_a_dynamic_batch(tmp_path):
     session = ort.InferenceSession(str(path))
     out = session.run(None, {i.name: x.numpy() for i in session.get_inputs()})[0]
     assert out.shape == (3, 4, 4, 4)
+
+
+def test_varargs_left_empty_and_16_bit_stems_export(tmp_path):
+    """forward(self, x, *rest) with nothing in rest got a dynamic-shape entry for the
+    empty tuple; a 16-bit stem was rewritten to an integer Pad ONNX Runtime lacks."""
+    from quantaware.config import QuantConfig, QuantSpec
+
+    class Rest(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
+            return self.fc(x)
+
+    x = torch.randn(5, 4)
+    path = quantaware.export_onnx(Rest().eval(), tmp_path / "rest.onnx", (x[:1],))
+    assert ort.InferenceSession(str(path)).run(None, {"x": x.numpy()})[0].shape == (5, 3)
+    torch.manual_seed(0)
+    stem = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    config = QuantConfig(weight=presets.INT8.weight,
+                         activation=QuantSpec(bits=16, signed=True, symmetric=True))
+    _, report = _verified(stem, config, torch.randn(2, 3, 16, 16), tmp_path, "stem16")
+    assert report.passed()

@@ -229,14 +229,14 @@ def search(
                 continue
             toggle.set({**choices, name: "float"})
             gains[name] = metric(outputs(qmodel, rank_data), rank_ref)
-        if not gains or max(gains.values()) <= now:
-            # no layer kept float wins anything back: more float layers would only
-            # cost bytes (the budget cannot be met; meets_budget says so)
+        if not gains or max(gains.values()) < now:
+            # every layer kept float loses: more float layers would only cost bytes
+            # (the budget cannot be met; meets_budget says so)
             break
         best = max(gains, key=gains.get)
         trial = {**choices, best: "float"}
         value = score(trial, f"+float {best}")
-        if value <= current:  # no better on the budget data either
+        if value < current:  # worse on the budget data (a tie may pay off with the next)
             break
         choices, current = trial, value
     order = sorted(cost, key=lambda n: (-cost[n], -toggle.layers[n].weight.numel()))

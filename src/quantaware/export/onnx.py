@@ -524,7 +524,7 @@ def _space_to_depth_conv(node, producers, inits, shapes):
     if new_bottom < 0 or new_right < 0:
         return None
     zero_point = numpy_helper.to_array(inits[x_dq.input[2]])
-    if zero_point.size != 1:
+    if zero_point.size != 1 or zero_point.dtype.itemsize != 1:  # no 16-bit integer Pad
         return None
     # W'[o, (by * 2 + bx) * C + c, ky, kx] = W[o, c, 2 ky + by, 2 kx + bx]; the new
     # taps hold the code of weight 0: the weight zero point (per output channel)
@@ -581,7 +581,7 @@ def _dynamic_shapes(example_inputs: tuple, model: nn.Module | None = None) -> tu
         params = []
     for index, param in enumerate(params):
         if param.kind is inspect.Parameter.VAR_POSITIONAL:
-            return (*shapes[:index], shapes[index:])
+            return (*shapes[:index], shapes[index:]) if index < len(shapes) else shapes
         if param.kind not in (inspect.Parameter.POSITIONAL_ONLY,
                               inspect.Parameter.POSITIONAL_OR_KEYWORD):
             break
