@@ -81,3 +81,43 @@ def test_smoothing_twice_is_refused_and_keeps_the_float_function():
     for _, q in quantaware.prepare.__globals__["quantizers"](prepared):
         q.disable()
     torch.testing.assert_close(prepared(x), net(x), rtol=1e-4, atol=1e-4)
+
+
+def test_a_weight_tied_to_an_embedding_is_not_smoothed():
+    """The factor went into the shared Parameter: the embedding table changed by up to
+    13.6 and its lookups were 2.3x their own size off."""
+
+    class TinyLM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.ln = nn.Embedding(50, 32), nn.LayerNorm(32)
+            self.head = nn.Linear(32, 50, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.head(self.ln(self.emb(ids)))
+
+    torch.manual_seed(0)
+    model = TinyLM().eval()
+    with torch.no_grad():
+        model.ln.weight.copy_(torch.rand(32) * 4)
+    ids = torch.randint(0, 50, (8, 12))
+    prepared = quantaware.prepare(model, presets.INT8, (ids[:1],))
+    table = prepared.get_submodule("emb").weight.detach().clone()
+    assert smooth_quant(prepared, [ids]) == 0
+    assert torch.equal(prepared.get_submodule("emb").weight, table)
+
+
+def test_auto_alpha_scores_each_candidate_with_its_own_learned_scale():
+    """A learned weight quantizer kept the scale of the first candidate (alpha 0.3) and
+    scored every other one with it: "auto" always chose 0.3."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.LayerNorm(16), nn.Linear(16, 16))
+    with torch.no_grad():
+        net[0].weight.copy_(torch.linspace(0.1, 20, 16))
+    x = torch.randn(64, 16)
+    prepared = quantaware.prepare(net.eval(), presets.W4A4, (x[:1],))
+    wq = prepared.get_submodule("1").weight_quantizer
+    assert not bool(wq.calibrated)
+    smooth_quant(prepared, [x], alpha="auto")
+    assert not bool(wq.calibrated)  # the search left the quantizer as it found it

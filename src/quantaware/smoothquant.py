@@ -65,8 +65,17 @@ def _targets(model: nn.Module) -> dict[int, tuple[FakeQuantizer, list[QuantLinea
                      for u in node.users]
             if users and all(isinstance(u, QuantLinear) and u.input_source is q for u in users):
                 found[id(q)] = (q, users)
+    # A weight shared with another layer (a tied embedding / output head) cannot take
+    # the factor: every other user of the tensor would be scaled too.
+    uses: dict[int, int] = {}
+    for _, param in model.named_parameters(remove_duplicate=False):
+        uses[id(param)] = uses.get(id(param), 0) + 1
+    shared = {k for k, v in found.items() if any(uses.get(id(u.weight), 0) > 1 for u in v[1])}
+    if shared:
+        log.info("not smoothing %d quantizer(s) whose Linear shares its weight", len(shared))
     return {k: v for k, v in found.items()
-            if not v[0].from_tensor and all(u.weight_quantizer is not None for u in v[1])}
+            if k not in shared and not v[0].from_tensor
+            and all(u.weight_quantizer is not None for u in v[1])}
 
 
 AUTO_ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
@@ -93,8 +102,12 @@ def _relative_error(q: FakeQuantizer, linears: list[QuantLinear], rows: torch.Te
         wq = lin.weight_quantizer
         assert isinstance(wq, FakeQuantizer)
         ws = lin.weight * s
+        # A learned quantizer takes its scale from the first weight it sees: score
+        # each candidate with its own, and leave the quantizer as it was.
+        state = {k: v.clone() for k, v in wq.state_dict().items()}
         w_scale, w_zp = wq.qparams(ws)
         out = xq @ wq.fake_quantize_with(ws, w_scale, w_zp).T
+        wq.load_state_dict(state)
         err += float((out - ref).square().sum() / ref.square().sum().clamp(min=1e-30))
     return err
 
