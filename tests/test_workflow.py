@@ -602,3 +602,31 @@ def test_dense_maps_agree_per_position_and_single_logits_have_no_top1(tmp_path):
     result = compare_onnx(c, d, data, threads=1, latency_runs=2)
     assert "top1_agreement" not in result["models"][1]
     assert result["models"][1]["cosine"] == pytest.approx(-1.0)
+
+
+class FeatsAndIds(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.fc = nn.Embedding(50, 16), nn.Linear(4, 16)
+        self.ln, self.out = nn.LayerNorm(16), nn.Linear(16, 3)
+
+    def forward(self, ids: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+        return self.out(self.ln(self.emb(ids).mean(1) + self.fc(feats)))
+
+
+def test_dict_batches_in_another_key_order_than_forward(tmp_path):
+    """Dict inputs were passed in the dict's order: {"feats", "ids"} put the float
+    features where forward() takes the token ids ("Expected tensor ... Long")."""
+    from quantaware.deploy import quantize_for_backend
+    from quantaware.workflow import export_model
+
+    torch.manual_seed(0)
+    batches = [{"feats": torch.randn(8, 4), "ids": torch.randint(0, 50, (8, 5))}
+               for _ in range(2)]
+    example = {k: v[:1] for k, v in batches[0].items()}
+    model = FeatsAndIds().eval()
+    quantized = quantize_for_backend(model, batches, example)
+    path = export_model(quantized, tmp_path / "m.onnx", example)
+    from quantaware import verify
+
+    assert verify(path, quantized, batches, threads=1).passed()

@@ -93,15 +93,24 @@ def split_batch(batch: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
     return (inputs if isinstance(inputs, tuple) else (inputs,)), {}
 
 
-def input_args(inputs: Any) -> tuple[Any, ...]:
-    """The positional arguments for ``inputs`` (a dict's values in order).
+def input_args(inputs: Any, model: torch.nn.Module | None = None) -> tuple[Any, ...]:
+    """The positional arguments for ``inputs``: a dict's values in ``model.forward``'s
+    parameter order where its keys are that signature's first parameters, else in
+    the dict's order.
 
     Example:
         >>> import torch
         >>> len(input_args((torch.zeros(1, 3), torch.zeros(1, 5)))), len(input_args(torch.zeros(1)))
         (2, 1)
+        >>> class Two(torch.nn.Module):
+        ...     def forward(self, ids, feats): return feats
+        >>> input_args({"feats": 1, "ids": 0}, Two())
+        (0, 1)
     """
     if isinstance(inputs, Mapping):
+        params = forward_parameters(model) if model is not None else []
+        if params and sorted(inputs) == sorted(params[:len(inputs)]):
+            return positional(inputs, params)
         return tuple(inputs.values())
     return tuple(inputs) if isinstance(inputs, tuple | list) else (inputs,)
 

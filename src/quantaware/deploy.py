@@ -171,7 +171,7 @@ def quantize_for_backend(model: nn.Module, calib: list[Any], example: Any,
         float_layers = TRANSFORMER_FLOAT_LAYERS if transformer else 0
     if float_layers < 0:
         raise ValueError(f"float_layers must be >= 0, got {float_layers}")
-    args = input_args(example)
+    args = input_args(example, model)
 
     def ptq(cfg: QuantConfig) -> nn.Module:
         prepared = prepare(model, cfg, args)

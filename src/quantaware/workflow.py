@@ -147,7 +147,7 @@ def _check_runs(module: nn.Module, data: DataSource, size_option: str = "--size"
     example = data.example
     try:
         with torch.no_grad():
-            module(*input_args(example))
+            module(*input_args(example, module))
     except Exception as exc:
         shapes = input_shapes(example)
         raise SourceError(
@@ -191,12 +191,12 @@ def export_model(module: nn.Module, path: str | Path, example: Any,
     if file_format == "tflite":
         from quantaware.export.tflite import export_tflite
 
-        return export_tflite(module, path, input_args(example))
+        return export_tflite(module, path, input_args(example, module))
     if file_format != "onnx":
         raise ValueError(f"unknown export format {file_format!r}; choose onnx or tflite")
     from quantaware.export.onnx import export_onnx
 
-    return export_onnx(module, path, input_args(example))
+    return export_onnx(module, path, input_args(example, module))
 
 
 def save_quantized(path: str | Path, quantized: nn.Module, config: QuantConfig,
@@ -231,8 +231,8 @@ def load_quantized(path: str | Path, model: LoadedModel, example: Any) -> nn.Mod
     except (ValueError, TypeError, KeyError) as exc:
         raise SourceError(f"{path} holds an unreadable quantization config ({exc}); write it "
                           "again with `quantaware quantize`") from exc
-    prepared = prepare(model.require_torch("loading a quantized checkpoint"), config,
-                       input_args(example))
+    module = model.require_torch("loading a quantized checkpoint")
+    prepared = prepare(module, config, input_args(example, module))
     state = payload["state_dict"]
     modules = dict(prepared.named_modules())
     for key, value in state.items():  # SmoothQuant factors are buffers added after prepare
