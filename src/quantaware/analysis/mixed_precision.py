@@ -220,6 +220,7 @@ def search(
         toggle.set({**choices, name: "low"})
         cost[name] = sqnr_db(outputs(qmodel, rank_data), rank_ref)
     current = score(choices, "all int8")
+    kept = (current, dict(choices))  # the best score reached, with the fewest float layers
     while not ok(current):
         toggle.set(choices)
         now = metric(outputs(qmodel, rank_data), rank_ref)
@@ -239,6 +240,10 @@ def search(
         if value < current:  # worse on the budget data (a tie may pay off with the next)
             break
         choices, current = trial, value
+        if value > kept[0]:
+            kept = (value, dict(choices))
+    if not ok(current):  # the budget cannot be met: no float layer that did not pay off
+        current, choices = kept
     order = sorted(cost, key=lambda n: (-cost[n], -toggle.layers[n].weight.numel()))
     order = [n for n in order if n not in choices]
     lo, hi = 0, len(order)
