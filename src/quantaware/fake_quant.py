@@ -497,7 +497,8 @@ def frozen(model: nn.Module) -> Iterator[nn.Module]:
     quantizer off, then give back each module's mode and each observer's switch:
     forward passes in the block (checks, evaluation) leave the model's ranges as
     they were, also for a QAT model whose observers still follow the data. A
-    quantizer without a range yet observes as before (its first use sets one).
+    quantizer without a range yet keeps observing, as outside the block (it has no
+    range to protect, and needs one to quantize).
 
     Example:
         >>> from quantaware import presets, prepare
