@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
 import re
@@ -41,43 +42,40 @@ def filter_native_lines(text: bytes) -> bytes:
         >>> filter_native_lines(b"I0000 00:00:17.5 11 port.cc:153] oneDNN on\\n\\nW: kept\\n")
         b'W: kept\\n'
     """
-    out, dropped = [], False
-    for line in text.splitlines(keepends=True):
+    keep = _LineFilter().keep
+    return b"".join(line for line in text.splitlines(keepends=True) if keep(line))
+
+
+class _LineFilter:
+    """Whether each line in turn is kept: not informational, and not a blank line
+    right after a dropped one. (Its source also runs in the filter's child process.)"""
+
+    def __init__(self) -> None:
+        self.dropped = False
+
+    def keep(self, line: bytes) -> bool:
         body = line.rstrip(b"\r\n")
-        if _NOISE.match(body) or (dropped and not body.strip()):
-            dropped = True
-            continue
-        dropped = False
-        out.append(line)
-    return b"".join(out)
+        self.dropped = bool(_NOISE.match(body)) or (self.dropped and not body.strip())
+        return not self.dropped
 
 
 # The filter's child process: reads the pipe, writes kept lines to its stdout (the
 # real descriptor 2). Standard library only, started isolated (-I -S): quick, and
-# independent of the parent's environment.
-_CHILD = """
+# independent of the parent's environment; it runs _LineFilter's own source.
+_CHILD = f"""
 import os, re
-noise = re.compile(NOISE)
-out, dropped, rest = 1, False, b""
-def emit(line):
-    global dropped
-    body = line.rstrip(b"\\r\\n")
-    if noise.match(body) or (dropped and not body.strip()):
-        dropped = True
-        return
-    dropped = False
-    os.write(out, line)
-while True:
-    chunk = os.read(0, 65536)
-    if not chunk:
-        break
+_NOISE = re.compile({_NOISE.pattern!r})
+{inspect.getsource(_LineFilter)}
+keep, rest = _LineFilter().keep, b""
+while chunk := os.read(0, 65536):
     lines = (rest + chunk).splitlines(keepends=True)
     rest = lines.pop() if not lines[-1].endswith((b"\\n", b"\\r")) else b""
     for line in lines:
-        emit(line)
-if rest:
-    emit(rest)
-""".replace("NOISE", repr(_NOISE.pattern))
+        if keep(line):
+            os.write(1, line)
+if rest and keep(rest):
+    os.write(1, rest)
+"""
 
 #: How long the filter may take to pass on the last lines after its block ends.
 _CHILD_DRAIN_SECONDS = 2.0

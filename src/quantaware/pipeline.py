@@ -429,19 +429,12 @@ def _qat_config(cfg: dict[str, Any], ptq_config: Any) -> Any:
     preset, calibration method, layers kept float, integer-output rules for LiteRT);
     with it, that preset with the calibration method, the layers kept float and the
     integer-output rules of the PTQ config (:func:`quantaware.deploy.quantize_for_backend`)."""
-    import dataclasses
-
     from quantaware import presets
-    from quantaware.config import QuantSpec
-    from quantaware.workflow import skip_rules
+    from quantaware.workflow import skip_rules, with_method
 
     if cfg["qat"]["preset"] is None:
         return ptq_config
-    config = presets.get(cfg["qat"]["preset"])
-    method = cfg["quantization"]["method"]
-    if method is not None and isinstance(config.activation, QuantSpec):
-        config = dataclasses.replace(config, activation=dataclasses.replace(
-            config.activation, observer=method))
+    config = with_method(presets.get(cfg["qat"]["preset"]), cfg["quantization"]["method"])
     kept = [rule for rule in ptq_config.overrides if rule.output_only]
     kept += skip_rules(cfg["quantization"]["skip"])
     return config.with_overrides(*kept) if kept else config

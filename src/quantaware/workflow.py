@@ -108,6 +108,21 @@ def check_skip_patterns(module: nn.Module, patterns: tuple[str, ...] | list[str]
             "work; a module's name also covers the layers inside it)")
 
 
+def with_method(config: QuantConfig, method: str | None) -> QuantConfig:
+    """``config`` with activation ranges from ``method`` (unchanged for ``None`` or a
+    config without static activation quantizers).
+
+    Example:
+        >>> from quantaware import presets
+        >>> with_method(presets.INT8, "mse").activation.observer
+        'mse'
+    """
+    if method is None or not hasattr(config.activation, "observer"):
+        return config
+    return dataclasses.replace(config, activation=dataclasses.replace(
+        config.activation, observer=method))
+
+
 def choose_config(module: nn.Module, preset: str | None = None,
                   method: str | None = None,
                   skip: tuple[str, ...] | list[str] = ()) -> QuantConfig:
@@ -130,12 +145,10 @@ def choose_config(module: nn.Module, preset: str | None = None,
         if method not in CALIBRATION_METHODS:
             raise SourceError(f"unknown calibration method {method!r}; choose one of "
                               f"{', '.join(CALIBRATION_METHODS)}")
-        activation = config.activation
-        if activation is None or not hasattr(activation, "observer"):
+        if not hasattr(config.activation, "observer"):
             raise SourceError(f"preset {config.name} quantizes no activations; a calibration "
                               "method does not apply")
-        config = dataclasses.replace(config, activation=dataclasses.replace(
-            activation, observer=method))
+        config = with_method(config, method)
     if skip:
         check_skip_patterns(module, skip)
         config = dataclasses.replace(config, overrides=config.overrides + skip_rules(skip))
