@@ -874,3 +874,42 @@ def test_varargs_left_empty_and_16_bit_stems_export(tmp_path):
                          activation=QuantSpec(bits=16, signed=True, symmetric=True))
     _, report = _verified(stem, config, torch.randn(2, 3, 16, 16), tmp_path, "stem16")
     assert report.passed()
+
+
+class _TiedHead(nn.Module):
+    """A language-model head that reads the embedding table functionally."""
+
+    def __init__(self, tied: bool) -> None:
+        super().__init__()
+        self.tied = tied
+        self.embed = nn.Embedding(60, 16)
+        self.fc = nn.Linear(16, 16)
+        self.out = nn.Linear(16, 7)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.fc(self.embed(ids)))
+        if self.tied:
+            return F.linear(h, self.embed.weight, self.out.bias.sum() + self.fc.bias[:1])
+        return self.out(h)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_parameters_read_outside_their_layer_keep_their_float_value(tmp_path, tied):
+    """A functional head reading a quantized table (``F.linear(h, embed.weight)``)
+    failed to export ("nonexistent target embed.weight"): export stores the table
+    as int8 codes and the float parameter was gone. The head reads the float
+    table in torch and now in the file; a table nobody else reads is not stored
+    twice."""
+    torch.manual_seed(0)
+    net = _TiedHead(tied).eval()
+    gen = torch.Generator().manual_seed(1)
+    data = [torch.randint(0, 60, (4, 9), generator=gen) for _ in range(4)]
+    q = quantaware.quantize(net, presets.INT8, data, data[0])
+    path = quantaware.export_onnx(q, tmp_path / "t.onnx", data[0])
+    with torch.no_grad():
+        np.testing.assert_allclose(_session_output(path, data[1]), q(data[1]).numpy(),
+                                   atol=1e-5)
+    tables = [i for i in onnx.load(str(path)).graph.initializer
+              if sorted(i.dims) == [16, 60]]  # the float table may be stored transposed
+    kinds = sorted(TensorProto.DataType.Name(i.data_type) for i in tables)
+    assert kinds == (["FLOAT", "INT8"] if tied else ["INT8"])

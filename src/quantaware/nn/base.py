@@ -70,6 +70,19 @@ class QuantMixin:
 _CLAMP_UPPER: dict[type, float] = {nn.ReLU: math.inf, nn.ReLU6: 6.0}
 
 
+def release_parameter(module: nn.Module, name: str) -> None:
+    """Take parameter ``name`` out of ``module``'s state for export, keeping its float
+    tensor as a plain attribute.
+
+    The module's own forward reads its integer constants instead; code elsewhere
+    that reads the parameter (``F.linear(x, emb.weight)``, a functional head tied
+    to a table) keeps the float value the torch model used. Unread, a plain
+    attribute is not part of the exported graph, so the file does not grow.
+    """
+    tensor = module._parameters.pop(name)
+    object.__setattr__(module, name, None if tensor is None else tensor.detach())
+
+
 def _without_hooks(*modules: nn.Module) -> bool:
     """Whether calling these modules runs only their ``forward`` (no hooks that
     would expect to see each module's own input and output)."""

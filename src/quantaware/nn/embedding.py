@@ -17,7 +17,7 @@ from torch import nn
 
 from quantaware.config import FloatSpec, PerChannel, QuantSpec
 from quantaware.fake_quant import FakeQuantizer, make_quantizer
-from quantaware.nn.base import QuantMixin
+from quantaware.nn.base import QuantMixin, release_parameter
 from quantaware.nn.registry import register
 from quantaware.primitives import quantize
 
@@ -71,7 +71,7 @@ class QuantEmbedding(QuantMixin, nn.Embedding):
                 self.register_buffer("_qweight",
                                      quantize(self.weight, scale, zp, wq.qmin, wq.qmax, 0))
                 self.register_buffer("_wscale", scale.clone().unsqueeze(1))
-                del self._parameters["weight"]
+                release_parameter(self, "weight")
         self.exporting = True
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ from torch import nn
 
 from quantaware.config import FloatSpec, PerChannel, QuantSpec
 from quantaware.fake_quant import FakeQuantizer, Float16Quantizer, make_quantizer
-from quantaware.nn.base import QuantMixin, static_scale
+from quantaware.nn.base import QuantMixin, release_parameter, static_scale
 from quantaware.primitives import fake_quantize, quantize
 
 # Bias integers stay within +-2**30: exactly representable in float32 arithmetic
@@ -113,7 +113,7 @@ class WeightQuantMixin(QuantMixin):
                 )
                 self.register_buffer("_wscale", w_scale.clone())
                 self.register_buffer("_wzp", w_zp.to(self._qweight.dtype))
-                del self._parameters["weight"]
+                release_parameter(self, "weight")
                 if b_scale is not None:
                     self.register_buffer(
                         "_qbias",
@@ -121,11 +121,10 @@ class WeightQuantMixin(QuantMixin):
                                  BIAS_QMIN, BIAS_QMAX, 0, dtype=torch.int32),
                     )
                     self.register_buffer("_bscale", b_scale.clone())
-                    del self._parameters["bias"]
-                    self.bias = None
+                    release_parameter(self, "bias")
             elif isinstance(wq, Float16Quantizer):
                 self.register_buffer("_w16", self.weight.detach().to(torch.float16))
-                del self._parameters["weight"]
+                release_parameter(self, "weight")
         self.exporting = True
 
     def _export_params(self) -> tuple[torch.Tensor, torch.Tensor | None]:
