@@ -680,3 +680,48 @@ def test_layers_with_weights_and_no_quantized_form_are_named(caplog):
                            presets.INT8.with_overrides(LayerOverride("4", skip=True)),
                            torch.randn(1, 1, 6, 6))
     assert "no quantized form" not in caplog.text  # a layer kept float by choice is not
+
+
+class _MaskedAttention(nn.Module):
+    """Ids and an attention mask -> one attention layer -> mean over real tokens."""
+
+    def __init__(self, causal: bool = False) -> None:
+        super().__init__()
+        self.causal = causal
+        self.embed = nn.Embedding(40, 16)
+        self.qkv = nn.Linear(16, 48)
+        self.out = nn.Linear(16, 4)
+
+    def forward(self, ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids)
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        scores = torch.matmul(q, k.transpose(-1, -2)) * 0.25
+        bias = ((1.0 - attention_mask.to(torch.float32)) * -1e4)[:, None, :]
+        if self.causal:
+            n = ids.size(1)
+            bias = bias + torch.triu(torch.full((n, n), float("-inf")), diagonal=1)
+        h = torch.matmul(torch.softmax(scores + bias, dim=-1), v)
+        weights = attention_mask.unsqueeze(-1).to(torch.float32)
+        return self.out((h * weights).sum(1) / weights.sum(1))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_masks_computed_from_integer_inputs_stay_float(causal):
+    """The add that applies an attention mask made from ``attention_mask`` was
+    quantized by presets.INT8: calibrated on unpadded batches its mask input saw only
+    zeros, so at run time padding was ignored (a padded sentence's output changed).
+    A causal mask of -inf made no model at all (non-finite range)."""
+    torch.manual_seed(0)
+    net = _MaskedAttention(causal).eval()
+    gen = torch.Generator().manual_seed(1)
+    calib = [((torch.randint(0, 40, (4, 6), generator=gen), torch.ones(4, 6, dtype=torch.long)),)
+             for _ in range(4)]
+    q = quantaware.quantize(net, presets.INT8, calib, calib[0][0])
+    ids = torch.randint(0, 40, (2, 6), generator=gen)
+    padded = torch.cat([ids, torch.zeros(2, 3, dtype=torch.long)], 1)
+    mask = torch.cat([torch.ones(2, 6), torch.zeros(2, 3)], 1).long()
+    with torch.no_grad():
+        alone = q(ids, torch.ones(2, 6, dtype=torch.long))
+        torch.testing.assert_close(q(padded, mask), alone, atol=1e-5, rtol=0)
+    assert isinstance(q.matmul, QuantMatmul)  # q @ k still runs in int8
+    assert not [n for n, m in q.named_modules() if isinstance(m, QuantAdd)]

@@ -282,7 +282,31 @@ def _make_cat(spec: QuantSpec, num_inputs: int, dim: int) -> QuantCat:
     return QuantCat(spec, num_inputs, dim)
 
 
+def _computed_from_integer_inputs(gm: fx.GraphModule) -> set[fx.Node]:
+    """Float tensors that ``forward`` computes from integer or bool inputs and
+    constants only (an additive attention mask built from ``attention_mask``, a
+    causal mask of ``-inf`` made with ``torch.full``, a one-hot of ids), with no float
+    input, layer or stored tensor behind them. They are not activations: quantizing
+    the add that applies a mask either collapses its range to what calibration
+    happened to see (all zeros without padding, so padding is ignored) or spends
+    every int8 step on the -1e4 offset. Only tensor-valued arguments count (a shape
+    read with ``x.size()`` does not)."""
+    from_activations: dict[fx.Node, bool] = {}
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            meta = node.meta.get("tensor_meta")
+            from_activations[node] = meta is None or meta.dtype.is_floating_point
+        elif node.op in ("call_module", "get_attr"):
+            from_activations[node] = True
+        elif node.op in ("call_function", "call_method"):
+            from_activations[node] = any(from_activations.get(a, True)
+                                         for a in node.all_input_nodes if _is_tensor(a))
+    return {n for n, act in from_activations.items()
+            if not act and _is_tensor(n) and n.meta["tensor_meta"].dtype.is_floating_point}
+
+
 def _rewrite_functional(gm: fx.GraphModule, config: QuantConfig) -> None:
+    from_integers = _computed_from_integer_inputs(gm)
     for node in list(gm.graph.nodes):
         if node.op != "call_function":
             continue
@@ -299,6 +323,10 @@ def _rewrite_functional(gm: fx.GraphModule, config: QuantConfig) -> None:
         if not all(_is_tensor(a) for a in args) or not _is_tensor(node):
             continue
         if not node.meta["tensor_meta"].dtype.is_floating_point:
+            continue
+        if any(a in from_integers for a in args):
+            log.debug("%s stays float: an input is computed from integer inputs only "
+                      "(a mask)", node.name)
             continue
         specs = config.resolve(node.name)
         act_spec = specs[1] if specs else None
