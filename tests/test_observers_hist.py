@@ -192,3 +192,49 @@ def test_weight_quantizer_uses_loaded_qparams_until_released():
     assert torch.equal(fq(w), torch.tensor([[1.0, -0.5], [0.0, 0.0]]))
     fq.follow_tensor()
     assert torch.equal(fq(w), minmax)
+
+
+@pytest.mark.parametrize(("lo", "hi"), [(5.0, 10.0), (1.0, 2.0), (-2.0, -1.0)])
+def test_entropy_range_does_not_clip_data_away_from_zero(lo, hi):
+    """KL cannot see clipping: on values in [5, 10] every threshold at or below 5
+    folds all of them into one bin that q matches exactly, and the search chose 5.005
+    (99.9% of the values clipped; a Linear fed [1, 2] had 70x the error of min-max)."""
+    x = np.random.default_rng(0).uniform(lo, hi, 100_000).astype(np.float32)
+    obs = EntropyObserver(qmin=0, qmax=255, symmetric=False)
+    obs(torch.from_numpy(x))
+    chosen_lo, chosen_hi = (float(v) for v in obs.chosen_range())
+    assert float(((x < chosen_lo) | (x > chosen_hi)).mean()) <= 0.01
+
+
+def test_entropy_range_counts_the_levels_a_symmetric_format_has_on_one_side():
+    """A symmetric int8 format spans [-t, t]: ReLU'd data gets its 128 positive levels,
+    not 256. The search must be the asymmetric one with half the levels."""
+    x = np.maximum(np.random.default_rng(4).laplace(size=200_000), 0.0).astype(np.float32)
+    symmetric = EntropyObserver(qmin=-128, qmax=127, symmetric=True)
+    half = EntropyObserver(qmin=0, qmax=127, symmetric=False)
+    full = EntropyObserver(qmin=0, qmax=255, symmetric=False)
+    for obs in (symmetric, half, full):
+        obs(torch.from_numpy(x))
+    assert float(symmetric.chosen_range()[1]) == float(half.chosen_range()[1])
+    assert float(symmetric.chosen_range()[1]) != float(full.chosen_range()[1])
+
+
+@pytest.mark.parametrize("observer", ["mse", "entropy"])
+def test_costly_ranges_are_refreshed_every_few_training_steps(monkeypatch, observer):
+    """Quantizing with observers on (QAT straight after prepare), the MSE or KL search
+    (about a second per quantizer) ran at every step: training 50-100x slower. It
+    runs after batches 1, 2, 4, ... and every 64th; calibration's result is the
+    search over everything seen."""
+    q = FakeQuantizer(QuantSpec(observer=observer))
+    q.observe_and_quantize()
+    calls = []
+    search = type(q.observer).chosen_range
+    monkeypatch.setattr(type(q.observer), "chosen_range",
+                        lambda self: calls.append(self.batches) or search(self))
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(130):
+        q(torch.randn(256, generator=gen) * 3)
+    assert calls == [1, 2, 4, 8, 16, 32, 64, 128]
+    calls.clear()
+    scale, _ = q.observer.calculate_qparams()  # what calibrate computes at the end
+    assert calls == [130] and float(scale) > 0

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from quantaware.config import FloatSpec, PerChannel, QuantSpec
-from quantaware.observers import CalibrationError, Observer, make_observer
+from quantaware.observers import CalibrationError, HistogramObserver, Observer, make_observer
 from quantaware.primitives import (
     SCALE_EPS,
     all_finite,
@@ -269,6 +269,9 @@ class FakeQuantizer(nn.Module):
             self.zero_point.fill_(zero_point)
             self.calibrated.fill_(1)
             return zero_point
+        if isinstance(observer, HistogramObserver) and bool(self.calibrated) and not (
+                observer.range_due()):
+            return self.zero_point  # a costly search, refreshed every few batches
         self._store_qparams(*observer.calculate_qparams())
         return self.zero_point
 

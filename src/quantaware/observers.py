@@ -176,7 +176,17 @@ class HistogramObserver(Observer):
 
     The histogram has ``bins`` uniform bins over the largest range seen; when a
     batch widens the range, existing counts are moved into the wider bins.
+
+    Subclasses whose range search is costly (``costly_range``: MSE, entropy, about a
+    second per quantizer) are not searched again at every training step while
+    quantizing with observers on (QAT straight after ``prepare``): the range is
+    refreshed after batches 1, 2, 4, ..., 64 and then every 64 batches
+    (:meth:`range_due`). :func:`quantaware.calibrate` always searches the whole
+    histogram at the end.
     """
+
+    costly_range = False
+    REFRESH_EVERY = 64
 
     def __init__(self, *args, bins: int = 2048, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -186,8 +196,16 @@ class HistogramObserver(Observer):
         self.register_buffer("histogram", torch.zeros(bins, dtype=torch.float64))
         self.register_buffer("hist_min", torch.tensor(0.0))
         self.register_buffer("hist_max", torch.tensor(0.0))
+        self.batches = 0  # batches observed since construction or reset (not saved)
+
+    def range_due(self) -> bool:
+        """Whether a training step should search the range again (always, unless the
+        search is costly; then after batches 1, 2, 4, ... and every 64th)."""
+        n = self.batches
+        return not self.costly_range or n & (n - 1) == 0 or n % self.REFRESH_EVERY == 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.batches += 1
         lo, hi = self._batch_min_max(x)
         new_min = torch.minimum(lo, self.min_val) if self.observed else lo
         new_max = torch.maximum(hi, self.max_val) if self.observed else hi
@@ -210,6 +228,7 @@ class HistogramObserver(Observer):
     def reset(self) -> None:
         super().reset()
         self.histogram.zero_()
+        self.batches = 0
 
     def _rebin(self, new_min: torch.Tensor, new_max: torch.Tensor) -> None:
         if new_min >= self.hist_min and new_max <= self.hist_max:
@@ -264,6 +283,8 @@ class MSEObserver(HistogramObserver):
     See :func:`quantaware.ranges.mse_range` for the search.
     """
 
+    costly_range = True
+
     def chosen_range(self) -> tuple[torch.Tensor, torch.Tensor]:
         from quantaware.ranges import mse_range
 
@@ -279,11 +300,14 @@ class EntropyObserver(HistogramObserver):
     See :func:`quantaware.ranges.entropy_range`.
     """
 
+    costly_range = True
+
     def chosen_range(self) -> tuple[torch.Tensor, torch.Tensor]:
         from quantaware.ranges import entropy_range
 
         lo, hi = entropy_range(self.histogram.numpy(), float(self.hist_min),
-                               float(self.hist_max), self.qmax - self.qmin + 1)
+                               float(self.hist_max), self.qmax - self.qmin + 1,
+                               symmetric=self.symmetric)
         return torch.tensor(lo, dtype=torch.float64), torch.tensor(hi, dtype=torch.float64)
 
 

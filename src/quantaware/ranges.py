@@ -147,13 +147,16 @@ def _abs_histogram(histogram: np.ndarray, hist_min: float,
     return folded, amax, max(zero_bins, 1)
 
 
-def entropy_threshold(abs_hist: np.ndarray, num_quantized_bins: int) -> int:
+def entropy_threshold(abs_hist: np.ndarray, num_quantized_bins: int,
+                      min_bins: int = 0) -> int:
     """TensorRT's KL search on a histogram of ``|x|``: the number of bins to keep.
 
     For each candidate ``i`` (``num_quantized_bins`` to all bins), the reference
     ``p`` is the first ``i`` bins with everything beyond folded into bin ``i - 1``;
     ``q`` merges those ``i`` bins into ``num_quantized_bins`` levels and spreads
     each level evenly over its non-empty bins. The ``i`` with least KL(p || q) wins.
+
+    Candidates below ``min_bins`` are not considered (see :func:`entropy_range`).
 
     Example:
         >>> import numpy as np
@@ -167,7 +170,7 @@ def entropy_threshold(abs_hist: np.ndarray, num_quantized_bins: int) -> int:
         return bins
     suffix = np.concatenate([np.cumsum(hist[::-1])[::-1], [0.0]])
     best_i, best_kl = bins, np.inf
-    for i in range(num_quantized_bins, bins + 1):
+    for i in range(max(num_quantized_bins, min_bins), bins + 1):
         p = hist[:i].copy()
         p[-1] += suffix[i]
         merged = i // num_quantized_bins
@@ -186,13 +189,22 @@ def entropy_threshold(abs_hist: np.ndarray, num_quantized_bins: int) -> int:
 
 
 def entropy_range(histogram: np.ndarray, hist_min: float, hist_max: float,
-                  levels: int) -> tuple[float, float]:
+                  levels: int, symmetric: bool = False,
+                  max_clipped: float = 0.01) -> tuple[float, float]:
     """TensorRT's KL-divergence range for a histogram over ``[hist_min, hist_max]``.
 
     The search runs on the histogram of ``|x|`` with the bin(s) holding 0 levelled to
-    their neighbour (as TensorRT's calibrator does with its zero bin); one-signed data
-    gets all ``levels`` integer levels over ``[0, t]``, signed data half of them per
-    side.
+    their neighbour (as TensorRT's calibrator does with its zero bin). An asymmetric
+    format gives one-signed data all ``levels`` integer levels over ``[0, t]``; a
+    symmetric format (``[-t, t]`` whatever the data) and signed data get half of
+    them per side.
+
+    Thresholds that clip more than ``max_clipped`` of the values are not
+    considered. KL cannot see clipping: with everything folded into its last bin,
+    ``p`` is one spike that ``q`` matches exactly, so on data away from zero (values
+    in ``[5, 10]``) the search chose a threshold at the data's minimum and clipped
+    nearly all of it. On the distributions KL is meant for, its choice clips far
+    less (0.0005%-0.3% on normal, Laplace, Cauchy and ReLU'd data at 4 and 8 bits).
 
     Example:
         >>> import numpy as np
@@ -204,6 +216,8 @@ def entropy_range(histogram: np.ndarray, hist_min: float, hist_max: float,
     """
     abs_hist, amax, zero_bins = _abs_histogram(histogram, hist_min, hist_max)
     signed = hist_min < 0.0 < hist_max
+    beyond = np.concatenate([np.cumsum(abs_hist[::-1])[::-1], [0.0]])  # clipped at i bins
+    min_bins = int(np.argmax(beyond <= max_clipped * beyond[0]))
     # The first bin holds the exact zeros of ReLU outputs (often half the mass). Any
     # candidate that merges it with its neighbour smears that spike and scores a
     # huge divergence, so the search would settle on the widest candidate that
@@ -213,7 +227,8 @@ def entropy_range(histogram: np.ndarray, hist_min: float, hist_max: float,
     if abs_hist.size > zero_bins:
         abs_hist = abs_hist.copy()
         abs_hist[:zero_bins] = abs_hist[zero_bins]
-    kept = entropy_threshold(abs_hist, levels // 2 if signed else levels)
+    kept = entropy_threshold(abs_hist, levels // 2 if signed or symmetric else levels,
+                             min_bins)
     threshold = amax * kept / abs_hist.size
     if hist_min >= 0.0:
         return hist_min, min(threshold, hist_max)
