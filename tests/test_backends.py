@@ -77,8 +77,9 @@ def test_openvino_compiles_float_layers_in_float32(exports, data):
     (bf16, the CPU plugin's default where the CPU has it, is ~1e-3 off)."""
     ov = pytest.importorskip("openvino")
     model, _, float_path, _ = exports
-    assert openvino_config(2) == {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": 2,
-                                  "PERFORMANCE_HINT": "LATENCY"}
+    assert openvino_config(2) == {"INFERENCE_PRECISION_HINT": "f32",
+                                  "DYNAMIC_QUANTIZATION_GROUP_SIZE": 0,
+                                  "INFERENCE_NUM_THREADS": 2, "PERFORMANCE_HINT": "LATENCY"}
     session = create_backend_session(float_path, "openvino", threads=1)
     x = data[0].numpy()
     with torch.no_grad():
@@ -89,6 +90,27 @@ def test_openvino_compiles_float_layers_in_float32(exports, data):
     if "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
         default = core.compile_model(core.read_model(str(float_path)), "CPU")
         assert np.abs(default({0: x})[0] - expected).max() > 1e-4  # the hint matters here
+
+
+def test_openvino_keeps_the_float_inputs_of_int8_weight_layers_float(tmp_path):
+    """Weight-only W8: the CPU plugin quantized the float inputs of FullyConnected
+    layers with int8 weights at run time (0.05 off torch on a W8 MLP)."""
+    ov = pytest.importorskip("openvino")
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(),
+                              torch.nn.Linear(128, 10)).eval()
+    x = torch.randn(16, 64) * 4
+    q = quantaware.quantize(net, presets.W8, [x], x[:1])
+    path = quantaware.export_onnx(q, tmp_path / "w8.onnx", x[:1])
+    with torch.no_grad():
+        expected = q(x).numpy()
+    (out,) = create_backend_session(path, "openvino", threads=1).run(None, {"input": x.numpy()})
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+    plugin_default = {k: v for k, v in openvino_config(1).items()
+                      if k != "DYNAMIC_QUANTIZATION_GROUP_SIZE"}
+    core = ov.Core()
+    compiled = core.compile_model(core.read_model(str(path)), "CPU", plugin_default)
+    assert np.abs(compiled({0: x.numpy()})[0] - expected).max() > 1e-3  # the option matters
 
 
 def test_openvino_session_interface(exports, data):

@@ -560,6 +560,34 @@ def test_float_weight_layer_between_quantized_activations_is_deployed_in_float(t
     assert report.max_error_lsb is not None and report.max_error_lsb <= 1.0
 
 
+def test_weight_only_linears_record_the_session_option_that_keeps_inputs_float(tmp_path,
+                                                                              caplog):
+    """ONNX Runtime runs DequantizeLinear -> MatMul on a float input as MatMulNBits,
+    which by default quantizes that input to int8 (0.02 off torch on this W8 MLP over
+    sequences). The file records the option that keeps it float32 and the export
+    says so. (On 2-d inputs the layers export as Gemm, which stays float.)"""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 10)).eval()
+    x = torch.randn(8, 8, 32) * 3
+    q = quantaware.quantize(net, presets.W8, [x], x[:1])
+    with caplog.at_level("WARNING", logger="quantaware.export.onnx"):
+        path = quantaware.export_onnx(q, tmp_path / "w8.onnx", x[:1])
+    assert "2 layer(s) multiply float inputs by int8 weights (0, 2)" in caplog.text
+    meta = {p.key: p.value for p in onnx.load(path).metadata_props}
+    key, value = meta["quantaware.session_config"].split("=")
+    options = ort.SessionOptions()
+    options.add_session_config_entry(key, value)
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        np.testing.assert_allclose(session.run(None, {session.get_inputs()[0].name:
+                                                      x.numpy()})[0],
+                                   q(x).numpy(), atol=1e-5)
+    # a fully quantized model has no such layer and records nothing
+    q8 = quantaware.quantize(net, presets.INT8, [x], x[:1])
+    path = quantaware.export_onnx(q8, tmp_path / "int8.onnx", x[:1])
+    assert "quantaware.session_config" not in {p.key for p in onnx.load(path).metadata_props}
+
+
 @pytest.mark.parametrize("pool", [
     nn.AvgPool2d(2, ceil_mode=True), nn.AvgPool2d((2, 3), 2, ceil_mode=True),
     nn.AvgPool2d(3, 2, 1, ceil_mode=True, count_include_pad=False),

@@ -376,6 +376,28 @@ def _float_weights_between_qdq(proto: onnx.ModelProto) -> list[str]:
     return found
 
 
+def _weight_only_matmuls(proto: onnx.ModelProto) -> list[str]:
+    """MatMul nodes with int8 weights (``DequantizeLinear`` of an integer initializer,
+    possibly transposed) on a float input: ONNX Runtime turns them into
+    ``MatMulNBits``, which by default quantizes that float input to int8."""
+    inits = {i.name: i for i in proto.graph.initializer}
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    found = []
+    for node in proto.graph.node:
+        if node.op_type != "MatMul" or len(node.input) < 2:
+            continue
+        weight = producers.get(node.input[1])
+        if weight is not None and weight.op_type == "Transpose":
+            weight = producers.get(weight.input[0])
+        if (weight is None or weight.op_type != "DequantizeLinear"
+                or weight.input[0] not in inits):
+            continue
+        activation = producers.get(node.input[0])
+        if activation is None or activation.op_type != "DequantizeLinear":
+            found.append(weight.input[0].removesuffix("._qweight"))
+    return found
+
+
 def _inferred_shapes(proto: onnx.ModelProto) -> dict[str, list[int | None]]:
     """Every tensor's inferred shape (``None`` for a dynamic dimension)."""
     inferred = onnx.shape_inference.infer_shapes(proto)
@@ -753,6 +775,16 @@ def export_onnx(
             "quantaware's sessions switch that off, in your own pass "
             "disabled_optimizers=%s to onnxruntime.InferenceSession",
             len(float_between), ", ".join(float_between[:3]), list(DISABLED_OPTIMIZERS))
+    weight_only = _weight_only_matmuls(proto)
+    if weight_only:
+        meta["quantaware.session_config"] = "session.qdq_matmulnbits_accuracy_level=1"
+        log.warning(
+            "%d layer(s) multiply float inputs by int8 weights (%s). ONNX Runtime runs "
+            "them as MatMulNBits, which by default quantizes those float inputs to int8; "
+            "quantaware's sessions compute them in float32 as trained. In your own "
+            "session: options.add_session_config_entry("
+            "'session.qdq_matmulnbits_accuracy_level', '1')",
+            len(weight_only), ", ".join(weight_only[:3]))
     for key, value in meta.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
