@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 
 import pytest
@@ -725,3 +726,50 @@ def test_masks_computed_from_integer_inputs_stay_float(causal):
         torch.testing.assert_close(q(padded, mask), alone, atol=1e-5, rtol=0)
     assert isinstance(q.matmul, QuantMatmul)  # q @ k still runs in int8
     assert not [n for n, m in q.named_modules() if isinstance(m, QuantAdd)]
+
+
+class _Bag(nn.Module):
+    def __init__(self, **embedding: object) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(30, 8, **embedding)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.emb(ids).mean(1))
+
+
+def test_embedding_with_max_norm_stays_float(caplog, tmp_path):
+    """max_norm renormalises the looked-up rows at every call; the quantized table
+    ignored it on export (the file 7x off torch). Such a table stays float."""
+    torch.manual_seed(0)
+    net = _Bag(max_norm=0.5).eval()
+    ids = torch.randint(0, 30, (6, 5))
+    with caplog.at_level("WARNING", logger="quantaware.prepare"):
+        q = quantaware.quantize(net, presets.W8, [ids], ids[:1])
+    assert "emb (nn.Embedding, max_norm=0.5) stays float" in caplog.text
+    assert type(q.emb) is nn.Embedding and isinstance(q.fc, QuantLinear)
+    path = quantaware.export_onnx(q, tmp_path / "m.onnx", ids[:1])
+    report = quantaware.verify(path, q, [ids])
+    assert report.max_abs_error < 1e-5, str(report)
+
+
+def test_float16_weights_that_would_overflow_stay_float32(caplog):
+    """float16 tops out at 65504: a larger weight became inf, silently."""
+    net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)).eval()
+    with torch.no_grad():
+        net[1].weight[0, 0] = 1e5
+    with caplog.at_level("WARNING", logger="quantaware.prepare"):
+        q = quantaware.prepare(net, presets.FP16, torch.randn(1, 4))
+    assert "1 stays float32: its largest weight (1e+05) overflows float16" in caplog.text
+    assert type(q.get_submodule("1")) is nn.Linear
+    assert isinstance(q.get_submodule("0").weight_quantizer, Float16Quantizer)
+    with torch.no_grad():
+        assert torch.isfinite(q(torch.randn(3, 4))).all()
+
+
+def test_asymmetric_weights_name_the_embedding_and_the_fix():
+    spec = QuantSpec(bits=8, symmetric=False)
+    with pytest.raises(ConfigError, match=r"layer 'emb' \(nn.Embedding\).*"
+                       r"LayerOverride\('emb', weight=QuantSpec\(symmetric=True\)\)"):
+        quantaware.prepare(_Bag(), dataclasses.replace(presets.W8, weight=spec),
+                           torch.zeros(1, 5, dtype=torch.long))

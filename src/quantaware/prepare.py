@@ -200,8 +200,14 @@ def _fold_batchnorms(gm: fx.GraphModule) -> None:
 
 
 def _kept_float(name: str, module: nn.Module, weight_spec: Any) -> bool:
-    """A grouped transposed conv under per-channel weights stays float: its output
-    channels do not lie along one axis of its weight (``(in, out / groups, ...)``)."""
+    """Layers that stay float (with a warning saying why and what to do):
+
+    - a grouped transposed conv under per-channel weights: its output channels do
+      not lie along one axis of its weight (``(in, out / groups, ...)``);
+    - an ``nn.Embedding`` with ``max_norm``: it renormalises the rows it looks up,
+      in place, at every call, which no int8 or float16 table deployed can do;
+    - a layer whose float16 weights would overflow (``|w| > 65504`` becomes ``inf``).
+    """
     if (isinstance(module, nn.ConvTranspose1d | nn.ConvTranspose2d) and module.groups > 1
             and isinstance(weight_spec, QuantSpec)
             and isinstance(weight_spec.granularity, PerChannel)):
@@ -211,6 +217,27 @@ def _kept_float(name: str, module: nn.Module, weight_spec: Any) -> bool:
                     "OpenVINO (LiteRT runs grouped transposed convs in float32 either way)",
                     name, type(module).__name__, module.groups, name)
         return True
+    if isinstance(module, nn.Embedding) and module.max_norm is not None:
+        log.warning("%s (nn.Embedding, max_norm=%s) stays float: max_norm renormalises the "
+                    "rows it looks up at every call, which a quantized table cannot do; "
+                    "renormalise the table once (and drop max_norm) to quantize it",
+                    name, module.max_norm)
+        return True
+    weight = getattr(module, "weight", None)
+    if isinstance(weight_spec, FloatSpec) and isinstance(weight, torch.Tensor):
+        largest = float(weight.detach().abs().amax()) if weight.numel() else 0.0
+        if largest > float(torch.finfo(torch.float16).max):
+            log.warning("%s stays float32: its largest weight (%.4g) overflows float16 "
+                        "(65504) and would become inf", name, largest)
+            return True
+    if (isinstance(module, nn.Embedding) and isinstance(weight_spec, QuantSpec)
+            and not weight_spec.symmetric):
+        raise ConfigError(
+            f"layer {name!r} (nn.Embedding): embedding tables are quantized symmetrically, "
+            f"one scale per row, and the weight spec is asymmetric; add "
+            f"LayerOverride({name!r}, weight=QuantSpec(symmetric=True)) for an int8 "
+            f"table, or LayerOverride({name!r}, weight=None) to keep it float"
+        )
     return False
 
 

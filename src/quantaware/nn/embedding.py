@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from quantaware.config import FloatSpec, PerChannel, QuantSpec
-from quantaware.fake_quant import FakeQuantizer, make_quantizer
+from quantaware.fake_quant import FakeQuantizer, Float16Quantizer, make_quantizer
 from quantaware.nn.base import QuantMixin, release_parameter
 from quantaware.nn.registry import register
 from quantaware.primitives import quantize
@@ -63,9 +63,13 @@ class QuantEmbedding(QuantMixin, nn.Embedding):
         return out
 
     def freeze_for_export(self) -> None:
-        """Store the int8 table and row scales (only call on a copy: the float table goes)."""
+        """Store the int8 table and row scales, or the float16 table (only call on a
+        copy: the float table leaves the module's state)."""
         wq = self.weight_quantizer
-        if isinstance(wq, FakeQuantizer) and bool(wq.fake_quant_enabled):
+        if isinstance(wq, Float16Quantizer):
+            self.register_buffer("_w16", self.weight.detach().to(torch.float16))
+            release_parameter(self, "weight")
+        elif isinstance(wq, FakeQuantizer) and bool(wq.fake_quant_enabled):
             with torch.no_grad():
                 scale, zp = wq.qparams(self.weight)
                 self.register_buffer("_qweight",
@@ -77,6 +81,9 @@ class QuantEmbedding(QuantMixin, nn.Embedding):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.exporting and hasattr(self, "_qweight"):
             return torch.ops.quantaware.gather_dequantize(self._qweight, self._wscale, ids)
+        if self.exporting and hasattr(self, "_w16"):  # float16 rows, looked up, then cast
+            return torch.ops.quantaware.cast_float(F.embedding(ids, self._w16,
+                                                                self.padding_idx))
         wq = self.weight_quantizer
         weight = self.weight
         if isinstance(wq, FakeQuantizer) and bool(wq.fake_quant_enabled):
