@@ -306,6 +306,9 @@ def test_choose_config():
         choose_config(conv, None, "median")
     with pytest.raises(SourceError, match="FP16 quantizes no activations"):
         choose_config(conv, "FP16", "minmax")
+    # dynamic activations are never calibrated: the method was recorded and ignored
+    with pytest.raises(SourceError, match="INT8_DYNAMIC quantizes activations at run time"):
+        choose_config(conv, "INT8_DYNAMIC", "entropy")
 
 
 # -- compare_onnx on hand-built ONNX models --------------------------------------------

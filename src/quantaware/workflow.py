@@ -40,7 +40,7 @@ from quantaware._batch import (
     positional,
     slice_inputs,
 )
-from quantaware.config import LayerOverride, QuantConfig
+from quantaware.config import LayerOverride, QuantConfig, QuantSpec
 from quantaware.sources import DataSource, LoadedModel, SourceError
 
 __all__ = ["CALIBRATION_METHODS", "QUANTIZED_FORMAT", "check_skip_patterns", "compare_files",
@@ -108,6 +108,11 @@ def check_skip_patterns(module: nn.Module, patterns: tuple[str, ...] | list[str]
             "work; a module's name also covers the layers inside it)")
 
 
+def _static_activations(config: QuantConfig) -> bool:
+    """Whether ``config`` calibrates activation ranges (static activation quantizers)."""
+    return isinstance(config.activation, QuantSpec) and not config.activation.dynamic
+
+
 def with_method(config: QuantConfig, method: str | None) -> QuantConfig:
     """``config`` with activation ranges from ``method`` (unchanged for ``None`` or a
     config without static activation quantizers).
@@ -117,7 +122,7 @@ def with_method(config: QuantConfig, method: str | None) -> QuantConfig:
         >>> with_method(presets.INT8, "mse").activation.observer
         'mse'
     """
-    if method is None or not hasattr(config.activation, "observer"):
+    if method is None or not _static_activations(config):
         return config
     return dataclasses.replace(config, activation=dataclasses.replace(
         config.activation, observer=method))
@@ -145,9 +150,12 @@ def choose_config(module: nn.Module, preset: str | None = None,
         if method not in CALIBRATION_METHODS:
             raise SourceError(f"unknown calibration method {method!r}; choose one of "
                               f"{', '.join(CALIBRATION_METHODS)}")
-        if not hasattr(config.activation, "observer"):
-            raise SourceError(f"preset {config.name} quantizes no activations; a calibration "
-                              "method does not apply")
+        if not _static_activations(config):
+            kind = ("quantizes activations at run time, from each batch's own range"
+                    if getattr(config.activation, "dynamic", False)
+                    else "quantizes no activations")
+            raise SourceError(f"preset {config.name} {kind}; a calibration method does not "
+                              "apply")
         config = with_method(config, method)
     if skip:
         check_skip_patterns(module, skip)

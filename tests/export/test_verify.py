@@ -157,6 +157,36 @@ def test_the_float_file_of_a_quantized_model_is_refused(float_path, int8_model):
         quantaware.verify(float_path, int8_model, _batches(1, 2))
 
 
+def test_the_float_file_of_a_float16_model_is_refused(tmp_path, float_path, cnn_factory,
+                                                      example_input):
+    """Only integer quantizers were looked for: an FP16 model passed against the
+    float32 file."""
+    fp16 = quantaware.quantize(cnn_factory(0), presets.FP16, [example_input], example_input)
+    with pytest.raises(ValueError, match=r"holds no float16 constants.*float export"):
+        quantaware.verify(float_path, fp16, _batches(1, 2))
+    path = quantaware.export_onnx(fp16, tmp_path / "fp16.onnx", example_input)
+    assert quantaware.verify(path, fp16, _batches(4, 2)).passed()
+
+
+def test_a_quantized_table_is_a_quantized_file(tmp_path):
+    """An int8 embedding table is looked up with Gather, no quantized operator:
+    verify refused the file of a model whose only quantized layer is its table."""
+
+    class Bag(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(40, 8)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.emb(ids).mean(1)
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 40, (8, 5))
+    q = quantaware.quantize(Bag().eval(), presets.W8, [ids], ids[:1])
+    path = quantaware.export_onnx(q, tmp_path / "bag.onnx", ids[:1])
+    assert quantaware.verify(path, q, [ids]).passed()
+
+
 def test_num_batches_limits_the_comparison(int8_path, int8_model):
     report = quantaware.verify(int8_path, int8_model, _batches(8, 3), num_batches=2)
     assert report.num_samples == 50

@@ -432,29 +432,43 @@ _QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuanti
                             "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger"})
 
 
+_INTEGER_TYPES = frozenset({onnx.TensorProto.INT8, onnx.TensorProto.UINT8,
+                            onnx.TensorProto.INT16, onnx.TensorProto.UINT16,
+                            onnx.TensorProto.INT4, onnx.TensorProto.UINT4})
+
+
 def _check_quantized_file(path: Path, proto: onnx.ModelProto | None, model: nn.Module) -> None:
-    """Refuse to compare a file without integer ops against an integer-quantized model:
-    the float export of the same model agrees with it to the quantization error, and
-    verify would pass a file that deploys none of the quantization."""
+    """Refuse to compare a file without integer ops (or float16 constants) against an
+    integer-quantized (float16) model: the float export of the same model agrees
+    with it to the quantization error, and verify would pass a file that deploys
+    none of the quantization."""
+    from quantaware.fake_quant import Float16Quantizer
     from quantaware.prepare import quantizers
 
-    if not any(bool(q.fake_quant_enabled) for _, q in quantizers(model)):
+    integer = any(bool(q.fake_quant_enabled) for _, q in quantizers(model))
+    half = any(isinstance(m, Float16Quantizer) for m in model.modules())
+    if not integer and not half:
         return
     if proto is not None:
         ops = {n.op_type for n in proto.graph.node}
         for function in proto.functions:
             ops |= {n.op_type for n in function.node}
-        quantized = bool(ops & _QUANTIZED_OPS)
+        types = {i.data_type for i in proto.graph.initializer}
+        # int8 tables looked up with Gather hold no quantized operator
+        has_integer = bool(ops & _QUANTIZED_OPS or types & _INTEGER_TYPES)
+        has_half = onnx.TensorProto.FLOAT16 in types
     else:
         from quantaware.export.tflite import tflite_ops
 
-        quantized = any(dtype in ("int8", "uint8", "int16")
-                        for _, dtypes in tflite_ops(path) for dtype in dtypes)
-    if not quantized:
+        dtypes = {d for _, op_dtypes in tflite_ops(path) for d in op_dtypes}
+        has_integer = bool(dtypes & {"int8", "uint8", "int16"})
+        has_half = "float16" in dtypes
+    if (integer and not has_integer) or (half and not integer and not has_half):
+        kind = "quantized operators" if integer else "float16 constants"
         raise ValueError(
-            f"{path.name} holds no quantized operators, but the model is quantized: it "
-            "looks like the float export; verify the file exported from the quantized "
-            "model (quantaware.export_onnx / export_tflite of it)")
+            f"{path.name} holds no {kind}, but the model is quantized: it looks like the "
+            "float export; verify the file exported from the quantized model "
+            "(quantaware.export_onnx / export_tflite of it)")
 
 
 def verify(
