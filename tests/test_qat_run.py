@@ -144,3 +144,56 @@ def test_python_dash_m_quantaware_runs_the_command_line():
     done = subprocess.run([sys.executable, "-m", "quantaware", "--help"], capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0 and "usage: quantaware" in done.stdout
+
+
+def _quick(tmp_path, **changes) -> QATRunSettings:
+    return QATRunSettings(**{"preset": "INT8", "epochs": 1, "float_epochs": 1, "batch_size": 256,
+                             "calib_batches": 1, "out": str(tmp_path), "export": False,
+                             **changes})
+
+
+def test_a_new_run_does_not_leave_an_earlier_runs_checkpoints_to_resume(tmp_path):
+    """A fresh run into a folder kept the earlier run's epoch checkpoints; killed
+    and resumed, it continued the earlier run and reported its accuracy as its own."""
+    from quantaware.checkpoint import save_checkpoint
+    from quantaware.qat_run import run_qat
+
+    save_checkpoint(tmp_path / "checkpoints" / "epoch_003.pt", {"epoch": 3})
+    (tmp_path / "results.json").write_text("{}")
+    run_qat(_quick(tmp_path))
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["epoch_001.pt"]
+    assert (tmp_path / "results.json").read_text() != "{}"
+
+
+def test_resuming_weights_that_do_not_fit_the_model_names_the_checkpoint(tmp_path):
+    """The model function changed under the same name: torch's load_state_dict error
+    listed every key (6 KB) and named neither the checkpoint nor a fix."""
+    from quantaware.checkpoint import save_checkpoint
+    from quantaware.qat_run import CHECKPOINT_FORMAT, run_qat
+
+    settings = _quick(tmp_path, resume=True)
+    save_checkpoint(tmp_path / "checkpoints" / "epoch_001.pt", {
+        "format": CHECKPOINT_FORMAT, "epoch": 1, "model": {"fc.weight": torch.zeros(2, 2)},
+        "settings": dataclasses.asdict(settings)})
+    with pytest.raises(ValueError, match=r"cannot resume from .*epoch_001\.pt: its weights do "
+                                         r"not fit the model 'digits' builds now \(.*resume "
+                                         "with the model that wrote it"):
+        run_qat(settings)
+
+
+def test_a_corrupt_float_model_cache_is_trained_again(tmp_path, caplog):
+    """OUT/float.pt is the runner's own cache: a corrupt one ended every run with
+    "truncated or corrupt ...; write it again"."""
+    from torch.utils.data import DataLoader
+
+    from quantaware.checkpoint import load_checkpoint
+    from quantaware.data import load_digits_split
+    from quantaware.qat_run import _float_model
+
+    train, test = load_digits_split()
+    (tmp_path / "float.pt").write_bytes(b"PK\x03\x04 not a zip")
+    with caplog.at_level("WARNING"):
+        _float_model(_quick(tmp_path), train, DataLoader(test, batch_size=256), tmp_path)
+    assert "truncated or corrupt" in caplog.text and "training the float model again" in (
+        caplog.text)
+    assert load_checkpoint(tmp_path / "float.pt")["settings"]["float_epochs"] == 1

@@ -69,6 +69,21 @@ def refused_pickle_detail(exc: BaseException) -> str:
     return useful[0][:200] if useful else type(exc).__name__
 
 
+# Files met where a checkpoint was expected, by suffix: named rather than called corrupt.
+_OTHER_KINDS = {".onnx": "an ONNX model", ".tflite": "a LiteRT model",
+                ".json": "a JSON file", ".yaml": "a YAML file", ".yml": "a YAML file",
+                ".npz": "a numpy archive", ".safetensors": "a safetensors file"}
+
+
+def _not_readable(path: Path, detail: str, fix: str) -> CheckpointError:
+    kind = _OTHER_KINDS.get(path.suffix.lower())
+    if kind is not None:
+        return CheckpointError(f"{path} is {kind}, not a quantaware checkpoint; pass the "
+                               ".pt file quantaware wrote (e.g. model-int8.pt beside "
+                               "model-int8.onnx)")
+    return CheckpointError(f"checkpoint {path} is truncated or corrupt ({detail}); {fix}")
+
+
 def load_checkpoint(path: str | os.PathLike, fix: str = "write it again") -> dict[str, Any]:
     """Load a checkpoint safely (``weights_only=True``); raise :class:`CheckpointError`.
 
@@ -83,9 +98,7 @@ def load_checkpoint(path: str | os.PathLike, fix: str = "write it again") -> dic
     except pickle.UnpicklingError as exc:
         detail = refused_pickle_detail(exc)
         if "global" not in detail:  # not a crafted pickle: junk or a cut-off file
-            raise CheckpointError(
-                f"checkpoint {path} is truncated or corrupt ({detail}); {fix}"
-            ) from exc
+            raise _not_readable(path, detail, fix) from exc
         raise CheckpointError(
             f"refusing to load {path}: it contains objects other than tensors and plain "
             "containers (a pickle that could run code on load). Only files quantaware "
@@ -93,10 +106,7 @@ def load_checkpoint(path: str | os.PathLike, fix: str = "write it again") -> dic
         ) from exc
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError,
             IndexError, TypeError, AttributeError) as exc:  # what torch.load raises on junk
-        raise CheckpointError(
-            f"checkpoint {path} is truncated or corrupt ({type(exc).__name__}: "
-            f"{str(exc)[:200]}); {fix}"
-        ) from exc
+        raise _not_readable(path, f"{type(exc).__name__}: {str(exc)[:200]}", fix) from exc
     if not isinstance(payload, dict):
         raise CheckpointError(
             f"{path} holds a {type(payload).__name__}, not a quantaware checkpoint dict"

@@ -44,7 +44,12 @@ from quantaware import presets
 from quantaware._batch import input_args, unpack_batch
 from quantaware._spec import call_spec, load_spec
 from quantaware.calibrate import calibrate
-from quantaware.checkpoint import RESUME_FIX, load_checkpoint, save_checkpoint
+from quantaware.checkpoint import (
+    RESUME_FIX,
+    CheckpointError,
+    load_checkpoint,
+    save_checkpoint,
+)
 from quantaware.fake_quant import FakeQuantizer
 from quantaware.qat import QATSchedule, distillation_loss, prepare_qat
 from quantaware.train import evaluate_accuracy, fit
@@ -168,7 +173,7 @@ def _builtin_model(data: str) -> nn.Module:
 # schedule restores its length from the checkpoint, so other epochs would not end it).
 _SAME_RUN = ("data", "model", "preset", "epochs", "batch_size", "lr", "scale_lr_factor",
              "weight_decay", "freeze_bn_epoch", "distill", "temperature", "distill_weight",
-             "skip", "seed", "float_epochs", "float_lr")
+             "skip", "seed", "float_epochs", "float_lr", "calib_batches")
 # What the built-in float model in OUT/float.pt was trained with.
 _FLOAT_RUN = ("data", "seed", "float_epochs", "float_lr", "batch_size")
 
@@ -219,13 +224,22 @@ def _float_model(s: QATRunSettings, train: Dataset, test_loader: DataLoader,
     model = _builtin_model(s.data)
     _check_skip(s, model)
     trained_with = {name: getattr(s, name) for name in _FLOAT_RUN}
+    saved: dict[str, Any] = {}
     if path.is_file():
-        saved = load_checkpoint(path)
-        if saved.get("settings") == trained_with:
-            model.load_state_dict(saved["model"])
-            return model.eval()
+        try:
+            saved = load_checkpoint(path)
+        except CheckpointError as exc:  # a cache this runner wrote: train again
+            log.warning("%s; training the float model again", exc)
+    if saved and saved.get("settings") != trained_with:
         log.warning("%s was trained with other settings (%s); training the float model "
                     "again", path, saved.get("settings", "not recorded"))
+    elif saved:
+        try:
+            model.load_state_dict(saved["model"])
+            return model.eval()
+        except RuntimeError:  # a built-in model that changed since: train again
+            log.warning("%s does not fit the built-in model; training it again", path)
+            model = _builtin_model(s.data)
     torch.manual_seed(s.seed)
     loader = DataLoader(train, batch_size=s.batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(s.seed))
@@ -312,6 +326,14 @@ def run_qat(settings: QATRunSettings,
                          f"({s.batch_size} x {ws}); lower --batch-size")
 
     state = None
+    if not s.resume and qdist.is_main_process():
+        # A new run: the epoch checkpoints and results of an earlier run in this
+        # folder are not this run's (--resume would continue them as its own).
+        for stale in [*ckpt_dir.glob("epoch_*.pt"), out / "final.pt", out / "results.json",
+                      out / "model.onnx"]:
+            stale.unlink(missing_ok=True)
+    if distributed:
+        torch.distributed.barrier()
     if s.resume:
         from quantaware.checkpoint import latest_checkpoint
 
@@ -327,7 +349,15 @@ def run_qat(settings: QATRunSettings,
         calib = DataLoader(train_set, batch_size=s.batch_size, sampler=calib_sampler)
         calibrate(model, calib, num_batches=s.calib_batches)
     else:
-        model.load_state_dict(state["model"])
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as exc:  # torch lists every key: keep the first lines short
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            detail = (lines[1] if len(lines) > 1 else lines[0] if lines else "")[:160]
+            raise ValueError(
+                f"cannot resume from {path}: its weights do not fit the model "
+                f"{s.model or s.data!r} builds now ({detail}...); resume with the model "
+                "that wrote it, or write to a new --out") from exc
     qdist.broadcast_quantizer_state(model)
     # After calibration; a resumed run reads it from the checkpoint (its model is
     # the QAT model of the last finished epoch by now).

@@ -145,6 +145,9 @@ def test_checkpoints_that_are_not_quantized_models(user, tmp_path):
     (tmp_path / "cut.pt").write_bytes(data[:len(data) // 3])
     code, err = export(tmp_path / "cut.pt")
     assert code == 2 and "truncated or corrupt" in err
+    # the ONNX file beside the checkpoint is named as such, not called corrupt
+    code, err = export(user["out"] / "model-int8.onnx")
+    assert code == 2 and "is an ONNX model, not a quantaware checkpoint" in err
     code, err = export(user["out"] / "model-int8.pt", "--model", "torch.nn:Identity")
     assert code == 2 and "does not fit model torch.nn:Identity" in err
     assert not (tmp_path / "m.onnx").exists()
