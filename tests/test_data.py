@@ -72,3 +72,48 @@ def test_make_loaders_seeded_shuffle_and_ordered_test(split) -> None:
     assert torch.equal(torch.cat([y for _, y in test_loader]), test.tensors[1])
     with pytest.raises(ValueError, match="batch_size"):
         make_loaders(train, test, batch_size=0)
+
+
+def _fake_mnist1d(monkeypatch) -> list[int]:
+    """mnist1d's generator replaced by a small one; returns the list of calls."""
+    import mnist1d.data
+
+    calls: list[int] = []
+
+    def make_dataset(args):
+        calls.append(args.seed)
+        rng = np.random.default_rng(args.seed)
+        return {"x": rng.normal(size=(8, 40)), "y": rng.integers(0, 10, 8),
+                "x_test": rng.normal(size=(4, 40)), "y_test": rng.integers(0, 10, 4)}
+
+    monkeypatch.setattr(mnist1d.data, "make_dataset", make_dataset)
+    return calls
+
+
+@pytest.mark.parametrize("junk", [b"not a zip", b"PK\x03\x04broken"])
+def test_an_unreadable_mnist1d_cache_is_generated_again(tmp_path, monkeypatch, caplog, junk):
+    """A corrupt cache ended every run with a raw BadZipFile, naming no file."""
+    from quantaware.data import load_mnist1d_split
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    calls = _fake_mnist1d(monkeypatch)
+    cache = tmp_path / "quantaware" / "mnist1d-seed3.npz"
+    cache.parent.mkdir()
+    cache.write_bytes(junk)
+    with caplog.at_level("WARNING", logger="quantaware.data"):
+        train, test = load_mnist1d_split(seed=3)
+    assert str(cache) in caplog.text and "generating the data again" in caplog.text
+    assert calls == [3] and len(train) == 8 and len(test) == 4
+    load_mnist1d_split(seed=3)  # the cache was rewritten: read, not generated
+    assert calls == [3]
+
+
+def test_an_unwritable_mnist1d_cache_only_costs_time(tmp_path, monkeypatch, caplog):
+    from quantaware.data import load_mnist1d_split
+
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file"))  # a file, not a folder
+    calls = _fake_mnist1d(monkeypatch)
+    with caplog.at_level("WARNING", logger="quantaware.data"):
+        train, _ = load_mnist1d_split(seed=1)
+    assert len(train) == 8 and calls == [1] and "cannot cache MNIST-1D" in caplog.text

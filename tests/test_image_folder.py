@@ -92,6 +92,35 @@ def test_corrupt_image_is_named_when_read(photo_folder):
         folder[index]
 
 
+def test_png_with_a_broken_chunk_is_named_when_read(photo_folder):
+    """Pillow raises SyntaxError ("broken PNG file") for a damaged chunk: it went
+    through as a raw traceback."""
+    import io
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return (struct.pack(">I", len(payload)) + kind + payload
+                + struct.pack(">I", zlib.crc32(kind + payload)))
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (12, 12, 3), dtype=np.uint8)
+                    ).save(buffer, "PNG")
+    png = buffer.getvalue()
+    at = png.index(b"IDAT")
+    pixels = png[at + 4:at + 4 + int.from_bytes(png[at - 4:at], "big")]
+    half = len(pixels) // 2  # the pixel data split over two chunks, the second garbled
+    data = (png[:at - 4] + chunk(b"IDAT", pixels[:half])
+            + chunk(b"\xc1\xa2\xc7\x93", pixels[half:]) + chunk(b"IEND", b""))
+    (photo_folder / "cat" / "broken.png").write_bytes(bytes(data))
+    folder = ImageFolder(photo_folder)
+    index = [p.name for p, _ in folder.samples].index("broken.png")
+    with pytest.raises(ImageFolderError, match=r"cannot read image .*broken\.png.*broken PNG"):
+        folder[index]
+
+
 def test_images_outside_class_folders_of_a_labeled_folder(photo_folder):
     PIL.fromarray(skdata.coffee()).save(photo_folder / "loose.png")
     with pytest.raises(ImageFolderError, match="outside class subfolders"):

@@ -121,6 +121,28 @@ def test_second_run_skips_finished_steps_and_reruns_changed_ones(tmp_path):
     assert any("quantization: calibrating" in m for m in messages)
 
 
+def test_damaged_saved_steps_are_run_again(tmp_path):
+    """A corrupt cached checkpoint ended the run with "truncated or corrupt ...; write
+    it again" (a file the user never wrote), and a malformed pipeline-state.json
+    with a raw AttributeError."""
+    path = _small(tmp_path, qat=None, deploy={"targets": []})
+    out = tmp_path / "out"
+    first = run_pipeline(path, out=str(out), say=lambda m: None)
+    (out / "float.pt").write_bytes(b"PK\x03\x04 cut")
+    (out / "ptq-int8.pt").write_bytes(b"")
+    messages: list[str] = []
+    again = run_pipeline(path, out=str(out), say=messages.append)
+    assert any("float.pt cannot be read" in m for m in messages)
+    assert any("ptq-int8.pt cannot be read" in m for m in messages)
+    assert any("training 1 epoch" in m for m in messages)
+    assert again["steps"]["quantization"] == first["steps"]["quantization"]
+    for state in ('{"steps": []}', '{"steps": {"baseline": "done"}}', '[1]', "\xff"):
+        (out / "pipeline-state.json").write_text(state)
+        messages.clear()
+        run_pipeline(path, out=str(out), say=messages.append)
+        assert any("training 1 epoch" in m for m in messages), state
+
+
 def test_a_weights_file_changed_under_the_same_name_reruns_the_steps(tmp_path):
     """The fingerprints held paths only: new weights at the same path were reported
     "done before" and the old model was deployed."""

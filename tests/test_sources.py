@@ -199,11 +199,22 @@ def test_truncated_weights_file(tmp_path, keep):
         load_weights(nn.Linear(8, 8), tmp_path / "cut.pt")
 
 
-@pytest.mark.parametrize("text", ["these are not weights\n", "hello world"])
+@pytest.mark.parametrize("text", ["these are not weights\n", "hello world",
+                                  '{"fc.weight": [[1, 2]]}', "\xb0\x01 random"])
 def test_weights_file_that_is_not_a_torch_file(tmp_path, text):
+    """Junk is junk: JSON or random bytes were said to be a pickle that "would run
+    code"."""
     (tmp_path / "notes.pt").write_text(text)
-    with pytest.raises(SourceError, match=r"notes\.pt"):
+    with pytest.raises(SourceError, match=r"notes\.pt") as refused:
         load_weights(nn.Linear(2, 2), tmp_path / "notes.pt")
+    assert "would run code" not in str(refused.value)
+
+
+def test_safetensors_suffix_in_capitals(tmp_path):
+    net = nn.Linear(3, 2)
+    safetensors_torch.save_file(net.state_dict(), str(tmp_path / "W.SAFETENSORS"))
+    loaded = load_weights(nn.Linear(3, 2), tmp_path / "W.SAFETENSORS")
+    assert torch.equal(loaded.weight, net.weight)
 
 
 def test_truncated_safetensors_file(tmp_path):

@@ -22,7 +22,9 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +34,8 @@ from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, TensorDataset
 
 from quantaware._files import atomic_path
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "DIGITS_MEAN",
@@ -155,10 +159,15 @@ def load_mnist1d_split(seed: int = 42) -> tuple[TensorDataset, TensorDataset]:
         (4000, 1000, (1, 40))
     """
     cache = _cache_dir() / f"mnist1d-seed{seed}.npz"
+    data = None
     if cache.is_file():
-        with np.load(cache) as arrays:
-            data = {k: arrays[k] for k in ("x", "y", "x_test", "y_test")}
-    else:
+        try:
+            with np.load(cache, allow_pickle=False) as arrays:
+                data = {k: arrays[k] for k in ("x", "y", "x_test", "y_test")}
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:
+            log.warning("the MNIST-1D cache %s is unreadable (%s: %s); generating the data "
+                        "again", cache, type(exc).__name__, exc)
+    if data is None:
         try:
             from mnist1d.data import get_dataset_args, make_dataset
         except ImportError as exc:
@@ -169,8 +178,12 @@ def load_mnist1d_split(seed: int = 42) -> tuple[TensorDataset, TensorDataset]:
         args.seed = seed
         made = make_dataset(args)
         data = {k: np.asarray(made[k]) for k in ("x", "y", "x_test", "y_test")}
-        with atomic_path(cache) as tmp, open(tmp, "wb") as f:
-            np.savez(f, **data)
+        try:
+            with atomic_path(cache) as tmp, open(tmp, "wb") as f:
+                np.savez(f, **data)
+        except (OSError, ValueError) as exc:  # the cache only saves time: the data is here
+            log.warning("cannot cache MNIST-1D at %s (%s); it will be generated again next "
+                        "time", cache, exc)
 
     def dataset(x: np.ndarray, y: np.ndarray) -> TensorDataset:
         return TensorDataset(torch.as_tensor(x, dtype=torch.float32).reshape(len(x), 1, -1),

@@ -81,7 +81,8 @@ def _read_image(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as image:
             return rgb8(image)
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError,
+                SyntaxError) as exc:  # Pillow: SyntaxError for a broken PNG chunk
         raise FrameSourceError(f"cannot read image {str(path)!r}: {exc}. Replace or remove the "
                           "file.") from exc
 

@@ -189,7 +189,8 @@ class ImageFolder(Dataset):
         try:
             with Image.open(path) as image:
                 pixels = rgb8(image)
-        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError,
+                SyntaxError) as exc:  # Pillow: SyntaxError for a broken PNG chunk
             raise ImageFolderError(f"cannot read image {str(path)!r}: {exc}. Replace or "
                                    "remove the file.") from exc
         return preprocess(pixels, self.size, self.resize, self.mean, self.std)

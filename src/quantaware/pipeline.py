@@ -338,6 +338,21 @@ def _stamp(value: str | None) -> Any:
     return None
 
 
+def _cached(path: Path, load: Callable[[Path], Any], say: Callable[[str], None]) -> Any:
+    """A finished step's saved result, or ``None`` when the file is missing or cannot
+    be read (the step then runs again: these files are the pipeline's own)."""
+    from quantaware.checkpoint import CheckpointError
+    from quantaware.sources import SourceError
+
+    if not path.is_file():
+        return None
+    try:
+        return load(path)
+    except (CheckpointError, SourceError) as exc:
+        say(f"      {path.name} cannot be read ({exc}); running the step again")
+        return None
+
+
 def _fingerprint(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -350,13 +365,18 @@ class _State:
         self.steps: dict[str, Any] = {}
         if self.path.is_file():
             try:
-                self.steps = json.loads(self.path.read_text())["steps"]
-            except (ValueError, KeyError, TypeError):
-                self.steps = {}
+                steps = json.loads(self.path.read_text())["steps"]
+            except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+                steps = {}
+            # a damaged or foreign file: its steps are run again, not trusted
+            if isinstance(steps, dict):
+                self.steps = {k: v for k, v in steps.items() if isinstance(v, dict)
+                              and isinstance(v.get("fingerprint"), str)}
 
     def done(self, step: str, fingerprint: str) -> dict[str, Any] | None:
         entry = self.steps.get(step)
-        if entry and entry.get("fingerprint") == fingerprint:
+        if entry and entry.get("fingerprint") == fingerprint and isinstance(
+                entry.get("result"), dict):
             return entry["result"]
         return None
 
@@ -581,9 +601,10 @@ def run_pipeline(path: str | os.PathLike, fast: bool = False, out: str | None = 
     baseline_fp = _fingerprint(data_fp, cfg["baseline"])
     float_path = out_dir / "float.pt"
     done = state.done("baseline", baseline_fp)
-    if done is not None and float_path.is_file():
+    saved = _cached(float_path, load_checkpoint, say) if done is not None else None
+    if done is not None and saved is not None:
         say("[3/6] baseline: done before, loading " + float_path.name)
-        module.load_state_dict(load_checkpoint(float_path)["model"])
+        module.load_state_dict(saved["model"])
         baseline = done
     else:
         if cfg["baseline"]["train"] is not None:
@@ -602,9 +623,10 @@ def run_pipeline(path: str | os.PathLike, fast: bool = False, out: str | None = 
     ptq_fp = _fingerprint(baseline_fp, cfg["quantization"])
     ptq_ckpt = out_dir / "ptq-int8.pt"
     done = state.done("quantization", ptq_fp)
-    if done is not None and ptq_ckpt.is_file():
+    ptq = (_cached(ptq_ckpt, lambda p: load_quantized(p, model, calib.example), say)
+           if done is not None else None)
+    if done is not None and ptq is not None:
         say("[4/6] quantization: done before")
-        ptq = load_quantized(ptq_ckpt, model, calib.example)
         quant = done
     else:
         say(f"[4/6] quantization: calibrating on {calib.num_samples} samples")
@@ -625,13 +647,14 @@ def run_pipeline(path: str | os.PathLike, fast: bool = False, out: str | None = 
                               _qat_config(cfg, ptq.quantaware_config).to_dict())
         qat_path = out_dir / "qat-final.pt"
         done = state.done("qat", qat_fp)
-        if done is not None and qat_path.is_file():
+        saved = _cached(qat_path, load_checkpoint, say) if done is not None else None
+        if done is not None and saved is not None:
             say("[5/6] QAT: done before")
             from quantaware.qat import prepare_qat
 
             qat_model = prepare_qat(module, _qat_config(cfg, ptq.quantaware_config),
                                     input_args(calib.example))
-            qat_model.load_state_dict(load_checkpoint(qat_path)["model"])
+            qat_model.load_state_dict(saved["model"])
             qat_model.eval()
             qat_result = done
         else:

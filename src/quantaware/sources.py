@@ -171,7 +171,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
-    if path.suffix == ".safetensors":
+    if path.suffix.lower() == ".safetensors":
         try:
             from safetensors.torch import load_file
         except ImportError as exc:
@@ -186,12 +186,19 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
-            detail = _ANSI.sub("", str(exc))
-            if "Weights only load failed" not in detail:  # junk, not a crafted pickle
-                raise SourceError(f"cannot read weights file {str(path)!r}: it is not a torch "
-                                  "file (or it is truncated)") from exc
             from quantaware.checkpoint import refused_pickle_detail
 
+            detail = refused_pickle_detail(exc)
+            with open(path, "rb") as f:
+                raw_pickle = f.read(1) == b"\x80"  # pickle.dump's PROTO opcode
+            if raw_pickle and "global" not in detail:
+                raise SourceError(
+                    f"{str(path)!r} is a raw pickle (pickle.dump), which only loads by "
+                    f"running it: loading it would run code ({detail}). Save the weights "
+                    "with torch.save(model.state_dict(), path).") from exc
+            if "global" not in detail:  # junk or a cut-off file, not a crafted pickle
+                raise SourceError(f"cannot read weights file {str(path)!r}: it is not a torch "
+                                  f"file (or it is truncated): {detail}") from exc
             raise SourceError(
                 f"{str(path)!r} is not a plain state dict: loading it would run code "
                 f"({refused_pickle_detail(exc)}). Save the weights with "
