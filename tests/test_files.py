@@ -32,6 +32,19 @@ def test_new_files_get_the_permissions_open_would_give(tmp_path, umask):
     assert _mode(tmp_path / "a.bin") == _mode(tmp_path / "b.onnx") == 0o666 & ~umask
 
 
+def test_rewriting_a_file_keeps_its_permissions_and_its_symlink(tmp_path):
+    """A private 0600 file came back 0644, and a symlinked output became a plain file
+    beside the one it pointed to: ``open`` keeps both."""
+    private = write_text(tmp_path / "key.json", "old")
+    os.chmod(private, 0o600)
+    write_text(private, "new")
+    assert _mode(private) == 0o600 and private.read_text() == "new"
+    real = write_text(tmp_path / "real" / "model.onnx", "v1")
+    (tmp_path / "link.onnx").symlink_to(real)
+    write_text(tmp_path / "link.onnx", "v2")
+    assert (tmp_path / "link.onnx").is_symlink() and real.read_text() == "v2"
+
+
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
     target = write_text(tmp_path / "results.json", "old")
     with pytest.raises(RuntimeError, match="boom"), atomic_path(target) as tmp:

@@ -2,11 +2,13 @@
 
 Every file quantaware writes goes through :func:`atomic_path`: the content is
 written to a hidden temporary file in the target's folder (``.NAME.PID.XXXX.tmp``),
-flushed to disk, given the permissions a newly created file gets (``0666`` minus
-the umask, as ``open`` would) and renamed over the target (``os.replace`` is
-atomic on POSIX). A failure or interrupt removes the temporary file and leaves
-any previous file at the target untouched; the temporary file of a process killed
-outright (``kill -9``) is removed by the next write of the same target.
+flushed to disk, given the permissions ``open`` would leave (an existing file's
+own, else ``0666`` minus the umask) and renamed over the target (``os.replace`` is
+atomic on POSIX); a target that is a symbolic link is written where it points,
+as ``open`` would, not replaced by a plain file. A failure or interrupt removes
+the temporary file and leaves any previous file at the target untouched; the
+temporary file of a process killed outright (``kill -9``) is removed by the next
+write of the same target.
 
 Example:
     >>> import os, tempfile
@@ -57,18 +59,25 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         b'ok'
     """
     target = Path(path)
+    if target.is_symlink():
+        target = Path(os.path.realpath(target))
     check_writable_file(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_orphans(target)
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=f"{suffix}.tmp",
-                                dir=target.parent)
+    try:
+        mode = target.stat().st_mode & 0o7777 if target.is_file() else new_file_mode()
+        fd, name = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.",
+                                    suffix=f"{suffix}.tmp", dir=target.parent)
+    except PermissionError as exc:  # name the file asked for, not the temporary
+        raise PermissionError(exc.errno, f"cannot write {str(target)!r}: "
+                              f"{exc.strerror}") from exc
     os.close(fd)
     tmp = Path(name)
     try:
         yield tmp
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
-        os.chmod(tmp, new_file_mode())
+        os.chmod(tmp, mode)
         os.replace(tmp, target)
     finally:
         with contextlib.suppress(FileNotFoundError):
