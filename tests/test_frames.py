@@ -132,6 +132,14 @@ def test_frame_writer_folder_and_video(tmp_path):
     assert capture.read()[1].shape == (48, 64, 3)
     capture.release()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["frames", "out.avi"]
+    # a shorter run into the same folder: the earlier run's third frame goes, other
+    # files stay
+    (tmp_path / "frames" / "notes.txt").write_text("mine")
+    with FrameWriter(tmp_path / "frames") as writer:
+        for f in frames[:2]:
+            writer.write(f)
+    assert sorted(p.name for p in (tmp_path / "frames").iterdir()) == [
+        "frame_000000.jpg", "frame_000001.jpg", "notes.txt"]
 
 
 def test_frame_writer_leaves_nothing_behind_on_failure(tmp_path):

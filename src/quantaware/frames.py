@@ -321,7 +321,14 @@ class FrameWriter:
                 f"{', '.join(VIDEO_WRITERS)}")
 
     def close(self, success: bool = True) -> None:
-        """Finish the video (renamed into place only if ``success`` and frames were written)."""
+        """Finish the video (renamed into place only if ``success`` and frames were
+        written); for a folder, remove the frames numbered past this run's last one,
+        left by an earlier, longer run (they would read as this run's)."""
+        if self.codec is None and success and self._folder.is_dir():
+            for stale in self._folder.glob("frame_*.jpg"):
+                number = stale.stem.removeprefix("frame_")
+                if number.isdigit() and int(number) >= self.count:
+                    stale.unlink(missing_ok=True)
         if self._video is not None:
             self._video.release()
             self._video = None
