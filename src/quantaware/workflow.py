@@ -24,6 +24,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -551,8 +554,9 @@ def run_quantize(model: LoadedModel, calib: DataSource, out: str | Path,
     out: pass separate data for an honest figure). With ``verify`` the INT8 file
     is checked against the torch model (:func:`quantaware.verify`) in the same
     runtime. With ``report`` an HTML report (and Markdown summary) is written beside
-    it. ``results.json`` is written last: a folder without one holds an unfinished
-    run.
+    it. The files are written to a hidden folder in ``out`` and moved into place at
+    the end, ``results.json`` last: a run that fails or is stopped leaves an earlier
+    run's files in ``out`` as they were.
     """
     from quantaware.deploy import BACKENDS
 
@@ -571,29 +575,47 @@ def run_quantize(model: LoadedModel, calib: DataSource, out: str | Path,
         problem = litert_problem(chosen)
         if problem is not None:
             raise SourceError(f"--target litert: {problem}")
+    from quantaware._files import check_writable_dir
+    from quantaware.deploy_bench import write_json
+
     out = Path(out)
-    # results.json is written last and describes the files beside it: a run stopped part
-    # way leaves none, rather than an earlier run's that no longer matches the files.
-    other = "onnx" if suffix == "tflite" else "tflite"  # files of a run for the other target
-    for stale in ("results.json", "report.html", "report.md", f"model-fp32.{other}",
-                  f"model-int8.{other}"):
-        (out / stale).unlink(missing_ok=True)
+    check_writable_dir(out)
     say = progress or (lambda _msg: None)
     say(f"calibrating on {calib.num_samples} samples from {calib.name}")
     quantized, config = quantize_model(model, calib, preset, method, backend, skip)
     say(f"exporting the float and the INT8 model ({suffix})")
-    written = [out / f"model-fp32.{suffix}", out / f"model-int8.{suffix}",
-               out / "model-int8.pt", out / "report.html", out / "report.md"]
+    # Everything is written to a hidden folder in OUT and moved into place at the end,
+    # results.json last: a run that fails or is stopped part way leaves an earlier
+    # run's files as they were, never a mixture.
+    out.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".quantaware-run-", dir=out))
     try:
-        return _export_and_compare(model, calib, evaluate, out, quantized, config, suffix,
-                                   runtime, backend, verify, report, threads, latency_runs,
-                                   say)
-    except BaseException:
-        # A run that fails after exporting (data the files cannot run, NaN outputs)
-        # leaves no files without their results.json.
-        for path in written:
-            path.unlink(missing_ok=True)
-        raise
+        results = _export_and_compare(model, calib, evaluate, stage, quantized, config,
+                                      suffix, runtime, backend, verify, report, threads,
+                                      latency_runs, say)
+        results = _moved_paths(results, stage, out)
+        write_json(results, stage / "results.json")  # type: ignore[arg-type]
+        other = "onnx" if suffix == "tflite" else "tflite"  # a run for the other target
+        stale = ["results.json", "report.html", "report.md", f"model-fp32.{other}",
+                 f"model-int8.{other}"]
+        for name in stale:
+            (out / name).unlink(missing_ok=True)
+        for staged in sorted(stage.iterdir(), key=lambda p: p.name == "results.json"):
+            os.replace(staged, out / staged.name)
+        return results
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _moved_paths(value: Any, stage: Path, out: Path) -> Any:
+    """``value`` (results: dicts, lists, strings) with paths in ``stage`` moved to ``out``."""
+    if isinstance(value, dict):
+        return {k: _moved_paths(v, stage, out) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_moved_paths(v, stage, out) for v in value]
+    if isinstance(value, str) and value.startswith(str(stage)):
+        return str(out) + value[len(str(stage)):]
+    return value
 
 
 def _export_and_compare(model: LoadedModel, calib: DataSource, evaluate: DataSource | None,
@@ -601,7 +623,6 @@ def _export_and_compare(model: LoadedModel, calib: DataSource, evaluate: DataSou
                         runtime: str, backend: str, verify: bool, report: bool, threads: int,
                         latency_runs: int, say: Callable[[str], None]) -> dict[str, Any]:
     from quantaware._batch import forward_parameters
-    from quantaware.deploy_bench import write_json
 
     module = model.require_torch("quantization")
     float_path = export_model(module, out / f"model-fp32.{suffix}", calib.example, suffix)
@@ -640,5 +661,4 @@ def _export_and_compare(model: LoadedModel, calib: DataSource, evaluate: DataSou
             "histograms": histograms_from_model(quantized, limit=12)})
         results["files"]["report"] = str(path)
         results["files"]["report_summary"] = str(path.with_suffix(".md"))
-    write_json(results, out / "results.json")  # type: ignore[arg-type]
     return results
