@@ -90,9 +90,28 @@ def _fake_mnist1d(monkeypatch) -> list[int]:
     return calls
 
 
-@pytest.mark.parametrize("junk", [b"not a zip", b"PK\x03\x04broken"])
+def _npy() -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    np.save(buffer, np.zeros(3))
+    return buffer.getvalue()
+
+
+def _wrong_shapes() -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    np.savez(buffer, x=np.zeros((4, 40)), y=np.zeros(3), x_test=np.zeros((2, 40)),
+             y_test=np.zeros(2))
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("junk", [b"not a zip", b"PK\x03\x04broken", _npy(), _wrong_shapes()],
+                         ids=["junk", "cut-zip", "npy", "wrong-shapes"])
 def test_an_unreadable_mnist1d_cache_is_generated_again(tmp_path, monkeypatch, caplog, junk):
-    """A corrupt cache ended every run with a raw BadZipFile, naming no file."""
+    """A corrupt or foreign cache ended every run with a raw BadZipFile, TypeError or
+    size mismatch, naming no file."""
     from quantaware.data import load_mnist1d_split
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))

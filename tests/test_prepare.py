@@ -773,3 +773,53 @@ def test_asymmetric_weights_name_the_embedding_and_the_fix():
                        r"LayerOverride\('emb', weight=QuantSpec\(symmetric=True\)\)"):
         quantaware.prepare(_Bag(), dataclasses.replace(presets.W8, weight=spec),
                            torch.zeros(1, 5, dtype=torch.long))
+
+
+class _Uint8Image(nn.Module):
+    """A uint8 camera image scaled in forward and concatenated with features."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.out = nn.Conv2d(6, 4, 1)
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        x = img.float() / 255.0
+        return self.out(torch.cat([self.conv(x), x], 1))
+
+
+class _SinePositions(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.out = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        return self.out(h + torch.sin(torch.arange(h.shape[1], dtype=torch.float32)[:, None]))
+
+
+class _IntegerTuples(nn.Module):
+    """Ops on integer inputs that give several tensors (chunk, max with indices)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        a, b = ids.chunk(2, dim=1)
+        last = mask.max(dim=1).indices
+        return self.emb(a) + self.emb(b) + self.emb(last)[:, None]
+
+
+def test_only_adds_applying_masks_to_scores_stay_float():
+    """Float tensors computed from integer inputs are not all masks: a uint8 image
+    scaled in forward and a sine position code stay quantized; ops giving tuples of
+    tensors from integer inputs (chunk, max) made prepare fail on their metadata."""
+    img = torch.randint(0, 256, (1, 3, 8, 8), dtype=torch.uint8)
+    q = quantaware.prepare(_Uint8Image(), presets.INT8, img)
+    assert [type(m) for m in q.modules() if isinstance(m, QuantCat)] == [QuantCat]
+    q = quantaware.prepare(_SinePositions(), presets.INT8, torch.randn(2, 4, 8))
+    assert [m for m in q.modules() if isinstance(m, QuantAdd)]
+    ids, mask = torch.randint(0, 10, (2, 4)), torch.ones(2, 4, dtype=torch.long)
+    q = quantaware.prepare(_IntegerTuples(), presets.INT8, (ids, mask))
+    assert len([m for m in q.modules() if isinstance(m, QuantAdd)]) == 2

@@ -200,11 +200,15 @@ def test_truncated_weights_file(tmp_path, keep):
 
 
 @pytest.mark.parametrize("text", ["these are not weights\n", "hello world",
-                                  '{"fc.weight": [[1, 2]]}', "\xb0\x01 random"])
+                                  '{"fc.weight": [[1, 2]]}', b"\xb0\x01 random",
+                                  b"\x80\x02 junk that starts like a pickle"])
 def test_weights_file_that_is_not_a_torch_file(tmp_path, text):
     """Junk is junk: JSON or random bytes were said to be a pickle that "would run
     code"."""
-    (tmp_path / "notes.pt").write_text(text)
+    if isinstance(text, bytes):
+        (tmp_path / "notes.pt").write_bytes(text)
+    else:
+        (tmp_path / "notes.pt").write_text(text)
     with pytest.raises(SourceError, match=r"notes\.pt") as refused:
         load_weights(nn.Linear(2, 2), tmp_path / "notes.pt")
     assert "would run code" not in str(refused.value)

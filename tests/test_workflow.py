@@ -129,6 +129,26 @@ def test_a_run_stopped_part_way_leaves_the_earlier_run_as_it_was(quantized_run, 
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
+def test_a_run_keeps_the_permissions_and_links_of_the_files_it_replaces(quantized_run,
+                                                                         tmp_path):
+    import shutil
+    import stat
+
+    out, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
+    shutil.copytree(quantized_run[1], out)
+    elsewhere.mkdir()
+    shutil.move(out / "model-int8.pt", elsewhere / "model-int8.pt")
+    (out / "model-int8.pt").symlink_to(elsewhere / "model-int8.pt")
+    (out / "results.json").chmod(0o600)
+    model = load_model(MODEL)
+    run_quantize(model, load_data(DATA, model), out, threads=1, latency_runs=2, verify=False)
+    assert (out / "model-int8.pt").is_symlink()
+    assert (elsewhere / "model-int8.pt").stat().st_mtime_ns > (out / "model-fp32.onnx").stat(
+        ).st_mtime_ns - 10**10
+    assert stat.S_IMODE((out / "results.json").stat().st_mode) == 0o600
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
 def test_run_quantize_rejects_an_unknown_target_before_any_work(tmp_path):
     model = load_model(MODEL)
     with pytest.raises(ValueError, match="unknown backend 'tensorrt'; choose one of"):

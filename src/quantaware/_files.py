@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 __all__ = ["atomic_path", "check_writable_dir", "check_writable_file", "new_file_mode",
-           "write_bytes", "write_json", "write_text"]
+           "replace_file", "write_bytes", "write_json", "write_text"]
 
 
 def new_file_mode() -> int:
@@ -58,14 +58,11 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         >>> target.read_bytes()
         b'ok'
     """
-    target = Path(path)
-    if target.is_symlink():
-        target = Path(os.path.realpath(target))
+    target = _resolved(Path(path))
     check_writable_file(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_orphans(target)
     try:
-        mode = target.stat().st_mode & 0o7777 if target.is_file() else new_file_mode()
         fd, name = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.",
                                     suffix=f"{suffix}.tmp", dir=target.parent)
     except PermissionError as exc:  # name the file asked for, not the temporary
@@ -77,11 +74,35 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, target)
+        replace_file(tmp, target)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+def _resolved(path: Path) -> Path:
+    """Where writing ``path`` lands: the file a symbolic link points to."""
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
+def replace_file(source: str | os.PathLike, target: str | os.PathLike) -> Path:
+    """Move the finished file ``source`` over ``target`` (same file system) as
+    writing ``target`` with ``open`` would end: an existing target keeps its
+    permissions (a new one gets ``0666`` minus the umask), and a symbolic link
+    keeps pointing where it did, its file replaced. Returns where the file went.
+
+    Example:
+        >>> import tempfile
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> _ = (folder / "new.txt").write_text("v2")
+        >>> replace_file(folder / "new.txt", folder / "out.txt").read_text()
+        'v2'
+    """
+    target = _resolved(Path(target))
+    mode = target.stat().st_mode & 0o7777 if target.is_file() else new_file_mode()
+    os.chmod(source, mode)
+    os.replace(source, target)
+    return target
 
 
 def write_json(path: str | os.PathLike, payload: object) -> Path:

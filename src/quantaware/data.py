@@ -143,6 +143,13 @@ def _cache_dir() -> Path:
     return Path(root) / "quantaware"
 
 
+def _check_mnist1d(data: dict[str, np.ndarray]) -> None:
+    """Raise ``ValueError`` unless ``data`` holds MNIST-1D-shaped splits."""
+    for x, y in (("x", "y"), ("x_test", "y_test")):
+        if data[x].ndim != 2 or data[y].shape != (len(data[x]),) or not len(data[x]):
+            raise ValueError(f"{x} {data[x].shape} and {y} {data[y].shape} are not a split")
+
+
 def load_mnist1d_split(seed: int = 42) -> tuple[TensorDataset, TensorDataset]:
     """MNIST-1D (Greydanus 2020, arXiv 2011.14439): 4000 train / 1000 test sequences.
 
@@ -164,7 +171,10 @@ def load_mnist1d_split(seed: int = 42) -> tuple[TensorDataset, TensorDataset]:
         try:
             with np.load(cache, allow_pickle=False) as arrays:
                 data = {k: arrays[k] for k in ("x", "y", "x_test", "y_test")}
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:
+            _check_mnist1d(data)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, zipfile.BadZipFile,
+                EOFError) as exc:  # TypeError/AttributeError: an .npy array, not an archive
+            data = None
             log.warning("the MNIST-1D cache %s is unreadable (%s: %s); generating the data "
                         "again", cache, type(exc).__name__, exc)
     if data is None:

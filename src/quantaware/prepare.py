@@ -309,31 +309,64 @@ def _make_cat(spec: QuantSpec, num_inputs: int, dim: int) -> QuantCat:
     return QuantCat(spec, num_inputs, dim)
 
 
-def _computed_from_integer_inputs(gm: fx.GraphModule) -> set[fx.Node]:
-    """Float tensors that ``forward`` computes from integer or bool inputs and
-    constants only (an additive attention mask built from ``attention_mask``, a
-    causal mask of ``-inf`` made with ``torch.full``, a one-hot of ids), with no float
-    input, layer or stored tensor behind them. They are not activations: quantizing
-    the add that applies a mask either collapses its range to what calibration
-    happened to see (all zeros without padding, so padding is ignored) or spends
-    every int8 step on the -1e4 offset. Only tensor-valued arguments count (a shape
-    read with ``x.size()`` does not)."""
+def _dtype(node: Any) -> torch.dtype | None:
+    """The dtype of a node that computes one tensor (``None`` otherwise: tuples of
+    tensors, numbers, shapes)."""
+    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    dtype = getattr(meta, "dtype", None)
+    return dtype if isinstance(dtype, torch.dtype) else None
+
+
+# What an attention mask passes through between the add that applies it and the
+# softmax: further masks, scaling, casts and reshapes.
+_MASK_PATH_FUNCS = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add,
+                    torch.sub, torch.mul, torch.div, torch.masked_fill}
+_MASK_PATH_METHODS = {"add", "sub", "mul", "div", "float", "to", "type_as", "view", "reshape",
+                      "contiguous", "masked_fill"}
+_SOFTMAX = {torch.softmax, F.softmax, torch.log_softmax, F.log_softmax}
+
+
+def _feeds_softmax(node: fx.Node, depth: int = 4) -> bool:
+    for user in node.users:
+        if (user.op == "call_function" and user.target in _SOFTMAX) or (
+                user.op == "call_method" and user.target in ("softmax", "log_softmax")):
+            return True
+        on_path = ((user.op == "call_function" and user.target in _MASK_PATH_FUNCS)
+                   or (user.op == "call_method" and user.target in _MASK_PATH_METHODS))
+        if on_path and depth > 0 and _feeds_softmax(user, depth - 1):
+            return True
+    return False
+
+
+def _mask_adds(gm: fx.GraphModule) -> set[fx.Node]:
+    """Adds that apply to attention scores a mask computed in ``forward`` from integer
+    or bool inputs and constants only (an additive mask built from
+    ``attention_mask``, a causal mask of ``-inf`` made with ``torch.full``): an add
+    with such an operand whose result goes on to a softmax. Quantizing it either
+    collapses the mask's range to what calibration happened to see (all zeros
+    without padding, so padding is ignored) or spends every int8 step on the -1e4
+    offset; a ``-inf`` mask fails calibration. Only tensor-valued arguments count
+    (a shape read with ``x.size()`` does not); a float input, a layer or a stored
+    tensor behind an operand makes it an activation."""
     from_activations: dict[fx.Node, bool] = {}
     for node in gm.graph.nodes:
         if node.op == "placeholder":
-            meta = node.meta.get("tensor_meta")
-            from_activations[node] = meta is None or meta.dtype.is_floating_point
+            dtype = _dtype(node)
+            from_activations[node] = dtype is None or dtype.is_floating_point
         elif node.op in ("call_module", "get_attr"):
             from_activations[node] = True
         elif node.op in ("call_function", "call_method"):
             from_activations[node] = any(from_activations.get(a, True)
                                          for a in node.all_input_nodes if _is_tensor(a))
-    return {n for n, act in from_activations.items()
-            if not act and _is_tensor(n) and n.meta["tensor_meta"].dtype.is_floating_point}
+    masks = {n for n, act in from_activations.items()
+             if not act and (_dtype(n) is not None and _dtype(n).is_floating_point)}
+    return {n for n in gm.graph.nodes
+            if n.op == "call_function" and n.target in _ADD_FUNCS
+            and any(a in masks for a in n.args) and _feeds_softmax(n)}
 
 
 def _rewrite_functional(gm: fx.GraphModule, config: QuantConfig) -> None:
-    from_integers = _computed_from_integer_inputs(gm)
+    mask_adds = _mask_adds(gm)
     for node in list(gm.graph.nodes):
         if node.op != "call_function":
             continue
@@ -351,9 +384,9 @@ def _rewrite_functional(gm: fx.GraphModule, config: QuantConfig) -> None:
             continue
         if not node.meta["tensor_meta"].dtype.is_floating_point:
             continue
-        if any(a in from_integers for a in args):
-            log.debug("%s stays float: an input is computed from integer inputs only "
-                      "(a mask)", node.name)
+        if node in mask_adds:
+            log.debug("%s stays float: it applies a mask computed from integer inputs "
+                      "to attention scores", node.name)
             continue
         specs = config.resolve(node.name)
         act_spec = specs[1] if specs else None

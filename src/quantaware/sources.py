@@ -189,8 +189,11 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             from quantaware.checkpoint import refused_pickle_detail
 
             detail = refused_pickle_detail(exc)
-            with open(path, "rb") as f:
-                raw_pickle = f.read(1) == b"\x80"  # pickle.dump's PROTO opcode
+            with open(path, "rb") as f:  # pickle.dump: PROTO 2-5 first, STOP last
+                head = f.read(2)
+                f.seek(-1, os.SEEK_END)
+                raw_pickle = len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5 and (
+                    f.read(1) == b".")
             if raw_pickle and "global" not in detail:
                 raise SourceError(
                     f"{str(path)!r} is a raw pickle (pickle.dump), which only loads by "

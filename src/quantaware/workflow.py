@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -270,7 +269,10 @@ def load_quantized(path: str | Path, model: LoadedModel, example: Any) -> nn.Mod
     unexpected = [k for k in state if k not in own]
     if missing or unexpected or wrong:
         raise SourceError(f"{path} does not fit model {model.name}: missing {missing[:5]}, "
-                          f"unexpected {unexpected[:5]}, shape mismatch {wrong[:3]}")
+                          f"unexpected {unexpected[:5]}, shape mismatch {wrong[:3]}. Pass the "
+                          "model it was quantized from; if it is that model, the file comes "
+                          "from a quantaware version that quantized other layers of it: "
+                          "quantize it again")
     prepared.load_state_dict(state)
     _check_loaded(path, prepared)
     return prepared.eval()
@@ -575,7 +577,7 @@ def run_quantize(model: LoadedModel, calib: DataSource, out: str | Path,
         problem = litert_problem(chosen)
         if problem is not None:
             raise SourceError(f"--target litert: {problem}")
-    from quantaware._files import check_writable_dir
+    from quantaware._files import check_writable_dir, replace_file
     from quantaware.deploy_bench import write_json
 
     out = Path(out)
@@ -598,10 +600,11 @@ def run_quantize(model: LoadedModel, calib: DataSource, out: str | Path,
         other = "onnx" if suffix == "tflite" else "tflite"  # a run for the other target
         stale = ["results.json", "report.html", "report.md", f"model-fp32.{other}",
                  f"model-int8.{other}"]
-        for name in stale:
-            (out / name).unlink(missing_ok=True)
+        for name in stale:  # files of an earlier run that this run does not replace
+            if not (stage / name).exists():
+                (out / name).unlink(missing_ok=True)
         for staged in sorted(stage.iterdir(), key=lambda p: p.name == "results.json"):
-            os.replace(staged, out / staged.name)
+            replace_file(staged, out / staged.name)
         return results
     finally:
         shutil.rmtree(stage, ignore_errors=True)

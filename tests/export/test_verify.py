@@ -166,6 +166,12 @@ def test_the_float_file_of_a_float16_model_is_refused(tmp_path, float_path, cnn_
         quantaware.verify(float_path, fp16, _batches(1, 2))
     path = quantaware.export_onnx(fp16, tmp_path / "fp16.onnx", example_input)
     assert quantaware.verify(path, fp16, _batches(4, 2)).passed()
+    # weights of a few values are folded into float32 constants: still its own file
+    tiny = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 2)).eval()
+    x = torch.randn(4, 2)
+    tiny = quantaware.quantize(tiny, presets.FP16, [x], x[:1])
+    path = quantaware.export_onnx(tiny, tmp_path / "tiny.onnx", x[:1])
+    assert quantaware.verify(path, tiny, [x]).max_abs_error < 1e-5
 
 
 def test_a_quantized_table_is_a_quantized_file(tmp_path):
