@@ -583,7 +583,10 @@ def run_quantize(model: LoadedModel, calib: DataSource, out: str | Path,
     out = Path(out)
     check_writable_dir(out)
     say = progress or (lambda _msg: None)
-    say(f"calibrating on {calib.num_samples} samples from {calib.name}")
+    if _static_activations(chosen):
+        say(f"calibrating on {calib.num_samples} samples from {calib.name}")
+    else:  # FP16, weight-only and dynamic presets have no activation ranges to calibrate
+        say(f"quantizing the weights ({chosen.name})")
     quantized, config = quantize_model(model, calib, preset, method, backend, skip)
     say(f"exporting the float and the INT8 model ({suffix})")
     # Everything is written to a hidden folder in OUT and moved into place at the end,
