@@ -956,3 +956,27 @@ def test_float16_embedding_tables_are_stored_in_float16(tmp_path):
     assert table.data_type == TensorProto.FLOAT16
     with torch.no_grad():
         np.testing.assert_allclose(_session_output(path, ids), q(ids).numpy(), atol=1e-5)
+
+
+class _DivisorPool(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.avg_pool2d(torch.relu(self.conv(x)), 2, divisor_override=3)
+
+
+@pytest.mark.parametrize("functional", [False, True])
+def test_average_pooling_with_a_divisor_override_is_refused(tmp_path, functional):
+    """torch's ONNX export drops divisor_override: the file divided by the window
+    size (63 LSB off on a 2x2 pool with divisor 3), float and INT8 alike."""
+    net = (_DivisorPool() if functional else
+           nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AvgPool2d(2, divisor_override=3))
+           ).eval()
+    x = torch.randn(4, 3, 8, 8)
+    q = quantaware.quantize(net, presets.INT8, [x], x[:1])
+    for model in (net, q):
+        with pytest.raises(ExportError, match=r"divisor_override.*cannot be exported to ONNX"):
+            quantaware.export_onnx(model, tmp_path / "p.onnx", x[:1])
+    assert not (tmp_path / "p.onnx").exists()

@@ -28,6 +28,7 @@ import numpy as np
 import onnx
 import onnxscript.optimizer
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from quantaware._files import atomic_path
@@ -70,6 +71,36 @@ def _export_copy(model: nn.Module) -> nn.Module:
         elif isinstance(module, QuantMixin):
             module.exporting = True
     return model
+
+
+_AVG_POOLS = {F.avg_pool2d, F.avg_pool3d, torch._C._nn.avg_pool2d, torch._C._nn.avg_pool3d}
+
+
+def _refuse_divisor_override(model: nn.Module) -> None:
+    """ONNX's AveragePool has no divisor: torch's exporter drops ``divisor_override``
+    and the file divides by the window size instead (63 LSB off on a 2x2 pool with
+    divisor 3)."""
+    found = [name for name, m in model.named_modules()
+             if getattr(m, "divisor_override", None) and "Pool" in type(m).__name__]
+    graphs = [m.graph for m in model.modules() if isinstance(m, torch.fx.GraphModule)]
+    if not graphs:  # a plain module: its functional calls are seen by tracing it
+        try:
+            graphs = [torch.fx.symbolic_trace(model).graph]
+        except Exception:  # untraceable: the check is skipped
+            graphs = []
+    for graph in graphs:
+        for node in graph.nodes:
+            if node.op == "call_function" and node.target in _AVG_POOLS and (
+                    node.kwargs.get("divisor_override")
+                    or (len(node.args) > 6 and node.args[6])):
+                found.append(node.name)
+    if found:
+        raise ExportError(
+            f"average pooling with divisor_override ({', '.join(found[:3])}) cannot be "
+            "exported to ONNX: AveragePool has no divisor and torch's exporter drops it. "
+            "Write the pool as a sum times a constant instead, e.g. "
+            "F.avg_pool2d(x, k) * (k * k / divisor) (exact without padding), or export "
+            "to LiteRT (export_tflite), which keeps the divisor")
 
 
 def _output_key_names(outputs: object) -> list[str] | None:
@@ -707,6 +738,7 @@ def export_onnx(
         example_inputs = (example_inputs,)
     example_inputs = tuple(example_inputs)
     path = Path(path)
+    _refuse_divisor_override(model)
     path.parent.mkdir(parents=True, exist_ok=True)
     export_model = _export_copy(model)
     kwargs = {
