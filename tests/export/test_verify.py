@@ -404,6 +404,34 @@ def test_data_of_another_shape_is_named(int8_path, int8_model):
         quantaware.verify(int8_path, int8_model, [x], check_layers=False)
 
 
+def test_a_backend_failure_on_fitting_data_is_not_blamed_on_the_data(int8_path, int8_model,
+                                                                     monkeypatch):
+    """A backend that failed to compile the file was reported as data of the wrong
+    shape ("pass data shaped like the example"), its cause cut off."""
+    import importlib
+
+    verify_module = importlib.import_module("quantaware.export.verify")
+    real = verify_module.create_backend_session
+
+    class Failing:
+        def __init__(self, session):
+            self.session = session
+
+        def get_inputs(self):
+            return self.session.get_inputs()
+
+        def run(self, *_args):
+            raise RuntimeError("Exception from graph_rewrite.cpp: " + "stack " * 200
+                               + "CALLBACK HAS THROWN: index out of range")
+
+    monkeypatch.setattr(verify_module, "create_backend_session",
+                        lambda *a, **k: Failing(real(*a, **k)))
+    with pytest.raises(ValueError, match=r"failed on .* though the inputs fit the file "
+                                         r"\(\w+ \(25, .*CALLBACK HAS THROWN") as err:
+        quantaware.verify(int8_path, int8_model, _batches(1, 1), check_layers=False)
+    assert "pass data shaped like" not in str(err.value)
+
+
 def test_verify_and_evaluation_leave_a_qat_model_that_still_observes_unchanged(tmp_path):
     """QAT without calibration keeps its observers on: verify's own forward passes
     widened the ranges (CHECK at 3 LSB against the file just exported, 150 LSB on

@@ -421,6 +421,15 @@ def _layer_rows(backend: str, onnx_path: Path, proto: onnx.ModelProto, model: nn
 REFERENCES = ("auto", "integer", "fake-quant")
 
 
+def _fits(given: tuple[int, ...], takes: Any) -> bool:
+    """Whether an input of shape ``given`` fits a backend input of shape ``takes``
+    (``None`` or a name for a dynamic dimension)."""
+    dims = list(takes or [])
+    return len(dims) == len(given) and all(
+        d is None or isinstance(d, str) or int(d) == g for d, g in zip(dims, given,
+                                                                       strict=True))
+
+
 def _shape_text(shape: Any) -> str:
     """``(N, 1, 8, 8)``: a backend's input shape, dynamic dimensions as ``N``."""
     dims = ["N" if d is None or isinstance(d, str) else str(d) for d in (shape or [])]
@@ -587,7 +596,17 @@ def _verify(
         except Exception as exc:  # each backend raises its own types
             given = ", ".join(f"{k} {tuple(np.shape(v))}" for k, v in feed.items())
             takes = ", ".join(f"{i.name} {_shape_text(i.shape)}" for i in session.get_inputs())
-            detail = " ".join(str(exc).split())[:300]
+            detail = " ".join(str(exc).split())
+            if len(detail) > 600:  # backends put the cause last, after their call stack
+                detail = detail[:200] + " ... " + detail[-400:]
+            fits = all(name in feed and _fits(np.shape(feed[name]), i.shape)
+                       for name, i in zip(input_names, session.get_inputs(), strict=True))
+            if fits:
+                raise ValueError(
+                    f"{backend} failed on {Path(onnx_path).name} at verify batch {index}, "
+                    f"though the inputs fit the file ({given}): {detail}. If the file runs "
+                    f"in ONNX Runtime (backend='onnxruntime'), this is {backend}'s failure "
+                    "on it") from exc
             raise ValueError(
                 f"{backend} could not run {Path(onnx_path).name} on verify batch {index}: "
                 f"given {given}, the file takes {takes} ({detail}); pass data shaped like "
