@@ -861,3 +861,42 @@ def test_weight_only_transposed_conv_keeps_int8_weights(litert, tmp_path):
     float_file = quantaware.export_tflite(net, tmp_path / "fp32.tflite", x[:1])
     assert path.stat().st_size < 0.4 * float_file.stat().st_size
     assert report.passed() and report.max_abs_error < 1e-5, str(report)
+
+
+class _Resize(nn.Module):
+    def __init__(self, mode: str, size: tuple[int, int]) -> None:
+        super().__init__()
+        self.conv, self.mode, self.size = nn.Conv2d(3, 4, 3, padding=1), mode, size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.interpolate(self.conv(x), size=self.size, mode=self.mode)
+
+
+@pytest.mark.parametrize(("mode", "size", "refused"), [
+    ("nearest", (9, 7), True), ("nearest", (2, 2), True), ("nearest", (10, 15), False),
+    ("nearest-exact", (9, 7), False)])
+def test_nearest_resizes_litert_computes_otherwise_are_refused(litert, tmp_path, mode, size,
+                                                               refused):
+    """LiteRT's nearest resize samples at half-pixel centres: an FPN's size= resize on
+    odd maps, a 1.5x or 0.5x scale picked other pixels than torch's 'nearest' (67 LSB,
+    float files too). Integer upscales and 'nearest-exact' agree."""
+    from quantaware.backends import create_backend_session
+
+    net, x = _Resize(mode, size).eval(), torch.randn(1, 3, 5, 5)
+    if refused:
+        with pytest.raises(ExportError, match=r"nearest resize from \(5, 5\) to .* not an "
+                                              "integer upscale.*nearest-exact"):
+            quantaware.export_tflite(net, tmp_path / "r.tflite", x)
+        return
+    path = quantaware.export_tflite(net, tmp_path / "r.tflite", x)
+    session = create_backend_session(str(path), "litert", threads=1)
+    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        np.testing.assert_allclose(out, net(x).numpy(), atol=1e-5)
+
+
+def test_a_1d_transposed_conv_with_output_padding_is_refused(litert, tmp_path):
+    net = nn.Sequential(nn.Conv1d(2, 4, 3), nn.ConvTranspose1d(4, 2, 3, stride=2,
+                                                               output_padding=1)).eval()
+    with pytest.raises(ExportError, match=r"1 \(ConvTranspose1d, output_padding=\(1,\)\)"):
+        quantaware.export_tflite(net, tmp_path / "t.tflite", torch.randn(1, 2, 9))

@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from quantaware._files import write_bytes
@@ -723,6 +724,49 @@ def _has_quantizers(model: nn.Module) -> bool:
     return any(isinstance(m, FakeQuantizer) for m in model.modules())
 
 
+def _litert_layer_problem(model: nn.Module, example_inputs: tuple) -> str | None:
+    """What in ``model`` LiteRT computes differently from torch, in float files too
+    (found by running the example once), or ``None``:
+
+    - a 1-d transposed conv with ``output_padding`` (its last position is wrong; the
+      2-d form fails to convert);
+    - a ``nearest`` resize that is not an integer upscale (LiteRT's nearest resize
+      picks pixels at half-pixel centres, torch's ``nearest`` at their corners).
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ConvTranspose1d) and any(module.output_padding):
+            return (f"{name} (ConvTranspose1d, output_padding={module.output_padding}): "
+                    "LiteRT computes its last output position wrongly, also in float; "
+                    "change the layer (pad its output instead), or export to ONNX")
+    found: list[str] = []
+
+    class Resizes(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            if func is F.interpolate and not found:
+                mode = kwargs.get("mode", args[3] if len(args) > 3 else "nearest")
+                x = args[0] if args else kwargs.get("input")
+                if (mode == "nearest" and isinstance(x, torch.Tensor)
+                        and isinstance(out, torch.Tensor)
+                        and any(o % i for i, o in zip(x.shape[2:], out.shape[2:], strict=True))):
+                    found.append(f"a nearest resize from {tuple(x.shape[2:])} to "
+                                 f"{tuple(out.shape[2:])}")
+            return out
+
+    try:
+        with torch.no_grad(), frozen(model), Resizes():
+            model(*example_inputs)
+    except Exception:  # the conversion reports a model that does not run
+        return None
+    if found:
+        return (f"{found[0]} is not an integer upscale: LiteRT's nearest resize picks "
+                "other pixels than torch's mode='nearest' (half-pixel centres), also in "
+                "float; use mode='nearest-exact' (the same pixels in torch and LiteRT) or "
+                "an integer scale factor, or export to ONNX")
+    return None
+
+
 def export_tflite(
     model: nn.Module,
     path: str | os.PathLike,
@@ -768,6 +812,8 @@ def export_tflite(
     quantized = _has_quantizers(model)
     config = getattr(model, "quantaware_config", None)  # FP16 models have no FakeQuantizer
     problem = litert_problem(config) if config is not None else None
+    if problem is None:
+        problem = _litert_layer_problem(model, example_inputs)
     if problem is not None:
         raise ExportError(problem)
     try:
