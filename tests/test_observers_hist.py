@@ -238,3 +238,18 @@ def test_costly_ranges_are_refreshed_every_few_training_steps(monkeypatch, obser
     calls.clear()
     scale, _ = q.observer.calculate_qparams()  # what calibrate computes at the end
     assert calls == [130] and float(scale) > 0
+
+
+def test_histogram_counts_as_torch_histc():
+    """The observers count with bincount (histc's CPU loop was a third of a
+    percentile calibration); the bins must be histc's, edges included."""
+    from quantaware.observers import _histogram
+
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        x = torch.randn(20_000, generator=gen) * float(torch.rand(1, generator=gen) * 10)
+        lo = torch.tensor(float(x.min()) - float(torch.rand(1, generator=gen)))
+        hi = torch.tensor(float(x.max()) + float(torch.rand(1, generator=gen)))
+        for low, high in ((lo, hi), (x.min(), x.max())):
+            assert torch.equal(_histogram(x, 2048, low, high),
+                               torch.histc(x, 2048, float(low), float(high)).double())

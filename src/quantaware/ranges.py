@@ -35,21 +35,36 @@ __all__ = ["entropy_range", "entropy_threshold", "kl_divergence", "mse_range", "
 
 def _grid_error(centers: np.ndarray, counts: np.ndarray, width: float, lo: np.ndarray,
                 hi: np.ndarray, qmin: int, qmax: int, symmetric: bool) -> np.ndarray:
-    """Expected squared error of fake-quantizing a histogram, one value per (lo, hi) pair."""
+    """Expected squared error of fake-quantizing a histogram, one value per (lo, hi) pair.
+
+    One ``(candidates, bins)`` buffer is reused in place: the caller passes a few
+    hundred candidates at a time, so it stays in cache (64 MB temporaries made the
+    search memory-bound).
+    """
     scale, zp = choose_qparams(torch.from_numpy(lo).float(), torch.from_numpy(hi).float(),
                                qmin, qmax, symmetric)
     s = scale.double().numpy()[:, None]
     z = zp.double().numpy()[:, None]
-    q = np.round(centers[None, :] / s) + z
-    inside = (q >= qmin) & (q <= qmax)
-    xq = (np.clip(q, qmin, qmax) - z) * s
-    err = (centers[None, :] - xq) ** 2
+    q = np.divide(centers[None, :], s)
+    np.round(q, out=q)
+    q += z
+    inside = q >= qmin
+    inside &= q <= qmax
+    np.clip(q, qmin, qmax, out=q)
+    q -= z
+    q *= s
+    np.subtract(centers[None, :], q, out=q)
+    np.square(q, out=q)
+    q += width**2 / 12.0
     # Values spread over a bin: if the step is coarser than the bin they all round to
     # the same level (error measured at the centre plus the bin's own variance); if
     # finer, rounding error is uniform over a step (s^2 / 12).
-    fine = np.broadcast_to(s**2 / 12.0, err.shape)
-    err = np.where(inside & (s < width), fine, err + width**2 / 12.0)
-    return (err * counts[None, :]).sum(axis=1)
+    fine = s[:, 0] < width
+    if fine.any():
+        inside &= fine[:, None]
+        np.copyto(q, np.broadcast_to(s**2 / 12.0, q.shape), where=inside)
+    q *= counts[None, :]
+    return q.sum(axis=1)
 
 
 def mse_range(histogram: np.ndarray, hist_min: float, hist_max: float, qmin: int, qmax: int,
@@ -76,6 +91,8 @@ def mse_range(histogram: np.ndarray, hist_min: float, hist_max: float, qmin: int
     bins = counts.size
     width = (hist_max - hist_min) / bins
     centers = hist_min + width * (np.arange(bins) + 0.5)
+    occupied = counts != 0  # empty bins add exactly 0
+    centers, counts = centers[occupied], counts[occupied]
     ratios = np.linspace(1.0 / candidates, 1.0, candidates)
     lo_end, hi_end = min(hist_min, 0.0), max(hist_max, 0.0)
     if symmetric:
@@ -86,10 +103,11 @@ def mse_range(histogram: np.ndarray, hist_min: float, hist_max: float, qmin: int
     else:
         lo = np.repeat(lo_end * ratios, candidates)
         hi = np.tile(hi_end * ratios, candidates)
+    chunk = 256
     errors = np.concatenate([
-        _grid_error(centers, counts, width, lo[i:i + 4096], hi[i:i + 4096], qmin, qmax,
+        _grid_error(centers, counts, width, lo[i:i + chunk], hi[i:i + chunk], qmin, qmax,
                     symmetric)
-        for i in range(0, lo.size, 4096)
+        for i in range(0, lo.size, chunk)
     ])
     best = int(np.argmin(errors))
     return float(max(lo[best], hist_min)), float(min(hi[best], hist_max))
