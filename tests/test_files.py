@@ -45,6 +45,30 @@ def test_rewriting_a_file_keeps_its_permissions_and_its_symlink(tmp_path):
     assert (tmp_path / "link.onnx").is_symlink() and real.read_text() == "v2"
 
 
+def test_a_link_to_another_file_system_is_written_through(tmp_path, monkeypatch):
+    """os.replace cannot move a file across file systems (EXDEV): a symlinked output
+    on another disk failed the whole run part way."""
+    import errno
+
+    from quantaware import _files
+
+    target = write_text(tmp_path / "disk" / "model.pt", "v1")
+    (tmp_path / "link.pt").symlink_to(target)
+    (tmp_path / "new.pt").write_text("v2")
+    real, calls = os.replace, []
+
+    def across_disks(source, destination):
+        calls.append(str(source))
+        if len(calls) == 1:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        real(source, destination)
+
+    monkeypatch.setattr(_files.os, "replace", across_disks)
+    _files.replace_file(tmp_path / "new.pt", tmp_path / "link.pt")
+    assert (tmp_path / "link.pt").is_symlink() and target.read_text() == "v2"
+    assert not (tmp_path / "new.pt").exists() and len(calls) == 2
+
+
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
     target = write_text(tmp_path / "results.json", "old")
     with pytest.raises(RuntimeError, match="boom"), atomic_path(target) as tmp:

@@ -686,9 +686,10 @@ def test_layers_with_weights_and_no_quantized_form_are_named(caplog):
 class _MaskedAttention(nn.Module):
     """Ids and an attention mask -> one attention layer -> mean over real tokens."""
 
-    def __init__(self, causal: bool = False) -> None:
+    def __init__(self, causal: bool = False, module: bool = False) -> None:
         super().__init__()
         self.causal = causal
+        self.softmax = nn.Softmax(-1) if module else None  # BERT's layout
         self.embed = nn.Embedding(40, 16)
         self.qkv = nn.Linear(16, 48)
         self.out = nn.Linear(16, 4)
@@ -701,19 +702,21 @@ class _MaskedAttention(nn.Module):
         if self.causal:
             n = ids.size(1)
             bias = bias + torch.triu(torch.full((n, n), float("-inf")), diagonal=1)
-        h = torch.matmul(torch.softmax(scores + bias, dim=-1), v)
+        scores = scores + bias
+        probs = self.softmax(scores) if self.softmax is not None else scores.softmax(-1)
+        h = torch.matmul(probs, v)
         weights = attention_mask.unsqueeze(-1).to(torch.float32)
         return self.out((h * weights).sum(1) / weights.sum(1))
 
 
-@pytest.mark.parametrize("causal", [False, True])
-def test_masks_computed_from_integer_inputs_stay_float(causal):
+@pytest.mark.parametrize(("causal", "module"), [(False, False), (True, False), (False, True)])
+def test_masks_computed_from_integer_inputs_stay_float(causal, module):
     """The add that applies an attention mask made from ``attention_mask`` was
     quantized by presets.INT8: calibrated on unpadded batches its mask input saw only
     zeros, so at run time padding was ignored (a padded sentence's output changed).
     A causal mask of -inf made no model at all (non-finite range)."""
     torch.manual_seed(0)
-    net = _MaskedAttention(causal).eval()
+    net = _MaskedAttention(causal, module).eval()
     gen = torch.Generator().manual_seed(1)
     calib = [((torch.randint(0, 40, (4, 6), generator=gen), torch.ones(4, 6, dtype=torch.long)),)
              for _ in range(4)]

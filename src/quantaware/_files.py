@@ -24,8 +24,10 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -101,7 +103,15 @@ def replace_file(source: str | os.PathLike, target: str | os.PathLike) -> Path:
     target = _resolved(Path(target))
     mode = target.stat().st_mode & 0o7777 if target.is_file() else new_file_mode()
     os.chmod(source, mode)
-    os.replace(source, target)
+    try:
+        os.replace(source, target)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        # a link to another file system: copy beside the target, then rename there
+        with atomic_path(target) as tmp:
+            shutil.copyfile(source, tmp)
+        os.unlink(source)
     return target
 
 

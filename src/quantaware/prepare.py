@@ -326,14 +326,16 @@ _MASK_PATH_METHODS = {"add", "sub", "mul", "div", "float", "to", "type_as", "vie
 _SOFTMAX = {torch.softmax, F.softmax, torch.log_softmax, F.log_softmax}
 
 
-def _feeds_softmax(node: fx.Node, depth: int = 4) -> bool:
+def _feeds_softmax(gm: fx.GraphModule, node: fx.Node, depth: int = 4) -> bool:
     for user in node.users:
-        if (user.op == "call_function" and user.target in _SOFTMAX) or (
-                user.op == "call_method" and user.target in ("softmax", "log_softmax")):
+        if ((user.op == "call_function" and user.target in _SOFTMAX)
+                or (user.op == "call_method" and user.target in ("softmax", "log_softmax"))
+                or (user.op == "call_module" and isinstance(
+                    _module(gm, user), nn.Softmax | nn.LogSoftmax))):
             return True
         on_path = ((user.op == "call_function" and user.target in _MASK_PATH_FUNCS)
                    or (user.op == "call_method" and user.target in _MASK_PATH_METHODS))
-        if on_path and depth > 0 and _feeds_softmax(user, depth - 1):
+        if on_path and depth > 0 and _feeds_softmax(gm, user, depth - 1):
             return True
     return False
 
@@ -362,7 +364,8 @@ def _mask_adds(gm: fx.GraphModule) -> set[fx.Node]:
              if not act and (_dtype(n) is not None and _dtype(n).is_floating_point)}
     return {n for n in gm.graph.nodes
             if n.op == "call_function" and n.target in _ADD_FUNCS
-            and any(a in masks for a in n.args) and _feeds_softmax(n)}
+            and any(a in masks for a in (*n.args, *n.kwargs.values()))
+            and _feeds_softmax(gm, n)}
 
 
 def _rewrite_functional(gm: fx.GraphModule, config: QuantConfig) -> None:

@@ -601,13 +601,15 @@ def run_quantize(model: LoadedModel, calib: DataSource, out: str | Path,
         results = _moved_paths(results, stage, out)
         write_json(results, stage / "results.json")  # type: ignore[arg-type]
         other = "onnx" if suffix == "tflite" else "tflite"  # a run for the other target
-        stale = ["results.json", "report.html", "report.md", f"model-fp32.{other}",
-                 f"model-int8.{other}"]
+        stale = ["report.html", "report.md", f"model-fp32.{other}", f"model-int8.{other}"]
+        staged = sorted(stage.iterdir(), key=lambda p: p.name == "results.json")
+        for path in staged[:-1]:
+            replace_file(path, out / path.name)
+        moved = {path.name for path in staged[:-1]}
         for name in stale:  # files of an earlier run that this run does not replace
-            if not (stage / name).exists():
+            if name not in moved:
                 (out / name).unlink(missing_ok=True)
-        for staged in sorted(stage.iterdir(), key=lambda p: p.name == "results.json"):
-            replace_file(staged, out / staged.name)
+        replace_file(staged[-1], out / "results.json")  # last: the run is complete
         return results
     finally:
         shutil.rmtree(stage, ignore_errors=True)

@@ -900,3 +900,16 @@ def test_a_1d_transposed_conv_with_output_padding_is_refused(litert, tmp_path):
                                                                output_padding=1)).eval()
     with pytest.raises(ExportError, match=r"1 \(ConvTranspose1d, output_padding=\(1,\)\)"):
         quantaware.export_tflite(net, tmp_path / "t.tflite", torch.randn(1, 2, 9))
+
+
+def test_an_uncalibrated_model_is_refused_and_left_uncalibrated(litert, tmp_path):
+    """The LiteRT pre-check's forward pass calibrated the caller's model on the example
+    (prepared models observe until calibrated), so the refusal never came."""
+    from quantaware.prepare import quantizers
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    x = torch.randn(1, 3, 8, 8)
+    prepared = quantaware.prepare(net, presets.INT8, x)
+    with pytest.raises(ExportError, match="has no calibrated range"):
+        quantaware.export_tflite(prepared, tmp_path / "u.tflite", x)
+    assert not any(bool(q.calibrated) for _, q in quantizers(prepared) if not q.from_tensor)

@@ -400,7 +400,8 @@ def test_data_of_another_shape_is_named(int8_path, int8_model):
     """ONNX Runtime's own message named neither the batch nor the file's shape."""
     x = torch.randn(4, 5, 7, 7)
     with pytest.raises(ValueError, match=r"onnxruntime could not run .* on verify batch 0: "
-                                         r"given \w+ \(4, 5, 7, 7\), the file takes \w+ \(N, "):
+                                         r"given \w+ \(4, 5, 7, 7\) float, the file takes "
+                                         r"\w+ \(N, "):
         quantaware.verify(int8_path, int8_model, [x], check_layers=False)
 
 
@@ -430,6 +431,14 @@ def test_a_backend_failure_on_fitting_data_is_not_blamed_on_the_data(int8_path, 
                                          r"\(\w+ \(25, .*CALLBACK HAS THROWN") as err:
         quantaware.verify(int8_path, int8_model, _batches(1, 1), check_layers=False)
     assert "pass data shaped like" not in str(err.value)
+
+
+def test_data_of_another_type_is_named(int8_path, int8_model):
+    """float64 data fit the file's shape: the backend was blamed."""
+    with pytest.raises(ValueError, match=r"could not run .* given \w+ \(25, 3, 8, 8\) double, "
+                                         r"the file takes \w+ \(N, 3, 8, 8\) float"):
+        quantaware.verify(int8_path, int8_model, [b.double() for b in _batches(1, 0)],
+                          check_layers=False)
 
 
 def test_verify_and_evaluation_leave_a_qat_model_that_still_observes_unchanged(tmp_path):

@@ -101,7 +101,7 @@ def _refuse_divisor_override(model: nn.Module) -> None:
     graphs = [m.graph for m in model.modules() if isinstance(m, torch.fx.GraphModule)]
     if not graphs:  # a plain module: its functional calls are seen by tracing it
         try:
-            graphs = [torch.fx.symbolic_trace(model).graph]
+            graphs = [torch.fx.symbolic_trace(copy.deepcopy(model)).graph]  # no side effects
         except Exception:  # untraceable: the check is skipped
             graphs = []
     for graph in graphs:

@@ -33,6 +33,7 @@ Needs ``pip install 'quantaware[litert]'`` (litert-torch and ai-edge-litert).
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import logging
 import os
@@ -812,8 +813,8 @@ def export_tflite(
     quantized = _has_quantizers(model)
     config = getattr(model, "quantaware_config", None)  # FP16 models have no FakeQuantizer
     problem = litert_problem(config) if config is not None else None
-    if problem is None:
-        problem = _litert_layer_problem(model, example_inputs)
+    if problem is None:  # on a copy: the forward pass must not calibrate the caller's
+        problem = _litert_layer_problem(copy.deepcopy(model), example_inputs)
     if problem is not None:
         raise ExportError(problem)
     try:

@@ -430,6 +430,18 @@ def _fits(given: tuple[int, ...], takes: Any) -> bool:
                                                                        strict=True))
 
 
+def _type_text(value: Any) -> str:
+    """A value's element type as backends name it (``float``, ``int64``)."""
+    name = np.asarray(value).dtype.name
+    return {"float32": "float", "float64": "double"}.get(name, name)
+
+
+def _type_name(info: Any) -> str:
+    """A backend input's element type (``tensor(float)`` -> ``float``; ``""`` unknown)."""
+    text = str(getattr(info, "type", "") or "")
+    return text[len("tensor("):-1] if text.startswith("tensor(") else ""
+
+
 def _shape_text(shape: Any) -> str:
     """``(N, 1, 8, 8)``: a backend's input shape, dynamic dimensions as ``N``."""
     dims = ["N" if d is None or isinstance(d, str) else str(d) for d in (shape or [])]
@@ -594,12 +606,15 @@ def _verify(
         try:
             return list(session.run(None, feed))
         except Exception as exc:  # each backend raises its own types
-            given = ", ".join(f"{k} {tuple(np.shape(v))}" for k, v in feed.items())
-            takes = ", ".join(f"{i.name} {_shape_text(i.shape)}" for i in session.get_inputs())
+            given = ", ".join(f"{k} {tuple(np.shape(v))} {_type_text(v)}"
+                              for k, v in feed.items())
+            takes = ", ".join(f"{i.name} {_shape_text(i.shape)} {_type_name(i)}"
+                              for i in session.get_inputs())
             detail = " ".join(str(exc).split())
             if len(detail) > 600:  # backends put the cause last, after their call stack
                 detail = detail[:200] + " ... " + detail[-400:]
             fits = all(name in feed and _fits(np.shape(feed[name]), i.shape)
+                       and _type_name(i) in ("", _type_text(feed[name]))
                        for name, i in zip(input_names, session.get_inputs(), strict=True))
             if fits:
                 raise ValueError(
@@ -609,8 +624,8 @@ def _verify(
                     "on it") from exc
             raise ValueError(
                 f"{backend} could not run {Path(onnx_path).name} on verify batch {index}: "
-                f"given {given}, the file takes {takes} ({detail}); pass data shaped like "
-                "the example the model was exported with") from exc
+                f"given {given}, the file takes {takes} ({detail}); pass data shaped (and "
+                "typed) like the example the model was exported with") from exc
 
     outs = [run(index, batch) for index, batch in enumerate(batches)]
 
