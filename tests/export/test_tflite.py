@@ -913,3 +913,22 @@ def test_an_uncalibrated_model_is_refused_and_left_uncalibrated(litert, tmp_path
     with pytest.raises(ExportError, match="has no calibrated range"):
         quantaware.export_tflite(prepared, tmp_path / "u.tflite", x)
     assert not any(bool(q.calibrated) for _, q in quantizers(prepared) if not q.from_tensor)
+
+
+def test_verify_says_when_the_file_differs_from_the_trained_model(litert, tmp_path):
+    """LiteRT's converter puts a bilinear resize's input on the resize's own grid:
+    the file matched the integer reference (PASS, 0 LSB) while computing other
+    values than the fake-quant model, and the report called the gap rounding ties."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Upsample(scale_factor=2,
+                                                                   mode="bilinear"),
+                        nn.Conv2d(8, 4, 3, padding=1)).eval()
+    data = [torch.randn(8, 3, 6, 6) for _ in range(4)]
+    q = quantaware.quantize(net, presets.INT8, data, data[0][:1])
+    path = quantaware.export_tflite(q, tmp_path / "m.tflite", data[0][:1])
+    report = quantaware.verify(path, q, [b[:1] for b in data], backend="litert")
+    assert report.passed() and report.fake_quant_max_error_lsb > 2
+    assert "NOTE: litert computes this file otherwise than the trained" in str(report)
+    onnx_path = quantaware.export_onnx(q, tmp_path / "m.onnx", data[0][:1])
+    report = quantaware.verify(onnx_path, q, data)
+    assert report.fake_quant_max_error_lsb <= 1 and "NOTE" not in str(report)

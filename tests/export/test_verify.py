@@ -84,7 +84,8 @@ def test_report_serialises(report):
                          "max_abs_error", "max_error_lsb", "output_scale", "layers_checked",
                          "first_divergent_layer", "first_divergent_lsb", "reference",
                          "integer_layers", "fake_quant_layers", "fake_quant_top1_agreement",
-                         "fake_quant_cosine", "layers_unavailable", "backend", "num_outputs"}
+                         "fake_quant_cosine", "layers_unavailable", "backend", "num_outputs",
+                         "fake_quant_max_error_lsb"}
     assert data["backend"] == "onnxruntime" and data["layers_unavailable"] == 0
     assert data["num_outputs"] == 1
     assert json.loads(report.to_json()) == data
