@@ -172,11 +172,20 @@ def _import_openvino() -> Any:
     return openvino
 
 
+def element_type_name(dtype: Any) -> str:
+    """ONNX Runtime's name for a numpy element type (``float32`` -> ``float``).
+
+    Example:
+        >>> element_type_name(np.float64), element_type_name(np.int64)
+        ('double', 'int64')
+    """
+    name = np.dtype(dtype).name
+    return {"float32": "float", "float64": "double"}.get(name, name)
+
+
 def _ort_type(element_type: Any) -> str:
     """ONNX Runtime's type string for an OpenVINO element type (``f32`` -> ``tensor(float)``)."""
-    dtype = np.dtype(element_type.to_dtype())
-    name = {"float32": "float", "float64": "double"}.get(dtype.name, dtype.name)
-    return f"tensor({name})"
+    return f"tensor({element_type_name(element_type.to_dtype())})"
 
 
 def _onnx_names(model: str | bytes) -> tuple[list[str], list[str]]:

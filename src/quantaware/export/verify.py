@@ -50,7 +50,12 @@ from quantaware._batch import (
     split_batch,
     to_device,
 )
-from quantaware.backends import BackendSession, check_backend, create_backend_session
+from quantaware.backends import (
+    BackendSession,
+    check_backend,
+    create_backend_session,
+    element_type_name,
+)
 from quantaware.export.integer import fake_quant_arithmetic, int8_code, integer_arithmetic
 from quantaware.export.layers import (
     LayerDiff,
@@ -450,8 +455,7 @@ def _fits(given: tuple[int, ...], takes: Any) -> bool:
 
 def _type_text(value: Any) -> str:
     """A value's element type as backends name it (``float``, ``int64``)."""
-    name = np.asarray(value).dtype.name
-    return {"float32": "float", "float64": "double"}.get(name, name)
+    return element_type_name(np.asarray(value).dtype)
 
 
 def _type_name(info: Any) -> str:
