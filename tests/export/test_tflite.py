@@ -902,6 +902,74 @@ def test_a_1d_transposed_conv_with_output_padding_is_refused(litert, tmp_path):
         quantaware.export_tflite(net, tmp_path / "t.tflite", torch.randn(1, 2, 9))
 
 
+class _Call(nn.Module):
+    def __init__(self, call) -> None:
+        super().__init__()
+        self.conv, self.call, self.head = nn.Conv2d(3, 8, 3, padding=1), call, nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return self.head(self.call(y))
+
+
+_F = torch.nn.functional
+_CALLS = {
+    "expand_as": (lambda y: y + y.mean((2, 3), keepdim=True).expand_as(y), "4-d expand_as"),
+    "expand": (lambda y: y * y.mean(1, keepdim=True).expand(-1, 8, -1, -1), "4-d expand"),
+    "broadcast_to": (lambda y: y + torch.broadcast_to(y.amax((2, 3), keepdim=True), y.shape),
+                     "4-d broadcast_to"),
+    "repeat": (lambda y: y.repeat(1, 2, 1, 1)[:, :8], "4-d repeat.*torch.cat"),
+    "adaptive_max_pool": (lambda y: y * _F.adaptive_max_pool2d(y, 1), "adaptive max pooling"),
+    "antialias": (lambda y: _F.interpolate(y, scale_factor=0.5, mode="bilinear",
+                                           antialias=True), "antialias=False"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_CALLS))
+def test_calls_litert_converts_wrongly_or_not_at_all_are_refused(litert, tmp_path, kind):
+    """A 4-d expand/repeat is moved to LiteRT's NHWC layout as if it were NCHW: with
+    C == H == W (8x8x8 here) the float and int8 files ran but were wrong (top-1 0.48-0.92),
+    otherwise the conversion failed with a converter error. Adaptive max pooling and
+    antialiased resizes have no LiteRT form (a raw 'Lowering not found')."""
+    call, message = _CALLS[kind]
+    net, x = _Call(call).eval(), torch.randn(16, 3, 8, 8)
+    for model in (net, quantaware.quantize(net, presets.INT8, [x], x[:1])):
+        with pytest.raises(ExportError, match=message):
+            quantaware.export_tflite(model, tmp_path / "c.tflite", x[:1])
+    assert not (tmp_path / "c.tflite").exists()
+
+
+def test_broadcasting_that_litert_gets_right_is_exported(litert, tmp_path):
+    """Implicit 4-d broadcasting and a 3-d expand (a ViT's class token) convert right."""
+    from quantaware.backends import create_backend_session
+
+    net = _Call(lambda y: y + y.mean((2, 3), keepdim=True)
+                + torch.zeros(1, 1, 8).expand(y.shape[0], 8, -1).mean(2)[..., None, None]).eval()
+    x = torch.randn(2, 3, 8, 8)
+    path = quantaware.export_tflite(net, tmp_path / "b.tflite", x[:1])
+    session = create_backend_session(str(path), "litert", threads=1)
+    (out,) = session.run(None, {session.get_inputs()[0].name: x[:1].numpy()})
+    with torch.no_grad():
+        np.testing.assert_allclose(out, net(x[:1]).numpy(), atol=1e-5)
+
+
+def test_bicubic_resizes_are_refused_in_int8_only(litert, tmp_path):
+    """The converter lays out the int8 bicubic resize wrongly (top-1 0.28 at 8x8x8, a
+    broadcast error otherwise); its float file is right."""
+    from quantaware.backends import create_backend_session
+
+    net = _Call(lambda y: _F.interpolate(y, scale_factor=2, mode="bicubic")).eval()
+    x = torch.randn(16, 3, 8, 8)
+    with pytest.raises(ExportError, match=r"bicubic.*mode='bilinear'"):
+        quantaware.export_tflite(quantaware.quantize(net, presets.INT8, [x], x[:1]),
+                                 tmp_path / "q.tflite", x[:1])
+    path = quantaware.export_tflite(net, tmp_path / "f.tflite", x[:1])
+    session = create_backend_session(str(path), "litert", threads=1)
+    (out,) = session.run(None, {session.get_inputs()[0].name: x[:1].numpy()})
+    with torch.no_grad():
+        np.testing.assert_allclose(out, net(x[:1]).numpy(), atol=1e-4)
+
+
 def test_an_uncalibrated_model_is_refused_and_left_uncalibrated(litert, tmp_path):
     """The LiteRT pre-check's forward pass calibrated the caller's model on the example
     (prepared models observe until calibrated), so the refusal never came."""

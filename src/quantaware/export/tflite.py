@@ -725,14 +725,65 @@ def _has_quantizers(model: nn.Module) -> bool:
     return any(isinstance(m, FakeQuantizer) for m in model.modules())
 
 
-def _litert_layer_problem(model: nn.Module, example_inputs: tuple) -> str | None:
-    """What in ``model`` LiteRT computes differently from torch, in float files too
+def _broadcast_problem(name: str, x: Any, out: Any) -> str | None:
+    """The problem with a 4-d ``expand``/``broadcast_to``/``repeat``/``tile`` that
+    changes a channel or spatial size, or ``None``."""
+    if (not isinstance(x, torch.Tensor) or not isinstance(out, torch.Tensor)
+            or x.dim() != 4 or out.dim() != 4 or x.shape[1:] == out.shape[1:]):
+        return None
+    fix = ("rely on broadcasting instead (y + g, not y + g.expand_as(y))"
+           if name in ("expand", "expand_as", "broadcast_to")
+           else "concatenate instead (torch.cat([x, x], 1), not x.repeat(1, 2, 1, 1))")
+    return (f"a 4-d {name} from {tuple(x.shape)} to {tuple(out.shape)}: LiteRT's converter "
+            "moves it to its channels-last layout wrongly, also in float (wrong outputs "
+            f"or a failed conversion); {fix}, or export to ONNX")
+
+
+def _call_problem(func: Any, args: tuple, kwargs: dict, out: Any,
+                  quantized: bool) -> str | None:
+    """What LiteRT computes differently from torch in one torch call, or ``None``."""
+    name = getattr(func, "__name__", "")
+    x = args[0] if args else kwargs.get("input")
+    if name in ("expand", "expand_as", "broadcast_to", "repeat", "tile"):
+        return _broadcast_problem(name, x, out)
+    if name.startswith("adaptive_max_pool"):
+        return (f"{name}: LiteRT has no adaptive max pooling, also in float; use "
+                "nn.MaxPool2d with a fixed kernel (or x.amax((2, 3), keepdim=True) for a "
+                "global one), or export to ONNX")
+    if func is not F.interpolate or not isinstance(x, torch.Tensor):
+        return None
+    mode = kwargs.get("mode", args[3] if len(args) > 3 else "nearest")
+    if kwargs.get("antialias", args[6] if len(args) > 6 else False):
+        return (f"a {mode} resize with antialias=True: LiteRT has no antialiased resize, "
+                "also in float; set antialias=False (or average-pool before the resize), "
+                "or export to ONNX")
+    if mode == "bicubic" and quantized:
+        return ("a bicubic resize: LiteRT's converter lays out its int8 form wrongly (wrong "
+                "outputs or a failed conversion; the float file is right); use "
+                "mode='bilinear', or export to ONNX")
+    if (mode == "nearest" and isinstance(out, torch.Tensor)
+            and any(o % i for i, o in zip(x.shape[2:], out.shape[2:], strict=True))):
+        return (f"a nearest resize from {tuple(x.shape[2:])} to {tuple(out.shape[2:])} is not "
+                "an integer upscale: LiteRT's nearest resize picks other pixels than "
+                "torch's mode='nearest' (half-pixel centres), also in float; use "
+                "mode='nearest-exact' (the same pixels in torch and LiteRT) or an integer "
+                "scale factor, or export to ONNX")
+    return None
+
+
+def _litert_layer_problem(model: nn.Module, example_inputs: tuple,
+                          quantized: bool = False) -> str | None:
+    """What in ``model`` LiteRT computes differently from torch or cannot convert
     (found by running the example once), or ``None``:
 
     - a 1-d transposed conv with ``output_padding`` (its last position is wrong; the
       2-d form fails to convert);
     - a ``nearest`` resize that is not an integer upscale (LiteRT's nearest resize
-      picks pixels at half-pixel centres, torch's ``nearest`` at their corners).
+      picks pixels at half-pixel centres, torch's ``nearest`` at their corners);
+    - a 4-d ``expand``/``broadcast_to``/``repeat``/``tile`` of channels or pixels
+      (the converter's layout pass reshapes NCHW data as NHWC);
+    - adaptive max pooling and antialiased resizes (no LiteRT form), and bicubic
+      resizes in an int8 file.
     """
     for name, module in model.named_modules():
         if isinstance(module, nn.ConvTranspose1d) and any(module.output_padding):
@@ -741,31 +792,22 @@ def _litert_layer_problem(model: nn.Module, example_inputs: tuple) -> str | None
                     "change the layer (pad its output instead), or export to ONNX")
     found: list[str] = []
 
-    class Resizes(torch.overrides.TorchFunctionMode):
+    class Calls(torch.overrides.TorchFunctionMode):
         def __torch_function__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
             out = func(*args, **kwargs)
-            if func is F.interpolate and not found:
-                mode = kwargs.get("mode", args[3] if len(args) > 3 else "nearest")
-                x = args[0] if args else kwargs.get("input")
-                if (mode == "nearest" and isinstance(x, torch.Tensor)
-                        and isinstance(out, torch.Tensor)
-                        and any(o % i for i, o in zip(x.shape[2:], out.shape[2:], strict=True))):
-                    found.append(f"a nearest resize from {tuple(x.shape[2:])} to "
-                                 f"{tuple(out.shape[2:])}")
+            if not found:
+                problem = _call_problem(func, args, kwargs, out, quantized)
+                if problem is not None:
+                    found.append(problem)
             return out
 
     try:
-        with torch.no_grad(), frozen(model), Resizes():
+        with torch.no_grad(), frozen(model), Calls():
             model(*example_inputs)
     except Exception:  # the conversion reports a model that does not run
         return None
-    if found:
-        return (f"{found[0]} is not an integer upscale: LiteRT's nearest resize picks "
-                "other pixels than torch's mode='nearest' (half-pixel centres), also in "
-                "float; use mode='nearest-exact' (the same pixels in torch and LiteRT) or "
-                "an integer scale factor, or export to ONNX")
-    return None
+    return found[0] if found else None
 
 
 def export_tflite(
@@ -814,7 +856,7 @@ def export_tflite(
     config = getattr(model, "quantaware_config", None)  # FP16 models have no FakeQuantizer
     problem = litert_problem(config) if config is not None else None
     if problem is None:  # on a copy: the forward pass must not calibrate the caller's
-        problem = _litert_layer_problem(copy.deepcopy(model), example_inputs)
+        problem = _litert_layer_problem(copy.deepcopy(model), example_inputs, quantized)
     if problem is not None:
         raise ExportError(problem)
     try:
