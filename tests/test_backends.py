@@ -159,6 +159,42 @@ def test_verify_on_each_backend(exports, data, record_property):
     assert ov_report.to_dict()["backend"] == "openvino"
 
 
+@pytest.mark.parametrize("view", ["flatten", "view"])
+def test_mean_of_a_flattened_quantized_map_runs_in_openvino(tmp_path, view):
+    """OpenVINO 2026.4 computes QuantizeLinear -> Reshape -> DequantizeLinear ->
+    ReduceMean wrongly on the CPU when the zero point is not 0 and the reshaped
+    tensor has few rows (x.flatten(2).mean(-1) at batch 16 x 3 channels read 155 codes
+    off ONNX Runtime). The export takes the mean over the unmerged dimensions
+    instead, which OpenVINO computes as ONNX Runtime does."""
+    pytest.importorskip("openvino")
+    import onnx
+
+    class Pooled(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.head = torch.nn.Conv2d(3, 3, 3, padding=1), torch.nn.Linear(3, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(x)  # no ReLU: an asymmetric grid with a non-zero zero point
+            flat = y.flatten(2) if view == "flatten" else y.view(y.shape[0], y.shape[1], -1)
+            return self.head(flat.mean(-1))
+
+    torch.manual_seed(0)
+    net, x = Pooled().eval(), torch.randn(64, 3, 4, 4)
+    qmodel = quantaware.quantize(net, presets.INT8, [x], x[:1])
+    path = quantaware.export_onnx(qmodel, tmp_path / "m.onnx", x[:1])
+    proto = onnx.load(path)
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    (mean,) = [n for n in proto.graph.node if n.op_type == "ReduceMean"]
+    assert producers[mean.input[0]].op_type == "DequantizeLinear"
+    assert producers[producers[mean.input[0]].input[0]].op_type == "QuantizeLinear"
+    for batch in (x[:16], x[:7], x[:1]):
+        ort_report = quantaware.verify(path, qmodel, [batch])
+        ov_report = quantaware.verify(path, qmodel, [batch], backend="openvino")
+        assert ort_report.max_error_lsb == 0.0
+        assert ov_report.max_error_lsb == 0.0, str(ov_report)
+
+
 def test_mean_over_tokens_before_a_quantizer_runs_in_openvino():
     """OpenVINO 2026.4 computes LayerNormalization -> ReduceMean(keepdims=0) ->
     QuantizeLinear wrongly on the CPU (169 codes off ONNX Runtime here, a mean-pooled

@@ -380,6 +380,95 @@ def _reduce_mean_keeping_dims(proto: onnx.ModelProto) -> int:
     return rewritten
 
 
+def _reduce_before_flatten(proto: onnx.ModelProto) -> int:
+    """Write a mean over the trailing dimensions a ``Reshape`` merged (``x.flatten(2)
+    .mean(-1)``, ``x.view(n, c, -1).mean(2)``) as the mean over those dimensions of
+    the unmerged tensor and a ``Reshape`` of the result: the same values and shape.
+
+    OpenVINO 2026.4 computes ``QuantizeLinear -> Reshape -> DequantizeLinear ->
+    ReduceMean`` wrongly on the CPU when the zero point is not 0 and the reshaped
+    tensor has few rows (16 x 3 channels: 155 codes off ONNX Runtime); the mean
+    over the unmerged dimensions agrees. Runs after the ``DequantizeLinear`` moved
+    after reshapes and ``ReduceMean`` keeps its dimensions. Returns the means
+    rewritten.
+    """
+    from onnx import helper, numpy_helper
+
+    shapes = _inferred_shapes(proto)
+    consts = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    names = {i.name for i in proto.graph.initializer} | {o for n in proto.graph.node
+                                                          for o in n.output}
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    nodes: list[onnx.NodeProto] = []
+    rewritten = 0
+
+    def fresh(name: str) -> str:
+        while name in names:
+            name += "_"
+        names.add(name)
+        return name
+
+    for node in proto.graph.node:
+        nodes.append(node)
+        if (node.op_type != "ReduceMean" or node.domain not in ("", "ai.onnx")
+                or _attr(node, "keepdims", 1) != 1 or not node.input):
+            continue
+        axes = _attr(node, "axes")
+        if axes is None and len(node.input) > 1 and node.input[1] in consts:
+            axes = consts[node.input[1]].reshape(-1).tolist()
+        dq, reshape = None, producers.get(node.input[0])
+        if (reshape is not None and reshape.op_type == "DequantizeLinear"
+                and reshape.input[1] in consts and consts[reshape.input[1]].size == 1):
+            dq, reshape = reshape, producers.get(reshape.input[0])
+        if (not axes or len(axes) != 1 or reshape is None or reshape.op_type != "Reshape"
+                or reshape.domain not in ("", "ai.onnx")):
+            continue
+        merged, to = shapes.get(reshape.input[0]), shapes.get(reshape.output[0])
+        if not merged or not to or len(to) < 2 or len(merged) <= len(to):
+            continue
+        k = len(to) - 1
+        tail = merged[k:]
+        if (axes[0] % len(to) != k or any(d is None for d in (*tail, *to[1:]))
+                or merged[1:k] != to[1:k] or int(np.prod(tail)) != to[k]):
+            continue
+        data = reshape.input[0]
+        if dq is not None:
+            data = fresh(f"{data}_dequantized")
+            nodes.insert(len(nodes) - 1, helper.make_node(
+                "DequantizeLinear", [reshape.input[0], *dq.input[1:]], [data],
+                name=fresh(f"{node.name or node.output[0]}_dequantize")))
+        out, unmerged = node.output[0], list(range(k, len(merged)))
+        node.input[0] = data
+        node.output[0] = fresh(f"{out}_unmerged")
+        if _attr(node, "axes") is not None:
+            for a in node.attribute:
+                if a.name == "axes":
+                    a.ints[:] = unmerged
+        else:
+            axes_name = fresh(f"{node.name or out}_axes")
+            proto.graph.initializer.append(
+                numpy_helper.from_array(np.asarray(unmerged, np.int64), axes_name))
+            node.input[1] = axes_name
+        shape_name = fresh(f"{node.name or out}_shape")
+        proto.graph.initializer.append(numpy_helper.from_array(
+            np.asarray([-1, *to[1:k], 1], np.int64), shape_name))
+        nodes.append(helper.make_node("Reshape", [node.output[0], shape_name], [out],
+                                      name=fresh(f"{node.name or out}_reshape")))
+        rewritten += 1
+    if rewritten:
+        graph_outputs = {o.name for o in proto.graph.output}
+        while True:  # the reshapes and dequantizations no longer read go
+            used = {name for n in nodes for name in n.input} | graph_outputs
+            kept = [n for n in nodes if n.op_type not in ("Reshape", "DequantizeLinear")
+                    or any(o in used for o in n.output)]
+            if len(kept) == len(nodes):
+                break
+            nodes = kept
+        del proto.graph.node[:]
+        proto.graph.node.extend(nodes)
+    return rewritten
+
+
 def _attr(node: onnx.NodeProto, name: str, default=None):
     for a in node.attribute:
         if a.name == name:
@@ -801,6 +890,7 @@ def export_onnx(
     _quantize_constants(proto)
     _reduce_mean_keeping_dims(proto)
     _sink_dequantize_through_reshapes(proto)
+    _reduce_before_flatten(proto)
     _explicit_ceil_pooling(proto)
     if space_to_depth:
         _space_to_depth_stems(proto)
