@@ -41,8 +41,39 @@ def test_mixed_precision_meets_budget_and_round_trips():
     score = agreement(outputs(q, data), outputs(net, data))
     assert result.reference_score - score <= 3.0
     assert score == result.score
-    all_int8 = sum(m.weight.numel() for m in net.modules() if hasattr(m, "weight"))
+    all_int8 = sum(m.weight.numel() + 4 * m.bias.numel() for m in net.modules()
+                   if hasattr(m, "weight"))
     assert result.size_bytes <= all_int8
+
+
+def test_mixed_precision_size_counts_every_parameter_once():
+    """The size left out embedding tables (99% of a text classifier: 1088 bytes
+    reported for 129 KB of weights) and layers the base config keeps float."""
+    from quantaware.config import LayerOverride
+
+    class Text(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.fc, self.out = nn.Embedding(2000, 64), nn.Linear(64, 32), \
+                nn.Linear(32, 4)
+            self.tied = nn.Linear(64, 2000, bias=False)
+            self.tied.weight = self.emb.weight  # counted once
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            h = self.emb(ids).mean(1)
+            return self.out(torch.relu(self.fc(h))) + self.tied(h)[:, :4]
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 2000, (64, 12))
+    data = [ids[:32], ids[32:]]
+    config = presets.INT8.with_overrides(LayerOverride("out", skip=True))
+    result = search(Text().eval(), config, data, data, max_drop=100.0,
+                    low_spec=presets.W4A8.weight)
+    bits = {"int8": 8, "low": 4, "float": 32}
+    expected = (2000 * 64  # the int8 table (the tied head reads the same tensor)
+                + 64 * 32 * bits[result.choices.get("fc", "int8")] / 8 + 4 * 32
+                + 4 * (32 * 4 + 4))  # "out" stays float
+    assert result.size_bytes == expected
 
 
 class _TwoHeads(nn.Module):
@@ -143,7 +174,7 @@ def test_an_impossible_budget_adds_no_float_layer_that_wins_nothing():
         floats = [n for n, c in result.choices.items() if c == "float"]
         if best == all_int8["score"]:
             assert floats == []
-        assert result.size_bytes <= 4 * (16 * 64 + 64 * 10)
+        assert result.size_bytes <= 4 * (16 * 64 + 64 * 10 + 64 + 10)
 
 
 def test_analysis_input_problems_are_named():
@@ -195,4 +226,29 @@ def test_a_float_layer_that_ties_does_not_end_the_search():
     data = [torch.randn(6, 8)]
     result = search(net, QuantConfig(weight=w2, activation=None, name="W2"), data, data,
                     max_drop=0.0, low_spec=w2)
+    assert result.meets_budget
+
+
+def test_mixed_precision_example_follows_the_forward_signature_for_dict_batches():
+    """The example from a dict batch went to prepare in the dict's key order (a BERT
+    tokenizer's input_ids, token_type_ids, attention_mask), so the ids and the mask
+    swapped places and the float model 'failed on the example'."""
+
+    class Bert(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.types, self.fc = nn.Embedding(100, 16), nn.Embedding(2, 16), \
+                nn.Linear(16, 3)
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            mask = attention_mask.unsqueeze(-1)
+            h = self.emb(input_ids) + self.types(token_type_ids)
+            return self.fc((h * mask).sum(1) / mask.sum(1))
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 100, (32, 6))
+    batches = [{"input_ids": ids, "token_type_ids": torch.zeros_like(ids),
+                "attention_mask": torch.ones(32, 6), "labels": torch.zeros(32, dtype=torch.long)}]
+    result = search(Bert().eval(), presets.INT8, batches, batches, max_drop=5.0,
+                    low_spec=presets.W4A8.weight)
     assert result.meets_budget

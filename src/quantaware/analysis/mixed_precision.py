@@ -71,13 +71,40 @@ def _weighted(model: nn.Module) -> dict[str, nn.Module]:
 
 def weight_bytes(model: nn.Module, choices: dict[str, Choice], base_bits: int,
                  low_bits: int) -> float:
-    """Bytes of the weights of ``model``'s quantizable layers under ``choices``, each
-    at its bit width: what the search minimises. The exported ONNX file stores
-    weights of fewer than 8 bits in int8 (the integer kernels' format), so on disk
-    a low-bit layer takes as much as an int8 one."""
+    """Bytes of ``model``'s parameters under ``choices``, each tensor counted once:
+    what the search minimises. The weights of the layers it chooses for take their
+    choice's bit width, other quantized weights (embedding tables) their
+    quantizer's, everything else (layers the config keeps float, biases, norms) its
+    float size. The exported ONNX file stores weights of fewer than 8 bits in int8
+    (the integer kernels' format), so on disk a low-bit layer takes as much as an
+    int8 one.
+
+    Example:
+        >>> import torch
+        >>> from quantaware import presets, prepare
+        >>> net = torch.nn.Sequential(torch.nn.Embedding(100, 8), torch.nn.Linear(8, 4))
+        >>> q = prepare(net, presets.INT8, torch.zeros(1, 3, dtype=torch.long))
+        >>> weight_bytes(q, {"1": "low"}, 8, 4)  # table int8, weight 4-bit, bias float
+        832.0
+    """
     bits = {"int8": base_bits, "low": low_bits, "float": 32}
-    return sum(m.weight.numel() * bits[choices.get(n, "int8")] / 8
-               for n, m in _weighted(model).items())
+    chosen = _weighted(model)
+    total, seen = 0.0, set()
+    for name, module in model.named_modules():
+        for kind, param in module.named_parameters(recurse=False):
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
+            quantizer = getattr(module, "weight_quantizer", None)
+            if kind == "weight" and name in chosen:
+                width = bits[choices.get(name, "int8")]
+            elif (kind == "weight" and isinstance(quantizer, FakeQuantizer)
+                    and bool(quantizer.fake_quant_enabled)):
+                width = quantizer.spec.bits
+            else:
+                width = param.element_size() * 8
+            total += param.numel() * width / 8
+    return total
 
 
 def apply_choices(config: QuantConfig, choices: dict[str, Choice],
@@ -165,7 +192,7 @@ def search(
         ...                           torch.nn.Linear(64, 10))
         >>> data = [torch.randn(64, 16)]
         >>> r = search(net, presets.INT8, data, data, max_drop=5.0, low_spec=presets.W4A8.weight)
-        >>> r.meets_budget and r.size_bytes <= 16 * 64 + 64 * 10
+        >>> r.meets_budget and r.size_bytes <= 16 * 64 + 64 * 10 + 4 * (64 + 10)
         True
     """
     calib_data, data = list(calib_data), list(data)
@@ -174,7 +201,7 @@ def search(
                          f"the budget on; got {len(calib_data)} calibration and {len(data)} "
                          "evaluation batches")
     if example_inputs is None:  # the first calibration batch's inputs, labels dropped
-        example: Any = input_args(unpack_batch(calib_data[0])[0])
+        example: Any = input_args(unpack_batch(calib_data[0])[0], model)
     else:
         example = example_inputs
     base_bits = config.weight.bits if isinstance(config.weight, QuantSpec) else 32
