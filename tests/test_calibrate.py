@@ -295,3 +295,37 @@ def test_calibrated_qparams_stay_fixed_afterwards():
     for name in before:
         assert torch.equal(before[name][0], after[name][0]), name
     assert torch.equal(model(x), y1)
+
+
+def test_num_batches_takes_no_batch_past_the_last_one_used():
+    """An iterator gave up one batch more than num_batches (lost to its next reader)."""
+    pulled = []
+
+    def stream():
+        for i in range(10):
+            pulled.append(i)
+            yield torch.randn(8, 4)
+
+    q = quantaware.prepare(nn.Sequential(nn.Linear(4, 2)), presets.INT8, torch.randn(1, 4))
+    batches = stream()
+    quantaware.calibrate(q, batches, num_batches=2)
+    assert pulled == [0, 1] and len(list(batches)) == 8
+
+
+def test_each_module_gets_its_own_mode_back():
+    """A train-mode model with a module kept in eval mode came back all in train."""
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 2))
+    q = quantaware.prepare(net, presets.INT8, torch.randn(1, 4))
+    q.train()
+    kept = [m for m in q.modules() if isinstance(m, nn.Dropout)]
+    assert kept
+    for m in kept:
+        m.eval()
+    quantaware.calibrate(q, [torch.randn(8, 4)])
+    assert q.training and all(not m.training for m in kept)
+
+
+def test_a_model_that_was_never_prepared_is_refused():
+    """calibrate(float_model) gave the float model back, with an INFO line only."""
+    with pytest.raises(ValueError, match=r"needs a prepared model.*quantaware.prepare"):
+        quantaware.calibrate(nn.Linear(4, 2), [torch.randn(8, 4)])

@@ -128,3 +128,17 @@ def test_litert_keeps_int8_outputs_where_they_cost_little():
                                  min_sqnr_db=math.inf) == []
     with pytest.raises(ValueError, match="measured backends"):
         quantize_for_backend(net, calib, calib[0][:1], backend="tflite")
+
+
+def test_quantize_for_backend_reads_a_one_shot_iterator_once():
+    """SmoothQuant used up a generator, so calibration then found no data."""
+    model, data = _tiny_minilm(), _tokens(32)
+    batches = [{k: v[:16] for k, v in data.items()}, {k: v[16:] for k, v in data.items()}]
+    from_list = quantize_for_backend(model, batches, batches[0], float_layers=0)
+    from_generator = quantize_for_backend(model, (b for b in batches), batches[0],
+                                          float_layers=0)
+    for (name, a), b in zip(from_list.state_dict().items(),
+                            from_generator.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match="needs calibration data"):
+        quantize_for_backend(model, iter([]), batches[0])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Iterable
 from typing import Any
@@ -50,12 +51,17 @@ def calibrate(model: nn.Module, data: Iterable[Any], num_batches: int | None = N
         raise ValueError(f"num_batches must be a positive int or None, got {num_batches!r}")
     targets = _calibratable(model)
     if not targets:
+        if getattr(model, "quantaware_config", None) is None:
+            raise ValueError(
+                f"calibrate needs a prepared model, but {type(model).__name__} has no "
+                "quantizers; prepare it first (quantaware.prepare(model, config, "
+                "example_inputs)), or use quantaware.quantize, which does both")
         log.info("nothing to calibrate: the model has no static activation quantizers")
         return model
     for _, q in targets:
         q.observer.reset()
         q.observe_only()
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]
     model.eval()
     device = model_device(model)
     seen = 0
@@ -65,9 +71,8 @@ def calibrate(model: nn.Module, data: Iterable[Any], num_batches: int | None = N
              for name, module in model.named_modules() if name in owners]
     try:
         with torch.no_grad():
-            for batch in data:
-                if num_batches is not None and seen >= num_batches:
-                    break
+            # islice: an iterator gives up no batch past the last one used
+            for batch in itertools.islice(data, num_batches):
                 args, kwargs = split_batch(batch)
                 check_finite(args, kwargs, f"calibration batch {seen}", CalibrationError)
                 args, kwargs = to_device(args, kwargs, device)
@@ -82,7 +87,8 @@ def calibrate(model: nn.Module, data: Iterable[Any], num_batches: int | None = N
                     raise TypeError(f"calibration batch {seen}: {exc}{hint}") from exc
                 seen += 1
     finally:
-        model.train(was_training)
+        for module, training in modes:  # each module's own mode (frozen batch norms)
+            module.train(training)
         for hook in hooks:
             hook.remove()
     if seen == 0:

@@ -42,7 +42,7 @@ import dataclasses
 import logging
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -135,7 +135,7 @@ def most_sensitive_linears(prepared: nn.Module, data: list[Any], count: int) -> 
     return sorted(names, key=sqnr.__getitem__)[:count]
 
 
-def quantize_for_backend(model: nn.Module, calib: list[Any], example: Any,
+def quantize_for_backend(model: nn.Module, calib: Iterable[Any], example: Any,
                          backend: str = "onnxruntime-x86",
                          config: QuantConfig | None = None,
                          float_layers: int | None = None) -> nn.Module:
@@ -171,6 +171,10 @@ def quantize_for_backend(model: nn.Module, calib: list[Any], example: Any,
         float_layers = TRANSFORMER_FLOAT_LAYERS if transformer else 0
     if float_layers < 0:
         raise ValueError(f"float_layers must be >= 0, got {float_layers}")
+    calib = list(calib)  # read more than once (smoothing, calibration, choices)
+    if not calib:
+        raise ValueError("quantize_for_backend needs calibration data: pass at least one "
+                         "batch (a few hundred representative samples is typical)")
     args = input_args(example, model)
 
     def ptq(cfg: QuantConfig) -> nn.Module:

@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +55,7 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     return F.kl_div(log_student, log_teacher, log_target=True, reduction="batchmean") * t * t
 
 
-def distill(student: nn.Module, teacher: nn.Module, data: Sequence[torch.Tensor],
+def distill(student: nn.Module, teacher: nn.Module, data: Iterable[Any],
             steps: int = 200, lr: float = 1e-5, temperature: float = 1.0,
             on_step: Callable[[int, float], None] | None = None) -> nn.Module:
     """Fine-tune a calibrated ``student`` (from :func:`quantaware.quantize`) towards ``teacher``.
@@ -62,30 +63,48 @@ def distill(student: nn.Module, teacher: nn.Module, data: Sequence[torch.Tensor]
     Args:
         student: the prepared, calibrated model (trained in place and returned).
         teacher: the float model it was prepared from.
-        data: unlabelled input batches, cycled for ``steps`` optimizer steps.
+        data: input batches, cycled for ``steps`` optimizer steps: tensors,
+            ``(inputs, ...)`` tuples or dicts of keyword inputs (labels are not
+            used, so a labelled loader works too).
         lr: Adam learning rate (small: PTQ is already close).
         temperature: softmax temperature of the distillation loss.
         on_step: called with ``(step, loss)`` after every step.
+
+    Both models run in eval mode (folded batch norms, no dropout: the targets are
+    the float model's predictions); each module's mode is given back after.
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    data = list(data) if not isinstance(data, Sequence) else data
     if not data:
-        raise ValueError("distill needs at least one batch of unlabelled inputs")
+        raise ValueError("distill needs at least one batch of inputs")
+    from quantaware._batch import check_finite, model_device, split_batch, to_device
+    from quantaware.train import _logits
+
+    modes = [(m, m.training) for model in (teacher, student) for m in model.modules()]
     teacher.eval()
     # Eval mode: BatchNorm is folded and dropout would only add noise to the targets.
     student.eval()
+    device = model_device(student)
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=lr)
-    for step, batch in zip(range(steps), itertools.cycle(data), strict=False):
-        with torch.no_grad():
-            target = teacher(batch)
-        loss = distillation_loss(student(batch), target, temperature)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        value = float(loss.detach())
-        if on_step is not None:
-            on_step(step, value)
-        if step % 50 == 0:
-            log.info("distill step %d: loss %.5f", step, value)
+    try:
+        for step, batch in zip(range(steps), itertools.cycle(data), strict=False):
+            args, kwargs = split_batch(batch)
+            check_finite(args, kwargs, f"distillation batch {step}")
+            args, kwargs = to_device(args, kwargs, device)
+            with torch.no_grad():
+                target = _logits(teacher(*args, **kwargs))
+            loss = distillation_loss(_logits(student(*args, **kwargs)), target, temperature)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            value = float(loss.detach())
+            if on_step is not None:
+                on_step(step, value)
+            if step % 50 == 0:
+                log.info("distill step %d: loss %.5f", step, value)
+    finally:
+        for module, training in modes:
+            module.train(training)
     return student

@@ -31,6 +31,7 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Iterable
 from typing import Any
@@ -39,7 +40,7 @@ import torch
 from torch import fx, nn
 
 from quantaware._batch import model_device, split_batch, to_device
-from quantaware.fake_quant import FakeQuantizer
+from quantaware.fake_quant import FakeQuantizer, frozen
 from quantaware.nn.linear import QuantLinear
 from quantaware.primitives import choose_qparams, fake_quantize
 
@@ -131,6 +132,8 @@ def smooth_quant(model: nn.Module, data: Iterable[Any], alpha: float | str = 0.5
     auto = alpha == "auto"
     if not auto and not (isinstance(alpha, int | float) and 0.0 <= alpha <= 1.0):
         raise ValueError(f"alpha must be in [0, 1] or 'auto', got {alpha!r}")
+    if num_batches is not None and (not isinstance(num_batches, int) or num_batches < 1):
+        raise ValueError(f"num_batches must be a positive int or None, got {num_batches!r}")
     targets = _targets(model)
     if not targets:
         return 0
@@ -157,20 +160,24 @@ def smooth_quant(model: nn.Module, data: Iterable[Any], alpha: float | str = 0.5
     saved = [(q.observer_enabled.clone(), q.fake_quant_enabled.clone()) for q in quantizers]
     for q in quantizers:
         q.disable()  # maxima of the float model
+    seen = 0
     try:
         device = model_device(model)
-        with torch.no_grad():
-            for i, batch in enumerate(data):
-                if num_batches is not None and i >= num_batches:
-                    break
+        # eval mode (no dropout): the maxima of the function being quantized
+        with torch.no_grad(), frozen(model):
+            for batch in itertools.islice(data, num_batches):
                 args, kwargs = to_device(*split_batch(batch), device)
                 model(*args, **kwargs)
+                seen += 1
     finally:
         for handle in handles:
             handle.remove()
         for q, (obs, fq) in zip(quantizers, saved, strict=True):
             q.observer_enabled.copy_(obs)
             q.fake_quant_enabled.copy_(fq)
+    if not seen:
+        raise ValueError("smooth_quant needs data: pass at least one batch of "
+                         "representative inputs (the calibration batches work)")
     done = 0
     with torch.no_grad():
         for key, (q, linears) in targets.items():

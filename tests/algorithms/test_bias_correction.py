@@ -4,7 +4,9 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 
+import quantaware
 from quantaware import calibrate, prepare, presets
 from quantaware.algorithms import bias_correction
 from quantaware.config import PerChannel, QuantConfig, QuantSpec
@@ -66,3 +68,30 @@ def test_bias_correction_per_output_channel_of_every_layer_kind(kind):
     with torch.no_grad():
         after = (q(x) - net(x)).mean(dims).abs().max()
     assert before > 0.005 and after < 1e-4, (float(before), float(after))
+
+
+@pytest.mark.parametrize("algorithm", ["bias_correction", "adaround"])
+def test_a_model_in_train_mode_is_corrected_as_in_eval_mode(algorithm):
+    """quantize() gives back a train-mode model in train mode; bias correction and
+    AdaRound then measured with dropout on (SQNR 16.5 -> 13.2 dB, where eval mode
+    gives 22.2 dB). They measure the eval-mode function and leave the mode as given."""
+    import copy
+
+    from quantaware.algorithms import adaround, bias_correction
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Dropout(0.5), nn.Linear(64, 10))
+    x = torch.rand(256, 16) * 4
+    q = quantaware.quantize(net.eval(), presets.W4A8, [x], x[:1])
+    apply = (bias_correction.apply if algorithm == "bias_correction"
+             else lambda m, d: adaround.apply(m, d, iterations=50, num_samples=256))
+    done = []
+    for mode in (False, True):
+        model = copy.deepcopy(q).train(mode)
+        torch.manual_seed(1)
+        apply(model, [x])
+        assert model.training is mode
+        done.append(model.eval())
+    for (name, a), b in zip(done[0].state_dict().items(), done[1].state_dict().values(),
+                            strict=True):
+        assert torch.equal(a, b), name

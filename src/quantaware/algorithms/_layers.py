@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from quantaware._batch import model_device, split_batch, to_device
-from quantaware.fake_quant import FakeQuantizer
+from quantaware.fake_quant import FakeQuantizer, frozen
 from quantaware.nn.weighted import WeightQuantMixin
 
 
@@ -34,8 +34,11 @@ def float_reference(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def _run(model: nn.Module, data: Iterable[Any]) -> None:
+    """Run ``model`` on ``data`` in eval mode (no dropout, batch norms on their running
+    statistics: the function being quantized) with its ranges fixed; the caller's
+    modes come back after."""
     device = model_device(model)
-    with torch.no_grad():
+    with torch.no_grad(), frozen(model):
         for batch in data:
             args, kwargs = to_device(*split_batch(batch), device)
             with contextlib.suppress(_Stop):
