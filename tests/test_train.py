@@ -138,3 +138,31 @@ def test_accuracy_refuses_labels_that_are_not_class_indices(labels, message) -> 
         evaluate_accuracy(model, [(torch.zeros(2, 2), labels)])
     whole = torch.tensor([0.0, 2.0])  # integral floats are class indices too
     assert 0.0 <= evaluate_accuracy(model, [(torch.zeros(2, 2), whole)]) <= 100.0
+
+
+def test_evaluate_accuracy_refuses_labels_that_are_not_one_index_per_sample():
+    """One-hot labels of one sample read as 200% accuracy (more: a raw broadcast error)."""
+    model = nn.Linear(4, 3)
+    x = torch.randn(5, 4)
+    onehot = torch.nn.functional.one_hot(torch.tensor([0, 1, 2, 0, 1]), 3)
+    for n in (1, 5):
+        with pytest.raises(ValueError, match=rf"labels have shape \({n}, 3\).*argmax\(1\)"):
+            evaluate_accuracy(model, [(x[:n], onehot[:n])])
+
+
+def test_evaluate_accuracy_reads_logits_from_dicts_and_refuses_nan_inputs():
+    class Dict(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {"hidden": x, "logits": self.fc(x)}
+
+    torch.manual_seed(0)
+    model, x = Dict(), torch.randn(8, 4)
+    labels = model.fc(x).argmax(1).detach()
+    assert evaluate_accuracy(model, [(x, labels)]) == 100.0
+    x[2, 1] = float("nan")
+    with pytest.raises(ValueError, match="batch 0 contains 1 NaN/Inf"):
+        evaluate_accuracy(model, [(x, labels)])

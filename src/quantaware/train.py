@@ -36,7 +36,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from quantaware._batch import LABEL_KEYS, check_class_labels, unpack_batch
+from quantaware._batch import LABEL_KEYS, check_class_labels, check_finite, unpack_batch
 
 __all__ = ["LABEL_KEYS", "evaluate_accuracy", "fit", "predict_logits", "unpack_batch"]
 
@@ -190,9 +190,14 @@ def predict_logits(
     outputs: list[torch.Tensor] = []
     targets: list[torch.Tensor] = []
     with frozen(model):  # observers off too: evaluating leaves the ranges alone
-        for batch in loader:
+        for index, batch in enumerate(loader):
             inputs, labels = unpack_batch(batch)
-            outputs.append(_forward(model, inputs, device).detach().cpu())
+            if isinstance(inputs, dict):
+                check_finite((), inputs, f"batch {index}")
+            else:
+                check_finite(inputs if isinstance(inputs, tuple) else (inputs,), {},
+                             f"batch {index}")
+            outputs.append(_logits(_forward(model, inputs, device)).detach().cpu())
             if labels is not None:
                 targets.append(torch.as_tensor(labels).cpu())
     if not outputs:
@@ -200,6 +205,22 @@ def predict_logits(
     if targets and len(targets) != len(outputs):
         raise ValueError("some batches carry labels and some do not; make them consistent")
     return torch.cat(outputs), (torch.cat(targets) if targets else None)
+
+
+def _logits(out: Any) -> torch.Tensor:
+    """The class scores in a model's output: the tensor itself, a dict's (or model
+    output object's) ``logits``, or a tuple's first tensor."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, dict) or hasattr(out, "keys"):
+        if "logits" in out:
+            return out["logits"]
+        raise ValueError(f"the model returned a dict with keys {list(out.keys())} and no "
+                         "'logits'; return the class scores as a tensor or under 'logits'")
+    if isinstance(out, tuple | list) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise ValueError(f"the model returned {type(out).__name__}; return the class scores "
+                     "as an (N, num_classes) tensor")
 
 
 def evaluate_accuracy(model: nn.Module, loader: Iterable[Any]) -> float:
@@ -214,11 +235,14 @@ def evaluate_accuracy(model: nn.Module, loader: Iterable[Any]) -> float:
     """
     logits, labels = predict_logits(model, loader)
     labels = _require_labels(labels, "evaluate_accuracy")
-    if logits.ndim != 2 or logits.shape[0] != labels.shape[0]:
+    if logits.ndim != 2:
+        raise ValueError(f"expected (N, num_classes) logits, got shape {tuple(logits.shape)}; "
+                         "the model must return one row of class scores per sample")
+    if labels.numel() != logits.shape[0]:
         raise ValueError(
-            f"expected (N, num_classes) logits matching {labels.shape[0]} labels, got "
-            f"shape {tuple(logits.shape)}; the model must return one logit row per sample"
-        )
+            f"the labels have shape {tuple(labels.shape)} for {logits.shape[0]} samples; give "
+            "one class index per sample, shaped (N,) (labels.argmax(1) for one-hot labels; "
+            "batches with several inputs as ((x1, x2), y))")
     check_class_labels(labels, logits.shape[1])
     correct = (logits.argmax(dim=1) == labels.reshape(-1)).sum().item()
-    return 100.0 * correct / labels.shape[0]
+    return 100.0 * correct / logits.shape[0]

@@ -252,3 +252,36 @@ def test_mixed_precision_example_follows_the_forward_signature_for_dict_batches(
     result = search(Bert().eval(), presets.INT8, batches, batches, max_drop=5.0,
                     low_spec=presets.W4A8.weight)
     assert result.meets_budget
+
+
+def test_sensitivity_refuses_float_uncalibrated_and_nan_inputs():
+    """A float model gave [], an uncalibrated one numbers from ranges its own first
+    pass set, NaN inputs rows of NaN SQNR."""
+    import pytest
+
+    from quantaware import prepare
+
+    net, data = _net(), _data(1)
+    with pytest.raises(ValueError, match="no quantized layers"):
+        sensitivity(net, data)
+    with pytest.raises(ValueError, match=r"no range yet.*quantaware.calibrate"):
+        sensitivity(prepare(net, presets.INT8, data[0][:1]), data)
+    bad = data[0].clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="batch 1 contains 1 NaN/Inf"):
+        sensitivity(quantize(net, presets.INT8, data, data[0][:1]), [data[0], bad])
+
+
+def test_outputs_of_sequences_padded_per_batch_join():
+    """Batches padded to their own length (a dynamic-padding collator) failed to join."""
+    import pytest
+
+    net = nn.Linear(4, 6)
+    a, b = torch.randn(2, 5, 4), torch.randn(3, 7, 4)
+    out = outputs(net, [a, b])
+    assert out.shape == (5, 7, 6)
+    with torch.no_grad():
+        assert torch.equal(out[:2, :5], net(a)) and torch.equal(out[2:], net(b))
+        assert not out[:2, 5:].any()
+    with pytest.raises(ValueError, match=r"output 0 has shape \(2, 4, 5, 5\).*another"):
+        outputs(nn.Conv2d(3, 4, 1), [torch.randn(2, 3, 5, 5), torch.randn(2, 3, 6, 6)])

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from quantaware._batch import model_device, split_batch, to_device
+from quantaware._batch import check_finite, model_device, split_batch, to_device
 from quantaware.fake_quant import frozen
 
 __all__ = ["agreement", "outputs", "sqnr_db"]
@@ -46,8 +46,10 @@ def outputs(model: nn.Module, data: Iterable[Any]) -> Outputs:
     device = model_device(model)
     parts: list[tuple[torch.Tensor, ...]] = []
     with torch.no_grad(), frozen(model):
-        for batch in data:
-            args, kwargs = to_device(*split_batch(batch), device)
+        for index, batch in enumerate(data):
+            args, kwargs = split_batch(batch)
+            check_finite(args, kwargs, f"batch {index}")
+            args, kwargs = to_device(args, kwargs, device)
             flat = tuple(t for t in _flat(model(*args, **kwargs)) if t.dim() > 0)
             if not flat:
                 raise TypeError("the model returned no tensor with a batch axis; return a "
@@ -55,8 +57,27 @@ def outputs(model: nn.Module, data: Iterable[Any]) -> Outputs:
             parts.append(tuple(t.detach().float().cpu() for t in flat))
     if not parts:
         raise ValueError("no data: give at least one batch to run the model on")
-    joined = tuple(torch.cat(column) for column in zip(*parts, strict=True))
+    joined = tuple(_join(list(column), k) for k, column in enumerate(zip(*parts, strict=True)))
     return joined[0] if len(joined) == 1 else joined
+
+
+def _join(parts: list[torch.Tensor], index: int) -> torch.Tensor:
+    """One output's batches joined along the batch; ``(N, L, D)`` sequences of
+    batches padded to different lengths are zero-padded to the longest (zeros add
+    neither signal nor noise to :func:`sqnr_db`, and :func:`agreement` leaves
+    sequences out)."""
+    shapes = {tuple(p.shape[1:]) for p in parts}
+    if len(shapes) == 1:
+        return torch.cat(parts)
+    if any(p.dim() != 3 for p in parts) or len({p.shape[2] for p in parts}) != 1:
+        raise ValueError(
+            f"output {index} has shape {tuple(parts[0].shape)} in one batch and "
+            f"{next(tuple(p.shape) for p in parts if p.shape[1:] != parts[0].shape[1:])} in "
+            "another; give batches whose outputs differ only in the batch size (or in the "
+            "sequence length of (N, L, D) outputs)")
+    length = max(p.shape[1] for p in parts)
+    return torch.cat([torch.nn.functional.pad(p, (0, 0, 0, length - p.shape[1]))
+                      for p in parts])
 
 
 def _pairs(quantized: Outputs, reference: Outputs) -> list[tuple[torch.Tensor, torch.Tensor]]:

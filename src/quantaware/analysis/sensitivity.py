@@ -99,6 +99,16 @@ def sensitivity(model: nn.Module, data: Iterable[Any], metric: Metric = agreemen
     if not data:
         raise ValueError("sensitivity needs data: give at least one evaluation batch")
     owned = layer_quantizers(model)
+    if not owned:
+        raise ValueError(f"{type(model).__name__} has no quantized layers; pass a calibrated "
+                         "model (quantaware.quantize, or prepare + calibrate)")
+    from quantaware.calibrate import _calibratable
+
+    waiting = [n for n, q in _calibratable(model) if not bool(q.calibrated)]
+    if waiting:
+        raise ValueError(f"quantizer {waiting[0]!r} has no range yet ({len(waiting)} "
+                         "uncalibrated): run quantaware.calibrate(model, data) first, or the "
+                         "first forward passes would set the ranges the analysis measures")
     names = list(owned) if layers is None else list(layers)
     unknown = [n for n in names if n not in owned]
     if unknown:
