@@ -980,3 +980,16 @@ def test_average_pooling_with_a_divisor_override_is_refused(tmp_path, functional
         with pytest.raises(ExportError, match=r"divisor_override.*cannot be exported to ONNX"):
             quantaware.export_onnx(model, tmp_path / "p.onnx", x[:1])
     assert not (tmp_path / "p.onnx").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_an_example_of_another_float_type_than_the_weights_is_refused(tmp_path, dtype):
+    """A float64 example (NumPy data) exported without complaint a file ONNX Runtime
+    refused to load (INVALID_GRAPH: tensor(double) into QuantizeLinear)."""
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    x = torch.randn(16, 4)
+    q = quantaware.quantize(net, presets.INT8, [x], x[:1])
+    with pytest.raises(ExportError,
+                       match=r"example input 0 is float(64|16).*x.to\(torch.float32\)"):
+        quantaware.export_onnx(q, tmp_path / "m.onnx", x[:1].to(dtype))
+    assert not (tmp_path / "m.onnx").exists()

@@ -92,6 +92,22 @@ def _export_copy(model: nn.Module) -> nn.Module:
 _AVG_POOLS = {F.avg_pool2d, F.avg_pool3d, torch._C._nn.avg_pool2d, torch._C._nn.avg_pool3d}
 
 
+def _check_example_dtypes(model: nn.Module, example_inputs: tuple) -> None:
+    """Refuse floating-point example inputs of another dtype than the model's
+    weights: the file's input takes the example's dtype, and ONNX Runtime refused
+    to load a float64 input feeding a float32 QuantizeLinear."""
+    weights = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    if weights is None:
+        return
+    for index, x in enumerate(example_inputs):
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != weights:
+            raise ExportError(
+                f"example input {index} is {str(x.dtype).removeprefix('torch.')}, but the "
+                f"model's weights are {str(weights).removeprefix('torch.')}: the exported "
+                "file would take and compute in the wrong type; pass the example as "
+                f"x.to({weights}) (data from NumPy is often float64)")
+
+
 def _refuse_divisor_override(model: nn.Module) -> None:
     """ONNX's AveragePool has no divisor: torch's exporter drops ``divisor_override``
     and the file divides by the window size instead (63 LSB off on a 2x2 pool with
@@ -843,6 +859,7 @@ def export_onnx(
         example_inputs = (example_inputs,)
     example_inputs = tuple(example_inputs)
     path = Path(path)
+    _check_example_dtypes(model, example_inputs)
     _refuse_divisor_override(model)
     path.parent.mkdir(parents=True, exist_ok=True)
     export_model = _export_copy(model)

@@ -49,7 +49,7 @@ from torch import fx, nn
 from quantaware._files import write_bytes
 from quantaware._native import native_stderr_filtered, quiet_loggers
 from quantaware.export.integer import int8_code
-from quantaware.export.onnx import ExportError, _export_copy
+from quantaware.export.onnx import ExportError, _check_example_dtypes, _export_copy
 from quantaware.fake_quant import frozen
 from quantaware.nn.pool import ceil_mode_matters
 from quantaware.primitives import dequantize
@@ -854,6 +854,7 @@ def export_tflite(
     litert_torch, quant_config, _ = _import_litert()
     quantized = _has_quantizers(model)
     config = getattr(model, "quantaware_config", None)  # FP16 models have no FakeQuantizer
+    _check_example_dtypes(model, example_inputs)
     problem = litert_problem(config) if config is not None else None
     if problem is None:  # on a copy: the forward pass must not calibrate the caller's
         problem = _litert_layer_problem(copy.deepcopy(model), example_inputs, quantized)
