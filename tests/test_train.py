@@ -166,3 +166,22 @@ def test_evaluate_accuracy_reads_logits_from_dicts_and_refuses_nan_inputs():
     x[2, 1] = float("nan")
     with pytest.raises(ValueError, match="batch 0 contains 1 NaN/Inf"):
         evaluate_accuracy(model, [(x, labels)])
+
+
+def test_fit_takes_n_by_1_and_integral_float_labels_and_names_a_one_shot_loader():
+    """(N, 1) and float labels failed inside cross-entropy with torch's raw error; a
+    generator trained one epoch, then 'loader yielded no batches'."""
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 3), torch.randint(0, 2, (16,))
+    losses = []
+    for labels in (y, y[:, None], y.float()):
+        torch.manual_seed(1)
+        model = nn.Linear(3, 2)
+        losses.append(fit(model, [(x, labels)], epochs=2, seed=0))
+    assert losses[0] == losses[1] == losses[2]
+    soft = torch.softmax(torch.randn(16, 2), 1)  # class probabilities stay as they are
+    assert len(fit(nn.Linear(3, 2), [(x, soft)], epochs=1)) == 1
+    with pytest.raises(ValueError, match=r"label is 0.5"):
+        fit(nn.Linear(3, 2), [(x, torch.full((16,), 0.5))], epochs=1)
+    with pytest.raises(ValueError, match="no batches in epoch 2: it is a one-shot iterator"):
+        fit(nn.Linear(3, 2), (b for b in [(x, y)]), epochs=2)

@@ -61,6 +61,21 @@ def _forward(model: nn.Module, inputs: Inputs, device: torch.device) -> torch.Te
     return model(inputs.to(device))
 
 
+def _class_targets(labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Labels for cross-entropy: class probabilities shaped like ``logits`` as they
+    are, else one class index per sample (``(N, 1)`` and integral float labels
+    accepted) as int64."""
+    if labels.shape == logits.shape and labels.is_floating_point():
+        return labels  # soft targets
+    if logits.ndim != 2 or labels.numel() != logits.shape[0]:
+        raise ValueError(
+            f"cross-entropy needs one class index per sample, shaped (N,), or class "
+            f"probabilities shaped like the logits {tuple(logits.shape)}; the labels have "
+            f"shape {tuple(labels.shape)} (pass loss_fn for another target)")
+    check_class_labels(labels, logits.shape[1])
+    return labels.reshape(-1).long()
+
+
 def _require_labels(labels: torch.Tensor | None, what: str) -> torch.Tensor:
     if labels is None:
         raise ValueError(
@@ -130,6 +145,7 @@ def fit(
     except TypeError:
         steps_per_epoch, per_step = 1, False
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
+    default_loss = loss_fn is None
     loss_fn = loss_fn if loss_fn is not None else nn.functional.cross_entropy
     device = _model_device(model)
     was_training = model.training
@@ -142,7 +158,10 @@ def fit(
             for batch in loader:
                 inputs, labels = unpack_batch(batch)
                 labels = _require_labels(labels, "fit").to(device)
-                loss = loss_fn(_forward(model, inputs, device), labels)
+                logits = _logits(_forward(model, inputs, device))
+                if default_loss:
+                    labels = _class_targets(labels, logits)
+                loss = loss_fn(logits, labels)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -150,6 +169,11 @@ def fit(
                     schedule.step()
                 total += loss.detach().double().cpu() * labels.shape[0]
                 count += labels.shape[0]
+            if count == 0 and epoch > 1:
+                raise ValueError(
+                    f"the loader gave no batches in epoch {epoch}: it is a one-shot iterator "
+                    "(a generator?); pass one that can be read again (a DataLoader or a "
+                    "list) to train for several epochs")
             if count == 0:
                 raise ValueError("loader yielded no batches; check the dataset is not empty")
             if not per_step:
