@@ -237,6 +237,36 @@ def test_a_layer_shared_by_inputs_on_different_grids_falls_back(tmp_path):
     assert report.first_divergent_layer is None, str(report)
 
 
+class _SharedLinearHead(nn.Module):
+    """One Linear head for two branches ~20x apart in range."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 4)
+        with torch.no_grad():
+            self.b.weight.mul_(20)
+            self.head.bias.copy_(torch.tensor([1.0, -1.0, 0.5, 2.0]))
+
+    def forward(self, x):
+        return self.head(self.a(x)), self.head(self.b(x))
+
+
+def test_a_shared_linear_on_different_grids_keeps_its_bias_float(tmp_path):
+    """ONNX Runtime fuses each call of a shared Linear into a QGemm that reads the one
+    int32 bias on that call's own input grid: the second call added the bias x 20
+    (178 LSB, top-1 19%). The bias is stored float, as the model computes it."""
+    import onnx
+
+    torch.manual_seed(0)
+    calib = [torch.randn(8, 6) for _ in range(4)]
+    q = quantaware.quantize(_SharedLinearHead().eval(), presets.INT8, calib, calib[0][:1])
+    path = quantaware.export_onnx(q, tmp_path / "shared.onnx", calib[0][:1])
+    inits = {i.name: i.data_type for i in onnx.load(path).graph.initializer}
+    assert inits.get("head.bias") == onnx.TensorProto.FLOAT, inits
+    report = quantaware.verify(path, q, [torch.randn(64, 6)])
+    assert report.passed() and report.max_error_lsb <= 1 + 1e-3, str(report)
+
+
 def test_layers_without_integer_kernel_fall_back_and_are_listed(int8_model):
     model = copy.deepcopy(int8_model)
     model.get_submodule("dw").activation = ChannelClip(torch.full((32,), 4.0))

@@ -114,7 +114,15 @@ class WeightQuantMixin(QuantMixin):
                 self.register_buffer("_wscale", w_scale.clone())
                 self.register_buffer("_wzp", w_zp.to(self._qweight.dtype))
                 release_parameter(self, "weight")
-                if b_scale is not None:
+                from quantaware.prepare import MIXED_INPUT_GRIDS
+
+                if b_scale is not None and self.__dict__.get(MIXED_INPUT_GRIDS):
+                    # Called on inputs of different grids: an int32 bias is read on
+                    # each call's own grid (ONNX Runtime's QGemm), which holds only
+                    # for the first call. Stored float, as the model computes it.
+                    self.bias.copy_(fake_quantize(self.bias, b_scale, 0, BIAS_QMIN,
+                                                  BIAS_QMAX, 0, own_range=True))
+                elif b_scale is not None:
                     self.register_buffer(
                         "_qbias",
                         quantize(self.bias, b_scale, torch.zeros_like(b_scale, dtype=torch.int32),
