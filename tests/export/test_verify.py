@@ -467,3 +467,40 @@ def test_verify_and_evaluation_leave_a_qat_model_that_still_observes_unchanged(t
     assert report.passed and report.max_error_lsb == 0
     assert all(torch.equal(before[n], q.scale) for n, q in quantizers(qmodel))
     assert qmodel.training
+
+
+@pytest.mark.parametrize("quantized_output", [True, False])
+def test_a_wrong_regression_output_is_not_passed(tmp_path, quantized_output):
+    """An (N,) output passed however wrong: top-1 of one value always agrees, each
+    sample's cosine was only its sign, and the step was not found through the
+    Squeeze, so nothing bounded the error (200% off read PASS)."""
+    from quantaware.config import LayerOverride
+
+    class Regression(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body, self.head = nn.Linear(6, 16), nn.Linear(16, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.relu(self.body(x))).squeeze(-1)
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 6)
+    config = presets.INT8 if quantized_output else presets.INT8.with_overrides(
+        LayerOverride("head", activation=None))
+    q = quantaware.quantize(Regression().eval(), config, [x], x[:1])
+    path = quantaware.export_onnx(q, tmp_path / "r.onnx", x[:1])
+    report = quantaware.verify(path, q, [x])
+    assert report.passed(), str(report)
+    assert (report.max_error_lsb is not None) is quantized_output
+    proto = onnx.load(path)  # a wrong file: it negates its input
+    name = proto.graph.input[0].name
+    for node in proto.graph.node:
+        node.input[:] = [f"{name}_negated" if i == name else i for i in node.input]
+    proto.graph.node.insert(0, onnx.helper.make_node("Neg", [name], [f"{name}_negated"]))
+    onnx.save(proto, tmp_path / "wrong.onnx")
+    wrong = quantaware.verify(tmp_path / "wrong.onnx", q, [x])
+    assert not wrong.passed(), str(wrong)
+    # no NOTE that the integer reference follows the backend: it does not
+    assert "NOTE" not in str(wrong)
+    assert ("differs from both" in str(wrong)) is quantized_output
