@@ -827,3 +827,35 @@ def test_only_adds_applying_masks_to_scores_stay_float():
     ids, mask = torch.randint(0, 10, (2, 4)), torch.ones(2, 4, dtype=torch.long)
     q = quantaware.prepare(_IntegerTuples(), presets.INT8, (ids, mask))
     assert len([m for m in q.modules() if isinstance(m, QuantAdd)]) == 2
+
+
+class _Optional(nn.Module):
+    """A forward with optional inputs the example leaves out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x, mask=None, return_features=False):
+        h = torch.relu(self.c1(x))
+        h = h + torch.relu(self.c2(h))
+        if mask is not None:
+            h = h * mask
+        f = h.mean((2, 3))
+        return f if return_features else self.fc(f)
+
+
+def test_optional_inputs_left_at_their_defaults_are_traced_at_them():
+    """forward(x, mask=None, return_features=False) fell back to quantizing modules
+    only (the residual add float), blaming data-dependent control flow."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 6, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning
+        q = quantaware.quantize(_Optional().eval(), presets.INT8, [x], x[:1])
+    assert isinstance(q, torch.fx.GraphModule)
+    assert any(type(m).__name__ == "QuantAdd" for m in q.modules())
+    assert q(x).shape == (8, 4)
+    with pytest.raises(AssertionError, match="mask has been specialized to have value None"):
+        q(x, torch.ones(8, 8, 6, 6))  # the traced graph holds the default's branch

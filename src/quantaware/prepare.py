@@ -648,16 +648,41 @@ def _set_quantizer_state(model: nn.Module, state: dict[str, torch.Tensor] | None
     return saved
 
 
+def _unpassed_defaults(model: nn.Module, example_inputs: tuple) -> dict[str, Any]:
+    """``forward``'s parameters after the example's positional inputs that have a
+    default (``mask=None``, ``return_features=False``), with those defaults."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {p.name: p.default for p in params[len(example_inputs):]
+            if p.kind in kinds and p.default is not inspect.Parameter.empty}
+
+
+def _trace_with(model: nn.Module, example_inputs: tuple,
+                concrete_args: dict[str, Any] | None) -> fx.GraphModule:
+    tracer = _Tracer()
+    graph = tracer.trace(model, concrete_args=concrete_args)
+    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    # ShapeProp prints the traceback of a failing node itself; the failure is
+    # reported below (bad example inputs) or as the warning, not as a dump.
+    with contextlib.redirect_stderr(io.StringIO()):
+        ShapeProp(gm).propagate(*example_inputs)
+    return gm
+
+
 def _trace(model: nn.Module, example_inputs: tuple) -> fx.GraphModule | None:
     try:
-        tracer = _Tracer()
-        graph = tracer.trace(model)
-        gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
-        # ShapeProp prints the traceback of a failing node itself; the failure is
-        # reported below (bad example inputs) or as the warning, not as a dump.
-        with contextlib.redirect_stderr(io.StringIO()):
-            ShapeProp(gm).propagate(*example_inputs)
-        return gm
+        try:
+            return _trace_with(model, example_inputs, None)
+        except Exception:
+            defaults = _unpassed_defaults(model, example_inputs)
+            if not defaults:
+                raise
+        # An optional input the example leaves out (mask=None) branched the trace:
+        # traced at its default, which the graph then asserts it keeps.
+        return _trace_with(model, example_inputs, defaults)
     except Exception as exc:  # torch.fx raises many exception types
         _check_runs(model, example_inputs)  # the inputs may be what failed, not tracing
         warnings.warn(
