@@ -993,3 +993,27 @@ def test_an_example_of_another_float_type_than_the_weights_is_refused(tmp_path, 
                        match=r"example input 0 is float(64|16).*x.to\(torch.float32\)"):
         quantaware.export_onnx(q, tmp_path / "m.onnx", x[:1].to(dtype))
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_a_buffer_named_like_an_op_output_exports(tmp_path):
+    """A buffer called 'mean' (input normalisation) and a .mean() call both declared
+    'mean': the exporter's file failed to load (onnx_ir SerdeError, 'redeclared')."""
+
+    class Normalised(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
+            self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+            self.conv, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = (x - self.mean) / self.std
+            return self.fc(F.relu(self.conv(x)).mean((2, 3)))
+
+    torch.manual_seed(0)
+    net, x = Normalised().eval(), torch.rand(16, 3, 8, 8)
+    q = quantaware.quantize(net, presets.INT8, [x], x[:1])
+    for name, model in (("float", net), ("int8", q)):
+        path = quantaware.export_onnx(model, tmp_path / f"{name}.onnx", x[:1])
+        report = quantaware.verify(path, model, [x])
+        assert report.passed(), str(report)

@@ -23,6 +23,7 @@ import os
 import re
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -90,6 +91,25 @@ def _export_copy(model: nn.Module) -> nn.Module:
 
 
 _AVG_POOLS = {F.avg_pool2d, F.avg_pool3d, torch._C._nn.avg_pool2d, torch._C._nn.avg_pool3d}
+
+
+def _unique_value_names(graph: Any) -> int:
+    """Rename node outputs that reuse a name already declared in ``graph`` (an
+    ``onnx_ir`` graph): the exporter names an op's output after the op, so a buffer
+    called ``mean`` and a ``.mean()`` call both declared ``mean``, a file no reader
+    accepts. Returns the values renamed."""
+    declared = {*graph.initializers.keys(), *(v.name for v in graph.inputs)}
+    renamed = 0
+    for node in graph:
+        for value in node.outputs:
+            if value.name in declared:
+                base, k = value.name, 1
+                while f"{base}_{k}" in declared:
+                    k += 1
+                value.name = f"{base}_{k}"
+                renamed += 1
+            declared.add(value.name)
+    return renamed
 
 
 def _check_example_dtypes(model: nn.Module, example_inputs: tuple) -> None:
@@ -894,6 +914,7 @@ def export_onnx(
                 f"torch.onnx.export failed for {type(model).__name__}: "
                 f"{type(exc).__name__}: {_export_failure(exc)}"
             ) from exc
+        _unique_value_names(program.model.graph)
         # Traced at batch 2, a model that pins its batch size exports with a
         # fixed batch of 2: trace the given example instead.
         if last or _batch_is_dynamic(program.model_proto):
@@ -901,8 +922,13 @@ def export_onnx(
     # The default optimizer folds Cast(float16 weight) into a float32 initializer
     # for small weights; fold only scalar constants (zero-point casts, shapes) and
     # leave the rest to ONNX Runtime's own constant folding at load time.
-    proto = onnxscript.optimizer.optimize(program.model_proto,
-                                          input_size_limit=_FOLD_INPUT_SIZE_LIMIT)
+    try:
+        proto = onnxscript.optimizer.optimize(program.model_proto,
+                                              input_size_limit=_FOLD_INPUT_SIZE_LIMIT)
+    except Exception as exc:
+        cause = f"{exc}; {exc.__cause__}" if exc.__cause__ is not None else str(exc)
+        raise ExportError(f"torch.onnx.export wrote an invalid graph for "
+                          f"{type(model).__name__}: {type(exc).__name__}: {cause[:2000]}") from exc
     _fold_float_biases(proto)
     _quantize_constants(proto)
     _reduce_mean_keeping_dims(proto)
