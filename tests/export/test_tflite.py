@@ -970,6 +970,36 @@ def test_bicubic_resizes_are_refused_in_int8_only(litert, tmp_path):
         np.testing.assert_allclose(out, net(x[:1]).numpy(), atol=1e-4)
 
 
+class _Outputs(nn.Module):
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind, self.fc = kind, nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor):
+        y = self.fc(x)
+        if self.kind == "namedtuple":
+            import collections
+
+            return collections.namedtuple("Out", "logits features")(y, x)
+        if self.kind == "none":
+            return y, None
+        if y.mean() > 10:
+            return y * 2
+        return y
+
+
+@pytest.mark.parametrize(("kind", "message"), [
+    ("namedtuple", r"output is a named tuple \(Out\).*plain tuple"),
+    ("none", r"output\[1\] is NoneType, not a tensor"),
+    ("branch", r"branches on a tensor's value \(File .*line \d+: `if y.mean\(\) > 10:`\)")])
+def test_outputs_and_branches_litert_cannot_hold_are_named(litert, tmp_path, kind, message):
+    """A named tuple or a None output and a value-dependent branch failed with the
+    converter's raw errors ("'type' object is not iterable", a guard dump)."""
+    with pytest.raises(ExportError, match=message):
+        quantaware.export_tflite(_Outputs(kind).eval(), tmp_path / "o.tflite",
+                                 torch.randn(1, 4))
+
+
 def test_an_uncalibrated_model_is_refused_and_left_uncalibrated(litert, tmp_path):
     """The LiteRT pre-check's forward pass calibrated the caller's model on the example
     (prepared models observe until calibrated), so the refusal never came."""

@@ -49,7 +49,12 @@ from torch import fx, nn
 from quantaware._files import write_bytes
 from quantaware._native import native_stderr_filtered, quiet_loggers
 from quantaware.export.integer import int8_code
-from quantaware.export.onnx import ExportError, _check_example_dtypes, _export_copy
+from quantaware.export.onnx import (
+    ExportError,
+    _check_example_dtypes,
+    _export_copy,
+    _export_failure,
+)
 from quantaware.fake_quant import frozen
 from quantaware.nn.pool import ceil_mode_matters
 from quantaware.primitives import dequantize
@@ -804,10 +809,33 @@ def _litert_layer_problem(model: nn.Module, example_inputs: tuple,
 
     try:
         with torch.no_grad(), frozen(model), Calls():
-            model(*example_inputs)
+            out = model(*example_inputs)
     except Exception:  # the conversion reports a model that does not run
         return None
-    return found[0] if found else None
+    return found[0] if found else _output_problem(out)
+
+
+def _output_problem(out: Any, where: str = "output") -> str | None:
+    """Why LiteRT cannot return ``out`` (a ``None`` or non-tensor entry, a named
+    tuple), or ``None``: a file's outputs are tensors."""
+    if isinstance(out, torch.Tensor):
+        return None
+    if isinstance(out, tuple) and hasattr(out, "_fields"):
+        return (f"the model's {where} is a named tuple ({type(out).__name__}), which "
+                "LiteRT's converter cannot return; return a plain tuple or a dict of "
+                "tensors, or export to ONNX")
+    if isinstance(out, dict):
+        items = [(f"{where}[{k!r}]", v) for k, v in out.items()]
+    elif isinstance(out, tuple | list):
+        items = [(f"{where}[{i}]", v) for i, v in enumerate(out)]
+    else:
+        return (f"the model's {where} is {type(out).__name__}, not a tensor; a LiteRT file "
+                "returns tensors: leave it out of forward()'s outputs")
+    for name, value in items:
+        problem = _output_problem(value, name)
+        if problem is not None:
+            return problem
+    return None
 
 
 def export_tflite(
@@ -888,7 +916,7 @@ def export_tflite(
                     "asymmetric; change the layer, or export to ONNX)")
         raise ExportError(
             f"LiteRT conversion failed for {type(model).__name__}{hint}: "
-            f"{type(exc).__name__}: {str(exc)[:2000]}") from exc
+            f"{_export_failure(exc)}") from exc
     if quantized:
         for layer, why in rewriter.float_layers:
             log.warning("LiteRT runs %s in float32: it is %s", layer, why)
