@@ -1030,3 +1030,25 @@ def test_verify_says_when_the_file_differs_from_the_trained_model(litert, tmp_pa
     onnx_path = quantaware.export_onnx(q, tmp_path / "m.onnx", data[0][:1])
     report = quantaware.verify(onnx_path, q, data)
     assert report.fake_quant_max_error_lsb <= 1 and "NOTE" not in str(report)
+
+
+def test_a_square_constant_matmul_operand_is_compared_in_its_stored_layout(litert, tmp_path):
+    """LiteRT stores the constant operand of x @ W (8x8) transposed, as a
+    FULLY_CONNECTED weight of the same shape: the layer check read a 173-LSB
+    divergence there while the file matched the model exactly."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp, self.out = nn.Linear(6, 8), nn.Linear(8, 3)
+            self.W = nn.Parameter(torch.randn(8, 8) * 0.3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(torch.relu(self.inp(x) @ self.W))
+
+    torch.manual_seed(1)
+    x = torch.randn(16, 6)
+    q = quantaware.quantize(Net().eval(), presets.INT8, [x], x[:1])
+    path = quantaware.export_tflite(q, tmp_path / "m.tflite", x[:1])
+    report = quantaware.verify(path, q, [x[:8]], backend="litert")
+    assert report.passed() and report.first_divergent_layer is None, str(report)

@@ -1013,12 +1013,16 @@ def output_scale(path: str | os.PathLike) -> float | None:
 def _torch_layouts(value: np.ndarray, shape: tuple[int, ...]) -> list[np.ndarray]:
     """A LiteRT tensor read in the torch layout ``shape``: NHWC images (LiteRT's
     layout) transposed back first, then the tensor as it is. Both when a square
-    image has as many channels as rows (32x32x32 reads either way)."""
+    image has as many channels as rows (32x32x32 reads either way); a matrix also
+    transposed (a constant matmul operand stored as a ``FULLY_CONNECTED`` weight,
+    which keeps the shape of a square one)."""
     layouts = []
     if value.ndim == 4 and len(shape) == 4 and value.transpose(0, 3, 1, 2).shape == shape:
         layouts.append(value.transpose(0, 3, 1, 2))
     if value.shape == shape:
         layouts.append(value)
+    if value.ndim == 2 and value.T.shape == shape:
+        layouts.append(value.T)
     return layouts
 
 
