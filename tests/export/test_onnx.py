@@ -353,6 +353,9 @@ class _FakeProgram:
         self.model_proto = onnx.helper.make_model(
             graph, opset_imports=[onnx.helper.make_opsetid("", 21)])
         self.model_proto.ir_version = 10
+        import onnx_ir
+
+        self.model = onnx_ir.from_proto(self.model_proto)
 
 
 @pytest.fixture
