@@ -859,3 +859,12 @@ def test_optional_inputs_left_at_their_defaults_are_traced_at_them():
     assert q(x).shape == (8, 4)
     with pytest.raises(AssertionError, match="mask has been specialized to have value None"):
         q(x, torch.ones(8, 8, 6, 6))  # the traced graph holds the default's branch
+
+
+def test_an_example_forward_cannot_take_is_named():
+    """An (x, y) batch given as the example traced (the graph ignored y) and then
+    failed with a bare 'forward() takes 2 positional arguments but 3 were given'."""
+    x, y = torch.randn(8, 4), torch.zeros(8, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"2 tensors, but Sequential.forward takes \(input\)"
+                                         r".*not \(x, y\)"):
+        quantaware.prepare(nn.Sequential(nn.Linear(4, 2)), presets.INT8, (x[:1], y[:1]))

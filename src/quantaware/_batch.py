@@ -189,6 +189,24 @@ def check_finite(args: tuple, kwargs: dict, where: str,
             )
 
 
+def check_float_dtypes(args: tuple, kwargs: dict, model: torch.nn.Module, where: str,
+                       error: type[Exception] = ValueError) -> None:
+    """Raise ``error`` naming the cast when a floating-point input is of another type
+    than ``model``'s floating-point weights (float64 NumPy data for a float32
+    model failed inside the first layer with "mat1 and mat2 must have the same
+    dtype")."""
+    weights = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    if weights is None:
+        return
+    for value in (*args, *kwargs.values()):
+        if (isinstance(value, torch.Tensor) and value.is_floating_point()
+                and value.dtype != weights):
+            raise error(
+                f"{where} is {str(value.dtype).removeprefix('torch.')}, but the model's "
+                f"weights are {str(weights).removeprefix('torch.')}; convert the data "
+                f"(x.to({weights}); NumPy arrays are often float64)")
+
+
 def call_hint(exc: TypeError) -> str:
     """Advice for a ``TypeError`` raised calling a model with a batch's inputs."""
     if "argument" not in str(exc):

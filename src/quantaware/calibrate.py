@@ -10,7 +10,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from quantaware._batch import call_hint, check_finite, model_device, split_batch, to_device
+from quantaware._batch import (
+    call_hint,
+    check_finite,
+    check_float_dtypes,
+    model_device,
+    split_batch,
+    to_device,
+)
 from quantaware.config import QuantConfig
 from quantaware.observers import CalibrationError
 
@@ -75,6 +82,8 @@ def calibrate(model: nn.Module, data: Iterable[Any], num_batches: int | None = N
             for batch in itertools.islice(data, num_batches):
                 args, kwargs = split_batch(batch)
                 check_finite(args, kwargs, f"calibration batch {seen}", CalibrationError)
+                check_float_dtypes(args, kwargs, model, f"calibration batch {seen}",
+                                   CalibrationError)
                 args, kwargs = to_device(args, kwargs, device)
                 try:
                     model(*args, **kwargs)

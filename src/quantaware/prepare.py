@@ -728,6 +728,25 @@ def _prepare_eager(model: nn.Module, config: QuantConfig) -> nn.Module:
     return model
 
 
+def _check_binds(model: nn.Module, example_inputs: tuple) -> None:
+    """Refuse example inputs ``forward`` cannot take (an ``(x, y)`` batch given as
+    the example): a graph traced for one input ignored the second, and the check
+    after tracing failed with a bare TypeError."""
+    try:
+        signature = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return
+    try:
+        signature.bind(*example_inputs)
+    except TypeError as exc:
+        names = [p.name for p in signature.parameters.values()]
+        raise ValueError(
+            f"the example inputs are {len(example_inputs)} tensors, but "
+            f"{type(model).__name__}.forward takes ({', '.join(names)}): {exc}. Pass the "
+            "model's inputs only, not a whole batch with its labels (x[:1], not (x, y))"
+        ) from exc
+
+
 def _check_runs(model: nn.Module, example_inputs: tuple) -> None:
     """Run the float model once after a tracing failure, so wrong example inputs are
     reported as such rather than as a tracing problem."""
@@ -807,6 +826,7 @@ def prepare(
             f"{type(config).__name__}"
         )
     example_inputs = _as_tuple(example_inputs)
+    _check_binds(model, example_inputs)
     _check_float_model(model)
     _check_overrides(model, config)
     model = make_traceable(copy.deepcopy(model))
