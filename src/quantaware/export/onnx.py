@@ -505,6 +505,43 @@ def _reduce_before_flatten(proto: onnx.ModelProto) -> int:
     return rewritten
 
 
+# Initializers smaller than this are not worth comparing for duplicates.
+_SHARE_MIN_BYTES = 1024
+
+
+def _share_identical_initializers(proto: onnx.ModelProto) -> int:
+    """Store identical large initializers once: a tied embedding table and LM head
+    (``head.weight = emb.weight``) each got its own float16 or int8 copy. Returns
+    the initializers dropped."""
+    import hashlib
+
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+           for node in proto.graph.node for a in node.attribute):
+        return 0  # subgraphs may read initializers by name: left as they are
+    groups: dict[tuple, list[onnx.TensorProto]] = {}
+    for init in proto.graph.initializer:
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            continue
+        data = init.raw_data
+        if len(data) < _SHARE_MIN_BYTES:
+            continue
+        key = (init.data_type, tuple(init.dims), hashlib.sha256(data).digest())
+        groups.setdefault(key, []).append(init)
+    alias: dict[str, str] = {}
+    for same in groups.values():
+        for init in same[1:]:
+            if init.raw_data == same[0].raw_data:
+                alias[init.name] = same[0].name
+    if not alias:
+        return 0
+    for node in proto.graph.node:
+        node.input[:] = [alias.get(name, name) for name in node.input]
+    kept = [i for i in proto.graph.initializer if i.name not in alias]
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(kept)
+    return len(alias)
+
+
 def _attr(node: onnx.NodeProto, name: str, default=None):
     for a in node.attribute:
         if a.name == name:
@@ -935,6 +972,7 @@ def export_onnx(
     _sink_dequantize_through_reshapes(proto)
     _reduce_before_flatten(proto)
     _explicit_ceil_pooling(proto)
+    _share_identical_initializers(proto)
     if space_to_depth:
         _space_to_depth_stems(proto)
     with torch.no_grad():
