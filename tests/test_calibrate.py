@@ -335,5 +335,6 @@ def test_data_of_another_float_type_than_the_weights_is_named():
     """float64 NumPy data failed inside the first layer: 'mat1 and mat2 must have the
     same dtype, but got Double and Float'."""
     q = quantaware.prepare(nn.Sequential(nn.Linear(4, 2)), presets.INT8, torch.randn(1, 4))
-    with pytest.raises(CalibrationError, match=r"batch 0 is float64.*x.to\(torch.float32\)"):
+    with pytest.raises(CalibrationError, match=r"batch 0 failed \(the data is float64.*"
+                                               r"x.to\(torch.float32\)"):
         quantaware.calibrate(q, [torch.randn(8, 4, dtype=torch.float64)])

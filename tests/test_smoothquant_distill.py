@@ -180,3 +180,23 @@ def test_distill_takes_any_batch_form_and_gives_back_the_modes():
         student = quantaware.quantize(teacher, presets.INT8, [x], x[:1]).train()
         distill(student, teacher, data, steps=3)
         assert teacher.training and student.training
+
+
+def test_distill_reads_a_loader_as_it_goes():
+    """Every batch of a loader was read into memory first (20,000 samples for 2 steps)."""
+    read = []
+
+    class Counting(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 1000
+
+        def __getitem__(self, i: int) -> torch.Tensor:
+            read.append(i)
+            return torch.randn(8)
+
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(8, 4)).eval()
+    x = torch.randn(32, 8)
+    student = quantaware.quantize(teacher, presets.INT8, [x], x[:1])
+    distill(student, teacher, torch.utils.data.DataLoader(Counting(), batch_size=8), steps=2)
+    assert len(read) == 16

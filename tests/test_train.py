@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
@@ -185,3 +186,26 @@ def test_fit_takes_n_by_1_and_integral_float_labels_and_names_a_one_shot_loader(
         fit(nn.Linear(3, 2), [(x, torch.full((16,), 0.5))], epochs=1)
     with pytest.raises(ValueError, match="no batches in epoch 2: it is a one-shot iterator"):
         fit(nn.Linear(3, 2), (b for b in [(x, y)]), epochs=2)
+
+
+def test_fit_gives_a_loss_fn_of_its_own_the_whole_output_and_refuses_one_column_logits():
+    """A custom loss got only the first tensor of a (main, aux) output; one-column
+    logits with 0/1 labels trained nothing (cross-entropy of one class is 0)."""
+    class TwoHeads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.main, self.aux = nn.Linear(3, 2), nn.Linear(3, 1)
+
+        def forward(self, x):
+            return self.main(x), self.aux(x)
+
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 3), torch.randint(0, 2, (16,))
+
+    def loss(out, labels):
+        main, aux = out
+        return F.cross_entropy(main, labels) + aux.pow(2).mean()
+
+    assert len(fit(TwoHeads(), [(x, y)], epochs=1, loss_fn=loss)) == 1
+    with pytest.raises(ValueError, match=r"one score per sample.*binary_cross_entropy"):
+        fit(nn.Linear(3, 1), [(x, y[:, None].float())], epochs=1)

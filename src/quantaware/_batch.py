@@ -189,22 +189,22 @@ def check_finite(args: tuple, kwargs: dict, where: str,
             )
 
 
-def check_float_dtypes(args: tuple, kwargs: dict, model: torch.nn.Module, where: str,
-                       error: type[Exception] = ValueError) -> None:
-    """Raise ``error`` naming the cast when a floating-point input is of another type
-    than ``model``'s floating-point weights (float64 NumPy data for a float32
-    model failed inside the first layer with "mat1 and mat2 must have the same
-    dtype")."""
-    weights = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
-    if weights is None:
-        return
+def dtype_hint(args: tuple, kwargs: dict, model: torch.nn.Module) -> str:
+    """For a forward pass that failed: the floating-point inputs of another type than
+    ``model``'s floating-point weights and the cast to make ("" if none is); float64
+    NumPy data in a float32 model fails inside the first layer with "mat1 and mat2
+    must have the same dtype"."""
+    weights = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if len(weights) != 1:
+        return ""
+    (dtype,) = weights
     for value in (*args, *kwargs.values()):
         if (isinstance(value, torch.Tensor) and value.is_floating_point()
-                and value.dtype != weights):
-            raise error(
-                f"{where} is {str(value.dtype).removeprefix('torch.')}, but the model's "
-                f"weights are {str(weights).removeprefix('torch.')}; convert the data "
-                f"(x.to({weights}); NumPy arrays are often float64)")
+                and value.dtype != dtype):
+            return (f" (the data is {str(value.dtype).removeprefix('torch.')} and the model's "
+                    f"weights {str(dtype).removeprefix('torch.')}: convert the data, "
+                    f"x.to({dtype}); NumPy arrays are often float64)")
+    return ""
 
 
 def call_hint(exc: TypeError) -> str:

@@ -13,7 +13,7 @@ from torch import nn
 from quantaware._batch import (
     call_hint,
     check_finite,
-    check_float_dtypes,
+    dtype_hint,
     model_device,
     split_batch,
     to_device,
@@ -58,7 +58,9 @@ def calibrate(model: nn.Module, data: Iterable[Any], num_batches: int | None = N
         raise ValueError(f"num_batches must be a positive int or None, got {num_batches!r}")
     targets = _calibratable(model)
     if not targets:
-        if getattr(model, "quantaware_config", None) is None:
+        from quantaware.nn.base import QuantMixin
+
+        if not any(isinstance(m, QuantMixin) for m in model.modules()):
             raise ValueError(
                 f"calibrate needs a prepared model, but {type(model).__name__} has no "
                 "quantizers; prepare it first (quantaware.prepare(model, config, "
@@ -82,13 +84,17 @@ def calibrate(model: nn.Module, data: Iterable[Any], num_batches: int | None = N
             for batch in itertools.islice(data, num_batches):
                 args, kwargs = split_batch(batch)
                 check_finite(args, kwargs, f"calibration batch {seen}", CalibrationError)
-                check_float_dtypes(args, kwargs, model, f"calibration batch {seen}",
-                                   CalibrationError)
                 args, kwargs = to_device(args, kwargs, device)
                 try:
                     model(*args, **kwargs)
                 except CalibrationError as exc:
                     raise CalibrationError(f"calibration batch {seen}: {exc}") from exc
+                except RuntimeError as exc:
+                    hint = dtype_hint(args, kwargs, model)
+                    if not hint:
+                        raise
+                    raise CalibrationError(f"calibration batch {seen} failed{hint}: "
+                                           f"{exc}") from exc
                 except TypeError as exc:
                     hint = call_hint(exc)
                     if not hint or seen:

@@ -26,9 +26,8 @@ Example:
 
 from __future__ import annotations
 
-import itertools
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -38,6 +37,18 @@ from torch import nn
 __all__ = ["distill", "distillation_loss"]
 
 log = logging.getLogger(__name__)
+
+
+def _cycle(data: Iterable[Any]) -> Iterator[Any]:
+    """``data``'s batches over and over, read afresh each pass (a loader is not held
+    in memory)."""
+    while True:
+        empty = True
+        for batch in data:
+            empty = False
+            yield batch
+        if empty:
+            raise ValueError("distill needs at least one batch of inputs")
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
@@ -75,9 +86,8 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable[Any],
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    data = list(data) if not isinstance(data, Sequence) else data
-    if not data:
-        raise ValueError("distill needs at least one batch of inputs")
+    if iter(data) is data:  # a one-shot iterator (a generator): kept to cycle over
+        data = list(data)
     from quantaware._batch import check_finite, model_device, split_batch, to_device
     from quantaware.train import _logits
 
@@ -89,7 +99,7 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable[Any],
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=lr)
     try:
-        for step, batch in zip(range(steps), itertools.cycle(data), strict=False):
+        for step, batch in zip(range(steps), _cycle(data), strict=False):
             args, kwargs = split_batch(batch)
             check_finite(args, kwargs, f"distillation batch {step}")
             args, kwargs = to_device(args, kwargs, device)

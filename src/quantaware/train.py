@@ -65,6 +65,11 @@ def _class_targets(labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """Labels for cross-entropy: class probabilities shaped like ``logits`` as they
     are, else one class index per sample (``(N, 1)`` and integral float labels
     accepted) as int64."""
+    if logits.ndim == 2 and logits.shape[1] == 1:
+        raise ValueError(
+            "the model gives one score per sample, which cross-entropy reads as a single "
+            "class (a loss of 0 that trains nothing); for two classes give two outputs, "
+            "or pass loss_fn=torch.nn.functional.binary_cross_entropy_with_logits")
     if labels.shape == logits.shape and labels.is_floating_point():
         return labels  # soft targets
     if logits.ndim != 2 or labels.numel() != logits.shape[0]:
@@ -158,10 +163,11 @@ def fit(
             for batch in loader:
                 inputs, labels = unpack_batch(batch)
                 labels = _require_labels(labels, "fit").to(device)
-                logits = _logits(_forward(model, inputs, device))
-                if default_loss:
-                    labels = _class_targets(labels, logits)
-                loss = loss_fn(logits, labels)
+                out = _forward(model, inputs, device)
+                if default_loss:  # a loss_fn of the caller's gets the output as it is
+                    out = _logits(out)
+                    labels = _class_targets(labels, out)
+                loss = loss_fn(out, labels)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

@@ -986,16 +986,31 @@ def test_average_pooling_with_a_divisor_override_is_refused(tmp_path, functional
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
-def test_an_example_of_another_float_type_than_the_weights_is_refused(tmp_path, dtype):
+def test_an_example_of_another_float_type_is_refused_unless_the_model_casts_it(tmp_path,
+                                                                             dtype):
     """A float64 example (NumPy data) exported without complaint a file ONNX Runtime
-    refused to load (INVALID_GRAPH: tensor(double) into QuantizeLinear)."""
+    refused to load (INVALID_GRAPH: tensor(double) into QuantizeLinear). A model that
+    casts its input itself exports as before."""
+
+    class Casting(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.body(x.float())
+
     net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     x = torch.randn(16, 4)
     q = quantaware.quantize(net, presets.INT8, [x], x[:1])
-    with pytest.raises(ExportError,
-                       match=r"example input 0 is float(64|16).*x.to\(torch.float32\)"):
+    with pytest.raises(ExportError, match=r"does not type-check \(example input 0 is "
+                                          r"float(64|16).*x.float\(\)"):
         quantaware.export_onnx(q, tmp_path / "m.onnx", x[:1].to(dtype))
     assert not (tmp_path / "m.onnx").exists()
+    casting = Casting().eval()
+    path = quantaware.export_onnx(casting, tmp_path / "c.onnx", x[:1].to(dtype))
+    report = quantaware.verify(path, casting, [x.to(dtype)])
+    assert report.passed(), str(report)
 
 
 def test_a_buffer_named_like_an_op_output_exports(tmp_path):

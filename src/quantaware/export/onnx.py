@@ -112,20 +112,21 @@ def _unique_value_names(graph: Any) -> int:
     return renamed
 
 
-def _check_example_dtypes(model: nn.Module, example_inputs: tuple) -> None:
-    """Refuse floating-point example inputs of another dtype than the model's
-    weights: the file's input takes the example's dtype, and ONNX Runtime refused
-    to load a float64 input feeding a float32 QuantizeLinear."""
-    weights = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
-    if weights is None:
-        return
-    for index, x in enumerate(example_inputs):
-        if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != weights:
-            raise ExportError(
-                f"example input {index} is {str(x.dtype).removeprefix('torch.')}, but the "
-                f"model's weights are {str(weights).removeprefix('torch.')}: the exported "
-                "file would take and compute in the wrong type; pass the example as "
-                f"x.to({weights}) (data from NumPy is often float64)")
+def _check_types(proto: onnx.ModelProto, model: nn.Module, example_inputs: tuple) -> None:
+    """Refuse a graph whose operand types do not fit (ONNX Runtime would not load it),
+    naming an example input of another float type than float32 (a float64 NumPy
+    example made the file's input float64, read by a float32 QuantizeLinear)."""
+    try:
+        onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
+    except onnx.shape_inference.InferenceError as exc:
+        odd = [f"example input {i} is {str(x.dtype).removeprefix('torch.')}"
+               for i, x in enumerate(example_inputs)
+               if isinstance(x, torch.Tensor) and x.is_floating_point()
+               and x.dtype != torch.float32]
+        hint = (f" ({odd[0]}: the file takes the example's types; pass it as x.float())"
+                if odd else "")
+        raise ExportError(f"the exported graph of {type(model).__name__} does not type-check"
+                          f"{hint}: {str(exc)[:1000]}") from exc
 
 
 def _refuse_divisor_override(model: nn.Module) -> None:
@@ -916,7 +917,6 @@ def export_onnx(
         example_inputs = (example_inputs,)
     example_inputs = tuple(example_inputs)
     path = Path(path)
-    _check_example_dtypes(model, example_inputs)
     _refuse_divisor_override(model)
     path.parent.mkdir(parents=True, exist_ok=True)
     export_model = _export_copy(model)
@@ -1008,6 +1008,7 @@ def export_onnx(
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     onnx.checker.check_model(proto)
+    _check_types(proto, model, example_inputs)
     with atomic_path(path) as tmp:
         onnx.save(proto, str(tmp))
     log.info("exported %s to %s (%d bytes)", type(model).__name__, path, path.stat().st_size)

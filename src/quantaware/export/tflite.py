@@ -46,12 +46,12 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from quantaware._batch import dtype_hint
 from quantaware._files import write_bytes
 from quantaware._native import native_stderr_filtered, quiet_loggers
 from quantaware.export.integer import int8_code
 from quantaware.export.onnx import (
     ExportError,
-    _check_example_dtypes,
     _export_copy,
     _export_failure,
 )
@@ -882,7 +882,6 @@ def export_tflite(
     litert_torch, quant_config, _ = _import_litert()
     quantized = _has_quantizers(model)
     config = getattr(model, "quantaware_config", None)  # FP16 models have no FakeQuantizer
-    _check_example_dtypes(model, example_inputs)
     problem = litert_problem(config) if config is not None else None
     if problem is None:  # on a copy: the forward pass must not calibrate the caller's
         problem = _litert_layer_problem(copy.deepcopy(model), example_inputs, quantized)
@@ -914,6 +913,8 @@ def export_tflite(
             hint = (" (a transposed conv LiteRT's converter cannot lower, also in float: "
                     "output_padding, or a padding/dilation that leaves the output "
                     "asymmetric; change the layer, or export to ONNX)")
+        if not hint:
+            hint = dtype_hint(example_inputs, {}, model)
         raise ExportError(
             f"LiteRT conversion failed for {type(model).__name__}{hint}: "
             f"{_export_failure(exc)}") from exc
