@@ -857,8 +857,13 @@ def test_optional_inputs_left_at_their_defaults_are_traced_at_them():
     assert isinstance(q, torch.fx.GraphModule)
     assert any(type(m).__name__ == "QuantAdd" for m in q.modules())
     assert q(x).shape == (8, 4)
-    with pytest.raises(AssertionError, match="mask has been specialized to have value None"):
-        q(x, torch.ones(8, 8, 6, 6))  # the traced graph holds the default's branch
+    assert torch.equal(q(x, mask=None), q(x))  # called by name as the model is
+    # the traced graph holds the default's branch, and says how to get the other
+    for call in ({"mask": torch.ones(8, 8, 6, 6)}, {"return_features": True}):
+        name = next(iter(call))
+        with pytest.raises(AssertionError, match=f"{name} was traced at its default .*give "
+                                                 f"{name} in the example inputs"):
+            q(x, **call)
 
 
 def test_an_example_forward_cannot_take_is_named():

@@ -672,6 +672,32 @@ def _trace_with(model: nn.Module, example_inputs: tuple,
     return gm
 
 
+def _keep_default_names(gm: fx.GraphModule, defaults: dict[str, Any]) -> fx.GraphModule:
+    """Give the inputs traced at their defaults their own names back (fx renames them
+    ``mask_1``, so ``model(x, mask=m)`` failed as an unexpected keyword) and the
+    checks that they keep those defaults a message naming the fix."""
+    renamed = {}
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        base = str(node.target).rsplit("_", 1)[0]
+        if node.target not in defaults and base in defaults:
+            renamed[node.target] = base
+            node.target = base
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or len(node.args) != 2 or not isinstance(node.args[1], str):
+            continue
+        message = node.args[1]
+        for name, value in defaults.items():
+            if message.startswith(f"{name} has been specialized"):
+                node.args = (node.args[0], (
+                    f"{name} was traced at its default {value!r}, as quantaware.prepare's "
+                    f"example inputs left it out; give {name} in the example inputs to "
+                    "prepare a model that takes it"))
+    gm.recompile()
+    return gm
+
+
 def _trace(model: nn.Module, example_inputs: tuple) -> fx.GraphModule | None:
     try:
         try:
@@ -682,7 +708,7 @@ def _trace(model: nn.Module, example_inputs: tuple) -> fx.GraphModule | None:
                 raise
         # An optional input the example leaves out (mask=None) branched the trace:
         # traced at its default, which the graph then asserts it keeps.
-        return _trace_with(model, example_inputs, defaults)
+        return _keep_default_names(_trace_with(model, example_inputs, defaults), defaults)
     except Exception as exc:  # torch.fx raises many exception types
         _check_runs(model, example_inputs)  # the inputs may be what failed, not tracing
         warnings.warn(
