@@ -232,3 +232,24 @@ def test_mean_over_tokens_before_a_quantizer_runs_in_openvino():
     assert [n.op_type for n in model.graph.node] == [
         "LayerNormalization", "ReduceMean", "Squeeze", "QuantizeLinear"]
     assert np.abs(codes("openvino") - codes("onnxruntime")).max() == 0
+
+
+def test_a_mean_over_channels_and_positions_is_left_as_exported(tmp_path):
+    """Rewritten into a mean over the unmerged channel and position axes, a Conv1d's
+    flatten(1).mean(-1) read 30 codes off in OpenVINO (0 as exported)."""
+    pytest.importorskip("openvino")
+
+    class Flat(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.head = torch.nn.Conv1d(3, 4, 3), torch.nn.Linear(1, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.conv(x).flatten(1).mean(-1, keepdim=True))
+
+    torch.manual_seed(0)
+    net, x = Flat().eval(), torch.randn(64, 3, 10)
+    qmodel = quantaware.quantize(net, presets.INT8, [x], x[:1])
+    path = quantaware.export_onnx(qmodel, tmp_path / "m.onnx", x[:1])
+    report = quantaware.verify(path, qmodel, [x[:16]], backend="openvino")
+    assert report.max_error_lsb == 0.0, str(report)

@@ -464,6 +464,8 @@ def _reduce_before_flatten(proto: onnx.ModelProto) -> int:
         if not merged or not to or len(to) < 2 or len(merged) <= len(to):
             continue
         k = len(to) - 1
+        if k < 2:  # only a mean over the positions of each sample's channels: OpenVINO
+            continue  # computed a mean over channels and positions wrongly either way
         tail = merged[k:]
         if (axes[0] % len(to) != k or any(d is None for d in (*tail, *to[1:]))
                 or merged[1:k] != to[1:k] or int(np.prod(tail)) != to[k]):
