@@ -85,7 +85,7 @@ def test_report_serialises(report):
                          "first_divergent_layer", "first_divergent_lsb", "reference",
                          "integer_layers", "fake_quant_layers", "fake_quant_top1_agreement",
                          "fake_quant_cosine", "layers_unavailable", "backend", "num_outputs",
-                         "fake_quant_max_error_lsb"}
+                         "fake_quant_max_error_lsb", "relative_error"}
     assert data["backend"] == "onnxruntime" and data["layers_unavailable"] == 0
     assert data["num_outputs"] == 1
     assert json.loads(report.to_json()) == data
@@ -130,9 +130,12 @@ def test_passed_thresholds():
     assert _report(top1_agreement=0.98).passed(min_agreement=0.95)
     assert not _report(max_error_lsb=1.5).passed()
     assert _report(max_error_lsb=1.5).passed(max_lsb=2)
-    float_output = _report(max_error_lsb=None, output_scale=None)
+    float_output = _report(max_error_lsb=None, output_scale=None, relative_error=0.001)
     assert float_output.passed()
-    assert "n/a (float output)" in str(float_output)
+    assert "0.10% of the output (float output)" in str(float_output)
+    # a float output off by a factor keeps its cosine: the relative error fails it
+    assert not _report(max_error_lsb=None, output_scale=None, relative_error=1.0).passed()
+    assert not _report(max_error_lsb=None, output_scale=None, cosine=0.99).passed()
     assert str(_report(top1_agreement=0.5)).startswith("verify: CHECK")
     # A file's NaN outputs: argmax reads them as class 0 everywhere, which "agrees".
     assert not _report(max_abs_error=float("nan"), max_error_lsb=None).passed()
@@ -501,6 +504,15 @@ def test_a_wrong_regression_output_is_not_passed(tmp_path, quantized_output):
     onnx.save(proto, tmp_path / "wrong.onnx")
     wrong = quantaware.verify(tmp_path / "wrong.onnx", q, [x])
     assert not wrong.passed(), str(wrong)
+    scaled = onnx.load(path)  # a file off by a factor: the same cosine
+    out = scaled.graph.output[0].name
+    for node in scaled.graph.node:
+        node.output[:] = [f"{out}_unscaled" if o == out else o for o in node.output]
+    scaled.graph.initializer.append(onnx.numpy_helper.from_array(np.float32(2.0), "two"))
+    scaled.graph.node.append(onnx.helper.make_node("Mul", [f"{out}_unscaled", "two"], [out]))
+    onnx.save(scaled, tmp_path / "scaled.onnx")
+    doubled = quantaware.verify(tmp_path / "scaled.onnx", q, [x])
+    assert doubled.cosine > 0.999 and not doubled.passed(), str(doubled)
     # no NOTE that the integer reference follows the backend: it does not
     assert "NOTE" not in str(wrong)
     assert ("differs from both" in str(wrong)) is quantized_output

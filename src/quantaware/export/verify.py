@@ -113,6 +113,9 @@ class VerifyReport:
             grids), even when the file matches the integer reference.
         backend: the inference backend that ran the ONNX file
             (:data:`quantaware.backends.BACKENDS`).
+        relative_error: ``|backend - reference| / |reference|`` (Euclidean norms over
+            all samples; the worst output's): catches a float output that is off
+            by a factor, which the cosine does not see.
         num_outputs: outputs compared. With several (a tuple, list or dict of
             tensors), a sample agrees when it agrees on every output, its cosine is
             its worst output's, and the error is the worst output's (in its own
@@ -138,14 +141,17 @@ class VerifyReport:
     backend: str = "onnxruntime"
     num_outputs: int = 1
     fake_quant_max_error_lsb: float | None = None
+    relative_error: float | None = None
 
     def passed(self, min_agreement: float = 0.99, max_lsb: float = 1.0,
-               min_cosine: float = 0.999) -> bool:
+               min_cosine: float = 0.999, max_relative_error: float = 0.05) -> bool:
         """True if agreement and the error are within bounds (the LSB error where the
-        output is quantized, else the mean cosine), and the file's outputs are
-        finite."""
+        output is quantized, else the mean cosine and the relative error), and the
+        file's outputs are finite."""
         # Outputs are float32 values (q - zp) * scale: one step can read as 1.00002 LSB.
-        lsb_ok = (self.cosine >= min_cosine if self.max_error_lsb is None
+        lsb_ok = (self.cosine >= min_cosine
+                  and (self.relative_error or 0.0) <= max_relative_error
+                  if self.max_error_lsb is None
                   else self.max_error_lsb <= max_lsb + 1e-3)
         # NaN/Inf in the file's outputs (where the model's are finite) fail.
         finite = math.isfinite(self.max_abs_error) and math.isfinite(self.cosine)
@@ -158,7 +164,8 @@ class VerifyReport:
         return json.dumps(self.to_dict(), indent=2)
 
     def __str__(self) -> str:
-        lsb = ("n/a (float output)" if self.max_error_lsb is None
+        lsb = (f"{100 * (self.relative_error or 0.0):.2f}% of the output (float output)"
+               if self.max_error_lsb is None
                else f"{self.max_error_lsb:.2f} LSB (step {self.output_scale:.4g})")
         verdict = "PASS" if self.passed() else "CHECK"
         where = "" if self.backend == "onnxruntime" else f" in {self.backend}"
@@ -270,6 +277,7 @@ class _Agreement:
     per_sample_cosine: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))
     scale: float | None = None  # quantization step of the output the error is from
     outputs: int = 1
+    relative: float = 0.0  # |out - ref| / |ref| over all samples
 
 
 def _agreement(refs: list[Any], outs: list[Any], backend: str = "onnxruntime",
@@ -301,7 +309,7 @@ def _agreement(refs: list[Any], outs: list[Any], backend: str = "onnxruntime",
     cosines = np.stack([p.per_sample_cosine for p in parts]).min(axis=0)
     return _Agreement(parts[0].num_samples, float(samples.mean()), float(cosines.mean()),
                       float(cosines.min()), worst.max_abs_error, samples, cosines,
-                      worst.scale, len(parts))
+                      worst.scale, len(parts), max(p.relative for p in parts))
 
 
 def _one_agreement(refs: list[np.ndarray], outs: list[np.ndarray],
@@ -310,6 +318,7 @@ def _one_agreement(refs: list[np.ndarray], outs: list[np.ndarray],
     total = 0
     cosines: list[np.ndarray] = []
     max_err = 0.0
+    noise = signal = 0.0
     for ref, out in zip(refs, outs, strict=True):
         if ref.shape != out.shape:
             raise ValueError(
@@ -319,6 +328,8 @@ def _one_agreement(refs: list[np.ndarray], outs: list[np.ndarray],
         n = ref.shape[0] if ref.ndim > 0 else 1
         a, b = ref.reshape(n, -1).astype(np.float64), out.reshape(n, -1).astype(np.float64)
         max_err = max(max_err, float(np.max(np.abs(a - b))) if a.size else 0.0)
+        noise += float(np.square(a - b).sum())
+        signal += float(np.square(a).sum())
         if a.shape[1] == 1 and n > 1:
             # one value per sample (a regression output): a sample's cosine is only
             # its sign; the batch's values as one vector are compared instead
@@ -338,8 +349,11 @@ def _one_agreement(refs: list[np.ndarray], outs: list[np.ndarray],
         total += n
     all_cos = np.concatenate(cosines)
     per_sample = np.concatenate(agree)
+    relative = (math.sqrt(noise / signal) if signal > 0
+                else (0.0 if noise == 0 else math.inf))
     return _Agreement(total, float(per_sample.sum()) / total, float(all_cos.mean()),
-                      float(all_cos.min()), max_err, per_sample, all_cos, scale)
+                      float(all_cos.min()), max_err, per_sample, all_cos, scale,
+                      relative=relative)
 
 
 def _same_top1(ref: np.ndarray, out: np.ndarray, axis: int) -> np.ndarray:
@@ -717,4 +731,5 @@ def _verify(
         layers_unavailable=unavailable,
         backend=backend,
         num_outputs=main.outputs,
+        relative_error=main.relative,
     )
