@@ -939,18 +939,74 @@ def test_calls_litert_converts_wrongly_or_not_at_all_are_refused(litert, tmp_pat
     assert not (tmp_path / "c.tflite").exists()
 
 
-def test_broadcasting_that_litert_gets_right_is_exported(litert, tmp_path):
-    """Implicit 4-d broadcasting and a 3-d expand (a ViT's class token) convert right."""
+class _AttentionMask(nn.Module):
+    """A Hugging Face-style 4-d attention mask, (B, 1, 1, L) expanded to (B, 1, L, L)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.fc = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        b, length, _ = x.shape
+        m = mask[:, None, None, :].expand(b, 1, length, length).float()
+        s = (self.q(x)[:, None] @ self.k(x)[:, None].transpose(-1, -2)) / 8 ** 0.5
+        s = s + (1.0 - m) * -1e4
+        return self.fc((s.softmax(-1) @ x[:, None]).mean((1, 2)))
+
+
+@pytest.mark.parametrize("kind", ["implicit", "context", "mask"])
+def test_broadcasts_litert_gets_right_are_exported(litert, tmp_path, kind):
+    """Implicit broadcasting, a pooled context expanded before a reduction and an
+    attention mask's 4-d expand convert right; the expands were refused up front."""
     from quantaware.backends import create_backend_session
 
-    net = _Call(lambda y: y + y.mean((2, 3), keepdim=True)
-                + torch.zeros(1, 1, 8).expand(y.shape[0], 8, -1).mean(2)[..., None, None]).eval()
-    x = torch.randn(2, 3, 8, 8)
-    path = quantaware.export_tflite(net, tmp_path / "b.tflite", x[:1])
-    session = create_backend_session(str(path), "litert", threads=1)
-    (out,) = session.run(None, {session.get_inputs()[0].name: x[:1].numpy()})
-    with torch.no_grad():
-        np.testing.assert_allclose(out, net(x[:1]).numpy(), atol=1e-5)
+    torch.manual_seed(0)
+    if kind == "mask":
+        net = _AttentionMask().eval()
+        example = (torch.randn(2, 5, 8), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]))
+    else:
+        call = ((lambda y: y + y.mean((2, 3), keepdim=True)) if kind == "implicit" else
+                (lambda y: y * y.mean((2, 3), keepdim=True).expand_as(y)))
+        net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), _Lambda(call),
+                            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
+        example = (torch.randn(2, 3, 8, 8),)
+    for model in (net, quantaware.quantize(net, presets.INT8, [(example,)], example)):
+        path = quantaware.export_tflite(model, tmp_path / "b.tflite", example)
+        session = create_backend_session(str(path), "litert", threads=1)
+        feed = {i.name: x.numpy() for i, x in zip(session.get_inputs(), example, strict=True)}
+        (out,) = session.run(None, feed)
+        with torch.no_grad():
+            np.testing.assert_allclose(out, model(*example).numpy(), atol=1e-5)
+
+
+class _Lambda(nn.Module):
+    def __init__(self, call) -> None:
+        super().__init__()
+        self.call = call
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.call(x)
+
+
+def test_a_batch_expand_litert_cannot_run_is_refused(litert, tmp_path):
+    """A positional map expanded on the batch converted to a file LiteRT could not load
+    (BROADCAST_TO failed to prepare)."""
+
+    class Positional(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pos = nn.Parameter(torch.randn(1, 3, 6, 6))
+            self.conv, self.fc = nn.Conv2d(6, 8, 3, padding=1), nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = torch.cat([x, self.pos.expand(x.shape[0], -1, -1, -1)], 1)
+            return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+
+    with pytest.raises(ExportError, match=r"LiteRT cannot run it.*4-d expand from "
+                                          r"\(1, 3, 6, 6\) to \(2, 3, 6, 6\)"):
+        quantaware.export_tflite(Positional().eval(), tmp_path / "p.tflite",
+                                 torch.rand(2, 3, 6, 6))
+    assert not (tmp_path / "p.tflite").exists()
 
 
 def test_bicubic_resizes_are_refused_in_int8_only(litert, tmp_path):

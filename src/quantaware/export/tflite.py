@@ -36,6 +36,7 @@ import contextlib
 import copy
 import io
 import logging
+import math
 import os
 import warnings
 from pathlib import Path
@@ -731,17 +732,22 @@ def _has_quantizers(model: nn.Module) -> bool:
 
 
 def _broadcast_problem(name: str, x: Any, out: Any) -> str | None:
-    """The problem with a 4-d ``expand``/``broadcast_to``/``repeat``/``tile`` that
-    changes a channel or spatial size, or ``None``."""
+    """What LiteRT may get wrong in a 4-d ``expand``/``broadcast_to``/``repeat``/
+    ``tile`` that changes a size, or ``None``."""
     if (not isinstance(x, torch.Tensor) or not isinstance(out, torch.Tensor)
-            or x.dim() != 4 or out.dim() != 4 or x.shape[1:] == out.shape[1:]):
+            or x.dim() != 4 or out.dim() != 4 or x.shape == out.shape):
         return None
     fix = ("rely on broadcasting instead (y + g, not y + g.expand_as(y))"
            if name in ("expand", "expand_as", "broadcast_to")
            else "concatenate instead (torch.cat([x, x], 1), not x.repeat(1, 2, 1, 1))")
     return (f"a 4-d {name} from {tuple(x.shape)} to {tuple(out.shape)}: LiteRT's converter "
-            "moves it to its channels-last layout wrongly, also in float (wrong outputs "
-            f"or a failed conversion); {fix}, or export to ONNX")
+            f"can move it to its channels-last layout wrongly, also in float; {fix}, or "
+            "export to ONNX")
+
+
+# Converted right in some graphs (an attention mask, a pooled context before a
+# reduction) and wrongly in others (before a conv): checked on the file, not refused.
+_EXPANDS = ("expand", "expand_as", "broadcast_to", "repeat", "tile")
 
 
 def _call_problem(func: Any, args: tuple, kwargs: dict, out: Any,
@@ -777,16 +783,16 @@ def _call_problem(func: Any, args: tuple, kwargs: dict, out: Any,
 
 
 def _litert_layer_problem(model: nn.Module, example_inputs: tuple,
-                          quantized: bool = False) -> str | None:
-    """What in ``model`` LiteRT computes differently from torch or cannot convert
-    (found by running the example once), or ``None``:
+                          quantized: bool = False) -> tuple[str | None, str | None]:
+    """``(problem, suspect)``: what in ``model`` LiteRT computes differently from
+    torch or cannot convert (found by running the example once), and a 4-d
+    ``expand``/``broadcast_to`` of channels or pixels, which the converter gets
+    right in some graphs and wrong in others (the file is checked then). Problems:
 
     - a 1-d transposed conv with ``output_padding`` (its last position is wrong; the
       2-d form fails to convert);
     - a ``nearest`` resize that is not an integer upscale (LiteRT's nearest resize
       picks pixels at half-pixel centres, torch's ``nearest`` at their corners);
-    - a 4-d ``expand``/``broadcast_to``/``repeat``/``tile`` of channels or pixels
-      (the converter's layout pass reshapes NCHW data as NHWC);
     - adaptive max pooling and antialiased resizes (no LiteRT form), and bicubic
       resizes in an int8 file.
     """
@@ -794,8 +800,9 @@ def _litert_layer_problem(model: nn.Module, example_inputs: tuple,
         if isinstance(module, nn.ConvTranspose1d) and any(module.output_padding):
             return (f"{name} (ConvTranspose1d, output_padding={module.output_padding}): "
                     "LiteRT computes its last output position wrongly, also in float; "
-                    "change the layer (pad its output instead), or export to ONNX")
+                    "change the layer (pad its output instead), or export to ONNX"), None
     found: list[str] = []
+    suspects: list[str] = []
 
     class Calls(torch.overrides.TorchFunctionMode):
         def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -804,15 +811,43 @@ def _litert_layer_problem(model: nn.Module, example_inputs: tuple,
             if not found:
                 problem = _call_problem(func, args, kwargs, out, quantized)
                 if problem is not None:
-                    found.append(problem)
+                    (suspects if getattr(func, "__name__", "") in _EXPANDS
+                     else found).append(problem)
             return out
 
     try:
         with torch.no_grad(), frozen(model), Calls():
             out = model(*example_inputs)
     except Exception:  # the conversion reports a model that does not run
+        return None, None
+    problem = found[0] if found else _output_problem(out)
+    return problem, suspects[0] if suspects else None
+
+
+def _litert_mismatch(content: bytes, model: nn.Module, example_inputs: tuple) -> str | None:
+    """How the LiteRT file fails to compute what ``model`` does on ``example_inputs``,
+    or ``None``: it must run, an int8 file within a few output steps of its
+    reference, a float file near the float model (a layout slip is off by tens of
+    steps)."""
+    import tempfile
+
+    from quantaware.export.verify import verify
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "check.tflite"
+        path.write_bytes(content)
+        try:  # one batch holding the example's inputs, ((x1, x2),): no labels
+            report = verify(path, model, [(tuple(example_inputs),)], check_layers=False,
+                            threads=1, backend="litert")
+        except Exception as exc:  # the backend's own errors, whatever their type
+            return f"LiteRT cannot run it ({str(exc)[:300]})"
+    if report.max_error_lsb is not None:
+        if report.max_error_lsb <= 8 + 1e-3 and math.isfinite(report.cosine):
+            return None
+        return f"{report.max_error_lsb:.0f} output steps off"
+    if report.cosine >= 0.999 and (report.relative_error or 0.0) <= 0.01:
         return None
-    return found[0] if found else _output_problem(out)
+    return f"{100 * (report.relative_error or 0.0):.1f}% off, cosine {report.cosine:.4f}"
 
 
 def _output_problem(out: Any, where: str = "output") -> str | None:
@@ -883,8 +918,10 @@ def export_tflite(
     quantized = _has_quantizers(model)
     config = getattr(model, "quantaware_config", None)  # FP16 models have no FakeQuantizer
     problem = litert_problem(config) if config is not None else None
+    suspect = None
     if problem is None:  # on a copy: the forward pass must not calibrate the caller's
-        problem = _litert_layer_problem(copy.deepcopy(model), example_inputs, quantized)
+        problem, suspect = _litert_layer_problem(copy.deepcopy(model), example_inputs,
+                                                 quantized)
     if problem is not None:
         raise ExportError(problem)
     try:
@@ -913,6 +950,8 @@ def export_tflite(
             hint = (" (a transposed conv LiteRT's converter cannot lower, also in float: "
                     "output_padding, or a padding/dilation that leaves the output "
                     "asymmetric; change the layer, or export to ONNX)")
+        if not hint and suspect is not None:
+            hint = f" ({suspect})"
         if not hint:
             hint = dtype_hint(example_inputs, {}, model)
         raise ExportError(
@@ -938,6 +977,11 @@ def export_tflite(
                                       warn_float_linears=not _chose_outputs(model))
     if quantized and not int8_io:
         content = _float_interface(content)
+    mismatch = (_litert_mismatch(content, model, example_inputs)
+                if suspect is not None and not int8_io else None)
+    if mismatch is not None:
+        raise ExportError(f"the LiteRT file does not compute what the model does on the "
+                          f"example ({mismatch}): {suspect}")
     write_bytes(path, content)
     log.info("wrote %s (%d bytes)", path, len(content))
     return path
