@@ -1028,9 +1028,21 @@ def test_a_buffer_named_like_an_op_output_exports(tmp_path):
             x = (x - self.mean) / self.std
             return self.fc(F.relu(self.conv(x)).mean((2, 3)))
 
+    class Scaled(nn.Module):  # a buffer named like the input: it became its default
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("x", torch.rand(1, 8) + 0.5)
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x * self.x)
+
     torch.manual_seed(0)
     net, x = Normalised().eval(), torch.rand(16, 3, 8, 8)
     q = quantaware.quantize(net, presets.INT8, [x], x[:1])
+    scaled, v = Scaled().eval(), torch.randn(16, 8)
+    path = quantaware.export_onnx(scaled, tmp_path / "scaled.onnx", v[:1])
+    assert quantaware.verify(path, scaled, [v]).passed()
     for name, model in (("float", net), ("int8", q)):
         path = quantaware.export_onnx(model, tmp_path / f"{name}.onnx", x[:1])
         report = quantaware.verify(path, model, [x])

@@ -94,12 +94,25 @@ _AVG_POOLS = {F.avg_pool2d, F.avg_pool3d, torch._C._nn.avg_pool2d, torch._C._nn.
 
 
 def _unique_value_names(graph: Any) -> int:
-    """Rename node outputs that reuse a name already declared in ``graph`` (an
-    ``onnx_ir`` graph): the exporter names an op's output after the op, so a buffer
-    called ``mean`` and a ``.mean()`` call both declared ``mean``, a file no reader
-    accepts. Returns the values renamed."""
-    declared = {*graph.initializers.keys(), *(v.name for v in graph.inputs)}
+    """Rename values that reuse a name already declared in ``graph`` (an ``onnx_ir``
+    graph): the exporter names an op's output after the op, so a buffer called
+    ``mean`` and a ``.mean()`` call both declared ``mean``, a file no reader
+    accepts; a buffer named like an input became that input's default. Returns the
+    values renamed."""
+    inputs = {v.name for v in graph.inputs}
+    declared = {*graph.initializers.keys(), *inputs}
     renamed = 0
+    # A buffer named like forward's input (self.x beside x): an initializer of an
+    # input's name is that input's default, so the file read the buffer for it.
+    for name in [n for n in graph.initializers if n in inputs]:
+        value = graph.initializers.pop(name)
+        k = 1
+        while f"{name}_{k}" in declared:
+            k += 1
+        value.name = f"{name}_{k}"
+        declared.add(value.name)
+        graph.register_initializer(value)
+        renamed += 1
     for node in graph:
         for value in node.outputs:
             if value.name in declared:
