@@ -60,7 +60,8 @@ def calibrate(model: nn.Module, data: Iterable[Any], num_batches: int | None = N
     if not targets:
         from quantaware.nn.base import QuantMixin
 
-        if not any(isinstance(m, QuantMixin) for m in model.modules()):
+        if getattr(model, "quantaware_config", None) is None and not any(
+                isinstance(m, QuantMixin) for m in model.modules()):
             raise ValueError(
                 f"calibrate needs a prepared model, but {type(model).__name__} has no "
                 "quantizers; prepare it first (quantaware.prepare(model, config, "
