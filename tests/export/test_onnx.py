@@ -1072,3 +1072,33 @@ def test_a_tied_embedding_and_head_are_stored_once(tmp_path, preset):
     assert len(tables) == 1, tables
     report = quantaware.verify(path, q, [ids])
     assert report.passed(), str(report)
+
+
+def test_a_quantized_input_reshaped_on_its_way_is_not_called_float(tmp_path):
+    """A timm-style attention's projection reads a quantized tensor through Transpose
+    and Reshape: it was reported as a float-input MatMul ONNX Runtime would run as
+    MatMulNBits (and the file got a session option for it); ORT runs it as an
+    integer MatMul."""
+
+    class Attention(nn.Module):
+        def __init__(self, dim: int = 32, heads: int = 2) -> None:
+            super().__init__()
+            self.heads, self.qkv, self.proj = heads, nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            b, n, c = x.shape
+            q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(
+                2, 0, 3, 1, 4).unbind(0)
+            a = ((q @ k.transpose(-2, -1)) * 0.25).softmax(-1)
+            return self.proj((a @ v).transpose(1, 2).reshape(b, n, c))
+
+    torch.manual_seed(0)
+    calib = [torch.randn(8, 16, 32) for _ in range(2)]
+    q = quantaware.quantize(Attention().eval(), presets.INT8, calib, calib[0][:1])
+    path = quantaware.export_onnx(q, tmp_path / "a.onnx", calib[0][:1])
+    assert "quantaware.session_config" not in {m.key for m in onnx.load(path).metadata_props}
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    ops = Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
+    assert "MatMulNBits" not in ops, ops

@@ -618,8 +618,13 @@ def _weight_only_matmuls(proto: onnx.ModelProto) -> list[str]:
                 or weight.input[0] not in inits):
             continue
         activation = producers.get(node.input[0])
-        if activation is None or activation.op_type != "DequantizeLinear":
-            found.append(weight.input[0].removesuffix("._qweight"))
+        # a quantized input reshaped or transposed on its way is still quantized
+        while activation is not None and activation.op_type in (*_SHAPE_OPS, "Transpose"):
+            activation = producers.get(activation.input[0])
+        name = weight.input[0].removesuffix("._qweight")
+        if (activation is None or activation.op_type != "DequantizeLinear") and \
+                name not in found:  # one initializer may serve several layers
+            found.append(name)
     return found
 
 
