@@ -1108,3 +1108,36 @@ def test_a_square_constant_matmul_operand_is_compared_in_its_stored_layout(liter
     path = quantaware.export_tflite(q, tmp_path / "m.tflite", x[:1])
     report = quantaware.verify(path, q, [x[:8]], backend="litert")
     assert report.passed() and report.first_divergent_layer is None, str(report)
+
+
+def test_a_file_that_does_not_compute_the_model_is_reported_at_export(litert, tmp_path,
+                                                                       caplog):
+    """A fused q/k projection split for q @ k^T: LiteRT's converter puts the one
+    FULLY_CONNECTED output on one of the two grids and clips the other (71 output
+    steps off); the export said nothing. It runs the file on the example now."""
+
+    class FusedQK(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.qk, self.out = nn.Linear(16, 32), nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            q, k = self.qk(x).chunk(2, -1)
+            return self.out((q @ k.transpose(-1, -2)).softmax(-1)[..., :8])
+
+    torch.manual_seed(0)
+    net = FusedQK().eval()
+    with torch.no_grad():
+        net.qk.weight[:16] *= 4  # q on a grid 4x wider than k's
+    x = torch.randn(16, 8, 16)
+    q = quantaware.quantize(net, presets.INT8, [x], x[:1])
+    with caplog.at_level("WARNING", logger="quantaware.export.tflite"):
+        quantaware.export_tflite(q, tmp_path / "qk.tflite", x[:1])
+    assert any("does not compute what FusedQK does on the example" in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
+    caplog.clear()
+    plain = quantaware.quantize(nn.Sequential(nn.Linear(16, 8), nn.ReLU()).eval(),
+                                presets.INT8, [x], x[:1])
+    with caplog.at_level("WARNING", logger="quantaware.export.tflite"):
+        quantaware.export_tflite(plain, tmp_path / "plain.tflite", x[:1])
+    assert not any("does not compute" in r.getMessage() for r in caplog.records)
