@@ -209,3 +209,12 @@ def test_fit_gives_a_loss_fn_of_its_own_the_whole_output_and_refuses_one_column_
     assert len(fit(TwoHeads(), [(x, y)], epochs=1, loss_fn=loss)) == 1
     with pytest.raises(ValueError, match=r"one score per sample.*binary_cross_entropy"):
         fit(nn.Linear(3, 1), [(x, y[:, None].float())], epochs=1)
+
+
+def test_fit_trains_a_dense_model_with_per_pixel_labels():
+    """Per-pixel class labels (N, H, W) for (N, C, H, W) logits go to cross-entropy as
+    they are."""
+    torch.manual_seed(0)
+    x, y = torch.randn(4, 3, 5, 5), torch.randint(0, 2, (4, 5, 5))
+    losses = fit(nn.Conv2d(3, 2, 1), [(x, y)], epochs=3, lr=0.1)
+    assert losses[-1] < losses[0]

@@ -64,15 +64,18 @@ def _forward(model: nn.Module, inputs: Inputs, device: torch.device) -> torch.Te
 def _class_targets(labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """Labels for cross-entropy: class probabilities shaped like ``logits`` as they
     are, else one class index per sample (``(N, 1)`` and integral float labels
-    accepted) as int64."""
-    if logits.ndim == 2 and logits.shape[1] == 1:
+    accepted) as int64. Dense outputs (``(N, C, H, W)`` with ``(N, H, W)`` labels)
+    go to cross-entropy as they are."""
+    if logits.ndim != 2:
+        return labels
+    if logits.shape[1] == 1:
         raise ValueError(
             "the model gives one score per sample, which cross-entropy reads as a single "
             "class (a loss of 0 that trains nothing); for two classes give two outputs, "
             "or pass loss_fn=torch.nn.functional.binary_cross_entropy_with_logits")
     if labels.shape == logits.shape and labels.is_floating_point():
         return labels  # soft targets
-    if logits.ndim != 2 or labels.numel() != logits.shape[0]:
+    if labels.numel() != logits.shape[0]:
         raise ValueError(
             f"cross-entropy needs one class index per sample, shaped (N,), or class "
             f"probabilities shaped like the logits {tuple(logits.shape)}; the labels have "
