@@ -786,8 +786,9 @@ def _litert_layer_problem(model: nn.Module, example_inputs: tuple,
                           quantized: bool = False) -> tuple[str | None, str | None]:
     """``(problem, suspect)``: what in ``model`` LiteRT computes differently from
     torch or cannot convert (found by running the example once), and a 4-d
-    ``expand``/``broadcast_to`` of channels or pixels, which the converter gets
-    right in some graphs and wrong in others (the file is checked then). Problems:
+    ``expand``/``broadcast_to``/``repeat``/``tile`` that changes a size, which the
+    converter gets right in some graphs and wrong in others (the file is checked
+    then). Problems:
 
     - a 1-d transposed conv with ``output_padding`` (its last position is wrong; the
       2-d form fails to convert);
